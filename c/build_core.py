@@ -1,0 +1,81 @@
+"""cffi build script for mpumap's C core (API mode, out of line).
+
+Compiled at install time through setup.py's ``cffi_modules``; importing
+mpumap never compiles anything.
+"""
+from cffi import FFI
+
+ffibuilder = FFI()
+
+ffibuilder.cdef(
+    """
+    #define MPU_FREE ...
+    #define MPU_FILLING ...
+    #define MPU_PRESENT ...
+    #define MPU_LEAVING ...
+    #define MPU_UFFD_SYSCALL ...
+    #define MPU_UFFD_DEVICE ...
+    #define MPU_UFFD_USER_ONLY ...
+
+    struct mpu_page { uint32_t state; uint32_t owner; uint64_t stamp; };
+    struct mpu_table {
+        uint32_t magic; uint32_t dead; uint64_t npages;
+        struct mpu_page pages[];
+        ...;
+    };
+    struct mpu_header {
+        uint32_t magic; uint32_t version;
+        uint32_t used; uint32_t limit; uint32_t high; uint32_t low;
+        uint32_t evict_wanted;
+        uint64_t clock; uint64_t peak_used;
+        uint64_t faults; uint64_t fills; uint64_t copies; uint64_t wakes;
+        uint64_t evictions; uint64_t bytes_read; uint64_t fill_errors;
+        uint64_t full_waits; uint64_t restarts;
+        ...;
+    };
+
+    int mpu_uffd_open(int flags, int *how);
+    int mpu_uffd_api(int fd, uint64_t features, uint64_t *features_out);
+    int mpu_uffd_is_uffd(int fd);
+    int mpu_uffd_register(int fd, uint64_t start, uint64_t len);
+    int mpu_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len);
+    int mpu_uffd_wake(int fd, uint64_t start, uint64_t len);
+    int mpu_uffd_read_faults(int fd, uint64_t *addrs, int max);
+
+    int mpu_futex_wait(uint32_t *word, uint32_t expected, int timeout_ms);
+    int mpu_futex_wake(uint32_t *word, int count);
+    uint32_t mpu_load32(uint32_t *word);
+    uint64_t mpu_add64(uint64_t *word, int64_t delta);
+
+    int mpu_page_begin_fill(struct mpu_page *page, uint32_t owner,
+                            int timeout_ms);
+    void mpu_page_end_fill(struct mpu_header *h, struct mpu_table *t,
+                           struct mpu_page *page, int present);
+    int mpu_page_evict(struct mpu_page *page, uint32_t owner,
+                       int memfd, uint64_t offset, uint64_t len);
+    uint64_t mpu_table_release(struct mpu_header *h, struct mpu_table *t);
+    uint64_t mpu_table_count(struct mpu_table *t, uint32_t state);
+    uint64_t mpu_table_oldest(struct mpu_table *t, uint64_t stride,
+                              uint64_t phase, uint64_t max,
+                              uint64_t *idx_out, uint64_t *stamp_out);
+    int mpu_reserve(struct mpu_header *h, const int *evict_fds, int nfds,
+                    int timeout_ms);
+    void mpu_release(struct mpu_header *h, uint32_t count);
+    int mpu_punch(int fd, uint64_t offset, uint64_t len);
+    int mpu_die_with_parent(int sig, int parent);
+    int mpu_set_name(const char *name);
+    """
+)
+
+ffibuilder.set_source(
+    "mpumap._core",
+    '#include "mpumap_core.h"',
+    # Paths are relative to the project root, where setup.py runs.
+    sources=["c/mpumap_core.c"],
+    include_dirs=["c"],
+    depends=["c/mpumap_core.h"],
+    extra_compile_args=["-O2", "-Wall", "-std=gnu11"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

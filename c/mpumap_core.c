@@ -1,0 +1,393 @@
+/* See mpumap_core.h.  Atomics are sequentially consistent throughout: the
+ * release of a region and the end of a fill race on purpose (each stores,
+ * then loads the other's word), and only a total order makes that safe. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <sched.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/futex.h>
+#include <linux/userfaultfd.h>
+#include <sys/ioctl.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+
+#include "mpumap_core.h"
+
+#ifndef UFFD_USER_MODE_ONLY
+#define UFFD_USER_MODE_ONLY 1
+#endif
+#ifndef USERFAULTFD_IOC_NEW
+#define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
+#endif
+
+#define STATE(word) ((word) & 3u)
+#define OWNED(state, owner) ((state) | ((owner) << 2))
+
+static int neg_errno(void) { return errno ? -errno : -EIO; }
+
+/* ---- userfaultfd ------------------------------------------------------ */
+
+int mpu_uffd_open(int flags, int *how)
+{
+    int fd = (int)syscall(SYS_userfaultfd, flags);
+    if (fd >= 0) {
+        *how = MPU_UFFD_SYSCALL;
+        return fd;
+    }
+    int first = errno;
+    if (first != EPERM && first != EACCES)
+        return -first;
+
+    int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+    if (dev >= 0) {
+        fd = ioctl(dev, USERFAULTFD_IOC_NEW, flags);
+        close(dev);
+        if (fd >= 0) {
+            *how = MPU_UFFD_DEVICE;
+            return fd;
+        }
+    }
+    fd = (int)syscall(SYS_userfaultfd, flags | UFFD_USER_MODE_ONLY);
+    if (fd >= 0) {
+        *how = MPU_UFFD_USER_ONLY;
+        return fd;
+    }
+    return -first;
+}
+
+int mpu_uffd_api(int fd, uint64_t features, uint64_t *features_out)
+{
+    struct uffdio_api api = { .api = UFFD_API, .features = features };
+    if (ioctl(fd, UFFDIO_API, &api) < 0)
+        return neg_errno();
+    *features_out = api.features;
+    return 0;
+}
+
+int mpu_uffd_is_uffd(int fd)
+{
+    char path[64], target[64];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(path, target, sizeof target - 1);
+    if (n < 0)
+        return neg_errno();
+    target[n] = '\0';
+    return strcmp(target, "anon_inode:[userfaultfd]") == 0;
+}
+
+int mpu_uffd_register(int fd, uint64_t start, uint64_t len)
+{
+    struct uffdio_register reg = {
+        .range = { .start = start, .len = len },
+        .mode = UFFDIO_REGISTER_MODE_MISSING,
+    };
+    if (ioctl(fd, UFFDIO_REGISTER, &reg) < 0)
+        return neg_errno();
+    return 0;
+}
+
+/* EAGAIN means the client's mappings are changing under us: try again.  A
+ * partial copy reports how far it got; go on from there. */
+int mpu_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len)
+{
+    const char *from = src;
+    for (int tries = 0; tries < 10000; tries++) {
+        struct uffdio_copy copy = {
+            .dst = dst, .src = (uint64_t)(uintptr_t)from, .len = len,
+        };
+        if (ioctl(fd, UFFDIO_COPY, &copy) == 0)
+            return 0;
+        int err = errno;
+        if (copy.copy > 0) {
+            dst += copy.copy;
+            from += copy.copy;
+            len -= copy.copy;
+            if (len == 0)
+                return 0;
+        }
+        if (err != EAGAIN)
+            return -err;
+        sched_yield();
+    }
+    return -EAGAIN;
+}
+
+int mpu_uffd_wake(int fd, uint64_t start, uint64_t len)
+{
+    struct uffdio_range range = { .start = start, .len = len };
+    if (ioctl(fd, UFFDIO_WAKE, &range) < 0)
+        return neg_errno();
+    return 0;
+}
+
+/* Reads what the (non-blocking) uffd has, up to max messages, and keeps the
+ * page-fault addresses.  0 means nothing to read. */
+int mpu_uffd_read_faults(int fd, uint64_t *addrs, int max)
+{
+    struct uffd_msg msgs[64];
+    if (max > 64)
+        max = 64;
+    ssize_t n = read(fd, msgs, sizeof msgs[0] * (size_t)max);
+    if (n < 0)
+        return errno == EAGAIN ? 0 : neg_errno();
+    int count = 0;
+    for (size_t i = 0; i < (size_t)n / sizeof msgs[0]; i++)
+        if (msgs[i].event == UFFD_EVENT_PAGEFAULT)
+            addrs[count++] = msgs[i].arg.pagefault.address;
+    return count;
+}
+
+/* ---- futexes and atomics --------------------------------------------- */
+
+int mpu_futex_wait(uint32_t *word, uint32_t expected, int timeout_ms)
+{
+    struct timespec ts = {
+        .tv_sec = timeout_ms / 1000,
+        .tv_nsec = (long)(timeout_ms % 1000) * 1000000L,
+    };
+    /* Not FUTEX_PRIVATE: the word lives in memory shared between processes. */
+    if (syscall(SYS_futex, word, FUTEX_WAIT, expected,
+                timeout_ms < 0 ? NULL : &ts, NULL, 0) < 0) {
+        if (errno == EAGAIN || errno == EINTR)
+            return 0;
+        return neg_errno();
+    }
+    return 0;
+}
+
+int mpu_futex_wake(uint32_t *word, int count)
+{
+    long n = syscall(SYS_futex, word, FUTEX_WAKE, count, NULL, NULL, 0);
+    return n < 0 ? neg_errno() : (int)n;
+}
+
+uint32_t mpu_load32(uint32_t *word)
+{
+    return __atomic_load_n(word, __ATOMIC_SEQ_CST);
+}
+
+uint64_t mpu_add64(uint64_t *word, int64_t delta)
+{
+    return __atomic_add_fetch(word, (uint64_t)delta, __ATOMIC_SEQ_CST);
+}
+
+static int cas32(uint32_t *word, uint32_t expected, uint32_t desired)
+{
+    return __atomic_compare_exchange_n(word, &expected, desired, 0,
+                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+
+/* ---- page states ------------------------------------------------------- */
+
+/* Returns MPU_FREE when the caller now owns the page as FILLING, MPU_PRESENT
+ * when it is already there, or the state it kept (FILLING, LEAVING) when
+ * the wait timed out. */
+int mpu_page_begin_fill(struct mpu_page *page, uint32_t owner, int timeout_ms)
+{
+    for (;;) {
+        uint32_t word = mpu_load32(&page->state);
+        switch (STATE(word)) {
+        case MPU_FREE:
+            if (cas32(&page->state, word, OWNED(MPU_FILLING, owner)))
+                return MPU_FREE;
+            continue;
+        case MPU_PRESENT:
+            return MPU_PRESENT;
+        default:
+            if (mpu_futex_wait(&page->state, word, timeout_ms) == -ETIMEDOUT)
+                return (int)STATE(word);
+        }
+    }
+}
+
+void mpu_page_end_fill(struct mpu_header *h, struct mpu_table *t,
+                       struct mpu_page *page, int present)
+{
+    if (present) {
+        page->stamp = mpu_add64(&h->clock, 1);
+        __atomic_store_n(&page->state, MPU_PRESENT, __ATOMIC_SEQ_CST);
+        mpu_add64(&h->fills, 1);
+        /* The region may have been released while we filled: whoever of
+         * us and mpu_table_release sees the other takes the page back. */
+        if (__atomic_load_n(&t->dead, __ATOMIC_SEQ_CST)
+            && cas32(&page->state, MPU_PRESENT, MPU_FREE))
+            mpu_release(h, 1);
+    } else {
+        __atomic_store_n(&page->state, MPU_FREE, __ATOMIC_SEQ_CST);
+    }
+    mpu_futex_wake(&page->state, INT_MAX);
+}
+
+int mpu_punch(int fd, uint64_t offset, uint64_t len)
+{
+    if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                  (off_t)offset, (off_t)len) < 0)
+        return neg_errno();
+    return 0;
+}
+
+/* 1: evicted, 0: the page was not PRESENT, <0: the punch failed (the page
+ * stays PRESENT). */
+int mpu_page_evict(struct mpu_page *page, uint32_t owner,
+                   int memfd, uint64_t offset, uint64_t len)
+{
+    if (!cas32(&page->state, MPU_PRESENT, OWNED(MPU_LEAVING, owner)))
+        return 0;
+    int err = mpu_punch(memfd, offset, len);
+    __atomic_store_n(&page->state, err ? MPU_PRESENT : MPU_FREE,
+                     __ATOMIC_SEQ_CST);
+    mpu_futex_wake(&page->state, INT_MAX);
+    return err ? err : 1;
+}
+
+uint64_t mpu_table_release(struct mpu_header *h, struct mpu_table *t)
+{
+    __atomic_store_n(&t->dead, 1, __ATOMIC_SEQ_CST);
+    uint64_t freed = 0;
+    for (uint64_t i = 0; i < t->npages; i++)
+        if (cas32(&t->pages[i].state, MPU_PRESENT, MPU_FREE))
+            freed++;
+    if (freed)
+        mpu_release(h, (uint32_t)freed);
+    return freed;
+}
+
+uint64_t mpu_table_count(struct mpu_table *t, uint32_t state)
+{
+    uint64_t n = 0;
+    for (uint64_t i = 0; i < t->npages; i++)
+        if (STATE(mpu_load32(&t->pages[i].state)) == state)
+            n++;
+    return n;
+}
+
+/* The max oldest PRESENT pages among those with i % stride == phase, kept in
+ * a max-heap on the stamp so that each page costs O(log max). */
+static void sift_down(uint64_t *idx, uint64_t *stamp, uint64_t n, uint64_t i)
+{
+    for (;;) {
+        uint64_t l = 2 * i + 1, r = l + 1, top = i;
+        if (l < n && stamp[l] > stamp[top]) top = l;
+        if (r < n && stamp[r] > stamp[top]) top = r;
+        if (top == i)
+            return;
+        uint64_t s = stamp[i], x = idx[i];
+        stamp[i] = stamp[top]; idx[i] = idx[top];
+        stamp[top] = s; idx[top] = x;
+        i = top;
+    }
+}
+
+static void sift_up(uint64_t *idx, uint64_t *stamp, uint64_t i)
+{
+    while (i > 0) {
+        uint64_t parent = (i - 1) / 2;
+        if (stamp[parent] >= stamp[i])
+            return;
+        uint64_t s = stamp[i], x = idx[i];
+        stamp[i] = stamp[parent]; idx[i] = idx[parent];
+        stamp[parent] = s; idx[parent] = x;
+        i = parent;
+    }
+}
+
+uint64_t mpu_table_oldest(struct mpu_table *t, uint64_t stride, uint64_t phase,
+                          uint64_t max, uint64_t *idx_out, uint64_t *stamp_out)
+{
+    uint64_t n = 0;
+    if (max == 0 || stride == 0)
+        return 0;
+    for (uint64_t i = phase; i < t->npages; i += stride) {
+        if (mpu_load32(&t->pages[i].state) != MPU_PRESENT)
+            continue;
+        uint64_t stamp = t->pages[i].stamp;
+        if (n < max) {
+            idx_out[n] = i;
+            stamp_out[n] = stamp;
+            sift_up(idx_out, stamp_out, n++);
+        } else if (stamp < stamp_out[0]) {
+            idx_out[0] = i;
+            stamp_out[0] = stamp;
+            sift_down(idx_out, stamp_out, n, 0);
+        }
+    }
+    return n;
+}
+
+/* ---- buffer accounting ------------------------------------------------- */
+
+static void signal_evictors(const int *fds, int nfds)
+{
+    uint64_t one = 1;
+    for (int i = 0; i < nfds; i++)
+        if (write(fds[i], &one, sizeof one) < 0) {
+            /* a full eventfd counter already says "run" */
+        }
+}
+
+static void raise_peak(struct mpu_header *h, uint64_t value)
+{
+    uint64_t peak = __atomic_load_n(&h->peak_used, __ATOMIC_SEQ_CST);
+    while (value > peak
+           && !__atomic_compare_exchange_n(&h->peak_used, &peak, value, 0,
+                                           __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+        ;
+}
+
+/* Takes one page of the buffer for a fill.  When the buffer is full it wakes
+ * the evictors and sleeps until pages are released (or the timeout). */
+int mpu_reserve(struct mpu_header *h, const int *evict_fds, int nfds,
+                int timeout_ms)
+{
+    int waited = 0;
+    for (;;) {
+        uint32_t used = mpu_load32(&h->used);
+        if (used < mpu_load32(&h->limit)) {
+            if (!cas32(&h->used, used, used + 1))
+                continue;
+            raise_peak(h, used + 1);
+            if (used + 1 >= mpu_load32(&h->high)
+                && cas32(&h->evict_wanted, 0, 1))
+                signal_evictors(evict_fds, nfds);
+            return 0;
+        }
+        if (!waited++)
+            mpu_add64(&h->full_waits, 1);
+        __atomic_store_n(&h->evict_wanted, 1, __ATOMIC_SEQ_CST);
+        signal_evictors(evict_fds, nfds);
+        if (mpu_futex_wait(&h->used, used, timeout_ms) == -ETIMEDOUT)
+            return -ETIMEDOUT;
+    }
+}
+
+void mpu_release(struct mpu_header *h, uint32_t count)
+{
+    __atomic_sub_fetch(&h->used, count, __ATOMIC_SEQ_CST);
+    mpu_futex_wake(&h->used, INT_MAX);
+}
+
+/* ---- worker processes ------------------------------------------------- */
+
+/* A worker must not outlive the server, even one killed with SIGKILL.  The
+ * parent may have died before the prctl took effect: check that too. */
+int mpu_die_with_parent(int sig, int parent)
+{
+    if (prctl(PR_SET_PDEATHSIG, sig) < 0)
+        return neg_errno();
+    if (getppid() != parent)
+        return -ESRCH;
+    return 0;
+}
+
+int mpu_set_name(const char *name)
+{
+    if (prctl(PR_SET_NAME, name) < 0)
+        return neg_errno();
+    return 0;
+}

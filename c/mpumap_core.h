@@ -1,0 +1,98 @@
+/*
+ * The C core of mpumap: userfaultfd, futexes and atomics on the shared page
+ * buffer manager (PBM) table.  Everything here is small and does exactly one
+ * system call or one atomic step; policy lives in Python.
+ *
+ * Functions return 0 (or a count) on success and a negative errno on failure,
+ * so that the Python wrappers can raise OSError with the right code.
+ */
+#ifndef MPUMAP_CORE_H
+#define MPUMAP_CORE_H
+
+#include <stdint.h>
+
+/* Page states.  FREE -> FILLING -> PRESENT -> LEAVING -> FREE. */
+#define MPU_FREE     0
+#define MPU_FILLING  1
+#define MPU_PRESENT  2
+#define MPU_LEAVING  3
+
+/* How a userfaultfd was obtained (mpu_uffd_open's *how). */
+#define MPU_UFFD_SYSCALL    0
+#define MPU_UFFD_DEVICE     1
+#define MPU_UFFD_USER_ONLY  2
+
+/* One umap page's entry in a region's page table. */
+struct mpu_page {
+    uint32_t state;     /* futex word: waiters sleep on it */
+    uint32_t owner;     /* pid of the worker holding FILLING or LEAVING */
+    uint64_t stamp;     /* fill order, for oldest-first eviction */
+};
+
+/* The head of a region's page table segment; pages follow it. */
+struct mpu_table {
+    uint32_t magic;
+    uint32_t dead;      /* set once the region is released */
+    uint64_t npages;
+    uint64_t reserved[6];
+    struct mpu_page pages[];
+};
+
+/* The global segment: buffer accounting and counters. */
+struct mpu_header {
+    uint32_t magic;
+    uint32_t version;
+    uint32_t used;          /* futex word: pages FILLING, PRESENT or LEAVING */
+    uint32_t limit;         /* the buffer's size in umap pages, right now */
+    uint32_t high;          /* evict when used reaches this many pages */
+    uint32_t low;           /* ... down to this many */
+    uint32_t evict_wanted;  /* a filler asked the evictors to run */
+    uint32_t pad0;
+    uint64_t clock;         /* fill stamps */
+    uint64_t peak_used;
+    uint64_t faults;        /* fault messages read by the monitors */
+    uint64_t fills;         /* pages read from the store and copied in */
+    uint64_t copies;        /* UFFDIO_COPY that succeeded */
+    uint64_t wakes;         /* faults answered with UFFDIO_WAKE */
+    uint64_t evictions;
+    uint64_t bytes_read;    /* from the store */
+    uint64_t fill_errors;   /* fills abandoned: client gone, store error */
+    uint64_t full_waits;    /* fillers that waited for the evictors */
+    uint64_t restarts;      /* workers restarted by the supervisor */
+    uint64_t spare[17];
+};
+
+int mpu_uffd_open(int flags, int *how);
+int mpu_uffd_api(int fd, uint64_t features, uint64_t *features_out);
+int mpu_uffd_is_uffd(int fd);
+int mpu_uffd_register(int fd, uint64_t start, uint64_t len);
+int mpu_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len);
+int mpu_uffd_wake(int fd, uint64_t start, uint64_t len);
+int mpu_uffd_read_faults(int fd, uint64_t *addrs, int max);
+
+int mpu_futex_wait(uint32_t *word, uint32_t expected, int timeout_ms);
+int mpu_futex_wake(uint32_t *word, int count);
+
+uint32_t mpu_load32(uint32_t *word);
+uint64_t mpu_add64(uint64_t *word, int64_t delta);
+
+int mpu_page_begin_fill(struct mpu_page *page, uint32_t owner, int timeout_ms);
+void mpu_page_end_fill(struct mpu_header *h, struct mpu_table *t,
+                       struct mpu_page *page, int present);
+int mpu_page_evict(struct mpu_page *page, uint32_t owner,
+                   int memfd, uint64_t offset, uint64_t len);
+uint64_t mpu_table_release(struct mpu_header *h, struct mpu_table *t);
+uint64_t mpu_table_count(struct mpu_table *t, uint32_t state);
+uint64_t mpu_table_oldest(struct mpu_table *t, uint64_t stride, uint64_t phase,
+                          uint64_t max, uint64_t *idx_out, uint64_t *stamp_out);
+
+int mpu_reserve(struct mpu_header *h, const int *evict_fds, int nfds,
+                int timeout_ms);
+void mpu_release(struct mpu_header *h, uint32_t count);
+
+int mpu_punch(int fd, uint64_t offset, uint64_t len);
+
+int mpu_die_with_parent(int sig, int parent);
+int mpu_set_name(const char *name);
+
+#endif

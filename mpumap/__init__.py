@@ -1,0 +1,22 @@
+"""mpumap: many processes, one bounded page buffer for large files."""
+
+__version__ = "0.1.0"
+
+from mpumap.client import (  # noqa: E402
+    Client,
+    Mapping,
+    MpumapError,
+    ServerSettings,
+    ServerUnavailable,
+    connect,
+)
+
+__all__ = [
+    "Client",
+    "Mapping",
+    "MpumapError",
+    "ServerSettings",
+    "ServerUnavailable",
+    "connect",
+    "__version__",
+]

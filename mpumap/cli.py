@@ -1,0 +1,186 @@
+"""Command-line entry points: mpumap-server, mpumap-client, mpumap."""
+import logging
+import sys
+
+import click
+
+from mpumap import __version__, settings as S
+
+
+def _run(command, args=None):
+    """Run a click command; usage errors become one line and status 2."""
+    try:
+        return command.main(args=args, standalone_mode=False) or 0
+    except click.UsageError as exc:
+        hint = ""
+        if exc.ctx is not None:
+            hint = f" (see {exc.ctx.command_path} --help)"
+        click.echo(f"{command.name}: error: {exc.format_message()}{hint}", err=True)
+        return 2
+    except click.Abort:
+        return 130
+    except click.ClickException as exc:
+        click.echo(f"{command.name}: error: {exc.format_message()}", err=True)
+        return exc.exit_code
+
+
+class _Setting(click.ParamType):
+    """A click type that parses with one of the settings module's rules."""
+
+    def __init__(self, name, parse):
+        self.name = name
+        self._parse = parse
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value
+        try:
+            return self._parse(value)
+        except S.SettingError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SIZE = _Setting("size", S.parse_size)
+PAGE_SIZE = _Setting("size", S.parse_page_size)
+WORKERS = _Setting("count", lambda v: S.parse_count(v, "the number of workers"))
+PERCENT = _Setting("percent", lambda v: S.parse_count(v, "a watermark", 0, 100))
+
+
+SERVER_HELP = f"""Run the mpumap server: one per machine.
+
+Clients (mpumap.connect() in Python) map files through it.  Every umap page
+they touch is read once into a shared buffer and served from there to every
+process that maps the same file; the buffer stays within its size, evicting
+the oldest pages first.
+
+Each option may also be given by the environment variable shown, the name
+MP-UMap uses; a flag wins over its variable.
+
+\b
+Examples:
+  mpumap-server --buffer-size 4G --page-size 64K
+  UMAP_PAGE_FILLERS=4 mpumap-server --socket /run/user/1000/mpumap.sock
+"""
+
+
+@click.command("mpumap-server", help=SERVER_HELP,
+               context_settings={"help_option_names": ["-h", "--help"],
+                                 "max_content_width": 100})
+@click.option("--socket", "socket_path", envvar="MPUMAP_SOCKET", default=S.DEFAULT_SOCKET,
+              show_default=True, show_envvar=True, help="Unix socket to listen on.")
+@click.option("--page-size", envvar="UMAP_PAGESIZE", type=PAGE_SIZE,
+              default=str(S.DEFAULT_PAGE_SIZE), show_default=True, show_envvar=True,
+              help="Size of a umap page, the unit of filling and eviction: a multiple "
+                   "of the system page size (64K, 2M, ...).")
+@click.option("--buffer-size", envvar="UMAP_BUFSIZE", metavar="PAGES|SIZE",
+              show_envvar=True,
+              help="Buffer size: a number of umap pages (as UMAP_BUFSIZE), or a size "
+                   "such as 256M or 4G.  Default: follow the memory the machine can "
+                   "spare, re-evaluated every --adapt-interval seconds.")
+@click.option("--fillers", envvar="UMAP_PAGE_FILLERS", type=WORKERS,
+              default=str(S.DEFAULT_FILLERS), show_default=True, show_envvar=True,
+              help="Filler processes: they read pages from files and hand them to clients.")
+@click.option("--evictors", envvar="UMAP_PAGE_EVICTORS", type=WORKERS,
+              default=str(S.DEFAULT_EVICTORS), show_default=True, show_envvar=True,
+              help="Evictor processes: they keep the buffer between the watermarks.")
+@click.option("--high-water", envvar="UMAP_EVICT_HIGH_WATER_THRESHOLD", type=PERCENT,
+              default=str(S.DEFAULT_HIGH_WATER), show_default=True, show_envvar=True,
+              help="Start evicting when the buffer is this full (percent).")
+@click.option("--low-water", envvar="UMAP_EVICT_LOW_WATER_THRESHOLD", type=PERCENT,
+              default=str(S.DEFAULT_LOW_WATER), show_default=True, show_envvar=True,
+              help="Evict down to this fill level (percent).")
+@click.option("--adapt-interval", envvar="UMAP_BUFADAPT_FREQ",
+              type=click.FloatRange(min=0.1), default=S.DEFAULT_ADAPT_INTERVAL,
+              show_default=True, show_envvar=True,
+              help="Seconds between re-evaluations of an adaptive buffer's size.")
+@click.option("--memory-reserve", envvar="UMAP_MEMORY_RESERVE", type=SIZE, metavar="SIZE",
+              show_envvar=True,
+              help="Memory an adaptive buffer leaves to the rest of the machine.  "
+                   "Default: 10% of it, at least 256M, at most 4G.")
+@click.option("--log-level", envvar="UMAP_LOG_LEVEL", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+              help="How much to log on stderr.")
+@click.version_option(__version__, "-V", "--version", prog_name="mpumap")
+def server_command(socket_path, page_size, buffer_size, fillers, evictors, high_water,
+                   low_water, adapt_interval, memory_reserve, log_level):
+    try:
+        buffer_pages = (None if buffer_size is None
+                        else S.parse_buffer_pages(buffer_size, page_size))
+        settings = S.Settings(
+            socket=socket_path, page_size=page_size, buffer_pages=buffer_pages,
+            fillers=fillers, evictors=evictors, high_water=high_water,
+            low_water=low_water, adapt_interval=adapt_interval,
+            memory_reserve=memory_reserve)
+    except S.SettingError as exc:
+        raise click.UsageError(str(exc)) from None
+    logging.basicConfig(level=log_level.upper(),
+                        format="mpumap-server[%(process)d] %(levelname)s %(message)s")
+    from mpumap.server import Server
+
+    try:
+        server = Server(settings)
+        return server.run()
+    except (RuntimeError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group("mpumap", context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="mpumap")
+def mpumap_command():
+    """mpumap: a multi-process user-space paging service."""
+
+
+@mpumap_command.command("stats")
+@click.option("--socket", "socket_path", envvar="MPUMAP_SOCKET", default=None,
+              help="The server's socket (default: $MPUMAP_SOCKET, else "
+                   f"{S.DEFAULT_SOCKET}).")
+def stats_command(socket_path):
+    """Print the server's status as JSON."""
+    import json
+
+    import mpumap
+
+    try:
+        with mpumap.connect(socket_path) as client:
+            click.echo(json.dumps(client.stats(), indent=2))
+    except mpumap.ServerUnavailable as exc:
+        click.echo(f"mpumap: {exc.strerror}", err=True)
+        return 1
+
+
+@click.group("mpumap-client", context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="mpumap")
+def client_command():
+    """Talk to an mpumap server."""
+
+
+@client_command.command("info")
+@click.option("--socket", "socket_path", envvar="MPUMAP_SOCKET", default=None,
+              help=f"The server's socket (default: $MPUMAP_SOCKET, else {S.DEFAULT_SOCKET}).")
+def info_command(socket_path):
+    """Print the server's settings."""
+    import mpumap
+
+    try:
+        with mpumap.connect(socket_path) as client:
+            for name, value in client.settings._asdict().items():
+                click.echo(f"{name:18} {value}")
+    except mpumap.ServerUnavailable as exc:
+        click.echo(f"mpumap-client: {exc.strerror}", err=True)
+        return 1
+
+
+def server_main():
+    sys.exit(_run(server_command))
+
+
+def client_main():
+    sys.exit(_run(client_command))
+
+
+def mpumap_main():
+    sys.exit(_run(mpumap_command))
+
+
+if __name__ == "__main__":
+    server_main()

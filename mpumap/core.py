@@ -1,0 +1,111 @@
+"""Python face of the C core: every call checked, failures raised as OSError.
+
+The hot paths (copy, wake, fault reads) return plain numbers instead of
+raising, because their "errors" (EEXIST, ESRCH, ENOENT) are ordinary outcomes
+that the fillers act upon.
+"""
+import errno
+import os
+
+from mpumap._core import ffi, lib
+
+FREE = lib.MPU_FREE
+FILLING = lib.MPU_FILLING
+PRESENT = lib.MPU_PRESENT
+LEAVING = lib.MPU_LEAVING
+STATE_NAMES = {FREE: "FREE", FILLING: "FILLING", PRESENT: "PRESENT", LEAVING: "LEAVING"}
+
+UFFD_HOW = {
+    lib.MPU_UFFD_SYSCALL: "syscall",
+    lib.MPU_UFFD_DEVICE: "/dev/userfaultfd",
+    lib.MPU_UFFD_USER_ONLY: "user-mode-only",
+}
+
+
+def check(result, what):
+    """Raise OSError for a negative errno from the C core, else pass it on."""
+    if result < 0:
+        code = -result
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+    return result
+
+
+def uffd_open():
+    """A new userfaultfd for this process, by the first way that works here.
+
+    Returns (fd, how), how naming the way: the plain system call, the
+    /dev/userfaultfd device, or user-mode-only faults (unprivileged).
+    """
+    how = ffi.new("int *")
+    fd = check(lib.mpu_uffd_open(os.O_CLOEXEC | os.O_NONBLOCK, how), "userfaultfd")
+    features = ffi.new("uint64_t *")
+    try:
+        check(lib.mpu_uffd_api(fd, 0, features), "UFFDIO_API")
+    except OSError:
+        os.close(fd)
+        raise
+    return fd, UFFD_HOW[how[0]]
+
+
+def is_uffd(fd):
+    return bool(check(lib.mpu_uffd_is_uffd(fd), "is_uffd"))
+
+
+def uffd_register(fd, start, length):
+    check(lib.mpu_uffd_register(fd, start, length), "UFFDIO_REGISTER")
+
+
+def uffd_copy(fd, dst, src, length):
+    """0, or the errno of a failed UFFDIO_COPY (src is a cffi pointer)."""
+    return -lib.mpu_uffd_copy(fd, dst, src, length)
+
+
+def uffd_wake(fd, start, length):
+    """0, or the errno of a failed UFFDIO_WAKE."""
+    return -lib.mpu_uffd_wake(fd, start, length)
+
+
+class FaultReader:
+    """Reads batches of page-fault addresses from non-blocking userfaultfds."""
+
+    BATCH = 64
+
+    def __init__(self):
+        self._addrs = ffi.new("uint64_t[]", self.BATCH)
+
+    def read(self, fd):
+        n = lib.mpu_uffd_read_faults(fd, self._addrs, self.BATCH)
+        if n < 0:
+            raise OSError(-n, f"reading userfaultfd: {os.strerror(-n)}")
+        return ffi.unpack(self._addrs, n)
+
+
+def punch(fd, offset, length):
+    check(lib.mpu_punch(fd, offset, length), "punching a hole in the page buffer")
+
+
+def die_with_parent(parent_pid):
+    import signal
+
+    check(lib.mpu_die_with_parent(signal.SIGKILL, parent_pid), "PR_SET_PDEATHSIG")
+
+
+def set_process_name(name):
+    check(lib.mpu_set_name(name.encode()[:15]), "PR_SET_NAME")
+
+
+def address_of(buffer):
+    """The address of a buffer-protocol object's first byte."""
+    ref = ffi.from_buffer(buffer)
+    try:
+        return int(ffi.cast("uintptr_t", ref))
+    finally:
+        ffi.release(ref)
+
+
+def pointer_to(buffer):
+    """A lasting cffi pointer into a buffer (keeps the buffer exported)."""
+    return ffi.from_buffer(buffer)
+
+
+ETIMEDOUT = errno.ETIMEDOUT

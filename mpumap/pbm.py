@@ -1,0 +1,200 @@
+"""The page buffer manager: shared page-state tables, accounting, counters.
+
+Two kinds of shared segment, each a memfd that the server creates and hands to
+its workers:
+
+* the *buffer* segment (one per server): how many umap pages the buffer holds
+  now (``used``), may hold (``limit``), the watermarks, and the counters;
+* a *page table* per region: one entry per umap page, whose state word is
+  both the page's state and its lock.  Transitions are compare-and-swap steps
+  in the C core (FREE -> FILLING -> PRESENT -> LEAVING -> FREE), and waiters
+  sleep on that word with a futex.
+"""
+import mmap
+import os
+
+from mpumap import core
+from mpumap._core import ffi, lib
+
+BUFFER_MAGIC = 0x4D50424D  # "MPBM"
+TABLE_MAGIC = 0x4D505442  # "MPTB"
+LAYOUT_VERSION = 1
+
+COUNTERS = (
+    "faults",
+    "fills",
+    "copies",
+    "wakes",
+    "evictions",
+    "bytes_read",
+    "fill_errors",
+    "full_waits",
+    "restarts",
+)
+
+
+def _shared_segment(name, size, fd=None):
+    """Map a memfd (created when fd is None) read-write and shared."""
+    if fd is None:
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+    segment = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    return fd, segment
+
+
+class PageBuffer:
+    """The buffer segment: accounting and counters, shared by all processes."""
+
+    SIZE = ffi.sizeof("struct mpu_header")
+
+    def __init__(self, fd, segment):
+        self.fd = fd
+        self._segment = segment
+        self._ref = core.pointer_to(segment)
+        self.header = ffi.cast("struct mpu_header *", self._ref)
+
+    @classmethod
+    def create(cls, limit, high_percent, low_percent):
+        fd, segment = _shared_segment("mpumap-buffer", cls.SIZE)
+        buf = cls(fd, segment)
+        buf.header.magic = BUFFER_MAGIC
+        buf.header.version = LAYOUT_VERSION
+        buf.set_limit(limit, high_percent, low_percent)
+        return buf
+
+    @classmethod
+    def attach(cls, fd):
+        fd, segment = _shared_segment(None, cls.SIZE, fd)
+        buf = cls(fd, segment)
+        if buf.header.magic != BUFFER_MAGIC or buf.header.version != LAYOUT_VERSION:
+            raise ValueError("not an mpumap buffer segment of this version")
+        return buf
+
+    def set_limit(self, limit, high_percent, low_percent):
+        """Set the buffer's size in pages and the watermarks derived from it.
+
+        The high mark is at least one page below the limit when the limit
+        allows, so that evictors start before fillers have to wait.
+        """
+        limit = max(1, int(limit))
+        high = max(1, min(limit, limit * high_percent // 100))
+        low = min(high - 1, limit * low_percent // 100) if high > 1 else 0
+        h = self.header
+        h.high = high
+        h.low = max(0, low)
+        h.limit = limit
+        # Fillers waiting for room re-check against the new limit.
+        lib.mpu_futex_wake(ffi.addressof(h, "used"), 2**31 - 1)
+
+    @property
+    def used(self):
+        return lib.mpu_load32(ffi.addressof(self.header, "used"))
+
+    @property
+    def limit(self):
+        return self.header.limit
+
+    def add(self, counter, n=1):
+        lib.mpu_add64(ffi.addressof(self.header, counter), n)
+
+    def reserve(self, evict_fds, timeout_ms):
+        """Take a page of the buffer; False when none came free in time."""
+        ret = lib.mpu_reserve(self.header, evict_fds, len(evict_fds), timeout_ms)
+        if ret == -core.ETIMEDOUT:
+            return False
+        core.check(ret, "reserving a buffer page")
+        return True
+
+    def release(self, count=1):
+        lib.mpu_release(self.header, count)
+
+    def clear_evict_request(self):
+        self.header.evict_wanted = 0
+
+    def snapshot(self):
+        h = self.header
+        snap = {name: getattr(h, name) for name in COUNTERS}
+        snap.update(
+            used=self.used,
+            limit=h.limit,
+            high=h.high,
+            low=h.low,
+            peak_used=h.peak_used,
+        )
+        return snap
+
+    def close(self):
+        self.header = None
+        ffi.release(self._ref)
+        self._segment.close()
+        os.close(self.fd)
+
+
+class PageTable:
+    """One region's page states, shared by the server and its workers."""
+
+    def __init__(self, fd, segment, npages):
+        self.fd = fd
+        self.npages = npages
+        self._segment = segment
+        self._ref = core.pointer_to(segment)
+        self.table = ffi.cast("struct mpu_table *", self._ref)
+        self.pages = self.table.pages
+
+    @staticmethod
+    def segment_size(npages):
+        return ffi.sizeof("struct mpu_table") + npages * ffi.sizeof("struct mpu_page")
+
+    @classmethod
+    def create(cls, npages):
+        fd, segment = _shared_segment("mpumap-table", cls.segment_size(npages))
+        table = cls(fd, segment, npages)
+        table.table.magic = TABLE_MAGIC
+        table.table.npages = npages
+        return table
+
+    @classmethod
+    def attach(cls, fd, npages):
+        fd, segment = _shared_segment(None, cls.segment_size(npages), fd)
+        table = cls(fd, segment, npages)
+        if table.table.magic != TABLE_MAGIC or table.table.npages != npages:
+            raise ValueError("not an mpumap page table of this size")
+        return table
+
+    def state(self, index):
+        return lib.mpu_load32(ffi.addressof(self.pages[index], "state")) & 3
+
+    def begin_fill(self, index, owner, timeout_ms):
+        """FREE: the caller now fills the page; PRESENT: it is there already;
+        FILLING or LEAVING: still so after waiting timeout_ms."""
+        return lib.mpu_page_begin_fill(self.pages + index, owner, timeout_ms)
+
+    def end_fill(self, buffer, index, present):
+        lib.mpu_page_end_fill(buffer.header, self.table, self.pages + index, present)
+
+    def evict(self, index, owner, memfd, offset, length):
+        """True when the page was PRESENT and is now FREE."""
+        return bool(core.check(
+            lib.mpu_page_evict(self.pages + index, owner, memfd, offset, length),
+            "evicting a page",
+        ))
+
+    def oldest(self, count, stride=1, phase=0):
+        """Up to count (stamp, index) pairs of the oldest PRESENT pages."""
+        idx = ffi.new("uint64_t[]", count)
+        stamps = ffi.new("uint64_t[]", count)
+        n = lib.mpu_table_oldest(self.table, stride, phase, count, idx, stamps)
+        return list(zip(ffi.unpack(stamps, n), ffi.unpack(idx, n)))
+
+    def count(self, state):
+        return lib.mpu_table_count(self.table, state)
+
+    def release_all(self, buffer):
+        """Mark the region dead and give its PRESENT pages back to the buffer."""
+        return lib.mpu_table_release(buffer.header, self.table)
+
+    def close(self):
+        self.table = self.pages = None
+        ffi.release(self._ref)
+        self._segment.close()
+        os.close(self.fd)

@@ -1,0 +1,593 @@
+"""The server: one supervisor process that owns the socket, the client
+handshakes, the fault monitors and its worker processes.
+
+Shaped like gunicorn's arbiter: signals are queued by their handlers and
+dealt with by the main loop; children are known by pid, reaped with
+waitpid(-1, WNOHANG) and restarted when they die.
+"""
+import errno
+import fcntl
+import itertools
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import stat
+import sys
+import time
+
+from mpumap import core, protocol
+from mpumap.evictor import machine_limit
+from mpumap.monitor import Monitor, fault_messages, filler_for
+from mpumap.pbm import PageBuffer, PageTable
+from mpumap.protocol import Msg, ProtocolError
+from mpumap.settings import SYSTEM_PAGE_SIZE, default_reserve
+from mpumap.worker import CONTROL_FD, round_up
+
+import psutil
+
+log = logging.getLogger("mpumap.server")
+
+WORKER_SOCKET_BUFFER = 4 << 20
+STOP_GRACE_SECONDS = 3.0
+QUICK_DEATH_SECONDS = 2.0
+MAX_QUICK_DEATHS = 5
+
+
+class RequestError(OSError):
+    """A request the server refuses; errno and message go back to the client."""
+
+    def __init__(self, code, message):
+        super().__init__(code, message)
+
+
+class Region:
+    """One backing file (by device, inode and owner) and its page buffer."""
+
+    def __init__(self, rid, key, size, page_size, store_fd, name):
+        self.rid = rid
+        self.key = key
+        self.size = size
+        self.name = name
+        self.npages = -(-size // page_size)
+        self.map_length = round_up(size, SYSTEM_PAGE_SIZE)
+        self.store_fd = store_fd
+        self.memfd = os.memfd_create(f"mpumap:{os.path.basename(name)}"[:200], os.MFD_CLOEXEC)
+        os.ftruncate(self.memfd, self.npages * page_size)
+        self.memfd_ino = os.fstat(self.memfd).st_ino
+        self.table = PageTable.create(self.npages)
+        self.mappings = 0
+
+    def close(self):
+        self.table.close()
+        os.close(self.memfd)
+        os.close(self.store_fd)
+
+
+class Mapping:
+    def __init__(self, mid, region):
+        self.mid = mid
+        self.region = region
+        self.address = None
+
+
+class Connection:
+    """A client: its socket, credentials, userfaultfd, monitor and mappings."""
+
+    def __init__(self, cid, sock):
+        self.cid = cid
+        self.sock = sock
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        self.pid, self.uid, self.gid = (int.from_bytes(creds[i:i + 4], "little") for i in (0, 4, 8))
+        self.uffd = None
+        self.monitor = None
+        self.mappings = {}
+
+    def __str__(self):
+        return f"client {self.cid} (pid {self.pid}, uid {self.uid})"
+
+
+class Worker:
+    def __init__(self, role, index, pid, sock):
+        self.role = role
+        self.index = index
+        self.pid = pid
+        self.sock = sock
+        self.started = time.monotonic()
+
+
+class Server:
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.selector = selectors.DefaultSelector()
+        self.signal_queue = []
+        self.workers = {}  # pid -> Worker
+        self.slots = {}  # (role, index) -> Worker
+        self.quick_deaths = {}
+        self.connections = {}
+        self.regions = {}  # key -> Region
+        self.ids = itertools.count(1)
+        self.reader = core.FaultReader()
+        self.listener = None
+        self.stopping = False
+        self.exit_status = 0
+        self.started = time.time()
+        total = psutil.virtual_memory().total
+        self.reserve = (settings.memory_reserve if settings.memory_reserve is not None
+                        else default_reserve(total))
+        self.evict_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                          for _ in range(settings.evictors)]
+        self.buffer = PageBuffer.create(1, settings.high_water, settings.low_water)
+        self.buffer.set_limit(self.initial_limit(), settings.high_water, settings.low_water)
+        self.handlers = {
+            Msg.HELLO: self.on_hello,
+            Msg.MAP: self.on_map,
+            Msg.REGISTER: self.on_register,
+            Msg.UNMAP: self.on_unmap,
+            Msg.STATS: self.on_stats,
+        }
+
+    def worker_params(self, role, index):
+        s = self.settings
+        return {
+            "role": role,
+            "index": index,
+            "page_size": s.page_size,
+            "fillers": s.fillers,
+            "evictors": s.evictors,
+            "high_water": s.high_water,
+            "low_water": s.low_water,
+            "adaptive": s.adaptive,
+            "adapt_interval": s.adapt_interval,
+            "memory_reserve": self.reserve,
+            "min_buffer_pages": s.min_buffer_pages,
+        }
+
+    def initial_limit(self):
+        if not self.settings.adaptive:
+            return self.settings.buffer_pages
+        return machine_limit(self.buffer, self.worker_params("server", 0))
+
+    # -- life cycle ----------------------------------------------------------
+
+    def run(self):
+        self.listen()
+        self.install_signals()
+        for index in range(self.settings.fillers):
+            self.spawn("filler", index)
+        for index in range(self.settings.evictors):
+            self.spawn("evictor", index)
+        s = self.settings
+        log.info("serving on %s: page %d B, buffer %s pages (%s), %d fillers, %d evictors",
+                 s.socket, s.page_size, self.buffer.limit,
+                 "adaptive" if s.adaptive else "fixed", s.fillers, s.evictors)
+        try:
+            while not self.stopping:
+                for key, _ in self.selector.select(1.0):
+                    key.data(key.fileobj)
+                self.handle_signals()
+        finally:
+            self.shutdown()
+        return self.exit_status
+
+    def listen(self):
+        path = self.settings.socket
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                probe.connect(path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                os.unlink(path)  # left behind by a server that died
+            else:
+                raise RuntimeError(f"a server is already running on {path}")
+            finally:
+                probe.close()
+        sock.bind(path)
+        os.chmod(path, 0o666)
+        sock.listen(128)
+        sock.setblocking(False)
+        self.listener = sock
+        self.selector.register(sock, selectors.EVENT_READ, self.on_accept)
+
+    def install_signals(self):
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wakeup = (read_end, write_end)
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        for sig in self.SIGNALS:
+            signal.signal(sig, self.queue_signal)
+        self.selector.register(read_end, selectors.EVENT_READ, self.drain_wakeup)
+
+    def queue_signal(self, signum, frame):
+        if len(self.signal_queue) < 8:
+            self.signal_queue.append(signum)
+
+    def drain_wakeup(self, fd):
+        try:
+            while os.read(fd, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def handle_signals(self):
+        while self.signal_queue:
+            signum = self.signal_queue.pop(0)
+            if signum == signal.SIGCHLD:
+                self.reap()
+            elif self.stopping:
+                self.exit_status = 1
+            else:
+                log.info("%s: stopping", signal.Signals(signum).name)
+                self.stopping = True
+
+    def shutdown(self):
+        if self.listener is not None:
+            self.selector.unregister(self.listener)
+            self.listener.close()
+            try:
+                os.unlink(self.settings.socket)
+            except FileNotFoundError:
+                pass
+            self.listener = None
+        for conn in list(self.connections.values()):
+            self.drop(conn)
+        for worker in self.workers.values():
+            self.kill(worker, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while self.workers and time.monotonic() < deadline:
+            self.reap(restart=False)
+            time.sleep(0.02)
+        for worker in self.workers.values():
+            self.kill(worker, signal.SIGKILL)
+        while self.workers:
+            self.reap(restart=False, block=True)
+        log.info("stopped")
+
+    # -- workers -------------------------------------------------------------
+
+    def spawn(self, role, index):
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for sock in (parent_sock, child_sock):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WORKER_SOCKET_BUFFER)
+        fd = child_sock.fileno()
+        if fd == CONTROL_FD:  # dup2 onto itself would leave it close-on-exec
+            fd = os.dup(fd)
+        argv = [sys.executable, "-m", "mpumap.worker", role, str(index), str(os.getpid())]
+        try:
+            pid = os.posix_spawn(sys.executable, argv, os.environ,
+                                 file_actions=[(os.POSIX_SPAWN_DUP2, fd, CONTROL_FD)])
+        finally:
+            if fd != child_sock.fileno():
+                os.close(fd)
+            child_sock.close()
+        worker = Worker(role, index, pid, parent_sock)
+        self.workers[pid] = worker
+        self.slots[role, index] = worker
+        self.selector.register(parent_sock, selectors.EVENT_READ, self.on_worker_readable)
+        init = bytes([protocol.W_INIT]) + json.dumps(self.worker_params(role, index)).encode()
+        self.tell(worker, init, [self.buffer.fd, *self.evict_fds])
+        for conn in self.connections.values():
+            if conn.uffd is not None and role == "filler":
+                self.tell(worker, protocol.W_ID.pack(protocol.W_ADD_CLIENT, conn.cid), [conn.uffd])
+        for region in self.regions.values():
+            self.tell(worker, self.region_message(region),
+                      [region.memfd, region.store_fd, region.table.fd])
+        log.debug("started %s %d as pid %d", role, index, pid)
+        return worker
+
+    def tell(self, worker, data, fds=()):
+        """Send a message to a worker; a dead one is restarted once reaped."""
+        try:
+            if fds:
+                socket.send_fds(worker.sock, [data], list(fds))
+            else:
+                worker.sock.send(data)
+        except OSError as exc:
+            log.warning("%s %d (pid %d) is not listening: %s",
+                        worker.role, worker.index, worker.pid, exc)
+
+    def tell_all(self, data, fds=(), role=None):
+        for worker in list(self.slots.values()):
+            if role is None or worker.role == role:
+                self.tell(worker, data, fds)
+
+    def on_worker_readable(self, sock):
+        # Workers speak only by closing their end: when they die.
+        try:
+            data = sock.recv(64)
+        except OSError:
+            data = b""
+        if not data:
+            self.selector.unregister(sock)
+
+    def kill(self, worker, sig):
+        try:
+            os.kill(worker.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def reap(self, restart=True, block=False):
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            try:
+                self.selector.unregister(worker.sock)
+            except KeyError:
+                pass
+            worker.sock.close()
+            if self.slots.get((worker.role, worker.index)) is worker:
+                del self.slots[worker.role, worker.index]
+            how = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+                   else f"status {os.waitstatus_to_exitcode(status)}")
+            if not restart or self.stopping:
+                log.debug("%s %d (pid %d) ended with %s", worker.role, worker.index, pid, how)
+                continue
+            log.warning("%s %d (pid %d) died with %s; starting another",
+                        worker.role, worker.index, pid, how)
+            self.restart(worker)
+            if block:
+                return
+
+    def restart(self, worker):
+        slot = (worker.role, worker.index)
+        if time.monotonic() - worker.started < QUICK_DEATH_SECONDS:
+            self.quick_deaths[slot] = self.quick_deaths.get(slot, 0) + 1
+        else:
+            self.quick_deaths[slot] = 0
+        if self.quick_deaths[slot] >= MAX_QUICK_DEATHS:
+            log.error("%s %d died %d times right after starting: giving up and stopping "
+                      "the server (its log above says why)", *slot, MAX_QUICK_DEATHS)
+            self.stopping = True
+            self.exit_status = 1
+            return
+        self.buffer.add("restarts")
+        self.spawn(*slot)
+
+    # -- clients -------------------------------------------------------------
+
+    def on_accept(self, listener):
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.error("accept: %s", exc)
+            return
+        sock.setblocking(False)
+        conn = Connection(next(self.ids), sock)
+        self.connections[conn.cid] = conn
+        self.selector.register(sock, selectors.EVENT_READ, lambda _s, c=conn: self.on_request(c))
+        log.info("%s connected", conn)
+
+    def on_request(self, conn):
+        try:
+            data, fds = protocol.receive(conn.sock)
+        except ProtocolError as exc:
+            self.reply_error(conn, errno.EPROTO, str(exc))
+            return
+        except BlockingIOError:
+            return
+        except OSError:
+            data, fds = b"", []
+        if not data:
+            protocol.close_all(fds)
+            self.drop(conn)
+            return
+        try:
+            kind, payload, values = protocol.unpack(data, len(fds))
+            handler = self.handlers.get(kind)
+            if handler is None:
+                raise ProtocolError(f"{kind.name} is not a request")
+            if conn.uffd is None and kind not in (Msg.HELLO, Msg.STATS):
+                raise ProtocolError("HELLO must come first")
+            handler(conn, values, payload, fds)
+        except ProtocolError as exc:
+            self.reply_error(conn, errno.EPROTO, str(exc))
+        except OSError as exc:
+            self.reply_error(conn, exc.errno or errno.EIO, exc.strerror or str(exc))
+        except Exception as exc:  # a bug must cost one request, not the server
+            log.exception("%s: request failed", conn)
+            self.reply_error(conn, errno.EIO, f"internal error: {exc}")
+        finally:
+            protocol.close_all(fds)  # what no handler took
+
+    def reply(self, conn, kind, payload=b"", fds=()):
+        if conn.sock is None:
+            return
+        try:
+            protocol.send(conn.sock, kind, payload, fds)
+        except OSError as exc:
+            # Gone, or not reading its replies: either way it is done.
+            log.info("%s: dropped (%s)", conn, exc)
+            self.drop(conn)
+
+    def reply_error(self, conn, code, message):
+        log.info("%s: refused: %s", conn, message)
+        self.reply(conn, Msg.ERROR, protocol.error_payload(code, message))
+
+    def on_hello(self, conn, values, payload, fds):
+        if conn.uffd is not None:
+            raise ProtocolError("HELLO was said already")
+        if not core.is_uffd(fds[0]):
+            raise RequestError(errno.EINVAL, "the descriptor sent with HELLO is not a userfaultfd")
+        conn.uffd = fds.pop()
+        os.set_blocking(conn.uffd, False)
+        conn.monitor = Monitor(conn.cid, conn.uffd, self.settings.page_size,
+                               self.settings.fillers, self.reader)
+        self.selector.register(conn.uffd, selectors.EVENT_READ,
+                               lambda _fd, c=conn: self.on_faults(c))
+        self.tell_all(protocol.W_ID.pack(protocol.W_ADD_CLIENT, conn.cid), [conn.uffd], "filler")
+        s = self.settings
+        self.reply(conn, Msg.WELCOME, protocol.WELCOME_BODY.pack(
+            SYSTEM_PAGE_SIZE, s.page_size, self.buffer.limit, s.fillers, s.evictors,
+            s.high_water, s.low_water, int(s.adaptive), core.FaultReader.BATCH))
+
+    def on_map(self, conn, values, payload, fds):
+        fd = fds[0]
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RequestError(errno.EINVAL, "only regular files can be mapped")
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        if flags & getattr(os, "O_PATH", 0) or (flags & os.O_ACCMODE) == os.O_WRONLY:
+            raise RequestError(errno.EBADF, "the file was not opened for reading")
+        if st.st_size == 0:
+            raise RequestError(errno.EINVAL, "cannot map an empty file")
+        # Keyed by owner too: a client can write into a shared buffer through
+        # its own userfaultfd (the kernel lets UFFDIO_COPY fill holes), so
+        # users never share pages; processes of one user can ptrace each
+        # other anyway.
+        key = (st.st_dev, st.st_ino, conn.uid)
+        region = self.regions.get(key)
+        if region is None:
+            region = self.create_region(key, st.st_size, fds.pop())
+        mapping = Mapping(next(self.ids), region)
+        region.mappings += 1
+        conn.mappings[mapping.mid] = mapping
+        self.reply(conn, Msg.MAPPED, protocol.MAPPED_BODY.pack(
+            mapping.mid, region.rid, region.size, region.map_length), [region.memfd])
+
+    def create_region(self, key, size, store_fd):
+        try:
+            name = os.readlink(f"/proc/self/fd/{store_fd}")
+        except OSError:
+            name = "?"
+        region = Region(next(self.ids), key, size, self.settings.page_size, store_fd, name)
+        self.regions[key] = region
+        self.tell_all(self.region_message(region),
+                      [region.memfd, region.store_fd, region.table.fd])
+        log.info("region %d: %s, %d bytes, %d pages", region.rid, name, size, region.npages)
+        return region
+
+    @staticmethod
+    def region_message(region):
+        return protocol.REGION_BODY.pack(protocol.W_ADD_REGION, region.rid, region.size,
+                                         region.npages)
+
+    def on_register(self, conn, values, payload, fds):
+        mid, address, length = values
+        mapping = conn.mappings.get(mid)
+        if mapping is None:
+            raise RequestError(errno.EINVAL, f"no mapping {mid} to register")
+        if mapping.address is not None:
+            raise RequestError(errno.EBUSY, f"mapping {mid} is registered already")
+        region = mapping.region
+        if length != region.map_length or address % SYSTEM_PAGE_SIZE:
+            raise RequestError(errno.EINVAL, f"mapping {mid} must be {region.map_length} "
+                               "bytes at a page-aligned address")
+        if not maps_memfd(conn.pid, address, length, region.memfd_ino):
+            raise RequestError(errno.EINVAL, f"{address:#x} is not where the client "
+                               f"mapped region {region.rid}'s buffer")
+        core.uffd_register(conn.uffd, address, length)
+        mapping.address = address
+        conn.monitor.add(address, length, region.rid)
+        self.reply(conn, Msg.REGISTERED, protocol.U64.pack(mid))
+
+    def on_unmap(self, conn, values, payload, fds):
+        (mid,) = values
+        mapping = conn.mappings.pop(mid, None)
+        if mapping is None:
+            raise RequestError(errno.EINVAL, f"no mapping {mid} to unmap")
+        self.forget(conn, mapping)
+        self.reply(conn, Msg.UNMAPPED, protocol.U64.pack(mid))
+
+    def on_stats(self, conn, values, payload, fds):
+        self.reply(conn, Msg.STATS_REPLY, protocol.stats_payload(self.stats()))
+
+    def on_faults(self, conn):
+        try:
+            batches, count = conn.monitor.drain()
+        except OSError as exc:
+            log.warning("%s: userfaultfd: %s", conn, exc)
+            return
+        self.buffer.add("faults", count)
+        for index, faults in batches.items():
+            worker = self.slots.get(("filler", index))
+            if worker is None:
+                continue  # restarting; the client's faults are served once it is back
+            for message in fault_messages(faults):
+                self.tell(worker, message)
+
+    def forget(self, conn, mapping):
+        if mapping.address is not None:
+            conn.monitor.remove(mapping.address)
+        region = mapping.region
+        region.mappings -= 1
+        if region.mappings == 0:
+            self.release_region(region)
+
+    def release_region(self, region):
+        del self.regions[region.key]
+        region.table.release_all(self.buffer)
+        self.tell_all(protocol.W_ID.pack(protocol.W_DROP_REGION, region.rid))
+        region.close()
+        log.info("region %d released", region.rid)
+
+    def drop(self, conn):
+        if conn.sock is None:
+            return
+        log.info("%s disconnected", conn)
+        self.connections.pop(conn.cid, None)
+        self.selector.unregister(conn.sock)
+        conn.sock.close()
+        conn.sock = None
+        for mapping in conn.mappings.values():
+            self.forget(conn, mapping)
+        conn.mappings.clear()
+        if conn.uffd is not None:
+            self.selector.unregister(conn.uffd)
+            self.tell_all(protocol.W_ID.pack(protocol.W_DROP_CLIENT, conn.cid), role="filler")
+            os.close(conn.uffd)
+            conn.uffd = None
+
+    # -- status ----------------------------------------------------------------
+
+    def stats(self):
+        s = self.settings
+        return {
+            "pid": os.getpid(),
+            "started": self.started,
+            "settings": {
+                "socket": s.socket, "page_size": s.page_size, "fillers": s.fillers,
+                "evictors": s.evictors, "high_water": s.high_water,
+                "low_water": s.low_water, "adaptive": s.adaptive,
+                "adapt_interval": s.adapt_interval, "memory_reserve": self.reserve,
+            },
+            "buffer": self.buffer.snapshot(),
+            "workers": [{"role": w.role, "index": w.index, "pid": w.pid}
+                        for w in self.slots.values()],
+            "clients": [{"id": c.cid, "pid": c.pid, "uid": c.uid,
+                         "regions": sorted({m.region.rid for m in c.mappings.values()})}
+                        for c in self.connections.values()],
+            "regions": [{"id": r.rid, "file": r.name, "size": r.size, "pages": r.npages,
+                         "present": r.table.count(core.PRESENT), "mappings": r.mappings}
+                        for r in self.regions.values()],
+        }
+
+
+def maps_memfd(pid, address, length, inode):
+    """Does the process map [address, address+length) from that memfd inode?
+
+    When /proc tells us nothing (another user's process, no access) the
+    registration itself is the only check left."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                if start <= address < end:
+                    return (start == address and end >= address + length
+                            and int(fields[4]) == inode and int(fields[2], 16) == 0)
+    except OSError:
+        return True
+    return False
