@@ -9,6 +9,7 @@ from mpumap.client import (  # noqa: E402
     ServerSettings,
     ServerUnavailable,
     connect,
+    server_stats,
 )
 
 __all__ = [
@@ -18,5 +19,6 @@ __all__ = [
     "ServerSettings",
     "ServerUnavailable",
     "connect",
+    "server_stats",
     "__version__",
 ]

@@ -141,8 +141,7 @@ def stats_command(socket_path):
     import mpumap
 
     try:
-        with mpumap.connect(socket_path) as client:
-            click.echo(json.dumps(client.stats(), indent=2))
+        click.echo(json.dumps(mpumap.server_stats(socket_path), indent=2))
     except mpumap.ServerUnavailable as exc:
         click.echo(f"mpumap: {exc.strerror}", err=True)
         return 1

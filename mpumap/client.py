@@ -10,6 +10,7 @@ Its pages are filled by the server on first touch.
 """
 import collections
 import errno
+import json
 import logging
 import mmap
 import os
@@ -44,20 +45,39 @@ def connect(socket_path=None):
     return Client(socket_path)
 
 
+def _open_socket(path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        raise ServerUnavailable(exc.errno, f"no mpumap server at {path}: {exc.strerror}") from None
+    return sock
+
+
+def server_stats(socket_path=None):
+    """The server's status, asked without mapping anything (and so without a
+    userfaultfd): settings, buffer counters, workers, clients, regions."""
+    path = resolve_socket_path(socket_path)
+    with _open_socket(path) as sock:
+        protocol.send(sock, Msg.STATS)
+        data, fds = protocol.receive(sock)
+    protocol.close_all(fds)
+    if not data:
+        raise MpumapError(errno.ECONNRESET, f"the server at {path} closed the connection")
+    kind, payload, _ = protocol.unpack(data, len(fds))
+    if kind != Msg.STATS_REPLY:
+        raise MpumapError(errno.EPROTO, f"expected STATS_REPLY, got {kind.name}")
+    return json.loads(payload)
+
+
 class Client:
     def __init__(self, socket_path=None):
         self.socket_path = resolve_socket_path(socket_path)
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._mappings = {}
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            self._sock.connect(self.socket_path)
-        except OSError as exc:
-            self._sock.close()
-            raise ServerUnavailable(
-                exc.errno, f"no mpumap server at {self.socket_path}: {exc.strerror}"
-            ) from None
+        self._sock = _open_socket(self.socket_path)
         # We keep our userfaultfd open for as long as any mapping lives: were
         # the server's copy the last one, its death would unregister our
         # ranges and the kernel would fill their holes with zeros.
@@ -160,8 +180,6 @@ class Client:
 
     def stats(self):
         """The server's status: settings, buffer counters, clients, regions."""
-        import json
-
         _, _, payload = self._call(Msg.STATS, expect=Msg.STATS_REPLY)
         return json.loads(payload)
 

@@ -1,0 +1,173 @@
+"""Fixtures that start real servers and real client processes.
+
+Every server gets its own short socket path (Unix socket paths are limited to
+108 bytes) and is stopped, with its workers, when the test ends."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+import pytest
+
+import mpumap
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+READER = os.path.join(HERE, "reader.py")
+
+
+def server_command():
+    script = os.path.join(os.path.dirname(sys.executable), "mpumap-server")
+    if os.path.exists(script):
+        return [script]
+    found = shutil.which("mpumap-server")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "from mpumap.cli import server_main; server_main()"]
+
+
+class ServerProcess:
+    def __init__(self, socket_path, args, log_path, env=None):
+        self.socket = socket_path
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            server_command() + ["--socket", socket_path, *args],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.wait_ready()
+        self.ps = psutil.Process(self.proc.pid)
+
+    def wait_ready(self, timeout=15):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if len(mpumap.server_stats(self.socket)["workers"]) >= 2:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"server did not come up:\n{self.output()}")
+
+    def output(self):
+        self.log.flush()
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def stats(self):
+        return mpumap.server_stats(self.socket)
+
+    def workers(self):
+        try:
+            return self.ps.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self):
+        workers = self.workers()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        gone, alive = psutil.wait_procs(workers, timeout=5)
+        for p in alive:
+            p.kill()
+        self.log.close()
+        return alive
+
+
+@pytest.fixture
+def workdir():
+    path = tempfile.mkdtemp(prefix="mpu-", dir="/tmp")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def start_server(workdir):
+    servers = []
+
+    def start(*args, env=None):
+        sock = os.path.join(workdir, f"s{len(servers)}.sock")
+        server = ServerProcess(sock, [str(a) for a in args],
+                               os.path.join(workdir, f"server{len(servers)}.log"), env)
+        servers.append(server)
+        return server
+
+    yield start
+    leftovers = []
+    for server in servers:
+        leftovers += server.stop()
+        assert not os.path.exists(server.socket), "the server left its socket behind"
+    assert not leftovers, f"workers outlived their server: {leftovers}"
+
+
+class Readers:
+    """Client processes running tests/reader.py."""
+
+    def __init__(self):
+        self.procs = []
+
+    def start(self, socket_path, *files, **options):
+        args = [sys.executable, READER, socket_path, *files]
+        for key, value in options.items():
+            args += [f"--{key.replace('_', '-')}", str(value)]
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.procs.append(proc)
+        return proc
+
+    @staticmethod
+    def wait_ready(proc, timeout=20):
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait(timeout)
+            raise AssertionError(f"reader failed: {proc.stderr.read().decode()}")
+        return json.loads(line)
+
+    @staticmethod
+    def result(proc, timeout=120):
+        out, err = proc.communicate(timeout=timeout)
+        lines = [json.loads(line) for line in out.decode().splitlines() if line.strip()]
+        if not lines or "pages" not in lines[-1] and "error" not in lines[-1]:
+            raise AssertionError(f"reader exited {proc.returncode} without a result:\n"
+                                 f"{err.decode()}")
+        return lines[-1]
+
+    def cleanup(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            for stream in (proc.stdout, proc.stderr):
+                if stream:
+                    stream.close()
+
+
+@pytest.fixture
+def readers():
+    r = Readers()
+    yield r
+    r.cleanup()
+
+
+def make_file(path, size, seed=0):
+    """A file of pseudo-random bytes (different for each seed)."""
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 1 << 20)
+            f.write(rng.randbytes(n))
+            left -= n
+    return path

@@ -1,0 +1,85 @@
+"""A client process for the tests: map a file through the server, read it
+page by page in the given order, and check every byte against the file.
+
+Prints one JSON line: {"pages": n, "mismatches": [...], "region": id, ...}.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import mpumap
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("socket")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--order", choices=["seq", "random"], default="seq")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk", type=int, default=0, help="bytes per read (default: page)")
+    p.add_argument("--go", help="wait for this file to exist before reading")
+    p.add_argument("--pages", type=int, default=0, help="read only the first N chunks")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--drop-uid", type=int, help="become this user before connecting")
+    args = p.parse_args()
+
+    if args.drop_uid is not None:
+        os.setgroups([])
+        os.setgid(args.drop_uid)
+        os.setuid(args.drop_uid)
+
+    client = mpumap.connect(args.socket)
+    mappings = []
+    for path in args.files:
+        try:
+            mappings.append(client.map(path))
+        except OSError as exc:
+            print(json.dumps({"error": type(exc).__name__, "errno": exc.errno,
+                              "message": str(exc)}), flush=True)
+            return 3
+    chunk = args.chunk or client.settings.page_size
+    print(json.dumps({"ready": os.getpid(), "uffd": client.uffd_kind}), flush=True)
+    if args.go:
+        while not os.path.exists(args.go):
+            time.sleep(0.001)
+
+    rng = random.Random(args.seed)
+    mismatches = []
+    pages = 0
+    started = time.monotonic()
+    for _ in range(args.rounds):
+        for m in mappings:
+            fd = os.open(m.path, os.O_RDONLY)
+            offsets = list(range(0, len(m), chunk))
+            if args.pages:
+                offsets = offsets[:args.pages]
+            if args.order == "random":
+                rng.shuffle(offsets)
+            for off in offsets:
+                got = m[off:off + chunk]
+                want = os.pread(fd, chunk, off)
+                pages += 1
+                if got != want:
+                    mismatches.append([m.path, off])
+            os.close(fd)
+    elapsed = time.monotonic() - started
+    result = {
+        "pages": pages,
+        "mismatches": mismatches[:20],
+        "mismatch_count": len(mismatches),
+        "regions": [m.region_id for m in mappings],
+        "sizes": [len(m) for m in mappings],
+        "seconds": elapsed,
+    }
+    for m in mappings:
+        m.close()
+    client.close()
+    print(json.dumps(result), flush=True)
+    return 0 if not mismatches else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
