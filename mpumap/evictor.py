@@ -76,8 +76,8 @@ def machine_limit(buffer, settings):
 class Evictor(Worker):
     role = "evictor"
 
-    def __init__(self, sock, params, fds):
-        super().__init__(sock, params, fds)
+    def __init__(self, sock, params, buffer, evict_fds):
+        super().__init__(sock, params, buffer, evict_fds)
         self.wakeup = self.evict_fds[self.index]
         self.adapts = params["adaptive"] and self.index == 0
         self.interval = params["adapt_interval"] if self.adapts else IDLE_SECONDS

@@ -23,8 +23,8 @@ CLIENT_GONE = (errno.ESRCH, errno.ENOENT, errno.EINVAL, errno.EFAULT, errno.EBAD
 class Filler(Worker):
     role = "filler"
 
-    def __init__(self, sock, params, fds):
-        super().__init__(sock, params, fds)
+    def __init__(self, sock, params, buffer, evict_fds):
+        super().__init__(sock, params, buffer, evict_fds)
         # Page aligned, as UFFDIO_COPY and O_DIRECT want it.
         self.page = mmap.mmap(-1, self.page_size)
         self.page_view = memoryview(self.page)

@@ -151,7 +151,6 @@ def close_all(fds):
 #
 # One SOCK_SEQPACKET socketpair per worker.  The first byte says what follows.
 
-W_INIT = 1  # JSON settings; fds: [buffer segment, evictor eventfds...]
 W_ADD_CLIENT = 2  # u32 client id; fds: [userfaultfd]
 W_DROP_CLIENT = 3  # u32 client id
 W_ADD_REGION = 4  # REGION_BODY; fds: [memfd, store file, page table]

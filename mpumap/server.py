@@ -7,15 +7,14 @@ waitpid(-1, WNOHANG) and restarted when they die.
 """
 import errno
 import fcntl
+import gc
 import itertools
-import json
 import logging
 import os
 import selectors
 import signal
 import socket
 import stat
-import sys
 import time
 
 from mpumap import core, protocol
@@ -24,7 +23,7 @@ from mpumap.monitor import Monitor, fault_messages, filler_for
 from mpumap.pbm import PageBuffer, PageTable
 from mpumap.protocol import Msg, ProtocolError
 from mpumap.settings import SYSTEM_PAGE_SIZE, default_reserve
-from mpumap.worker import CONTROL_FD, round_up
+from mpumap.worker import become_worker, round_up
 
 import psutil
 
@@ -116,6 +115,7 @@ class Server:
         self.stopping = False
         self.exit_status = 0
         self.started = time.time()
+        self.pid = os.getpid()
         total = psutil.virtual_memory().total
         self.reserve = (settings.memory_reserve if settings.memory_reserve is not None
                         else default_reserve(total))
@@ -250,26 +250,27 @@ class Server:
     # -- workers -------------------------------------------------------------
 
     def spawn(self, role, index):
+        from mpumap.evictor import Evictor
+        from mpumap.fillers import Filler
+
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for sock in (parent_sock, child_sock):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WORKER_SOCKET_BUFFER)
-        fd = child_sock.fileno()
-        if fd == CONTROL_FD:  # dup2 onto itself would leave it close-on-exec
-            fd = os.dup(fd)
-        argv = [sys.executable, "-m", "mpumap.worker", role, str(index), str(os.getpid())]
-        try:
-            pid = os.posix_spawn(sys.executable, argv, os.environ,
-                                 file_actions=[(os.POSIX_SPAWN_DUP2, fd, CONTROL_FD)])
-        finally:
-            if fd != child_sock.fileno():
-                os.close(fd)
-            child_sock.close()
+        params = self.worker_params(role, index)
+        # Keep the interpreter's pages shared with the child: nothing the
+        # child's collector visits is copied for it.
+        gc.freeze()
+        pid = os.fork()
+        if pid == 0:
+            parent_sock.detach()
+            cls = Filler if role == "filler" else Evictor
+            become_worker(cls, child_sock, params, self.buffer, self.evict_fds, self.pid)
+        gc.unfreeze()
+        child_sock.close()
         worker = Worker(role, index, pid, parent_sock)
         self.workers[pid] = worker
         self.slots[role, index] = worker
         self.selector.register(parent_sock, selectors.EVENT_READ, self.on_worker_readable)
-        init = bytes([protocol.W_INIT]) + json.dumps(self.worker_params(role, index)).encode()
-        self.tell(worker, init, [self.buffer.fd, *self.evict_fds])
         for conn in self.connections.values():
             if conn.uffd is not None and role == "filler":
                 self.tell(worker, protocol.W_ID.pack(protocol.W_ADD_CLIENT, conn.cid), [conn.uffd])

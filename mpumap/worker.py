@@ -1,19 +1,19 @@
 """What fillers and evictors share: start-up, and the regions and clients the
-server tells them about.  ``python -m mpumap.worker ROLE INDEX PARENT_PID``
-runs one worker, talking to the server on descriptor 3."""
-import json
+server tells them about.
+
+Workers are forked from the server: the pages of the interpreter and of the
+modules stay shared with it, which keeps each worker's own memory to what it
+writes.  A new worker keeps only its socket to the server, the buffer segment
+and the evictors' wakeup descriptors; it learns the rest from messages."""
+import gc
 import logging
 import os
 import signal
-import socket
-import sys
 
 from mpumap import core, protocol
-from mpumap.pbm import PageBuffer, PageTable
+from mpumap.pbm import PageTable
 from mpumap.settings import SYSTEM_PAGE_SIZE
 from mpumap.store import FileStore
-
-CONTROL_FD = 3
 
 log = logging.getLogger("mpumap.worker")
 
@@ -49,7 +49,7 @@ class Region:
 class Worker:
     role = "worker"
 
-    def __init__(self, sock, params, fds):
+    def __init__(self, sock, params, buffer, evict_fds):
         self.sock = sock
         self.index = params["index"]
         self.page_size = params["page_size"]
@@ -57,8 +57,8 @@ class Worker:
         self.nevictors = params["evictors"]
         self.params = params
         self.pid = os.getpid()
-        self.buffer = PageBuffer.attach(fds[0])
-        self.evict_fds = fds[1:]
+        self.buffer = buffer
+        self.evict_fds = list(evict_fds)
         self.regions = {}
         self.clients = {}
 
@@ -106,33 +106,34 @@ class Worker:
             self.receive()
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    role, index, parent = argv[0], int(argv[1]), int(argv[2])
-    logging.basicConfig(
-        level=os.environ.get("MPUMAP_WORKER_LOG_LEVEL", "WARNING"),
-        format=f"mpumap-{role}[%(process)d] %(levelname)s %(message)s",
-    )
+def become_worker(cls, sock, params, buffer, evict_fds, parent):
+    """Turn a freshly forked child of the server into a worker; never returns.
+
+    Every descriptor but ours is the supervisor's (its clients' sockets and
+    userfaultfds, the regions' memfds): we close them all at once, and never
+    go back to the code that owns their Python objects."""
+    status = 1
     try:
+        keep = {0, 1, 2, sock.fileno(), buffer.fd, *evict_fds}
+        for name in os.listdir("/proc/self/fd"):
+            if int(name) not in keep:
+                try:
+                    os.close(int(name))
+                except OSError:
+                    pass
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        # Ctrl-C reaches the whole process group: the server decides when we stop.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        gc.enable()
         core.die_with_parent(parent)
-    except OSError:
-        return 1  # the server is gone already
-    core.set_process_name(f"mpumap-{role}{index}")
-    # Ctrl-C reaches the whole process group: the server decides when we stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sock = socket.socket(fileno=CONTROL_FD)
-    data, fds = protocol.receive(sock)
-    if not data or data[0] != protocol.W_INIT:
-        log.error("%s %d: no start-up message from the server", role, index)
-        return 1
-    params = json.loads(data[1:])
-    if role == "filler":
-        from mpumap.fillers import Filler as cls
-    else:
-        from mpumap.evictor import Evictor as cls
-    cls(sock, params, fds).run()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        core.set_process_name(f"mpumap-{params['role']}{params['index']}")
+        cls(sock, params, buffer, evict_fds).run()
+        status = 0
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        log.exception("%s %d failed", params["role"], params["index"])
+    finally:
+        os._exit(status)
