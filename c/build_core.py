@@ -13,11 +13,12 @@ ffibuilder.cdef(
     #define MPU_FILLING ...
     #define MPU_PRESENT ...
     #define MPU_LEAVING ...
+    #define MPU_READ_AHEAD ...
     #define MPU_UFFD_SYSCALL ...
     #define MPU_UFFD_DEVICE ...
     #define MPU_UFFD_USER_ONLY ...
 
-    struct mpu_page { uint32_t state; uint32_t owner; uint64_t stamp; };
+    struct mpu_page { uint32_t state; uint32_t flags; uint64_t stamp; };
     struct mpu_table {
         uint32_t magic; uint32_t dead; uint64_t npages;
         struct mpu_page pages[];
@@ -31,6 +32,7 @@ ffibuilder.cdef(
         uint64_t faults; uint64_t fills; uint64_t copies; uint64_t wakes;
         uint64_t evictions; uint64_t bytes_read; uint64_t fill_errors;
         uint64_t full_waits; uint64_t restarts;
+        uint64_t readahead_fills; uint64_t readahead_hits; uint64_t prefetch_fills;
         ...;
     };
 
@@ -50,7 +52,9 @@ ffibuilder.cdef(
     int mpu_page_begin_fill(struct mpu_page *page, uint32_t owner,
                             int timeout_ms);
     void mpu_page_end_fill(struct mpu_header *h, struct mpu_table *t,
-                           struct mpu_page *page, int present);
+                           struct mpu_page *page, int present,
+                           uint32_t flags);
+    uint32_t mpu_page_take_flags(struct mpu_page *page);
     int mpu_page_evict(struct mpu_page *page, uint32_t owner,
                        int memfd, uint64_t offset, uint64_t len);
     uint64_t mpu_table_release(struct mpu_header *h, struct mpu_table *t);
@@ -60,6 +64,7 @@ ffibuilder.cdef(
                               uint64_t *idx_out, uint64_t *stamp_out);
     int mpu_reserve(struct mpu_header *h, const int *evict_fds, int nfds,
                     int timeout_ms);
+    int mpu_try_reserve(struct mpu_header *h, uint32_t count);
     void mpu_release(struct mpu_header *h, uint32_t count);
     int mpu_punch(int fd, uint64_t offset, uint64_t len);
     int mpu_die_with_parent(int sig, int parent);

@@ -207,10 +207,11 @@ int mpu_page_begin_fill(struct mpu_page *page, uint32_t owner, int timeout_ms)
 }
 
 void mpu_page_end_fill(struct mpu_header *h, struct mpu_table *t,
-                       struct mpu_page *page, int present)
+                       struct mpu_page *page, int present, uint32_t flags)
 {
     if (present) {
         page->stamp = mpu_add64(&h->clock, 1);
+        __atomic_store_n(&page->flags, flags, __ATOMIC_SEQ_CST);
         __atomic_store_n(&page->state, MPU_PRESENT, __ATOMIC_SEQ_CST);
         mpu_add64(&h->fills, 1);
         /* The region may have been released while we filled: whoever of
@@ -222,6 +223,11 @@ void mpu_page_end_fill(struct mpu_header *h, struct mpu_table *t,
         __atomic_store_n(&page->state, MPU_FREE, __ATOMIC_SEQ_CST);
     }
     mpu_futex_wake(&page->state, INT_MAX);
+}
+
+uint32_t mpu_page_take_flags(struct mpu_page *page)
+{
+    return __atomic_exchange_n(&page->flags, 0, __ATOMIC_SEQ_CST);
 }
 
 int mpu_punch(int fd, uint64_t offset, uint64_t len)
@@ -363,6 +369,23 @@ int mpu_reserve(struct mpu_header *h, const int *evict_fds, int nfds,
         signal_evictors(evict_fds, nfds);
         if (mpu_futex_wait(&h->used, used, timeout_ms) == -ETIMEDOUT)
             return -ETIMEDOUT;
+    }
+}
+
+/* Takes up to count pages without waiting (read-ahead and prefetch never
+ * wait for room); returns how many it took. */
+int mpu_try_reserve(struct mpu_header *h, uint32_t count)
+{
+    for (;;) {
+        uint32_t used = mpu_load32(&h->used);
+        uint32_t limit = mpu_load32(&h->limit);
+        if (used >= limit)
+            return 0;
+        uint32_t take = limit - used < count ? limit - used : count;
+        if (!cas32(&h->used, used, used + take))
+            continue;
+        raise_peak(h, used + take);
+        return (int)take;
     }
 }
 

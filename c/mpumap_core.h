@@ -17,6 +17,9 @@
 #define MPU_PRESENT  2
 #define MPU_LEAVING  3
 
+/* Page flags. */
+#define MPU_READ_AHEAD 1u
+
 /* How a userfaultfd was obtained (mpu_uffd_open's *how). */
 #define MPU_UFFD_SYSCALL    0
 #define MPU_UFFD_DEVICE     1
@@ -25,7 +28,7 @@
 /* One umap page's entry in a region's page table. */
 struct mpu_page {
     uint32_t state;     /* futex word: waiters sleep on it */
-    uint32_t owner;     /* pid of the worker holding FILLING or LEAVING */
+    uint32_t flags;     /* MPU_READ_AHEAD: filled without a fault */
     uint64_t stamp;     /* fill order, for oldest-first eviction */
 };
 
@@ -59,7 +62,10 @@ struct mpu_header {
     uint64_t fill_errors;   /* fills abandoned: client gone, store error */
     uint64_t full_waits;    /* fillers that waited for the evictors */
     uint64_t restarts;      /* workers restarted by the supervisor */
-    uint64_t spare[17];
+    uint64_t readahead_fills;  /* pages filled ahead of a fault */
+    uint64_t readahead_hits;   /* faults that found their page read ahead */
+    uint64_t prefetch_fills;   /* pages filled on a client's prefetch */
+    uint64_t spare[14];
 };
 
 int mpu_uffd_open(int flags, int *how);
@@ -78,7 +84,9 @@ uint64_t mpu_add64(uint64_t *word, int64_t delta);
 
 int mpu_page_begin_fill(struct mpu_page *page, uint32_t owner, int timeout_ms);
 void mpu_page_end_fill(struct mpu_header *h, struct mpu_table *t,
-                       struct mpu_page *page, int present);
+                       struct mpu_page *page, int present,
+                       uint32_t flags);
+uint32_t mpu_page_take_flags(struct mpu_page *page);
 int mpu_page_evict(struct mpu_page *page, uint32_t owner,
                    int memfd, uint64_t offset, uint64_t len);
 uint64_t mpu_table_release(struct mpu_header *h, struct mpu_table *t);
@@ -88,6 +96,7 @@ uint64_t mpu_table_oldest(struct mpu_table *t, uint64_t stride, uint64_t phase,
 
 int mpu_reserve(struct mpu_header *h, const int *evict_fds, int nfds,
                 int timeout_ms);
+int mpu_try_reserve(struct mpu_header *h, uint32_t count);
 void mpu_release(struct mpu_header *h, uint32_t count);
 
 int mpu_punch(int fd, uint64_t offset, uint64_t len);

@@ -96,13 +96,32 @@ Examples:
 @click.option("--memory-reserve", envvar="UMAP_MEMORY_RESERVE", type=SIZE, metavar="SIZE",
               show_envvar=True,
               help="Memory an adaptive buffer leaves to the rest of the machine.  "
-                   "Default: 10% of it, at least 256M, at most 4G.")
+                   "Default: 10% of the RAM (or of the memory cgroup's limit, when "
+                   "smaller), at least 64M, at most 4G.")
+@click.option("--read-ahead", envvar="UMAP_READ_AHEAD", type=click.IntRange(0, S.MAX_READ_AHEAD),
+              default=S.DEFAULT_READ_AHEAD, show_default=True, show_envvar=True,
+              help="Pages a filler also reads ahead of each fault, when they are free "
+                   "and the buffer has room: one read instead of many faults on scans.")
+@click.option("--store-io", envvar="UMAP_STORE_IO", default=S.DEFAULT_STORE_IO,
+              show_default=True, show_envvar=True,
+              type=click.Choice(["direct", "drop", "cached"], case_sensitive=False),
+              help="How fillers read files: direct (O_DIRECT, no second copy in the page "
+                   "cache; 'drop' where the file system refuses it), drop (buffered, then "
+                   "dropped from the page cache), cached (buffered, left in the page cache).")
+@click.option("--max-regions", envvar="UMAP_MAX_REGIONS", type=click.IntRange(1, 1 << 20),
+              default=S.DEFAULT_MAX_REGIONS, show_default=True, show_envvar=True,
+              help="Files the server serves at once; a map past it is refused.")
+@click.option("--max-client-mappings", envvar="UMAP_MAX_CLIENT_MAPPINGS",
+              type=click.IntRange(1, 1 << 20), default=S.DEFAULT_MAX_CLIENT_MAPPINGS,
+              show_default=True, show_envvar=True,
+              help="Mappings one client may hold at once.")
 @click.option("--log-level", envvar="UMAP_LOG_LEVEL", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
               help="How much to log on stderr.")
 @click.version_option(__version__, "-V", "--version", prog_name="mpumap")
 def server_command(socket_path, page_size, buffer_size, fillers, evictors, high_water,
-                   low_water, adapt_interval, memory_reserve, log_level):
+                   low_water, adapt_interval, memory_reserve, read_ahead, store_io,
+                   max_regions, max_client_mappings, log_level):
     try:
         buffer_pages = (None if buffer_size is None
                         else S.parse_buffer_pages(buffer_size, page_size))
@@ -110,7 +129,9 @@ def server_command(socket_path, page_size, buffer_size, fillers, evictors, high_
             socket=socket_path, page_size=page_size, buffer_pages=buffer_pages,
             fillers=fillers, evictors=evictors, high_water=high_water,
             low_water=low_water, adapt_interval=adapt_interval,
-            memory_reserve=memory_reserve)
+            memory_reserve=memory_reserve, read_ahead=read_ahead,
+            store_io=store_io.lower(), max_regions=max_regions,
+            max_client_mappings=max_client_mappings)
     except S.SettingError as exc:
         raise click.UsageError(str(exc)) from None
     logging.basicConfig(level=log_level.upper(),

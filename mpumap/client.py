@@ -229,6 +229,23 @@ class Mapping(mmap.mmap):
         self.path = path
         self.address = core.address_of(self)
 
+    def prefetch(self, offset=0, length=None):
+        """Ask the server to fill [offset, offset+length) of the file ahead of
+        use (all of it by default) and return at once, with the number of
+        umap pages asked for.  Pages already there, and pages the buffer has
+        no room for, are left as they are."""
+        if self.closed:
+            raise ValueError("prefetch on a closed mapping")
+        if length is None:
+            length = len(self) - offset
+        if offset < 0 or length < 0 or offset + length > len(self):
+            raise ValueError(f"prefetch range {offset}+{length} is outside the mapping "
+                             f"({len(self)} bytes)")
+        _, (pages,), _ = self._client._call(
+            Msg.PREFETCH, protocol.REGISTER_BODY.pack(self.mapping_id, offset, length),
+            expect=Msg.PREFETCHING)
+        return pages
+
     def close(self):
         """Unmap.  Raises BufferError while views of it are alive."""
         if self.closed:

@@ -21,18 +21,20 @@ RELEASE_BATCH = 16  # give pages back to waiting fillers this often
 IDLE_SECONDS = 1.0
 
 
-def cgroup_room(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup"):
-    """Bytes this process's memory cgroup still allows, or None if unlimited.
+def cgroup_memory(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup"):
+    """(limit, usage) of the memory cgroup that binds this process tightest,
+    or None where no limit applies.
 
-    A limit holds along the whole path, so the tightest one on the way to the
-    root counts.  Knows cgroup v2 (memory.max) and v1 (memory.limit_in_bytes).
+    A limit holds along the whole path, so the cgroup with the least room on
+    the way to the root counts.  Knows cgroup v2 (memory.max) and v1
+    (memory.limit_in_bytes).
     """
     try:
         with open(proc_cgroup) as f:
             lines = f.read().splitlines()
     except OSError:
         return None
-    rooms = []
+    found = []
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if controllers == "":
@@ -48,8 +50,8 @@ def cgroup_room(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup"):
             limit = _read_number(os.path.join(folder, limit_file))
             usage = _read_number(os.path.join(folder, usage_file))
             if limit is not None and usage is not None and limit < 1 << 60:
-                rooms.append(max(0, limit - usage))
-    return min(rooms) if rooms else None
+                found.append((limit - usage, limit, usage))
+    return min(found)[1:] if found else None
 
 
 def _read_number(path):
@@ -63,11 +65,13 @@ def _read_number(path):
 
 def machine_limit(buffer, settings):
     """The adaptive buffer size in pages, now."""
+    memory = psutil.virtual_memory()
     return adaptive_limit(
         used_pages=buffer.used,
         page_size=settings["page_size"],
-        available=psutil.virtual_memory().available,
-        cgroup_room=cgroup_room(),
+        available=memory.available,
+        total=memory.total,
+        cgroup=cgroup_memory(),
         reserve=settings["memory_reserve"],
         minimum=settings["min_buffer_pages"],
     )

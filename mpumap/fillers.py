@@ -2,18 +2,26 @@
 client that faulted, UFFDIO_WAKE every other client that waits on it.
 
 All faults on one page come to the same filler, in the order the monitors saw
-them, so a filler never races itself; the page-state word guards against the
-evictors."""
+them, so a filler never races itself on a fault; the page-state word guards
+against the evictors and against read-ahead by other fillers.
+
+Read-ahead and prefetch fill pages that no client waits for: those are
+written straight into the region's memfd, where every client finds them
+without a fault.
+"""
 import errno
 import logging
 import mmap
+import os
 
 from mpumap import core, protocol
+from mpumap._core import lib
 from mpumap.worker import Worker
 
 log = logging.getLogger("mpumap.fillers")
 
 WAIT_MS = 1000  # how long one wait lasts before we look around and wait again
+PREFETCH_RUN_BYTES = 1 << 20  # one store read for prefetching covers this much
 
 # A fill whose copy fails with one of these lost its client (it died, or
 # unmapped): the page goes back to FREE and the next fault on it fills it.
@@ -25,10 +33,12 @@ class Filler(Worker):
 
     def __init__(self, sock, params, buffer, evict_fds):
         super().__init__(sock, params, buffer, evict_fds)
+        self.read_ahead = params["read_ahead"]
+        self.max_run = max(1 + self.read_ahead, PREFETCH_RUN_BYTES // self.page_size, 1)
         # Page aligned, as UFFDIO_COPY and O_DIRECT want it.
-        self.page = mmap.mmap(-1, self.page_size)
-        self.page_view = memoryview(self.page)
-        self.page_ptr = core.pointer_to(self.page)
+        self.chunk = mmap.mmap(-1, self.max_run * self.page_size)
+        self.chunk_view = memoryview(self.chunk)
+        self.chunk_ptr = core.pointer_to(self.chunk)
 
     def on_faults(self, data):
         for cid, rid, index, address in protocol.FAULT.iter_unpack(memoryview(data)[1:]):
@@ -38,10 +48,13 @@ class Filler(Worker):
                 self.serve(uffd, region, index, address)
 
     def serve(self, uffd, region, index, address):
+        table = region.table
         length = region.fill_length(index)
         while True:
-            state = region.table.begin_fill(index, self.pid, WAIT_MS)
+            state = table.begin_fill(index, self.pid, WAIT_MS)
             if state == core.PRESENT:
+                if table.take_flags(index) & lib.MPU_READ_AHEAD:
+                    self.buffer.add("readahead_hits")
                 self.wake(uffd, address, length)
                 return
             if state == core.FREE:
@@ -51,27 +64,94 @@ class Filler(Worker):
 
         while not self.buffer.reserve(self.evict_fds, WAIT_MS):
             log.warning("no buffer page came free in %d ms; waiting on", WAIT_MS)
-
+        ahead, _ = self.claim_run(region, index + 1, self.read_ahead)
         present = False
         try:
-            present = self.fill(uffd, region, index, address, length)
+            self.read_run(region, index, 1 + len(ahead))
+            # The pages ahead go in first: woken, the client goes on to them.
+            self.write_run(region, ahead, 1, lib.MPU_READ_AHEAD, "readahead_fills")
+            ahead = []
+            present = self.copy(uffd, region, index, address, length)
         finally:
-            region.table.end_fill(self.buffer, index, present)
+            self.abandon(region, ahead)
+            table.end_fill(self.buffer, index, present)
             if not present:
                 self.buffer.release()
 
-    def fill(self, uffd, region, index, address, length):
-        view = self.page_view[:length]
-        got = region.store.read_into(view, index * self.page_size)
-        self.buffer.add("bytes_read", got)
-        err = core.uffd_copy(uffd, address, self.page_ptr, length)
+    def prefetch(self, region, first, count):
+        """Fill the FREE pages of [first, first+count) that the buffer has
+        room for, in runs of contiguous pages, one store read a run."""
+        index, end = first, min(first + count, region.npages)
+        while index < end:
+            run, full = self.claim_run(region, index, min(self.max_run, end - index))
+            if full:
+                return  # more would only push out what is there
+            if not run:
+                index += 1  # there already, or on its way
+                continue
+            index = run[-1] + 1
+            try:
+                self.read_run(region, run[0], len(run))
+                self.write_run(region, run, 0, 0, "prefetch_fills")
+                run = []
+            finally:
+                self.abandon(region, run)
+
+    # -- runs of pages -------------------------------------------------------
+
+    def claim_run(self, region, start, count):
+        """Claim up to count FREE pages from start on, stopping at the first
+        that is not FREE or when the buffer has no room.  Returns (pages, full)."""
+        pages = []
+        for index in range(start, min(start + count, region.npages)):
+            if region.table.begin_fill(index, self.pid, 0) != core.FREE:
+                break
+            if not self.buffer.try_reserve(1):
+                region.table.end_fill(self.buffer, index, False)
+                return pages, not pages
+            pages.append(index)
+        return pages, False
+
+    def read_run(self, region, first, npages):
+        view = self.chunk_view[:npages * self.page_size]
+        self.buffer.add("bytes_read", region.store.read_into(view, first * self.page_size))
+
+    def write_run(self, region, pages, slot, flags, counter):
+        """Write claimed pages from the chunk (the first at slot) into the
+        memfd and mark them PRESENT; failures go back to FREE."""
+        done = 0
+        for k, index in enumerate(pages, slot):
+            start = k * self.page_size
+            piece = self.chunk_view[start:start + region.fill_length(index)]
+            try:
+                ok = os.pwrite(region.memfd, piece, index * self.page_size) == len(piece)
+            except OSError as exc:
+                log.error("writing region %d page %d: %s", region.rid, index, exc)
+                ok = False
+            region.table.end_fill(self.buffer, index, ok, flags)
+            if ok:
+                done += 1
+            else:
+                self.buffer.release()
+        self.buffer.add(counter, done)
+
+    def abandon(self, region, pages):
+        """Give back pages claimed for a run that failed before filling them."""
+        for index in pages:
+            region.table.end_fill(self.buffer, index, False)
+            self.buffer.release()
+
+    # -- answering the client ------------------------------------------------
+
+    def copy(self, uffd, region, index, address, length):
+        err = core.uffd_copy(uffd, address, self.chunk_ptr, length)
         if err == errno.EEXIST:
             # The memfd has a page we never filled (our state said FREE): it
             # cannot be trusted.  Punch it out and copy ours in.
             log.warning("region %d page %d was in the buffer unfilled; replacing it",
                         region.rid, index)
             core.punch(region.memfd, index * self.page_size, self.page_size)
-            err = core.uffd_copy(uffd, address, self.page_ptr, length)
+            err = core.uffd_copy(uffd, address, self.chunk_ptr, length)
         if err == 0:
             self.buffer.add("copies")
             return True

@@ -30,6 +30,9 @@ COUNTERS = (
     "fill_errors",
     "full_waits",
     "restarts",
+    "readahead_fills",
+    "readahead_hits",
+    "prefetch_fills",
 )
 
 
@@ -105,6 +108,10 @@ class PageBuffer:
         core.check(ret, "reserving a buffer page")
         return True
 
+    def try_reserve(self, count=1):
+        """Take up to count pages if they are free now; how many were taken."""
+        return lib.mpu_try_reserve(self.header, count)
+
     def release(self, count=1):
         lib.mpu_release(self.header, count)
 
@@ -169,8 +176,12 @@ class PageTable:
         FILLING or LEAVING: still so after waiting timeout_ms."""
         return lib.mpu_page_begin_fill(self.pages + index, owner, timeout_ms)
 
-    def end_fill(self, buffer, index, present):
-        lib.mpu_page_end_fill(buffer.header, self.table, self.pages + index, present)
+    def end_fill(self, buffer, index, present, flags=0):
+        lib.mpu_page_end_fill(buffer.header, self.table, self.pages + index, present, flags)
+
+    def take_flags(self, index):
+        """The page's flags, cleared."""
+        return lib.mpu_page_take_flags(self.pages + index)
 
     def evict(self, index, owner, memfd, offset, length):
         """True when the page was PRESENT and is now FREE."""

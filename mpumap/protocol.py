@@ -12,7 +12,7 @@ import struct
 MAGIC = b"MPUM"
 VERSION = 1
 HEADER = struct.Struct("<4sHHI")  # magic, version, type, payload length
-MAX_PAYLOAD = 1 << 20
+MAX_PAYLOAD = 160 << 10  # what one packet carries within default socket buffers
 MAX_FDS = 4
 
 
@@ -27,6 +27,8 @@ class Msg(enum.IntEnum):
     UNMAPPED = 8  # s->c  payload: u64 mapping id
     STATS = 9  # c->s  payload: empty
     STATS_REPLY = 10  # s->c  payload: JSON (UTF-8)
+    PREFETCH = 11  # c->s  payload: REGISTER_BODY (mapping id, offset, length)
+    PREFETCHING = 12  # s->c  payload: u64 pages asked for
     ERROR = 15  # s->c  payload: i32 errno, then a UTF-8 message
 
 
@@ -53,6 +55,8 @@ SHAPES = {
     Msg.UNMAPPED: (U64, 0),
     Msg.STATS: (None, 0),
     Msg.STATS_REPLY: (None, 0),
+    Msg.PREFETCH: (REGISTER_BODY, 0),
+    Msg.PREFETCHING: (U64, 0),
     Msg.ERROR: (None, 0),
 }
 
@@ -158,5 +162,7 @@ W_DROP_REGION = 5  # u32 region id
 W_FAULTS = 6  # FAULT * n
 
 W_ID = struct.Struct("<BI")
-REGION_BODY = struct.Struct("<BIQQ")  # kind, region id, file size, pages
+REGION_BODY = struct.Struct("<BIQQB")  # kind, region id, file size, pages, store mode
+W_PREFETCH = 7  # PREFETCH_BODY
+PREFETCH_BODY = struct.Struct("<BIQQ")  # kind, region id, first page, pages
 FAULT = struct.Struct("<IIQQ")  # client id, region id, page index, client address

@@ -11,6 +11,7 @@ import gc
 import itertools
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -18,14 +19,14 @@ import stat
 import time
 
 from mpumap import core, protocol
-from mpumap.evictor import machine_limit
+from mpumap.evictor import Evictor, machine_limit
+from mpumap.fillers import PREFETCH_RUN_BYTES, Filler
 from mpumap.monitor import Monitor, fault_messages, filler_for
 from mpumap.pbm import PageBuffer, PageTable
 from mpumap.protocol import Msg, ProtocolError
-from mpumap.settings import SYSTEM_PAGE_SIZE, default_reserve
+from mpumap.settings import SYSTEM_PAGE_SIZE
+from mpumap.store import MODE_CODES, open_store
 from mpumap.worker import become_worker, round_up
-
-import psutil
 
 log = logging.getLogger("mpumap.server")
 
@@ -33,6 +34,7 @@ WORKER_SOCKET_BUFFER = 4 << 20
 STOP_GRACE_SECONDS = 3.0
 QUICK_DEATH_SECONDS = 2.0
 MAX_QUICK_DEATHS = 5
+STATS_LIST_LENGTH = 500
 
 
 class RequestError(OSError):
@@ -45,23 +47,43 @@ class RequestError(OSError):
 class Region:
     """One backing file (by device, inode and owner) and its page buffer."""
 
-    def __init__(self, rid, key, size, page_size, store_fd, name):
+    def __init__(self, rid, key, size, page_size, store_fd, store_mode, name):
         self.rid = rid
         self.key = key
         self.size = size
         self.name = name
+        self.page_size = page_size
         self.npages = -(-size // page_size)
         self.map_length = round_up(size, SYSTEM_PAGE_SIZE)
         self.store_fd = store_fd
-        self.memfd = os.memfd_create(f"mpumap:{os.path.basename(name)}"[:200], os.MFD_CLOEXEC)
-        os.ftruncate(self.memfd, self.npages * page_size)
-        self.memfd_ino = os.fstat(self.memfd).st_ino
-        self.table = PageTable.create(self.npages)
+        self.store_mode = store_mode
+        self.memfd = self.table = None
+        try:
+            self.memfd = os.memfd_create(f"mpumap:{os.path.basename(name)}"[:200],
+                                         os.MFD_CLOEXEC)
+            os.ftruncate(self.memfd, self.npages * page_size)
+            self.memfd_ino = os.fstat(self.memfd).st_ino
+            self.table = PageTable.create(self.npages)
+        except BaseException:
+            self.close()
+            raise
         self.mappings = 0
 
+    def buffer_bytes(self):
+        """What the region's buffer holds in memory now."""
+        return os.fstat(self.memfd).st_blocks * 512
+
+    def pages_in(self, offset, length):
+        """The umap pages [first, end) that cover a byte range of the file."""
+        first = max(0, offset) // self.page_size
+        end = min(self.npages, -(-min(offset + length, self.size) // self.page_size))
+        return first, max(first, end)
+
     def close(self):
-        self.table.close()
-        os.close(self.memfd)
+        if self.table is not None:
+            self.table.close()
+        if self.memfd is not None:
+            os.close(self.memfd)
         os.close(self.store_fd)
 
 
@@ -116,9 +138,7 @@ class Server:
         self.exit_status = 0
         self.started = time.time()
         self.pid = os.getpid()
-        total = psutil.virtual_memory().total
-        self.reserve = (settings.memory_reserve if settings.memory_reserve is not None
-                        else default_reserve(total))
+        raise_descriptor_limit()
         self.evict_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
                           for _ in range(settings.evictors)]
         self.buffer = PageBuffer.create(1, settings.high_water, settings.low_water)
@@ -129,6 +149,7 @@ class Server:
             Msg.REGISTER: self.on_register,
             Msg.UNMAP: self.on_unmap,
             Msg.STATS: self.on_stats,
+            Msg.PREFETCH: self.on_prefetch,
         }
 
     def worker_params(self, role, index):
@@ -143,8 +164,9 @@ class Server:
             "low_water": s.low_water,
             "adaptive": s.adaptive,
             "adapt_interval": s.adapt_interval,
-            "memory_reserve": self.reserve,
+            "memory_reserve": s.memory_reserve,
             "min_buffer_pages": s.min_buffer_pages,
+            "read_ahead": s.read_ahead,
         }
 
     def initial_limit(self):
@@ -250,9 +272,6 @@ class Server:
     # -- workers -------------------------------------------------------------
 
     def spawn(self, role, index):
-        from mpumap.evictor import Evictor
-        from mpumap.fillers import Filler
-
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for sock in (parent_sock, child_sock):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WORKER_SOCKET_BUFFER)
@@ -369,7 +388,6 @@ class Server:
         conn = Connection(next(self.ids), sock)
         self.connections[conn.cid] = conn
         self.selector.register(sock, selectors.EVENT_READ, lambda _s, c=conn: self.on_request(c))
-        log.info("%s connected", conn)
 
     def on_request(self, conn):
         try:
@@ -429,6 +447,7 @@ class Server:
         self.selector.register(conn.uffd, selectors.EVENT_READ,
                                lambda _fd, c=conn: self.on_faults(c))
         self.tell_all(protocol.W_ID.pack(protocol.W_ADD_CLIENT, conn.cid), [conn.uffd], "filler")
+        log.info("%s connected", conn)
         s = self.settings
         self.reply(conn, Msg.WELCOME, protocol.WELCOME_BODY.pack(
             SYSTEM_PAGE_SIZE, s.page_size, self.buffer.limit, s.fillers, s.evictors,
@@ -448,9 +467,15 @@ class Server:
         # its own userfaultfd (the kernel lets UFFDIO_COPY fill holes), so
         # users never share pages; processes of one user can ptrace each
         # other anyway.
+        if len(conn.mappings) >= self.settings.max_client_mappings:
+            raise RequestError(errno.EMFILE, f"this client has {len(conn.mappings)} mappings "
+                               "already, the most the server allows (--max-client-mappings)")
         key = (st.st_dev, st.st_ino, conn.uid)
         region = self.regions.get(key)
         if region is None:
+            if len(self.regions) >= self.settings.max_regions:
+                raise RequestError(errno.ENFILE, f"the server serves {len(self.regions)} "
+                                   "regions already, the most it may (--max-regions)")
             region = self.create_region(key, st.st_size, fds.pop())
         mapping = Mapping(next(self.ids), region)
         region.mappings += 1
@@ -458,12 +483,13 @@ class Server:
         self.reply(conn, Msg.MAPPED, protocol.MAPPED_BODY.pack(
             mapping.mid, region.rid, region.size, region.map_length), [region.memfd])
 
-    def create_region(self, key, size, store_fd):
+    def create_region(self, key, size, client_fd):
         try:
-            name = os.readlink(f"/proc/self/fd/{store_fd}")
+            name = os.readlink(f"/proc/self/fd/{client_fd}")
         except OSError:
             name = "?"
-        region = Region(next(self.ids), key, size, self.settings.page_size, store_fd, name)
+        store_fd, mode = open_store(client_fd, self.settings.store_io)
+        region = Region(next(self.ids), key, size, self.settings.page_size, store_fd, mode, name)
         self.regions[key] = region
         self.tell_all(self.region_message(region),
                       [region.memfd, region.store_fd, region.table.fd])
@@ -473,7 +499,7 @@ class Server:
     @staticmethod
     def region_message(region):
         return protocol.REGION_BODY.pack(protocol.W_ADD_REGION, region.rid, region.size,
-                                         region.npages)
+                                         region.npages, MODE_CODES[region.store_mode])
 
     def on_register(self, conn, values, payload, fds):
         mid, address, length = values
@@ -502,8 +528,33 @@ class Server:
         self.forget(conn, mapping)
         self.reply(conn, Msg.UNMAPPED, protocol.U64.pack(mid))
 
+    def on_prefetch(self, conn, values, payload, fds):
+        mid, offset, length = values
+        mapping = conn.mappings.get(mid)
+        if mapping is None:
+            raise RequestError(errno.EINVAL, f"no mapping {mid} to prefetch")
+        region = mapping.region
+        first, end = region.pages_in(offset, length)
+        # In runs, each to the filler of its first page, so that fillers share
+        # a long prefetch and each reads long runs.
+        run = max(1, PREFETCH_RUN_BYTES // region.page_size)
+        for start in range(first, end, run):
+            worker = self.slots.get(("filler", filler_for(region.rid, start,
+                                                          self.settings.fillers)))
+            if worker is not None:
+                self.tell(worker, protocol.PREFETCH_BODY.pack(
+                    protocol.W_PREFETCH, region.rid, start, min(run, end - start)))
+        self.reply(conn, Msg.PREFETCHING, protocol.U64.pack(end - first))
+
     def on_stats(self, conn, values, payload, fds):
-        self.reply(conn, Msg.STATS_REPLY, protocol.stats_payload(self.stats()))
+        # One packet must hold the reply: long lists are cut, busiest first.
+        listed = STATS_LIST_LENGTH
+        while True:
+            body = protocol.stats_payload(self.stats(listed))
+            if len(body) <= protocol.MAX_PAYLOAD or listed == 0:
+                break
+            listed //= 2
+        self.reply(conn, Msg.STATS_REPLY, body)
 
     def on_faults(self, conn):
         try:
@@ -537,7 +588,8 @@ class Server:
     def drop(self, conn):
         if conn.sock is None:
             return
-        log.info("%s disconnected", conn)
+        if conn.uffd is not None:
+            log.info("%s disconnected", conn)
         self.connections.pop(conn.cid, None)
         self.selector.unregister(conn.sock)
         conn.sock.close()
@@ -553,8 +605,17 @@ class Server:
 
     # -- status ----------------------------------------------------------------
 
-    def stats(self):
+    def stats(self, listed=STATS_LIST_LENGTH):
+        """The server's status; the regions with most pages present and the
+        clients with most mappings, at most `listed` of each."""
         s = self.settings
+        regions = [{"id": r.rid, "file": r.name, "size": r.size, "pages": r.npages,
+                    "present": r.table.count(core.PRESENT), "mappings": r.mappings,
+                    "store_io": r.store_mode, "buffer_bytes": r.buffer_bytes()}
+                   for r in self.regions.values()]
+        regions.sort(key=lambda r: -r["present"])
+        clients = sorted((c for c in self.connections.values() if c.uffd is not None),
+                         key=lambda c: -len(c.mappings))
         return {
             "pid": os.getpid(),
             "started": self.started,
@@ -562,18 +623,29 @@ class Server:
                 "socket": s.socket, "page_size": s.page_size, "fillers": s.fillers,
                 "evictors": s.evictors, "high_water": s.high_water,
                 "low_water": s.low_water, "adaptive": s.adaptive,
-                "adapt_interval": s.adapt_interval, "memory_reserve": self.reserve,
+                "adapt_interval": s.adapt_interval, "memory_reserve": s.memory_reserve,
+                "read_ahead": s.read_ahead, "store_io": s.store_io,
+                "max_regions": s.max_regions, "max_client_mappings": s.max_client_mappings,
             },
-            "buffer": self.buffer.snapshot(),
+            "buffer": {**self.buffer.snapshot(),
+                       "memfd_bytes": sum(r["buffer_bytes"] for r in regions)},
             "workers": [{"role": w.role, "index": w.index, "pid": w.pid}
                         for w in self.slots.values()],
+            "clients_total": len(clients),
             "clients": [{"id": c.cid, "pid": c.pid, "uid": c.uid,
                          "regions": sorted({m.region.rid for m in c.mappings.values()})}
-                        for c in self.connections.values()],
-            "regions": [{"id": r.rid, "file": r.name, "size": r.size, "pages": r.npages,
-                         "present": r.table.count(core.PRESENT), "mappings": r.mappings}
-                        for r in self.regions.values()],
+                        for c in clients[:listed]],
+            "regions_total": len(regions),
+            "regions": regions[:listed],
         }
+
+
+def raise_descriptor_limit():
+    """Every region costs the server and each worker a few descriptors: take
+    all the descriptors the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def maps_memfd(pid, address, length, inode):

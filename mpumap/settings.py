@@ -15,7 +15,12 @@ DEFAULT_EVICTORS = 1
 DEFAULT_HIGH_WATER = 90
 DEFAULT_LOW_WATER = 70
 DEFAULT_ADAPT_INTERVAL = 3.0
+DEFAULT_READ_AHEAD = 0
+DEFAULT_STORE_IO = "direct"
+DEFAULT_MAX_REGIONS = 4096
+DEFAULT_MAX_CLIENT_MAPPINGS = 1024
 MAX_WORKERS = 64
+MAX_READ_AHEAD = 1024
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -81,7 +86,11 @@ class Settings:
     high_water: int = DEFAULT_HIGH_WATER
     low_water: int = DEFAULT_LOW_WATER
     adapt_interval: float = DEFAULT_ADAPT_INTERVAL
-    memory_reserve: int | None = None  # None: default_reserve()
+    memory_reserve: int | None = None  # None: default_reserve() of the memory there is
+    read_ahead: int = DEFAULT_READ_AHEAD
+    store_io: str = DEFAULT_STORE_IO
+    max_regions: int = DEFAULT_MAX_REGIONS
+    max_client_mappings: int = DEFAULT_MAX_CLIENT_MAPPINGS
 
     def __post_init__(self):
         if not 0 <= self.low_water < self.high_water <= 100:
@@ -96,6 +105,11 @@ class Settings:
             )
         if self.adapt_interval <= 0:
             raise SettingError("the adaptation interval must be positive")
+        if self.store_io not in ("direct", "drop", "cached"):
+            raise SettingError(f"store I/O must be direct, drop or cached, not {self.store_io!r}")
+        if self.buffer_pages is not None and self.read_ahead >= self.buffer_pages // 2:
+            raise SettingError(f"read-ahead of {self.read_ahead} pages needs a buffer of more "
+                               f"than {2 * self.read_ahead} pages")
 
     @property
     def min_buffer_pages(self):
@@ -109,16 +123,27 @@ class Settings:
 
 def default_reserve(total_memory):
     """Memory the adaptive buffer leaves to everything else: 10% of the
-    machine, at least 256 MiB and at most 4 GiB."""
-    return max(256 << 20, min(4 << 30, total_memory // 10))
+    memory there is, at least 64 MiB (or a quarter, when that is less) and
+    at most 4 GiB."""
+    return max(min(64 << 20, total_memory // 4), min(4 << 30, total_memory // 10))
 
 
-def adaptive_limit(used_pages, page_size, available, cgroup_room, reserve, minimum):
+def adaptive_limit(used_pages, page_size, available, total, cgroup, reserve, minimum):
     """The buffer's size in pages when it follows the machine's free memory.
 
-    The pages the buffer holds are not counted as available by the kernel,
-    so the limit is what it holds plus what is still free (in the machine,
-    and in the cgroup when that is tighter), less the reserve.
+    The kernel does not count the buffer's pages as available, so on the
+    machine the limit is what the buffer holds plus what is still available,
+    less the reserve.  In a memory cgroup (limit, usage) the buffer may use
+    the limit less everything else charged there, less the reserve: whether
+    the buffer's pages are charged to the cgroup or not (a page is charged to
+    the process whose fault allocated it), that keeps it under the limit.
+    reserve None is default_reserve() of the smaller of RAM and the cgroup.
     """
-    spare = available if cgroup_room is None else min(available, cgroup_room)
-    return max(minimum, used_pages + (spare - reserve) // page_size)
+    held = used_pages * page_size
+    if reserve is None:
+        reserve = default_reserve(total if cgroup is None else min(total, cgroup[0]))
+    room = held + available - reserve
+    if cgroup is not None:
+        limit, usage = cgroup
+        room = min(room, limit - max(0, usage - held) - reserve)
+    return max(minimum, room // page_size)

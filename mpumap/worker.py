@@ -13,7 +13,7 @@ import signal
 from mpumap import core, protocol
 from mpumap.pbm import PageTable
 from mpumap.settings import SYSTEM_PAGE_SIZE
-from mpumap.store import FileStore
+from mpumap.store import MODES, FileStore
 
 log = logging.getLogger("mpumap.worker")
 
@@ -25,7 +25,7 @@ def round_up(n, multiple):
 class Region:
     """A worker's view of one region: its buffer memfd, store and page table."""
 
-    def __init__(self, rid, size, npages, page_size, memfd, store_fd, table_fd):
+    def __init__(self, rid, size, npages, page_size, memfd, store_fd, table_fd, mode):
         self.rid = rid
         self.size = size
         self.npages = npages
@@ -34,7 +34,7 @@ class Region:
         # Clients map the file's size rounded to system pages: a fill of the
         # last umap page must stop where their mapping does.
         self.map_length = round_up(size, SYSTEM_PAGE_SIZE)
-        self.store = FileStore(store_fd, size)
+        self.store = FileStore(store_fd, size, mode)
         self.table = PageTable.attach(table_fd, npages)
 
     def fill_length(self, index):
@@ -69,11 +69,16 @@ class Worker:
         if kind == protocol.W_FAULTS:
             self.on_faults(data)
         elif kind == protocol.W_ADD_REGION:
-            _, rid, size, npages = protocol.REGION_BODY.unpack(data)
+            _, rid, size, npages, mode = protocol.REGION_BODY.unpack(data)
             memfd, store_fd, table_fd = fds
             self.regions[rid] = Region(
-                rid, size, npages, self.page_size, memfd, store_fd, table_fd
+                rid, size, npages, self.page_size, memfd, store_fd, table_fd, MODES[mode]
             )
+        elif kind == protocol.W_PREFETCH:
+            _, rid, first, count = protocol.PREFETCH_BODY.unpack(data)
+            region = self.regions.get(rid)
+            if region is not None:
+                self.prefetch(region, first, count)
         elif kind == protocol.W_DROP_REGION:
             _, rid = protocol.W_ID.unpack(data)
             region = self.regions.pop(rid, None)
@@ -92,6 +97,9 @@ class Worker:
             log.error("%s %d: unknown message %d from the server", self.role, self.index, kind)
 
     def on_faults(self, data):
+        pass
+
+    def prefetch(self, region, first, count):
         pass
 
     def receive(self):

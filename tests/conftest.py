@@ -31,13 +31,19 @@ def server_command():
 
 
 class ServerProcess:
-    def __init__(self, socket_path, args, log_path, env=None):
+    def __init__(self, socket_path, args, log_path, env=None, cgroup=None):
         self.socket = socket_path
         self.log_path = log_path
         self.log = open(log_path, "wb")
+
+        def join_cgroup():
+            with open(cgroup, "w") as f:
+                f.write(str(os.getpid()))
+
         self.proc = subprocess.Popen(
             server_command() + ["--socket", socket_path, *args],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env)
+            stdout=self.log, stderr=subprocess.STDOUT, env=env,
+            preexec_fn=join_cgroup if cgroup else None)
         self.wait_ready()
         self.ps = psutil.Process(self.proc.pid)
 
@@ -96,10 +102,10 @@ def workdir():
 def start_server(workdir):
     servers = []
 
-    def start(*args, env=None):
+    def start(*args, env=None, cgroup=None):
         sock = os.path.join(workdir, f"s{len(servers)}.sock")
         server = ServerProcess(sock, [str(a) for a in args],
-                               os.path.join(workdir, f"server{len(servers)}.log"), env)
+                               os.path.join(workdir, f"server{len(servers)}.log"), env, cgroup)
         servers.append(server)
         return server
 
@@ -120,7 +126,8 @@ class Readers:
     def start(self, socket_path, *files, **options):
         args = [sys.executable, READER, socket_path, *files]
         for key, value in options.items():
-            args += [f"--{key.replace('_', '-')}", str(value)]
+            flag = f"--{key.replace('_', '-')}"
+            args += [flag] if value == "" else [flag, str(value)]
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.procs.append(proc)
         return proc

@@ -13,10 +13,28 @@ import time
 import mpumap
 
 
+class Direct:
+    """pread through O_DIRECT: an aligned buffer, whole blocks."""
+
+    def __init__(self, size):
+        import mmap
+
+        self.size = -(-size // 4096) * 4096
+        self.buf = mmap.mmap(-1, self.size)
+
+    def pread(self, fd, length, offset):
+        n = os.preadv(fd, [self.buf], offset)
+        return self.buf[:min(n, length)]
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("socket")
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="*")
+    p.add_argument("--list", help="a file naming more files to map, one a line")
+    p.add_argument("--direct", action="store_true",
+                   help="check against O_DIRECT reads (leaves the page cache alone)")
+    p.add_argument("--prefetch", action="store_true", help="prefetch every mapping first")
     p.add_argument("--order", choices=["seq", "random"], default="seq")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk", type=int, default=0, help="bytes per read (default: page)")
@@ -33,7 +51,11 @@ def main():
 
     client = mpumap.connect(args.socket)
     mappings = []
-    for path in args.files:
+    files = list(args.files)
+    if args.list:
+        with open(args.list) as f:
+            files += f.read().split()
+    for path in files:
         try:
             mappings.append(client.map(path))
         except OSError as exc:
@@ -41,6 +63,10 @@ def main():
                               "message": str(exc)}), flush=True)
             return 3
     chunk = args.chunk or client.settings.page_size
+    if args.prefetch:
+        for m in mappings:
+            m.prefetch()
+    read = Direct(chunk).pread if args.direct else os.pread
     print(json.dumps({"ready": os.getpid(), "uffd": client.uffd_kind}), flush=True)
     if args.go:
         while not os.path.exists(args.go):
@@ -52,7 +78,7 @@ def main():
     started = time.monotonic()
     for _ in range(args.rounds):
         for m in mappings:
-            fd = os.open(m.path, os.O_RDONLY)
+            fd = os.open(m.path, os.O_RDONLY | (os.O_DIRECT if args.direct else 0))
             offsets = list(range(0, len(m), chunk))
             if args.pages:
                 offsets = offsets[:args.pages]
@@ -60,7 +86,7 @@ def main():
                 rng.shuffle(offsets)
             for off in offsets:
                 got = m[off:off + chunk]
-                want = os.pread(fd, chunk, off)
+                want = read(fd, chunk, off)
                 pages += 1
                 if got != want:
                     mismatches.append([m.path, off])

@@ -10,7 +10,7 @@ import pytest
 
 from mpumap import core, protocol
 from mpumap import settings as S
-from mpumap.evictor import cgroup_room
+from mpumap.evictor import cgroup_memory
 from mpumap.pbm import PageBuffer, PageTable
 from mpumap.protocol import Msg, ProtocolError
 
@@ -61,17 +61,24 @@ def test_socket_path_order(monkeypatch):
 
 
 def test_adaptive_limit_counts_what_the_buffer_holds():
-    page = 1 << 20
-    # 1 GiB free, 256 MiB reserve, nothing held: 768 pages
-    assert S.adaptive_limit(0, page, 1 << 30, None, 256 << 20, 10) == 768
-    # holding 500 pages that the kernel no longer counts as available
-    assert S.adaptive_limit(500, page, 1 << 30, None, 256 << 20, 10) == 1268
-    # a tighter cgroup wins
-    assert S.adaptive_limit(0, page, 1 << 30, 300 << 20, 256 << 20, 10) == 44
+    page, MiB, GiB = 1 << 20, 1 << 20, 1 << 30
+    total = 24 * GiB
+    # 1 GiB available, 256 MiB reserve, nothing held: 768 pages
+    assert S.adaptive_limit(0, page, GiB, total, None, 256 * MiB, 10) == 768
+    # holding 500 pages, which the kernel no longer counts as available
+    assert S.adaptive_limit(500, page, GiB, total, None, 256 * MiB, 10) == 1268
+    # a cgroup of 1 GiB using 700 MiB, 200 of them the buffer's: 1024 - 500 - 256
+    assert S.adaptive_limit(200, page, 8 * GiB, total, (GiB, 700 * MiB), 256 * MiB, 10) == 268
+    # ... and if the buffer's pages are charged elsewhere, the cgroup's limit
+    # still bounds it
+    assert S.adaptive_limit(600, page, 8 * GiB, total, (GiB, 50 * MiB), 256 * MiB, 10) == 768
     # never below the minimum, even when memory is short
-    assert S.adaptive_limit(0, page, 100 << 20, None, 256 << 20, 10) == 10
-    assert S.default_reserve(24 << 30) == (24 << 30) // 10
-    assert S.default_reserve(1 << 30) == 256 << 20
+    assert S.adaptive_limit(0, page, 100 * MiB, total, None, 256 * MiB, 10) == 10
+    # the default reserve follows the memory there is: RAM, or a tighter cgroup
+    assert S.adaptive_limit(0, page, 8 * GiB, total, (GiB, 0), None, 10) == (GiB - GiB // 10) // MiB == 921
+    assert S.default_reserve(24 * GiB) == (24 * GiB) // 10
+    assert S.default_reserve(GiB) == GiB // 10
+    assert S.default_reserve(128 * MiB) == 32 * MiB
 
 
 def test_cgroup_room_takes_the_tightest_limit(tmp_path):
@@ -86,9 +93,9 @@ def test_cgroup_room_takes_the_tightest_limit(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "memory.max").write_text("max\n")
     (tmp_path / "x" / "memory.current").write_text("5\n")
-    assert cgroup_room(str(proc), str(tmp_path)) == 600
+    assert cgroup_memory(str(proc), str(tmp_path)) == (1000, 400)
     proc.write_text("0::/x\n")
-    assert cgroup_room(str(proc), str(tmp_path)) is None
+    assert cgroup_memory(str(proc), str(tmp_path)) is None
 
 
 def test_frames_are_checked():

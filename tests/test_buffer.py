@@ -1,0 +1,265 @@
+"""Issue: a page buffer that respects the machine: bounded memory, no second
+copy in the page cache, read-ahead, prefetch, many regions, adaptive size."""
+import errno
+import os
+import subprocess
+import time
+import uuid
+
+import psutil
+import pytest
+
+import mpumap
+from conftest import make_file
+
+MiB = 1 << 20
+pytestmark = pytest.mark.timeout(240)
+
+
+def assert_clean(result):
+    assert "error" not in result, result
+    assert result["mismatch_count"] == 0, result["mismatches"]
+
+
+def uncached_file(path, size, seed):
+    make_file(path, size, seed)
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    return path
+
+
+def page_cache_bytes(path):
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", path],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip())
+
+
+def server_memory(server):
+    """USS of the server's processes plus what its memfds hold."""
+    procs = [server.ps] + server.workers()
+    uss = sum(p.memory_full_info().uss for p in procs)
+    return uss + server.stats()["buffer"]["memfd_bytes"]
+
+
+def test_bounded_memory_and_no_second_copy(start_server, readers, workdir):
+    path = uncached_file(os.path.join(workdir, "big.bin"), 128 * MiB, seed=21)
+    buffer = 16 * MiB
+    server = start_server("--page-size", "64K", "--buffer-size", "16M", "--fillers", 2)
+    procs = [readers.start(server.socket, path, order="random", seed=i, direct="")
+             for i in range(4)]
+    peak_memory = peak_cache = 0
+    while any(p.poll() is None for p in procs):
+        peak_memory = max(peak_memory, server_memory(server))
+        peak_cache = max(peak_cache, page_cache_bytes(path))
+        time.sleep(0.05)
+    for p in procs:
+        assert_clean(readers.result(p))
+    stats = server.stats()
+    assert stats["regions"] == [] or stats["regions"][0]["store_io"] == "direct"
+    assert stats["buffer"]["peak_used"] <= buffer // (64 << 10)
+    assert peak_memory < buffer + 32 * MiB, f"server used {peak_memory / MiB:.1f} MiB"
+    assert peak_cache < 16 * MiB, f"{peak_cache / MiB:.1f} MiB of the file in the page cache"
+    assert stats["buffer"]["evictions"] > 0
+
+
+def test_drop_mode_keeps_the_page_cache_clean(start_server, readers, workdir):
+    path = uncached_file(os.path.join(workdir, "drop.bin"), 32 * MiB, seed=22)
+    server = start_server("--page-size", "64K", "--buffer-size", "8M", "--store-io", "drop")
+    p = readers.start(server.socket, path, order="random", direct="")
+    assert_clean(readers.result(p))
+    assert page_cache_bytes(path) < 4 * MiB
+
+
+def faults_for_sequential_read(start_server, readers, path, read_ahead):
+    server = start_server("--page-size", "4K", "--buffer-size", "32M",
+                          "--read-ahead", read_ahead, "--fillers", 2)
+    p = readers.start(server.socket, path, order="seq", chunk=4096)
+    assert_clean(readers.result(p))
+    return server.stats()["buffer"]
+
+
+def test_read_ahead_saves_faults(start_server, readers, workdir):
+    path = make_file(os.path.join(workdir, "scan.bin"), 16 * MiB, seed=23)
+    plain = faults_for_sequential_read(start_server, readers, path, 0)
+    ahead = faults_for_sequential_read(start_server, readers, path, 8)
+    pages = 16 * MiB // 4096
+    assert plain["faults"] >= pages
+    assert ahead["faults"] < plain["faults"] / 4, (ahead["faults"], plain["faults"])
+    assert ahead["readahead_fills"] > pages / 2
+    assert plain["readahead_fills"] == 0
+
+
+def test_read_ahead_stays_within_the_buffer(start_server, readers, workdir):
+    path = make_file(os.path.join(workdir, "scan.bin"), 32 * MiB, seed=24)
+    server = start_server("--page-size", "4K", "--buffer-size", 256, "--read-ahead", 32)
+    p = readers.start(server.socket, path, order="seq")
+    assert_clean(readers.result(p))
+    b = server.stats()["buffer"]
+    assert b["peak_used"] <= 256 and b["readahead_fills"] > 0 and b["evictions"] > 0
+
+
+def test_prefetch_fills_ahead_of_use(start_server, workdir):
+    path = make_file(os.path.join(workdir, "pre.bin"), 8 * MiB + 100, seed=25)
+    server = start_server("--page-size", "64K", "--buffer-size", "16M")
+    with mpumap.connect(server.socket) as client, client.map(path) as m:
+        started = time.monotonic()
+        assert m.prefetch() == 129
+        assert time.monotonic() - started < 1.0  # it returns at once
+        deadline = time.monotonic() + 20
+        while server.stats()["buffer"]["prefetch_fills"] < 129:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        before = server.stats()["buffer"]["faults"]
+        assert m[:] == open(path, "rb").read()
+        assert server.stats()["buffer"]["faults"] == before  # every page was there
+        with pytest.raises(ValueError):
+            m.prefetch(len(m) - 10, 11)
+
+
+def test_prefetch_respects_the_buffer(start_server, workdir):
+    path = make_file(os.path.join(workdir, "pre.bin"), 16 * MiB, seed=26)
+    server = start_server("--page-size", "64K", "--buffer-size", 64)
+    with mpumap.connect(server.socket) as client, client.map(path) as m:
+        m.prefetch()
+        time.sleep(0.5)
+        b = server.stats()["buffer"]
+        assert 0 < b["prefetch_fills"] <= 64 and b["peak_used"] <= 64
+        assert m[:] == open(path, "rb").read()
+
+
+def test_two_thousand_regions(start_server, readers, workdir):
+    folder = os.path.join(workdir, "many")
+    os.mkdir(folder)
+    paths = [make_file(os.path.join(folder, f"f{i:04}.bin"), 8192 + i, seed=1000 + i)
+             for i in range(2000)]
+    server = start_server("--page-size", "4K", "--buffer-size", 8192)
+    go = os.path.join(workdir, "go")
+    procs = []
+    for k in range(4):
+        listing = os.path.join(workdir, f"list{k}")
+        with open(listing, "w") as f:
+            f.write("\n".join(paths[k * 500:(k + 1) * 500]))
+        procs.append(readers.start(server.socket, list=listing, go=go, order="random"))
+    for p in procs:
+        readers.wait_ready(p, timeout=120)
+    stats = server.stats()
+    assert stats["regions_total"] == 2000
+    assert len(stats["regions"]) == 500  # the status lists the busiest
+    assert len(stats["clients"]) == 4
+    open(go, "w").close()
+    for p in procs:
+        result = readers.result(p)
+        assert_clean(result)
+        assert len(result["regions"]) == 500
+    assert server.stats()["regions"] == []
+
+
+def test_past_the_limits_a_clean_refusal(start_server, workdir):
+    paths = [make_file(os.path.join(workdir, f"f{i}.bin"), 5000, seed=i) for i in range(12)]
+    server = start_server("--buffer-size", 64, "--max-regions", 10,
+                          "--max-client-mappings", 6)
+    with mpumap.connect(server.socket) as a, mpumap.connect(server.socket) as b:
+        held = [a.map(p) for p in paths[:6]]
+        with pytest.raises(OSError, match="max-client-mappings") as info:
+            a.map(paths[6])
+        assert info.value.errno == errno.EMFILE
+        held += [b.map(p) for p in paths[6:10]]
+        with pytest.raises(OSError, match="max-regions") as info:
+            b.map(paths[10])
+        assert info.value.errno == errno.ENFILE
+        held.append(b.map(paths[0]))  # a region served already is no new region
+        for m, path in zip(held, paths[:10] + paths[:1]):
+            assert m[:] == open(path, "rb").read()
+        held.pop().close()
+        held.pop().close()
+        m = b.map(paths[11])  # room again
+        assert m[:] == open(paths[11], "rb").read()
+        m.close()
+        for m in held:
+            m.close()
+
+
+def memory_cgroup():
+    """A fresh child of this process's v1 memory cgroup, or skip."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        pytest.skip("no /proc/self/cgroup")
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            base = os.path.join("/sys/fs/cgroup/memory", path.lstrip("/"))
+            break
+    else:
+        pytest.skip("no v1 memory cgroup controller here")
+    folder = os.path.join(base, f"mpumap-test-{uuid.uuid4().hex[:8]}")
+    try:
+        os.mkdir(folder)
+    except OSError as exc:
+        pytest.skip(f"cannot create a memory cgroup ({exc.strerror})")
+    return folder
+
+
+@pytest.fixture
+def cgroup():
+    folder = memory_cgroup()
+    yield folder
+    parent = os.path.dirname(folder)
+    for _ in range(100):
+        try:
+            with open(os.path.join(folder, "cgroup.procs")) as f:
+                for pid in f.read().split():
+                    with open(os.path.join(parent, "cgroup.procs"), "w") as out:
+                        out.write(pid)
+            os.rmdir(folder)
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
+def test_adaptive_size_follows_a_memory_cgroup(cgroup, start_server, readers, workdir):
+    def write(name, value):
+        with open(os.path.join(cgroup, name), "w") as f:
+            f.write(str(value))
+
+    def read(name):
+        with open(os.path.join(cgroup, name)) as f:
+            return f.read()
+
+    write("memory.limit_in_bytes", 1024 * MiB)
+    env = dict(os.environ)
+    procs_file = os.path.join(cgroup, "cgroup.procs")
+    # The server joins the cgroup before it starts (its workers follow).
+    env["MPUMAP_TEST_CGROUP"] = procs_file
+    page = 64 << 10
+    server = start_server("--page-size", "64K", "--adapt-interval", "0.5",
+                          "--memory-reserve", "64M", env=env, cgroup=procs_file)
+    assert str(server.proc.pid) in read("cgroup.procs").split()
+    limit = server.stats()["buffer"]["limit"]
+    assert limit * page <= 1024 * MiB - 64 * MiB
+    assert limit * page > 512 * MiB
+
+    path = make_file(os.path.join(workdir, "data.bin"), 448 * MiB, seed=31)
+    procs = [readers.start(server.socket, path, order="random", seed=i, rounds=3)
+             for i in range(2)]
+    deadline = time.monotonic() + 60
+    while server.stats()["buffer"]["used"] * page < 300 * MiB:
+        assert time.monotonic() < deadline, server.stats()["buffer"]
+        assert all(p.poll() is None for p in procs), "readers finished too soon"
+        time.sleep(0.05)
+
+    write("memory.limit_in_bytes", 256 * MiB)
+    lowered = time.monotonic()
+    while True:
+        b = server.stats()["buffer"]
+        if b["used"] * page <= 256 * MiB - 64 * MiB and b["limit"] * page <= 192 * MiB:
+            break
+        assert time.monotonic() - lowered < 2 * 0.5 + 1.0, b
+        time.sleep(0.05)
+    for p in procs:
+        assert_clean(readers.result(p))
+    assert "oom_kill 0" in read("memory.oom_control")
+    assert server.proc.poll() is None
