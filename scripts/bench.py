@@ -103,12 +103,14 @@ def server_cpu(proc):
     return total
 
 
-def measure(path, size, page_size, buffer, order, clients, cache, fillers, folder):
+def measure(path, size, page_size, buffer, order, clients, cache, read_ahead, store_io,
+            fillers, folder):
     row = {"order": order, "cache": cache, "clients": clients, "page_size": page_size,
-           "buffer": buffer, "size": size}
+           "buffer": buffer, "size": size, "read_ahead": read_ahead, "store_io": store_io}
     touched = clients * (size // TOUCH) * TOUCH  # bytes covered by the touches
     with running_server("--page-size", page_size, "--buffer-size", f"{buffer >> 10}K",
-                        "--fillers", fillers) as (sock, proc):
+                        "--fillers", fillers, "--read-ahead", read_ahead,
+                        "--store-io", store_io) as (sock, proc):
         if cache == "cold":
             drop_from_page_cache(path)
         cpu0 = server_cpu(proc)
@@ -142,14 +144,15 @@ def measure(path, size, page_size, buffer, order, clients, cache, fillers, folde
 
 
 def print_table(rows):
-    head = (f"{'order':7}{'cache':6}{'cl':>3}{'page':>7}{'buffer':>8}  "
+    head = (f"{'order':7}{'cache':6}{'io':7}{'ra':>3}{'cl':>3}{'page':>7}{'buffer':>8}  "
             f"{'mpumap GB/s':>11}{'mmap GB/s':>10}{'ratio':>7}  {'mpumap f/s':>11}"
             f"{'mmap f/s':>10}{'us/fault':>9}{'srv us/f':>9}  ok")
     print(head)
     print("-" * len(head))
     for r in rows:
         u, k = r["mpumap"], r["mmap"]
-        print(f"{r['order']:7}{r['cache']:6}{r['clients']:>3}{r['page_size'] >> 10:>6}K"
+        print(f"{r['order']:7}{r['cache']:6}{r['store_io']:7}{r['read_ahead']:>3}"
+              f"{r['clients']:>3}{r['page_size'] >> 10:>6}K"
               f"{r['buffer'] >> 20:>7}M  {u['gbps']:>11.3f}{k['gbps']:>10.3f}{r['ratio']:>7.2f}"
               f"  {u['faults_per_s']:>11.0f}{k['faults_per_s']:>10.0f}{u['us_per_fault']:>9.1f}"
               f"{u['server_cpu_us_per_fault']:>9.1f}  {'yes' if u['ok'] and k['ok'] else 'NO'}",
@@ -167,6 +170,9 @@ def main():
     p.add_argument("--clients", default="1,2", help="client process counts (1,2)")
     p.add_argument("--order", default="seq,random", help="page orders (seq,random)")
     p.add_argument("--cache", default="warm", help="store cache: warm, cold or warm,cold")
+    p.add_argument("--read-ahead", default="0", help="read-ahead pages (0; e.g. 0,8)")
+    p.add_argument("--store-io", default="cached",
+                   help="store reads: cached, drop, direct (cached; e.g. cached,direct)")
     p.add_argument("--fillers", type=int, default=2)
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     p.add_argument("--_worker", nargs=6, help=argparse.SUPPRESS)
@@ -189,8 +195,11 @@ def main():
                 for clients in (int(x) for x in args.clients.split(",")):
                     for order in args.order.split(","):
                         for cache in args.cache.split(","):
-                            rows.append(measure(path, size, page, buffer, order, clients,
-                                                cache, args.fillers, folder))
+                            for ra in (int(x) for x in args.read_ahead.split(",")):
+                                for io in args.store_io.split(","):
+                                    rows.append(measure(path, size, page, buffer, order,
+                                                        clients, cache, ra, io,
+                                                        args.fillers, folder))
         print()
         print_table(rows)
     if args.json:
