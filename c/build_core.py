@@ -14,6 +14,10 @@ ffibuilder.cdef(
     #define MPU_PRESENT ...
     #define MPU_LEAVING ...
     #define MPU_READ_AHEAD ...
+    #define MPU_LATENCY_BUCKETS ...
+    #define MPU_CLIENT_SLOTS ...
+    #define MPU_ANSWER_COPY ...
+    #define MPU_ANSWER_WAKE ...
     #define MPU_UFFD_SYSCALL ...
     #define MPU_UFFD_DEVICE ...
     #define MPU_UFFD_USER_ONLY ...
@@ -22,6 +26,11 @@ ffibuilder.cdef(
     struct mpu_table {
         uint32_t magic; uint32_t dead; uint64_t npages;
         struct mpu_page pages[];
+        ...;
+    };
+    struct mpu_client_stats {
+        uint64_t faults; uint64_t copies; uint64_t wakes; uint64_t bytes;
+        uint64_t wait_ns;
         ...;
     };
     struct mpu_header {
@@ -33,6 +42,10 @@ ffibuilder.cdef(
         uint64_t evictions; uint64_t bytes_read; uint64_t fill_errors;
         uint64_t full_waits; uint64_t restarts;
         uint64_t readahead_fills; uint64_t readahead_hits; uint64_t prefetch_fills;
+        uint64_t monitor_ns; uint64_t queue_ns; uint64_t read_ns; uint64_t copy_ns;
+        uint64_t wake_ns;
+        uint64_t latency[...];
+        struct mpu_client_stats clients[...];
         ...;
     };
 

@@ -395,6 +395,41 @@ void mpu_release(struct mpu_header *h, uint32_t count)
     mpu_futex_wake(&h->used, INT_MAX);
 }
 
+/* ---- accounting -------------------------------------------------------- */
+
+uint64_t mpu_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static int latency_bucket(uint64_t ns)
+{
+    uint64_t us = ns / 1000;
+    if (us < 8)
+        return (int)us;
+    int octave = 63 - __builtin_clzll(us);
+    int bucket = 8 + (octave - 3) * 8 + (int)((us >> (octave - 3)) & 7);
+    return bucket < MPU_LATENCY_BUCKETS ? bucket : MPU_LATENCY_BUCKETS - 1;
+}
+
+/* A fault of the client in `slot`, read at since_ns, was just answered. */
+void mpu_account(struct mpu_header *h, uint32_t slot, uint64_t since_ns,
+                 uint64_t bytes, int answer)
+{
+    uint64_t now = mpu_now_ns();
+    uint64_t waited = now > since_ns ? now - since_ns : 0;
+    mpu_add64(&h->latency[latency_bucket(waited)], 1);
+    mpu_add64(answer == MPU_ANSWER_COPY ? &h->copies : &h->wakes, 1);
+    if (slot >= MPU_CLIENT_SLOTS)
+        return;
+    struct mpu_client_stats *c = &h->clients[slot];
+    mpu_add64(answer == MPU_ANSWER_COPY ? &c->copies : &c->wakes, 1);
+    mpu_add64(&c->bytes, bytes);
+    mpu_add64(&c->wait_ns, waited);
+}
+
 /* ---- worker processes ------------------------------------------------- */
 
 /* A worker must not outlive the server, even one killed with SIGKILL.  The

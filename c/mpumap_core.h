@@ -41,6 +41,24 @@ struct mpu_table {
     struct mpu_page pages[];
 };
 
+/* Fault-service latency histogram: 0..7 us exactly, then 8 buckets an
+ * octave up to about 16 s. */
+#define MPU_LATENCY_BUCKETS 192
+/* Per-client counters live in slots; a client holds one while connected. */
+#define MPU_CLIENT_SLOTS 4096
+
+#define MPU_ANSWER_COPY 1
+#define MPU_ANSWER_WAKE 2
+
+struct mpu_client_stats {
+    uint64_t faults;        /* read by its monitor */
+    uint64_t copies;        /* answered by UFFDIO_COPY */
+    uint64_t wakes;         /* answered by UFFDIO_WAKE */
+    uint64_t bytes;         /* copied into it */
+    uint64_t wait_ns;       /* from its fault being read to its answer */
+    uint64_t pad[3];
+};
+
 /* The global segment: buffer accounting and counters. */
 struct mpu_header {
     uint32_t magic;
@@ -65,7 +83,15 @@ struct mpu_header {
     uint64_t readahead_fills;  /* pages filled ahead of a fault */
     uint64_t readahead_hits;   /* faults that found their page read ahead */
     uint64_t prefetch_fills;   /* pages filled on a client's prefetch */
-    uint64_t spare[14];
+    /* Where a fault's time goes, summed over faults (ns). */
+    uint64_t monitor_ns;    /* reading userfaultfds and dispatching to fillers */
+    uint64_t queue_ns;      /* from dispatch to a filler taking the fault up */
+    uint64_t read_ns;       /* reading the store */
+    uint64_t copy_ns;       /* UFFDIO_COPY */
+    uint64_t wake_ns;       /* UFFDIO_WAKE */
+    uint64_t spare[9];
+    uint64_t latency[MPU_LATENCY_BUCKETS];
+    struct mpu_client_stats clients[MPU_CLIENT_SLOTS];
 };
 
 int mpu_uffd_open(int flags, int *how);
@@ -100,6 +126,10 @@ int mpu_try_reserve(struct mpu_header *h, uint32_t count);
 void mpu_release(struct mpu_header *h, uint32_t count);
 
 int mpu_punch(int fd, uint64_t offset, uint64_t len);
+
+uint64_t mpu_now_ns(void);
+void mpu_account(struct mpu_header *h, uint32_t slot, uint64_t since_ns,
+                 uint64_t bytes, int answer);
 
 int mpu_die_with_parent(int sig, int parent);
 int mpu_set_name(const char *name);

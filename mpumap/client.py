@@ -55,12 +55,13 @@ def _open_socket(path):
     return sock
 
 
-def server_stats(socket_path=None):
+def server_stats(socket_path=None, session=None):
     """The server's status, asked without mapping anything (and so without a
-    userfaultfd): settings, buffer counters, workers, clients, regions."""
+    userfaultfd): settings, buffer counters, workers, clients, regions; with
+    a session tag, also what the clients of that session used."""
     path = resolve_socket_path(socket_path)
     with _open_socket(path) as sock:
-        protocol.send(sock, Msg.STATS)
+        protocol.send(sock, Msg.STATS, (session or "").encode()[:protocol.MAX_SESSION])
         data, fds = protocol.receive(sock)
     protocol.close_all(fds)
     if not data:
@@ -87,7 +88,10 @@ class Client:
             self._sock.close()
             raise
         try:
-            _, values, _ = self._call(Msg.HELLO, protocol.U32.pack(0), [self._uffd],
+            # A launcher (mpumap-client run) tags its command's clients, so
+            # that it can ask the server what they used.
+            session = os.environ.get("MPUMAP_SESSION", "").encode()[:protocol.MAX_SESSION]
+            _, values, _ = self._call(Msg.HELLO, protocol.U32.pack(0) + session, [self._uffd],
                                       expect=Msg.WELCOME)
         except BaseException:
             self._close_descriptors()

@@ -41,13 +41,16 @@ class Filler(Worker):
         self.chunk_ptr = core.pointer_to(self.chunk)
 
     def on_faults(self, data):
-        for cid, rid, index, address in protocol.FAULT.iter_unpack(memoryview(data)[1:]):
-            uffd = self.clients.get(cid)
+        for cid, rid, index, address, read_at in protocol.FAULT.iter_unpack(
+                memoryview(data)[1:]):
+            client = self.clients.get(cid)
             region = self.regions.get(rid)
-            if uffd is not None and region is not None and index < region.npages:
-                self.serve(uffd, region, index, address)
+            if client is not None and region is not None and index < region.npages:
+                self.buffer.add("queue_ns", lib.mpu_now_ns() - read_at)
+                self.serve(client, region, index, address, read_at)
 
-    def serve(self, uffd, region, index, address):
+    def serve(self, client, region, index, address, read_at):
+        uffd, slot = client
         table = region.table
         length = region.fill_length(index)
         while True:
@@ -55,7 +58,8 @@ class Filler(Worker):
             if state == core.PRESENT:
                 if table.take_flags(index) & lib.MPU_READ_AHEAD:
                     self.buffer.add("readahead_hits")
-                self.wake(uffd, address, length)
+                if self.wake(uffd, address, length):
+                    lib.mpu_account(self.buffer.header, slot, read_at, 0, lib.MPU_ANSWER_WAKE)
                 return
             if state == core.FREE:
                 break
@@ -72,6 +76,8 @@ class Filler(Worker):
             self.write_run(region, ahead, 1, lib.MPU_READ_AHEAD, "readahead_fills")
             ahead = []
             present = self.copy(uffd, region, index, address, length)
+            if present:
+                lib.mpu_account(self.buffer.header, slot, read_at, length, lib.MPU_ANSWER_COPY)
         finally:
             self.abandon(region, ahead)
             table.end_fill(self.buffer, index, present)
@@ -114,7 +120,10 @@ class Filler(Worker):
 
     def read_run(self, region, first, npages):
         view = self.chunk_view[:npages * self.page_size]
-        self.buffer.add("bytes_read", region.store.read_into(view, first * self.page_size))
+        started = lib.mpu_now_ns()
+        got = region.store.read_into(view, first * self.page_size)
+        self.buffer.add("read_ns", lib.mpu_now_ns() - started)
+        self.buffer.add("bytes_read", got)
 
     def write_run(self, region, pages, slot, flags, counter):
         """Write claimed pages from the chunk (the first at slot) into the
@@ -144,7 +153,10 @@ class Filler(Worker):
     # -- answering the client ------------------------------------------------
 
     def copy(self, uffd, region, index, address, length):
+        """True once the client has the page (and is woken)."""
+        started = lib.mpu_now_ns()
         err = core.uffd_copy(uffd, address, self.chunk_ptr, length)
+        self.buffer.add("copy_ns", lib.mpu_now_ns() - started)
         if err == errno.EEXIST:
             # The memfd has a page we never filled (our state said FREE): it
             # cannot be trusted.  Punch it out and copy ours in.
@@ -153,7 +165,6 @@ class Filler(Worker):
             core.punch(region.memfd, index * self.page_size, self.page_size)
             err = core.uffd_copy(uffd, address, self.chunk_ptr, length)
         if err == 0:
-            self.buffer.add("copies")
             return True
         self.buffer.add("fill_errors")
         if err not in CLIENT_GONE:
@@ -164,8 +175,9 @@ class Filler(Worker):
         return False
 
     def wake(self, uffd, address, length):
+        started = lib.mpu_now_ns()
         err = core.uffd_wake(uffd, address, length)
-        if err == 0:
-            self.buffer.add("wakes")
-        elif err not in CLIENT_GONE:
+        self.buffer.add("wake_ns", lib.mpu_now_ns() - started)
+        if err and err not in CLIENT_GONE:
             log.error("UFFDIO_WAKE at %#x: %s", address, errno.errorcode.get(err, err))
+        return err == 0

@@ -6,6 +6,7 @@ that every fault on one page is served by one filler, in order.
 """
 import bisect
 import logging
+import time
 
 from mpumap import core, protocol
 from mpumap.settings import SYSTEM_PAGE_SIZE
@@ -50,6 +51,7 @@ class Monitor:
             addresses = self.reader.read(self.uffd)
             if not addresses:
                 return batches, count
+            now = time.monotonic_ns()
             count += len(addresses)
             for address in addresses:
                 fault = self.locate(address)
@@ -61,7 +63,7 @@ class Monitor:
                     continue
                 rid, index, dst = fault
                 batches.setdefault(filler_for(rid, index, self.nfillers), []).append(
-                    protocol.FAULT.pack(self.cid, rid, index, dst))
+                    protocol.FAULT.pack(self.cid, rid, index, dst, now))
 
     def locate(self, address):
         i = bisect.bisect(self._starts, address) - 1

@@ -33,7 +33,13 @@ COUNTERS = (
     "readahead_fills",
     "readahead_hits",
     "prefetch_fills",
+    "monitor_ns",
+    "queue_ns",
+    "read_ns",
+    "copy_ns",
+    "wake_ns",
 )
+CLIENT_COUNTERS = ("faults", "copies", "wakes", "bytes", "wait_ns")
 
 
 def _shared_segment(name, size, fd=None):
@@ -115,6 +121,21 @@ class PageBuffer:
     def release(self, count=1):
         lib.mpu_release(self.header, count)
 
+    def add_client(self, slot, counter, n=1):
+        lib.mpu_add64(ffi.addressof(self.header.clients[slot], counter), n)
+
+    def client_counters(self, slot):
+        c = self.header.clients[slot]
+        return {name: getattr(c, name) for name in CLIENT_COUNTERS}
+
+    def reset_client(self, slot):
+        c = self.header.clients[slot]
+        for name in CLIENT_COUNTERS:
+            setattr(c, name, 0)
+
+    def latency(self):
+        return list(self.header.latency)
+
     def clear_evict_request(self):
         self.header.evict_wanted = 0
 
@@ -135,6 +156,28 @@ class PageBuffer:
         ffi.release(self._ref)
         self._segment.close()
         os.close(self.fd)
+
+
+def bucket_floor_us(bucket):
+    """The smallest latency (us) that falls into a histogram bucket."""
+    if bucket < 8:
+        return bucket
+    octave, sub = divmod(bucket - 8, 8)
+    return (8 + sub) << octave
+
+
+def percentile_us(buckets, fraction):
+    """The latency under which `fraction` of the counted faults fell, from a
+    histogram of the C core's buckets; None when it counted nothing."""
+    total = sum(buckets)
+    if not total:
+        return None
+    seen = 0
+    for bucket, count in enumerate(buckets):
+        seen += count
+        if seen >= fraction * total:
+            return bucket_floor_us(bucket + 1)  # an upper bound of that bucket
+    return bucket_floor_us(len(buckets))
 
 
 class PageTable:

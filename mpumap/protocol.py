@@ -17,7 +17,7 @@ MAX_FDS = 4
 
 
 class Msg(enum.IntEnum):
-    HELLO = 1  # c->s  payload: u32 flags         fds: [userfaultfd]
+    HELLO = 1  # c->s  payload: u32 flags [+ session tag]  fds: [userfaultfd]
     WELCOME = 2  # s->c  payload: WELCOME_BODY
     MAP = 3  # c->s  payload: u32 flags         fds: [file, opened for reading]
     MAPPED = 4  # s->c  payload: MAPPED_BODY      fds: [memfd]
@@ -45,7 +45,7 @@ ERROR_HEAD = struct.Struct("<i")
 
 # What each message must carry: (payload struct or None for free-form, fds)
 SHAPES = {
-    Msg.HELLO: (U32, 1),
+    Msg.HELLO: (None, 1),
     Msg.WELCOME: (WELCOME_BODY, 0),
     Msg.MAP: (U32, 1),
     Msg.MAPPED: (MAPPED_BODY, 1),
@@ -155,14 +155,18 @@ def close_all(fds):
 #
 # One SOCK_SEQPACKET socketpair per worker.  The first byte says what follows.
 
-W_ADD_CLIENT = 2  # u32 client id; fds: [userfaultfd]
+W_ADD_CLIENT = 2  # ADD_CLIENT_BODY; fds: [userfaultfd]
 W_DROP_CLIENT = 3  # u32 client id
 W_ADD_REGION = 4  # REGION_BODY; fds: [memfd, store file, page table]
 W_DROP_REGION = 5  # u32 region id
 W_FAULTS = 6  # FAULT * n
 
 W_ID = struct.Struct("<BI")
+ADD_CLIENT_BODY = struct.Struct("<BII")  # kind, client id, counter slot
+MAX_SESSION = 64
 REGION_BODY = struct.Struct("<BIQQB")  # kind, region id, file size, pages, store mode
 W_PREFETCH = 7  # PREFETCH_BODY
 PREFETCH_BODY = struct.Struct("<BIQQ")  # kind, region id, first page, pages
-FAULT = struct.Struct("<IIQQ")  # client id, region id, page index, client address
+# client id, region id, page index, client address, when the monitor read it
+# (CLOCK_MONOTONIC ns)
+FAULT = struct.Struct("<IIQQQ")

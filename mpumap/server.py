@@ -5,6 +5,7 @@ Shaped like gunicorn's arbiter: signals are queued by their handlers and
 dealt with by the main loop; children are known by pid, reaped with
 waitpid(-1, WNOHANG) and restarted when they die.
 """
+import collections
 import errno
 import fcntl
 import gc
@@ -22,7 +23,8 @@ from mpumap import core, protocol
 from mpumap.evictor import Evictor, machine_limit
 from mpumap.fillers import PREFETCH_RUN_BYTES, Filler
 from mpumap.monitor import Monitor, fault_messages, filler_for
-from mpumap.pbm import PageBuffer, PageTable
+from mpumap._core import lib
+from mpumap.pbm import CLIENT_COUNTERS, PageBuffer, PageTable, percentile_us
 from mpumap.protocol import Msg, ProtocolError
 from mpumap.settings import SYSTEM_PAGE_SIZE
 from mpumap.store import MODE_CODES, open_store
@@ -35,6 +37,7 @@ STOP_GRACE_SECONDS = 3.0
 QUICK_DEATH_SECONDS = 2.0
 MAX_QUICK_DEATHS = 5
 STATS_LIST_LENGTH = 500
+SESSIONS_KEPT = 1000
 
 
 class RequestError(OSError):
@@ -105,6 +108,8 @@ class Connection:
         self.uffd = None
         self.monitor = None
         self.mappings = {}
+        self.slot = None  # of the per-client counters, once it said HELLO
+        self.session = ""
 
     def __str__(self):
         return f"client {self.cid} (pid {self.pid}, uid {self.uid})"
@@ -133,6 +138,12 @@ class Server:
         self.regions = {}  # key -> Region
         self.ids = itertools.count(1)
         self.reader = core.FaultReader()
+        # Counter slots are reused oldest-freed first, so that fillers are long
+        # done with a client's slot before it serves another; a freed slot's
+        # counts go to its session's totals when it is taken again.
+        self.free_slots = collections.deque(range(lib.MPU_CLIENT_SLOTS))
+        self.retired_slots = {}  # slot -> session
+        self.sessions = collections.OrderedDict()  # session -> totals
         self.listener = None
         self.stopping = False
         self.exit_status = 0
@@ -257,12 +268,21 @@ class Server:
             self.listener = None
         for conn in list(self.connections.values()):
             self.drop(conn)
+        # A worker that reads the end of its socket has done all it was told
+        # before: in-flight fills finish, then it exits.
         for worker in self.workers.values():
-            self.kill(worker, signal.SIGTERM)
+            try:
+                self.selector.unregister(worker.sock)
+            except KeyError:
+                pass
+            worker.sock.close()
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         while self.workers and time.monotonic() < deadline:
             self.reap(restart=False)
-            time.sleep(0.02)
+            if any(sig != signal.SIGCHLD for sig in self.signal_queue):
+                log.info("stopping at once")
+                break
+            time.sleep(0.01)
         for worker in self.workers.values():
             self.kill(worker, signal.SIGKILL)
         while self.workers:
@@ -292,7 +312,7 @@ class Server:
         self.selector.register(parent_sock, selectors.EVENT_READ, self.on_worker_readable)
         for conn in self.connections.values():
             if conn.uffd is not None and role == "filler":
-                self.tell(worker, protocol.W_ID.pack(protocol.W_ADD_CLIENT, conn.cid), [conn.uffd])
+                self.tell(worker, self.client_message(conn), [conn.uffd])
         for region in self.regions.values():
             self.tell(worker, self.region_message(region),
                       [region.memfd, region.store_fd, region.table.fd])
@@ -343,7 +363,7 @@ class Server:
                 continue
             try:
                 self.selector.unregister(worker.sock)
-            except KeyError:
+            except (KeyError, ValueError):
                 pass
             worker.sock.close()
             if self.slots.get((worker.role, worker.index)) is worker:
@@ -438,15 +458,23 @@ class Server:
     def on_hello(self, conn, values, payload, fds):
         if conn.uffd is not None:
             raise ProtocolError("HELLO was said already")
+        if not 4 <= len(payload) <= 4 + protocol.MAX_SESSION:
+            raise ProtocolError(f"HELLO payload is {len(payload)} bytes, not 4 to "
+                                f"{4 + protocol.MAX_SESSION}")
         if not core.is_uffd(fds[0]):
             raise RequestError(errno.EINVAL, "the descriptor sent with HELLO is not a userfaultfd")
+        if not self.free_slots:
+            raise RequestError(errno.EUSERS, f"the server serves {lib.MPU_CLIENT_SLOTS} "
+                               "clients already")
+        conn.session = payload[4:].decode("utf-8", "replace")
+        conn.slot = self.take_slot(conn.session)
         conn.uffd = fds.pop()
         os.set_blocking(conn.uffd, False)
         conn.monitor = Monitor(conn.cid, conn.uffd, self.settings.page_size,
                                self.settings.fillers, self.reader)
         self.selector.register(conn.uffd, selectors.EVENT_READ,
                                lambda _fd, c=conn: self.on_faults(c))
-        self.tell_all(protocol.W_ID.pack(protocol.W_ADD_CLIENT, conn.cid), [conn.uffd], "filler")
+        self.tell_all(self.client_message(conn), [conn.uffd], "filler")
         log.info("%s connected", conn)
         s = self.settings
         self.reply(conn, Msg.WELCOME, protocol.WELCOME_BODY.pack(
@@ -495,6 +523,42 @@ class Server:
                       [region.memfd, region.store_fd, region.table.fd])
         log.info("region %d: %s, %d bytes, %d pages", region.rid, name, size, region.npages)
         return region
+
+    @staticmethod
+    def client_message(conn):
+        return protocol.ADD_CLIENT_BODY.pack(protocol.W_ADD_CLIENT, conn.cid, conn.slot)
+
+    def take_slot(self, session):
+        slot = self.free_slots.popleft()
+        retired = self.retired_slots.pop(slot, None)
+        if retired is not None:
+            totals = self.session_totals(retired)
+            for name, value in self.buffer.client_counters(slot).items():
+                totals[name] += value
+        self.buffer.reset_client(slot)
+        self.session_totals(session)["clients"] += 1
+        return slot
+
+    def session_totals(self, session):
+        totals = self.sessions.get(session)
+        if totals is None:
+            totals = self.sessions[session] = dict.fromkeys(CLIENT_COUNTERS + ("clients",), 0)
+            while len(self.sessions) > SESSIONS_KEPT:
+                self.sessions.popitem(last=False)
+        return totals
+
+    def session_report(self, session):
+        """What the clients of a session used: those gone and those here."""
+        report = dict(self.sessions.get(session) or dict.fromkeys(CLIENT_COUNTERS + ("clients",), 0))
+        slots = [slot for slot, s in self.retired_slots.items() if s == session]
+        slots += [c.slot for c in self.connections.values()
+                  if c.slot is not None and c.session == session]
+        for slot in slots:
+            for name, value in self.buffer.client_counters(slot).items():
+                report[name] += value
+        report["connected"] = sum(1 for c in self.connections.values()
+                                  if c.slot is not None and c.session == session)
+        return report
 
     @staticmethod
     def region_message(region):
@@ -547,28 +611,38 @@ class Server:
         self.reply(conn, Msg.PREFETCHING, protocol.U64.pack(end - first))
 
     def on_stats(self, conn, values, payload, fds):
+        if len(payload) > protocol.MAX_SESSION:
+            raise ProtocolError("STATS payload is a session tag of at most "
+                                f"{protocol.MAX_SESSION} bytes")
+        session = payload.decode("utf-8", "replace")
         # One packet must hold the reply: long lists are cut, busiest first.
         listed = STATS_LIST_LENGTH
         while True:
-            body = protocol.stats_payload(self.stats(listed))
+            stats = self.stats(listed)
+            if session:
+                stats["session"] = self.session_report(session)
+            body = protocol.stats_payload(stats)
             if len(body) <= protocol.MAX_PAYLOAD or listed == 0:
                 break
             listed //= 2
         self.reply(conn, Msg.STATS_REPLY, body)
 
     def on_faults(self, conn):
+        started = time.monotonic_ns()
         try:
             batches, count = conn.monitor.drain()
         except OSError as exc:
             log.warning("%s: userfaultfd: %s", conn, exc)
             return
         self.buffer.add("faults", count)
+        self.buffer.add_client(conn.slot, "faults", count)
         for index, faults in batches.items():
             worker = self.slots.get(("filler", index))
             if worker is None:
                 continue  # restarting; the client's faults are served once it is back
             for message in fault_messages(faults):
                 self.tell(worker, message)
+        self.buffer.add("monitor_ns", time.monotonic_ns() - started)
 
     def forget(self, conn, mapping):
         if mapping.address is not None:
@@ -597,6 +671,10 @@ class Server:
         for mapping in conn.mappings.values():
             self.forget(conn, mapping)
         conn.mappings.clear()
+        if conn.slot is not None:
+            self.retired_slots[conn.slot] = conn.session
+            self.free_slots.append(conn.slot)
+            conn.slot = None
         if conn.uffd is not None:
             self.selector.unregister(conn.uffd)
             self.tell_all(protocol.W_ID.pack(protocol.W_DROP_CLIENT, conn.cid), role="filler")
@@ -616,6 +694,7 @@ class Server:
         regions.sort(key=lambda r: -r["present"])
         clients = sorted((c for c in self.connections.values() if c.uffd is not None),
                          key=lambda c: -len(c.mappings))
+        latency = self.buffer.latency()
         return {
             "pid": os.getpid(),
             "started": self.started,
@@ -632,9 +711,12 @@ class Server:
             "workers": [{"role": w.role, "index": w.index, "pid": w.pid}
                         for w in self.slots.values()],
             "clients_total": len(clients),
-            "clients": [{"id": c.cid, "pid": c.pid, "uid": c.uid,
-                         "regions": sorted({m.region.rid for m in c.mappings.values()})}
+            "clients": [{"id": c.cid, "pid": c.pid, "uid": c.uid, "session": c.session,
+                         "regions": sorted({m.region.rid for m in c.mappings.values()}),
+                         **self.buffer.client_counters(c.slot)}
                         for c in clients[:listed]],
+            "latency": {"buckets": latency, "p50_us": percentile_us(latency, 0.5),
+                        "p99_us": percentile_us(latency, 0.99)},
             "regions_total": len(regions),
             "regions": regions[:listed],
         }

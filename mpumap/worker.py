@@ -85,13 +85,13 @@ class Worker:
             if region:
                 region.close()
         elif kind == protocol.W_ADD_CLIENT:
-            _, cid = protocol.W_ID.unpack(data)
-            self.clients[cid] = fds[0]
+            _, cid, slot = protocol.ADD_CLIENT_BODY.unpack(data)
+            self.clients[cid] = (fds[0], slot)
         elif kind == protocol.W_DROP_CLIENT:
             _, cid = protocol.W_ID.unpack(data)
-            fd = self.clients.pop(cid, None)
-            if fd is not None:
-                os.close(fd)
+            client = self.clients.pop(cid, None)
+            if client is not None:
+                os.close(client[0])
         else:
             protocol.close_all(fds)
             log.error("%s %d: unknown message %d from the server", self.role, self.index, kind)
