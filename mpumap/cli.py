@@ -1,5 +1,6 @@
 """Command-line entry points: mpumap-server, mpumap-client, mpumap."""
 import logging
+import os
 import sys
 
 import click
@@ -115,13 +116,15 @@ Examples:
               type=click.IntRange(1, 1 << 20), default=S.DEFAULT_MAX_CLIENT_MAPPINGS,
               show_default=True, show_envvar=True,
               help="Mappings one client may hold at once.")
+@click.option("--pidfile", type=click.Path(dir_okay=False, writable=True),
+              help="Write the server's pid to this file while it runs.")
 @click.option("--log-level", envvar="UMAP_LOG_LEVEL", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
               help="How much to log on stderr.")
 @click.version_option(__version__, "-V", "--version", prog_name="mpumap")
 def server_command(socket_path, page_size, buffer_size, fillers, evictors, high_water,
                    low_water, adapt_interval, memory_reserve, read_ahead, store_io,
-                   max_regions, max_client_mappings, log_level):
+                   max_regions, max_client_mappings, pidfile, log_level):
     try:
         buffer_pages = (None if buffer_size is None
                         else S.parse_buffer_pages(buffer_size, page_size))
@@ -139,24 +142,63 @@ def server_command(socket_path, page_size, buffer_size, fillers, evictors, high_
     from mpumap.server import Server
 
     try:
-        server = Server(settings)
+        server = Server(settings, pidfile=pidfile)
         return server.run()
     except (RuntimeError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
+SOCKET_OPTION = click.option(
+    "--socket", "socket_path", envvar="MPUMAP_SOCKET", default=None,
+    help=f"The server's socket (default: $MPUMAP_SOCKET, else {S.DEFAULT_SOCKET}).")
+
+
 @click.group("mpumap", context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="mpumap")
 def mpumap_command():
-    """mpumap: a multi-process user-space paging service."""
+    """mpumap: a multi-process user-space paging service.
+
+    \b
+    Examples:
+      mpumap top                     a live view of the server
+      mpumap top --once --json       one snapshot, for scripts
+      mpumap stats                   the server's raw counters as JSON
+    """
+
+
+@mpumap_command.command("top")
+@SOCKET_OPTION
+@click.option("--interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
+              help="Seconds between readings.")
+@click.option("--once", is_flag=True, help="Print one snapshot (two readings one interval "
+              "apart, for the rates) and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print snapshots as JSON.")
+def top_command(socket_path, interval, once, as_json):
+    """A live view of the server: its processes (CPU, memory), clients,
+    regions, buffer, rates and fault latency.  Press q to quit.
+
+    \b
+    Examples:
+      mpumap top --interval 0.5
+      mpumap top --once --json | jq .rates
+    """
+    from mpumap import top
+
+    path = S.socket_path(socket_path)
+    try:
+        return top.run(path, interval, once, as_json)
+    except BrokenPipeError:  # the reader of our output went away: fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as exc:
+        click.echo(f"mpumap top: {exc.strerror or exc}", err=True)
+        return 1
 
 
 @mpumap_command.command("stats")
-@click.option("--socket", "socket_path", envvar="MPUMAP_SOCKET", default=None,
-              help="The server's socket (default: $MPUMAP_SOCKET, else "
-                   f"{S.DEFAULT_SOCKET}).")
+@SOCKET_OPTION
 def stats_command(socket_path):
-    """Print the server's status as JSON."""
+    """Print the server's status and counters as JSON."""
     import json
 
     import mpumap
@@ -171,12 +213,52 @@ def stats_command(socket_path):
 @click.group("mpumap-client", context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="mpumap")
 def client_command():
-    """Talk to an mpumap server."""
+    """Run programs against an mpumap server, and ask it about itself.
+
+    \b
+    Examples:
+      mpumap-client run --stats -- python train.py
+      mpumap-client run --map '*.bin' -- ./unmodified-program data.bin
+      mpumap-client info
+      cc prog.c $(mpumap-client config --cflags --libs)
+    """
+
+
+@client_command.command("run", context_settings={"ignore_unknown_options": True,
+                                                 "allow_interspersed_args": False})
+@SOCKET_OPTION
+@click.option("--stats", is_flag=True,
+              help="When the command ends, print (on stderr) what its processes used: "
+                   "faults, bytes filled, time their threads waited on faults.")
+@click.option("--map", "patterns", multiple=True, metavar="PATTERN",
+              help="Serve the command's own read-only mmap() of files matching this "
+                   "pattern (fnmatch, on the whole path) through the server; repeatable.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run_command(socket_path, stats, patterns, command):
+    """Run COMMAND with MPUMAP_SOCKET set, so that every mpumap client in it
+    finds the server; pass signals to it and exit with its status.
+
+    \b
+    Examples:
+      mpumap-client run -- python -c 'import mpumap; mpumap.connect()'
+      mpumap-client run --stats --socket /tmp/s.sock -- ./reader data.bin
+      mpumap-client run --map '/data/*.npy' -- python -c 'import numpy; ...'
+    """
+    from mpumap import launcher
+
+    env = None
+    if patterns:
+        from mpumap import native
+
+        try:
+            env = native.preload_env(list(patterns), S.socket_path(socket_path))
+        except native.NativeMissing as exc:
+            raise click.ClickException(str(exc)) from None
+    return launcher.main_run(list(command), socket_path, stats, env)
 
 
 @client_command.command("info")
-@click.option("--socket", "socket_path", envvar="MPUMAP_SOCKET", default=None,
-              help=f"The server's socket (default: $MPUMAP_SOCKET, else {S.DEFAULT_SOCKET}).")
+@SOCKET_OPTION
 def info_command(socket_path):
     """Print the server's settings."""
     import mpumap
@@ -188,6 +270,28 @@ def info_command(socket_path):
     except mpumap.ServerUnavailable as exc:
         click.echo(f"mpumap-client: {exc.strerror}", err=True)
         return 1
+
+
+@client_command.command("config")
+@click.option("--cflags", "want_cflags", is_flag=True, help="Compiler flags (-I...).")
+@click.option("--libs", "want_libs", is_flag=True,
+              help="Linker flags for libmpumapclient, with an rpath.")
+@click.option("--preload", "want_preload", is_flag=True,
+              help="The path of libmpumappreload.so, for LD_PRELOAD.")
+def config_command(want_cflags, want_libs, want_preload):
+    """Print flags to build C programs against libmpumapclient, like
+    pkg-config:  cc prog.c $(mpumap-client config --cflags --libs)"""
+    from mpumap import native
+
+    try:
+        if want_cflags or want_libs:
+            click.echo(native.config_line(want_cflags, want_libs))
+        if want_preload:
+            click.echo(native.preload_library())
+    except native.NativeMissing as exc:
+        raise click.ClickException(str(exc)) from None
+    if not (want_cflags or want_libs or want_preload):
+        raise click.UsageError("say what to print: --cflags, --libs or --preload")
 
 
 def server_main():

@@ -127,8 +127,9 @@ class Worker:
 class Server:
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
 
-    def __init__(self, settings):
+    def __init__(self, settings, pidfile=None):
         self.settings = settings
+        self.pidfile = pidfile
         self.selector = selectors.DefaultSelector()
         self.signal_queue = []
         self.workers = {}  # pid -> Worker
@@ -190,6 +191,9 @@ class Server:
     def run(self):
         self.listen()
         self.install_signals()
+        if self.pidfile:
+            with open(self.pidfile, "w") as f:
+                f.write(f"{self.pid}\n")
         for index in range(self.settings.fillers):
             self.spawn("filler", index)
         for index in range(self.settings.evictors):
@@ -287,6 +291,14 @@ class Server:
             self.kill(worker, signal.SIGKILL)
         while self.workers:
             self.reap(restart=False, block=True)
+        if self.pidfile:
+            try:
+                with open(self.pidfile) as f:
+                    ours = f.read().strip() == str(self.pid)
+                if ours:
+                    os.unlink(self.pidfile)
+            except OSError:
+                pass
         log.info("stopped")
 
     # -- workers -------------------------------------------------------------
