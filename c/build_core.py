@@ -80,19 +80,38 @@ ffibuilder.cdef(
     int mpu_try_reserve(struct mpu_header *h, uint32_t count);
     void mpu_release(struct mpu_header *h, uint32_t count);
     int mpu_punch(int fd, uint64_t offset, uint64_t len);
+    uint64_t mpu_now_ns(void);
+    void mpu_account(struct mpu_header *h, uint32_t slot, uint64_t since_ns,
+                     uint64_t bytes, int answer);
     int mpu_die_with_parent(int sig, int parent);
     int mpu_set_name(const char *name);
     """
 )
 
+# The fallback guard (c/guard.h): a C thread that maps the files over a
+# client's mappings and wakes its faulting threads if the server dies.
+ffibuilder.cdef(
+    """
+    struct mpu_guard;
+    struct mpu_guard *mpu_guard_start(int server_sock, int uffd);
+    int mpu_guard_add(struct mpu_guard *g, uint64_t addr, uint64_t len,
+                      int file_fd);
+    int mpu_guard_remove(struct mpu_guard *g, uint64_t addr);
+    int mpu_guard_fell_back(struct mpu_guard *g);
+    void mpu_guard_stop(struct mpu_guard *g);
+    void mpu_guard_abandon(struct mpu_guard *g);
+    """
+)
+
 ffibuilder.set_source(
     "mpumap._core",
-    '#include "mpumap_core.h"',
+    '#include "mpumap_core.h"\n#include "guard.h"',
     # Paths are relative to the project root, where setup.py runs.
-    sources=["c/mpumap_core.c"],
+    sources=["c/mpumap_core.c", "c/guard.c"],
     include_dirs=["c"],
-    depends=["c/mpumap_core.h"],
-    extra_compile_args=["-O2", "-Wall", "-std=gnu11"],
+    depends=["c/mpumap_core.h", "c/guard.h", "c/mpu_sys.h"],
+    extra_compile_args=["-O2", "-Wall", "-std=gnu11", "-pthread"],
+    extra_link_args=["-pthread"],
 )
 
 if __name__ == "__main__":

@@ -1,0 +1,217 @@
+/* See guard.h. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+
+#include "guard.h"
+#include "mpu_sys.h"
+#include "mpumap_core.h"
+
+struct range {
+    uint64_t addr;
+    uint64_t len;
+    int fd;
+};
+
+struct mpu_guard {
+    int sock;
+    int uffd;
+    int stopfd;             /* eventfd: written by mpu_guard_stop */
+    pthread_t thread;
+    pthread_mutex_t lock;   /* the ranges, and the fallback */
+    struct range *ranges;
+    size_t count;
+    size_t cap;
+    int fell_back;          /* atomic */
+};
+
+/* Replaces one range with the file, in place; a range that cannot be mapped
+ * from the file becomes inaccessible (a fault there is a SIGSEGV: a clear
+ * error, never a hang and never a zero read as data). */
+static int replace(struct mpu_guard *g, const struct range *r)
+{
+    void *want = (void *)(uintptr_t)r->addr;
+    int ok = 1;
+    void *p = mpu_sys_mmap(want, r->len, PROT_READ, MAP_SHARED | MAP_FIXED,
+                           r->fd, 0);
+    if (p != want) {
+        ok = 0;
+        mpu_sys_mmap(want, r->len, PROT_NONE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE,
+                     -1, 0);
+    }
+    madvise(want, r->len, MADV_DONTFORK);
+    /* The new mapping is not registered: woken, every thread that waits on
+     * a fault in the range retries it and finds the file. */
+    mpu_uffd_wake(g->uffd, r->addr, r->len);
+    return ok;
+}
+
+static void fall_back(struct mpu_guard *g)
+{
+    size_t count, failed = 0;
+    pthread_mutex_lock(&g->lock);
+    for (size_t i = 0; i < g->count; i++)
+        if (!replace(g, &g->ranges[i]))
+            failed++;
+    count = g->count;
+    __atomic_store_n(&g->fell_back, 1, __ATOMIC_SEQ_CST);
+    pthread_mutex_unlock(&g->lock);
+    if (failed)
+        fprintf(stderr, "mpumap: lost the server; %zu mapping(s) now read their "
+                "file directly, %zu could not be mapped from the file and are "
+                "inaccessible\n", count - failed, failed);
+    else
+        fprintf(stderr, "mpumap: lost the server; %zu mapping(s) now read their "
+                "file directly\n", count);
+}
+
+static void *watch(void *arg)
+{
+    struct mpu_guard *g = arg;
+    for (;;) {
+        /* Not POLLIN: replies arrive on that socket and the client reads
+         * them.  POLLHUP and POLLERR are always reported. */
+        struct pollfd p[2] = {
+            { .fd = g->stopfd, .events = POLLIN },
+            { .fd = g->sock, .events = POLLRDHUP },
+        };
+        if (poll(p, 2, -1) < 0) {
+            if (errno == EINTR || errno == EAGAIN || errno == ENOMEM)
+                continue;
+            return NULL;
+        }
+        if (p[0].revents)
+            return NULL;
+        if (p[1].revents & (POLLHUP | POLLRDHUP | POLLERR | POLLNVAL)) {
+            fall_back(g);
+            return NULL;
+        }
+    }
+}
+
+struct mpu_guard *mpu_guard_start(int server_sock, int uffd)
+{
+    struct mpu_guard *g = calloc(1, sizeof *g);
+    if (!g)
+        return NULL;
+    g->sock = server_sock;
+    g->uffd = uffd;
+    g->stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (g->stopfd < 0) {
+        int err = errno;
+        free(g);
+        errno = err;
+        return NULL;
+    }
+    pthread_mutex_init(&g->lock, NULL);
+
+    /* The thread takes no signals: they are the program's. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 64 * 1024);
+    int err = pthread_create(&g->thread, &attr, watch, g);
+    pthread_attr_destroy(&attr);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (err) {
+        close(g->stopfd);
+        pthread_mutex_destroy(&g->lock);
+        free(g);
+        errno = err;
+        return NULL;
+    }
+    return g;
+}
+
+int mpu_guard_add(struct mpu_guard *g, uint64_t addr, uint64_t len, int file_fd)
+{
+    if (!g || len == 0)
+        return -EINVAL;
+    int fd = fcntl(file_fd, F_DUPFD_CLOEXEC, 3);
+    if (fd < 0)
+        return -errno;
+    int err = 0;
+    pthread_mutex_lock(&g->lock);
+    if (__atomic_load_n(&g->fell_back, __ATOMIC_SEQ_CST)) {
+        err = -ENOTCONN;
+    } else if (g->count == g->cap) {
+        size_t cap = g->cap ? 2 * g->cap : 8;
+        struct range *r = realloc(g->ranges, cap * sizeof *r);
+        if (!r) {
+            err = -ENOMEM;
+        } else {
+            g->ranges = r;
+            g->cap = cap;
+        }
+    }
+    if (!err)
+        g->ranges[g->count++] = (struct range){ .addr = addr, .len = len, .fd = fd };
+    pthread_mutex_unlock(&g->lock);
+    if (err)
+        close(fd);
+    return err;
+}
+
+int mpu_guard_remove(struct mpu_guard *g, uint64_t addr)
+{
+    if (!g)
+        return -EINVAL;
+    int fd = -1;
+    pthread_mutex_lock(&g->lock);
+    for (size_t i = 0; i < g->count; i++) {
+        if (g->ranges[i].addr == addr) {
+            fd = g->ranges[i].fd;
+            g->ranges[i] = g->ranges[--g->count];
+            break;
+        }
+    }
+    pthread_mutex_unlock(&g->lock);
+    if (fd < 0)
+        return -ENOENT;
+    close(fd);
+    return 0;
+}
+
+int mpu_guard_fell_back(struct mpu_guard *g)
+{
+    return g ? __atomic_load_n(&g->fell_back, __ATOMIC_SEQ_CST) : 0;
+}
+
+static void release(struct mpu_guard *g)
+{
+    for (size_t i = 0; i < g->count; i++)
+        close(g->ranges[i].fd);
+    free(g->ranges);
+    close(g->stopfd);
+    free(g);
+}
+
+void mpu_guard_stop(struct mpu_guard *g)
+{
+    if (!g)
+        return;
+    uint64_t one = 1;
+    while (write(g->stopfd, &one, sizeof one) < 0 && errno == EINTR)
+        ;
+    pthread_join(g->thread, NULL);
+    pthread_mutex_destroy(&g->lock);
+    release(g);
+}
+
+void mpu_guard_abandon(struct mpu_guard *g)
+{
+    if (g)
+        release(g);
+}

@@ -1,0 +1,56 @@
+/*
+ * The fallback guard: a client's safety net for when its server dies.
+ *
+ * A client keeps its own userfaultfd open, so its ranges stay registered when
+ * the server goes; a thread that touches a missing page then waits for an
+ * answer that will never come.  The guard is a C thread (it needs no Python
+ * GIL: a Python thread blocked on a fault may hold it) that watches the
+ * client's socket.  Once the server is lost (POLLHUP, POLLRDHUP or POLLERR on
+ * the socket), it replaces every range it knows, in place, with a read-only
+ * MAP_SHARED | MAP_FIXED mapping of the file itself (same address, same
+ * length), marks it MADV_DONTFORK, and issues UFFDIO_WAKE on the client's
+ * userfaultfd over the whole range: every thread blocked on a fault there
+ * retries and reads the file through the kernel.  One warning line goes to
+ * stderr.
+ *
+ * Use, for each mapping:  mmap the memfd, MADV_DONTFORK, mpu_guard_add, then
+ * REGISTER (so that no registered range is ever unguarded); and to unmap:
+ * mpu_guard_remove, then munmap, then UNMAP (so that the guard never maps
+ * over a range that is no longer the client's).  Stop the guard before
+ * closing the socket or the userfaultfd.
+ *
+ * Functions return 0 or a negative errno, unless said otherwise.
+ */
+#ifndef MPU_GUARD_H
+#define MPU_GUARD_H
+
+#include <stdint.h>
+
+struct mpu_guard;
+
+/* Starts the guard's thread.  server_sock and uffd stay the caller's: the
+ * guard neither closes nor reads them.  NULL with errno set on failure. */
+struct mpu_guard *mpu_guard_start(int server_sock, int uffd);
+
+/* Guards [addr, addr + len), a mapping of the file open on file_fd (dup'ed
+ * and kept; the caller may close its own).  -ENOTCONN once the guard has
+ * fallen back: the server is gone, do not register the range. */
+int mpu_guard_add(struct mpu_guard *g, uint64_t addr, uint64_t len, int file_fd);
+
+/* Forgets the range that starts at addr and closes its kept descriptor;
+ * -ENOENT when there is none.  Call it before munmap. */
+int mpu_guard_remove(struct mpu_guard *g, uint64_t addr);
+
+/* 1 once the server was lost and the ranges were replaced, else 0. */
+int mpu_guard_fell_back(struct mpu_guard *g);
+
+/* Stops and joins the thread, closes the kept descriptors, frees g.  The
+ * ranges stay as they are.  NULL is a no-op. */
+void mpu_guard_stop(struct mpu_guard *g);
+
+/* In a child forked while g was running: closes the guard's descriptors and
+ * frees g without touching the parent's thread (which the child does not
+ * have).  NULL is a no-op. */
+void mpu_guard_abandon(struct mpu_guard *g);
+
+#endif
