@@ -1,3 +1,6 @@
+import runpy
+
 from setuptools import setup
 
-setup(cffi_modules=["c/build_core.py:ffibuilder"])
+native = runpy.run_path("c/build_native.py")["setup_args"]()  # libmpumapclient, preload
+setup(cffi_modules=["c/build_core.py:ffibuilder"], **native)

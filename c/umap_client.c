@@ -1,0 +1,844 @@
+/*
+ * libmpumapclient: MP-UMap's client API (umap/umap-client.h) over mpumap's
+ * socket protocol (docs/protocol.md), doing what mpumap/client.py does.
+ *
+ * One connection per process, behind one mutex.  The process keeps its own
+ * userfaultfd; a guard thread (guard.c) maps the files themselves over the
+ * mappings if the server dies.  Memory is mapped with raw system calls
+ * (mpu_sys.h), so that the preload library's mmap() never sees the client's
+ * own mappings.
+ */
+#define _GNU_SOURCE
+#include <endian.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+
+#include "umap/umap-client.h"
+#include "umap_client_internal.h"
+#include "guard.h"
+#include "mpu_sys.h"
+#include "mpumap_core.h"
+
+/* The public API is exported; everything else (compiled with
+ * -fvisibility=hidden) is not.  The preload library builds this file with
+ * MPU_API empty, so that it exports nothing but mmap and munmap. */
+#ifndef MPU_API
+#define MPU_API __attribute__((visibility("default")))
+#endif
+
+#ifndef MAP_FIXED_NOREPLACE
+#define MAP_FIXED_NOREPLACE 0x100000
+#endif
+#ifndef MAP_SHARED_VALIDATE
+#define MAP_SHARED_VALIDATE 0x03
+#endif
+
+#define DEFAULT_SOCKET "/tmp/mpumap.sock"
+#define PROTOCOL_VERSION 1
+#define HEADER_SIZE 12
+#define MAX_REPLY 8192          /* every reply this client asks for fits */
+#define WHY 512
+
+enum {
+    M_HELLO = 1, M_WELCOME, M_MAP, M_MAPPED, M_REGISTER, M_REGISTERED,
+    M_UNMAP, M_UNMAPPED, M_STATS, M_STATS_REPLY, M_ERROR = 15,
+};
+
+static const char *msg_name(int kind)
+{
+    static const char *const names[] = {
+        "?", "HELLO", "WELCOME", "MAP", "MAPPED", "REGISTER", "REGISTERED",
+        "UNMAP", "UNMAPPED", "STATS", "STATS_REPLY",
+    };
+    if (kind == M_ERROR)
+        return "ERROR";
+    return kind > 0 && kind <= M_STATS_REPLY ? names[kind] : "?";
+}
+
+struct mapping {
+    struct mapping *next;
+    char *name;
+    uint64_t id;
+    uintptr_t addr;
+    uint64_t length;
+    int fd;         /* the file: to turn the mapping into a plain one */
+    int served;     /* 0 once it is a plain mapping of the file */
+};
+
+static struct {
+    pthread_mutex_t lock;
+    int sock;
+    int uffd;
+    struct mpu_guard *guard;
+    struct mapping *maps;
+    size_t count;       /* atomic: mappings in maps */
+    int quiet;
+    /* WELCOME */
+    uint64_t page_size, buffer_pages;
+    uint32_t fillers, evictors, high_water, low_water, adaptive, max_events;
+    char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+} C = { .lock = PTHREAD_MUTEX_INITIALIZER, .sock = -1, .uffd = -1 };
+
+/* ---- messages on stderr ------------------------------------------------ */
+
+static void say(const char *fmt, ...)
+{
+    if (C.quiet)
+        return;
+    int saved = errno;
+    char line[WHY + 256];
+    int n = snprintf(line, sizeof line, "mpumap-client: ");
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line + n, sizeof line - (size_t)n - 1, fmt, ap);
+    va_end(ap);
+    size_t len = strlen(line);
+    line[len++] = '\n';
+    ssize_t w = write(STDERR_FILENO, line, len);
+    (void)w;
+    errno = saved;
+}
+
+static void why_errno(char *why, const char *what)
+{
+    snprintf(why, WHY, "%s: %s", what, strerror(errno));
+}
+
+/* ---- framing ----------------------------------------------------------- */
+
+static int send_msg(int kind, const void *payload, size_t len, int fd)
+{
+    unsigned char buf[HEADER_SIZE + 64];
+    uint16_t version = htole16(PROTOCOL_VERSION), type = htole16((uint16_t)kind);
+    uint32_t length = htole32((uint32_t)len);
+    memcpy(buf, "MPUM", 4);
+    memcpy(buf + 4, &version, 2);
+    memcpy(buf + 6, &type, 2);
+    memcpy(buf + 8, &length, 4);
+    memcpy(buf + HEADER_SIZE, payload, len);
+
+    struct iovec iov = { .iov_base = buf, .iov_len = HEADER_SIZE + len };
+    struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } ctl;
+    if (fd >= 0) {
+        memset(&ctl, 0, sizeof ctl);
+        mh.msg_control = ctl.buf;
+        mh.msg_controllen = sizeof ctl.buf;
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+        cm->cmsg_level = SOL_SOCKET;
+        cm->cmsg_type = SCM_RIGHTS;
+        cm->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(cm), &fd, sizeof fd);
+    }
+    ssize_t n;
+    do
+        n = sendmsg(C.sock, &mh, MSG_NOSIGNAL);   /* a dead server: EPIPE, not SIGPIPE */
+    while (n < 0 && errno == EINTR);
+    return n < 0 ? -1 : 0;
+}
+
+static void close_fds(const int *fds, int n)
+{
+    for (int i = 0; i < n; i++)
+        close(fds[i]);
+}
+
+/* Sends a request and reads its one reply, which must be of type expect with
+ * exactly size payload bytes (copied to out) and nfd descriptors (the one
+ * kept in *fd_out).  -1 with errno set and *why filled on failure; an ERROR
+ * reply sets errno to the server's. */
+static int call(int kind, const void *payload, size_t len, int fd_send,
+                int expect, void *out, size_t size, int *fd_out, char *why)
+{
+    if (send_msg(kind, payload, len, fd_send) < 0) {
+        snprintf(why, WHY, "lost the server at %s: %s", C.path, strerror(errno));
+        return -1;
+    }
+    unsigned char buf[HEADER_SIZE + MAX_REPLY];
+    union {
+        char buf[CMSG_SPACE(4 * sizeof(int))];
+        struct cmsghdr align;
+    } ctl;
+    struct iovec iov = { .iov_base = buf, .iov_len = sizeof buf };
+    struct msghdr mh = {
+        .msg_iov = &iov, .msg_iovlen = 1,
+        .msg_control = ctl.buf, .msg_controllen = sizeof ctl.buf,
+    };
+    ssize_t n;
+    do
+        n = recvmsg(C.sock, &mh, MSG_CMSG_CLOEXEC);
+    while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        snprintf(why, WHY, "lost the server at %s: %s", C.path, strerror(errno));
+        return -1;
+    }
+    int fds[8], nfds = 0;
+    for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm)) {
+        if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t count = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < count && nfds < 8; i++)
+            memcpy(&fds[nfds++], CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
+    }
+    if (n == 0) {
+        close_fds(fds, nfds);
+        errno = ECONNRESET;
+        snprintf(why, WHY, "the server at %s closed the connection", C.path);
+        return -1;
+    }
+    uint16_t version, type;
+    uint32_t length;
+    if (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC) || n < HEADER_SIZE
+        || memcmp(buf, "MPUM", 4) != 0) {
+        close_fds(fds, nfds);
+        errno = EPROTO;
+        snprintf(why, WHY, "bad reply from the server (not an mpumap message)");
+        return -1;
+    }
+    memcpy(&version, buf + 4, 2);
+    memcpy(&type, buf + 6, 2);
+    memcpy(&length, buf + 8, 4);
+    version = le16toh(version);
+    type = le16toh(type);
+    length = le32toh(length);
+    if (version != PROTOCOL_VERSION || length != (size_t)n - HEADER_SIZE) {
+        close_fds(fds, nfds);
+        errno = EPROTO;
+        snprintf(why, WHY, "bad reply from the server (version %u, %u payload bytes)",
+                 version, length);
+        return -1;
+    }
+    if (type == M_ERROR) {
+        close_fds(fds, nfds);
+        int32_t code = 0;
+        if (length >= 4) {
+            memcpy(&code, buf + HEADER_SIZE, 4);
+            code = (int32_t)le32toh((uint32_t)code);
+        }
+        int text = length > 4 ? (int)(length - 4) : 0;
+        snprintf(why, WHY, "the server refused: %.*s", text, (char *)buf + HEADER_SIZE + 4);
+        errno = code > 0 ? code : EIO;
+        return -1;
+    }
+    int want_fds = fd_out ? 1 : 0;
+    if (type != expect || length != size || nfds != want_fds) {
+        close_fds(fds, nfds);
+        errno = EPROTO;
+        snprintf(why, WHY, "bad reply from the server: %s with %u bytes and %d "
+                 "descriptors to %s", msg_name(type), length, nfds, msg_name(kind));
+        return -1;
+    }
+    memcpy(out, buf + HEADER_SIZE, size);
+    if (fd_out)
+        *fd_out = fds[0];
+    return 0;
+}
+
+static uint64_t get64(const unsigned char *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return le64toh(v);
+}
+
+static uint32_t get32(const unsigned char *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return le32toh(v);
+}
+
+static void put64(unsigned char *p, uint64_t v)
+{
+    v = htole64(v);
+    memcpy(p, &v, 8);
+}
+
+/* ---- the connection ---------------------------------------------------- */
+
+static int connected(void)
+{
+    return C.sock >= 0;
+}
+
+static int server_lost(void)
+{
+    return mpu_guard_fell_back(C.guard);
+}
+
+/* What a connection holds, closed; mappings stay (they are plain ones now,
+ * or the caller unmapped them). */
+static void disconnect(void)
+{
+    mpu_guard_stop(C.guard);
+    C.guard = NULL;
+    if (C.sock >= 0)
+        close(C.sock);
+    if (C.uffd >= 0)
+        close(C.uffd);
+    C.sock = C.uffd = -1;
+    for (struct mapping *m = C.maps; m; m = m->next)
+        m->served = 0;
+}
+
+static int connect_locked(const char *sock_path, char *why)
+{
+    if (connected() && !server_lost())
+        return 0;
+    if (connected())
+        disconnect();   /* the old server is gone: its mappings read their files */
+
+    if (!sock_path || !*sock_path)
+        sock_path = getenv("MPUMAP_SOCKET");
+    if (!sock_path || !*sock_path)
+        sock_path = DEFAULT_SOCKET;
+    if (strlen(sock_path) >= sizeof C.path) {
+        errno = ENAMETOOLONG;
+        snprintf(why, WHY, "socket path too long: %s", sock_path);
+        return -1;
+    }
+    strcpy(C.path, sock_path);
+
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    strcpy(sa.sun_path, C.path);
+    int sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    if (sock < 0) {
+        why_errno(why, "socket");
+        return -1;
+    }
+    int r;
+    do
+        r = connect(sock, (struct sockaddr *)&sa, sizeof sa);
+    while (r < 0 && errno == EINTR);
+    if (r < 0) {
+        int err = errno;
+        close(sock);
+        errno = err;
+        snprintf(why, WHY, "no mpumap server at %s: %s", C.path, strerror(err));
+        return -1;
+    }
+
+    /* Our own userfaultfd, kept for as long as any mapping lives. */
+    int how;
+    int uffd = mpu_uffd_open(O_CLOEXEC | O_NONBLOCK, &how);
+    if (uffd < 0) {
+        close(sock);
+        errno = -uffd;
+        why_errno(why, "userfaultfd");
+        return -1;
+    }
+    uint64_t features;
+    int err = mpu_uffd_api(uffd, 0, &features);
+    if (err < 0) {
+        close(uffd);
+        close(sock);
+        errno = -err;
+        why_errno(why, "UFFDIO_API");
+        return -1;
+    }
+
+    C.sock = sock;
+    C.uffd = uffd;
+    unsigned char hello[4] = { 0 }, w[48];   /* WELCOME: 3 u64, 6 u32 */
+    if (call(M_HELLO, hello, sizeof hello, uffd, M_WELCOME, w, sizeof w, NULL, why) < 0)
+        goto fail;
+    C.page_size = get64(w + 8);
+    C.buffer_pages = get64(w + 16);
+    C.fillers = get32(w + 24);
+    C.evictors = get32(w + 28);
+    C.high_water = get32(w + 32);
+    C.low_water = get32(w + 36);
+    C.adaptive = get32(w + 40);
+    C.max_events = get32(w + 44);
+    C.guard = mpu_guard_start(sock, uffd);
+    if (!C.guard) {
+        why_errno(why, "starting the fallback guard");
+        goto fail;
+    }
+    return 0;
+
+fail:
+    err = errno;
+    close(uffd);
+    close(sock);
+    C.sock = C.uffd = -1;
+    errno = err;
+    return -1;
+}
+
+/* ---- mappings ---------------------------------------------------------- */
+
+static void release(uint64_t id)
+{
+    if (!connected() || server_lost())
+        return;
+    unsigned char body[8], out[8];
+    char why[WHY];
+    put64(body, id);
+    int saved = errno;
+    call(M_UNMAP, body, sizeof body, -1, M_UNMAPPED, out, sizeof out, NULL, why);
+    errno = saved;
+}
+
+static void *map_fd_locked(int fd, void *addr, int fixed, uint64_t *length_out,
+                           uint64_t *id_out, char *why)
+{
+    if (!connected()) {
+        errno = ENOTCONN;
+        snprintf(why, WHY, "not connected to a server (init_umap_client)");
+        return NULL;
+    }
+    if (server_lost()) {
+        errno = ENOTCONN;
+        snprintf(why, WHY, "lost the server at %s", C.path);
+        return NULL;
+    }
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        why_errno(why, "fstat");
+        return NULL;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        errno = EINVAL;
+        snprintf(why, WHY, "not a regular file");
+        return NULL;
+    }
+    if (st.st_size == 0) {
+        errno = EINVAL;
+        snprintf(why, WHY, "cannot map an empty file");
+        return NULL;
+    }
+
+    unsigned char flags[4] = { 0 }, mapped[32];
+    int memfd = -1;
+    if (call(M_MAP, flags, sizeof flags, fd, M_MAPPED, mapped, sizeof mapped,
+             &memfd, why) < 0)
+        return NULL;
+    uint64_t id = get64(mapped), size = get64(mapped + 16), length = get64(mapped + 24);
+    long page = sysconf(_SC_PAGESIZE);
+    if (length == 0 || length < size || length % (uint64_t)page) {
+        close(memfd);
+        release(id);
+        errno = EPROTO;
+        snprintf(why, WHY, "bad reply from the server: %llu bytes to map",
+                 (unsigned long long)length);
+        return NULL;
+    }
+
+    /* Only MAP_SHARED: no MAP_POPULATE or the like, which would fill the
+     * buffer's holes with zeros before the range is registered. */
+    void *p = mpu_sys_mmap(addr, length, PROT_READ,
+                           MAP_SHARED | (fixed ? MAP_FIXED_NOREPLACE : 0), memfd, 0);
+    int err = errno;
+    close(memfd);
+    if (p == MAP_FAILED) {
+        release(id);
+        errno = err;
+        why_errno(why, "mmap");
+        return NULL;
+    }
+    if (fixed && p != addr) {   /* a kernel without MAP_FIXED_NOREPLACE */
+        mpu_sys_munmap(p, length);
+        release(id);
+        errno = EEXIST;
+        why_errno(why, "mmap");
+        return NULL;
+    }
+    /* A forked child must not inherit the range: nothing would watch its
+     * faults, and a read there would plant a zero page in the buffer. */
+    if (madvise(p, length, MADV_DONTFORK) < 0) {
+        why_errno(why, "madvise(MADV_DONTFORK)");
+        goto unmap;
+    }
+    err = mpu_guard_add(C.guard, (uintptr_t)p, length, fd);
+    if (err < 0) {
+        errno = -err;
+        if (err == -ENOTCONN)
+            snprintf(why, WHY, "lost the server at %s", C.path);
+        else
+            why_errno(why, "guarding the mapping");
+        goto unmap;
+    }
+    unsigned char reg[24], registered[8];
+    put64(reg, id);
+    put64(reg + 8, (uintptr_t)p);
+    put64(reg + 16, length);
+    if (call(M_REGISTER, reg, sizeof reg, -1, M_REGISTERED, registered,
+             sizeof registered, NULL, why) < 0) {
+        err = errno;
+        mpu_guard_remove(C.guard, (uintptr_t)p);
+        errno = err;
+        goto unmap;
+    }
+    *length_out = length;
+    *id_out = id;
+    return p;
+
+unmap:
+    err = errno;
+    mpu_sys_munmap(p, length);
+    release(id);
+    errno = err;
+    return NULL;
+}
+
+static struct mapping *record(const char *name, int fd, void *p, uint64_t length,
+                              uint64_t id, char *why)
+{
+    struct mapping *m = calloc(1, sizeof *m);
+    if (!m || !(m->name = strdup(name ? name : ""))) {
+        free(m);
+        errno = ENOMEM;
+        why_errno(why, "keeping the mapping");
+        return NULL;
+    }
+    m->fd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    if (m->fd < 0) {
+        int err = errno;
+        free(m->name);
+        free(m);
+        errno = err;
+        why_errno(why, "keeping the mapping");
+        return NULL;
+    }
+    m->addr = (uintptr_t)p;
+    m->length = length;
+    m->id = id;
+    m->served = 1;
+    m->next = C.maps;
+    C.maps = m;
+    __atomic_add_fetch(&C.count, 1, __ATOMIC_SEQ_CST);
+    return m;
+}
+
+static void forget(struct mapping *m)
+{
+    for (struct mapping **pp = &C.maps; *pp; pp = &(*pp)->next) {
+        if (*pp == m) {
+            *pp = m->next;
+            break;
+        }
+    }
+    __atomic_sub_fetch(&C.count, 1, __ATOMIC_SEQ_CST);
+    close(m->fd);
+    free(m->name);
+    free(m);
+}
+
+/* Unmaps a served range: the guard forgets it, then munmap, then UNMAP
+ * (never the other way round). */
+static int unmap_locked(struct mapping *m)
+{
+    if (m->served)
+        mpu_guard_remove(C.guard, m->addr);
+    int r = mpu_sys_munmap((void *)m->addr, m->length);
+    int err = errno;
+    if (m->served)
+        release(m->id);
+    forget(m);
+    errno = err;
+    return r;
+}
+
+static void *map_locked(int fd, const char *name, void *addr, int fixed,
+                        uint64_t *length_out, char *why)
+{
+    uint64_t length, id;
+    void *p = map_fd_locked(fd, addr, fixed, &length, &id, why);
+    if (!p)
+        return NULL;
+    if (!record(name, fd, p, length, id, why)) {
+        int err = errno;
+        mpu_guard_remove(C.guard, (uintptr_t)p);
+        mpu_sys_munmap(p, length);
+        release(id);
+        errno = err;
+        return NULL;
+    }
+    if (length_out)
+        *length_out = length;
+    return p;
+}
+
+/* ---- fork -------------------------------------------------------------- */
+
+static void before_fork(void)
+{
+    pthread_mutex_lock(&C.lock);
+}
+
+static void after_fork_parent(void)
+{
+    pthread_mutex_unlock(&C.lock);
+}
+
+/* The connection, the userfaultfd, the guard and the mappings (which
+ * MADV_DONTFORK kept out of this address space) are the parent's. */
+static void after_fork_child(void)
+{
+    mpu_guard_abandon(C.guard);
+    C.guard = NULL;
+    if (C.sock >= 0)
+        close(C.sock);
+    if (C.uffd >= 0)
+        close(C.uffd);
+    C.sock = C.uffd = -1;
+    while (C.maps) {
+        struct mapping *m = C.maps;
+        C.maps = m->next;
+        close(m->fd);
+        free(m->name);
+        free(m);
+    }
+    C.count = 0;
+    pthread_mutex_unlock(&C.lock);
+}
+
+__attribute__((constructor)) static void setup(void)
+{
+    pthread_atfork(before_fork, after_fork_parent, after_fork_child);
+}
+
+/* ---- for the preload library ------------------------------------------ */
+
+void mpu_client_set_quiet(int quiet)
+{
+    C.quiet = quiet;
+}
+
+int mpu_client_connect(const char *sock_path)
+{
+    char why[WHY];
+    pthread_mutex_lock(&C.lock);
+    int r = connect_locked(sock_path, why);
+    if (r < 0)
+        say("%s", why);
+    int err = errno;
+    pthread_mutex_unlock(&C.lock);
+    errno = err;
+    return r;
+}
+
+void *mpu_client_map_fd(int fd, const char *name, void *addr, int fixed,
+                        uint64_t *length_out)
+{
+    char why[WHY];
+    pthread_mutex_lock(&C.lock);
+    void *p = map_locked(fd, name, addr, fixed, length_out, why);
+    if (!p)
+        say("cannot map %s: %s", name ? name : "a file", why);
+    int err = errno;
+    pthread_mutex_unlock(&C.lock);
+    errno = err;
+    return p;
+}
+
+size_t mpu_client_count(void)
+{
+    return __atomic_load_n(&C.count, __ATOMIC_SEQ_CST);
+}
+
+/* A mapping that munmap cuts into becomes a plain mapping of its file, in
+ * place, before the cut: the rest of it stays readable. */
+static void make_plain(struct mapping *m)
+{
+    if (!m->served)
+        return;
+    mpu_guard_remove(C.guard, m->addr);
+    void *want = (void *)m->addr;
+    if (mpu_sys_mmap(want, m->length, PROT_READ, MAP_SHARED | MAP_FIXED, m->fd, 0) != want)
+        mpu_sys_mmap(want, m->length, PROT_NONE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+    madvise(want, m->length, MADV_DONTFORK);
+    /* a fault that was waiting there retries on the file */
+    mpu_uffd_wake(C.uffd, m->addr, m->length);
+    release(m->id);
+    m->served = 0;
+}
+
+int mpu_client_munmap(void *addr, size_t len, int *handled)
+{
+    *handled = 0;
+    long page = sysconf(_SC_PAGESIZE);
+    uintptr_t start = (uintptr_t)addr;
+    if (len == 0 || start % (uintptr_t)page || start + len < start)
+        return 0;   /* the kernel's munmap says EINVAL */
+    uintptr_t end = start + ((len + (size_t)page - 1) & ~((size_t)page - 1));
+
+    pthread_mutex_lock(&C.lock);
+    int inside = 0;
+    for (struct mapping *m = C.maps, *next; m; m = next) {
+        next = m->next;
+        uintptr_t mend = m->addr + m->length;
+        if (m->addr >= end || mend <= start)
+            continue;
+        *handled = 1;
+        if (m->addr >= start && mend <= end) {
+            if (m->served)
+                mpu_guard_remove(C.guard, m->addr);
+            inside++;
+        } else {
+            /* what is left of it is the program's, like any mapping */
+            make_plain(m);
+            forget(m);
+        }
+    }
+    if (!*handled) {
+        pthread_mutex_unlock(&C.lock);
+        return 0;
+    }
+    int r = mpu_sys_munmap(addr, len);
+    int err = errno;
+    if (inside) {
+        for (struct mapping *m = C.maps, *next; m; m = next) {
+            next = m->next;
+            if (m->addr >= start && m->addr + m->length <= end) {
+                if (m->served)
+                    release(m->id);
+                forget(m);
+            }
+        }
+    }
+    pthread_mutex_unlock(&C.lock);
+    errno = err;
+    return r;
+}
+
+/* ---- the public API ----------------------------------------------------- */
+
+MPU_API void init_umap_client(const char *sock_path)
+{
+    /* void: errno is how the caller tells (0: connected) */
+    if (mpu_client_connect(sock_path) == 0)
+        errno = 0;
+}
+
+MPU_API void close_umap_client(void)
+{
+    pthread_mutex_lock(&C.lock);
+    int was = connected();
+    while (C.maps)
+        unmap_locked(C.maps);
+    disconnect();
+    pthread_mutex_unlock(&C.lock);
+    if (!was)
+        errno = ENOTCONN;
+}
+
+MPU_API void *client_umap(const char *filename, int prot, int flags, void *addr)
+{
+    if (!filename) {
+        errno = EINVAL;
+        say("client_umap: no file name");
+        return NULL;
+    }
+    if (prot != PROT_READ) {
+        errno = EINVAL;
+        say("cannot map %s: only PROT_READ is supported", filename);
+        return NULL;
+    }
+    int type = flags & MAP_TYPE;
+    if ((type != MAP_SHARED && type != MAP_PRIVATE && type != MAP_SHARED_VALIDATE)
+        || (flags & ~(MAP_TYPE | MAP_FIXED | MAP_FIXED_NOREPLACE | MAP_NORESERVE))) {
+        errno = EINVAL;
+        say("cannot map %s: flags must be MAP_SHARED or MAP_PRIVATE", filename);
+        return NULL;
+    }
+    if ((uintptr_t)addr % (uintptr_t)sysconf(_SC_PAGESIZE)) {
+        errno = EINVAL;
+        say("cannot map %s: address %p is not page-aligned", filename, addr);
+        return NULL;
+    }
+
+    char why[WHY];
+    void *p = NULL;
+    pthread_mutex_lock(&C.lock);
+    for (struct mapping *m = C.maps; m; m = m->next) {
+        if (strcmp(m->name, filename) == 0) {
+            errno = EEXIST;
+            snprintf(why, WHY, "mapped already (client_uunmap it first)");
+            goto out;
+        }
+    }
+    if (!connected()) {
+        errno = ENOTCONN;
+        snprintf(why, WHY, "not connected to a server (init_umap_client)");
+        goto out;
+    }
+    /* Opened here, with the caller's own rights: ENOENT and EACCES come from
+     * this call, before the server hears of the file. */
+    int fd = open(filename, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        snprintf(why, WHY, "%s", strerror(errno));
+        goto out;
+    }
+    p = map_locked(fd, filename, addr, addr != NULL, NULL, why);
+    int err = errno;
+    close(fd);
+    errno = err;
+out:
+    if (!p)
+        say("cannot map %s: %s", filename, why);
+    int saved = errno;
+    pthread_mutex_unlock(&C.lock);
+    errno = saved;
+    return p;
+}
+
+MPU_API int client_uunmap(const char *filename)
+{
+    int r = -1;
+    pthread_mutex_lock(&C.lock);
+    struct mapping *m = C.maps;
+    while (m && (!filename || strcmp(m->name, filename) != 0))
+        m = m->next;
+    if (!m) {
+        errno = EINVAL;
+        say("cannot unmap %s: not mapped", filename ? filename : "(null)");
+    } else if ((r = unmap_locked(m)) < 0) {
+        say("cannot unmap %s: munmap: %s", filename, strerror(errno));
+    }
+    int saved = errno;
+    pthread_mutex_unlock(&C.lock);
+    errno = saved;
+    return r < 0 ? -1 : 0;
+}
+
+MPU_API long umapcfg_get_system_page_size(void)
+{
+    return sysconf(_SC_PAGESIZE);
+}
+
+#define GETTER(type, name, field)                      \
+    MPU_API type name(void)                            \
+    {                                                  \
+        pthread_mutex_lock(&C.lock);                   \
+        int ok = connected();                          \
+        type value = ok ? (type)C.field : 0;           \
+        pthread_mutex_unlock(&C.lock);                 \
+        if (!ok)                                       \
+            errno = ENOTCONN;                          \
+        return value;                                  \
+    }
+
+GETTER(uint64_t, umapcfg_get_max_pages_in_buffer, buffer_pages)
+GETTER(uint64_t, umapcfg_get_umap_page_size, page_size)
+GETTER(uint64_t, umapcfg_get_num_fillers, fillers)
+GETTER(uint64_t, umapcfg_get_num_evictors, evictors)
+GETTER(int, umapcfg_get_evict_low_water_threshold, low_water)
+GETTER(int, umapcfg_get_evict_high_water_threshold, high_water)
+GETTER(uint64_t, umapcfg_get_max_fault_events, max_events)

@@ -1,0 +1,285 @@
+"""Issue 7: native programs.  libmpumapclient (MP-UMap's client API in C), its
+fallback guard, and the LD_PRELOAD library, tried with real compiled programs
+against real servers.  Programs are compiled into the test's own folder with
+the flags `mpumap-client config` prints."""
+import errno
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import make_file
+from mpumap import native
+
+MiB = 1 << 20
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SOURCES = os.path.join(HERE, "native")
+EXAMPLE = os.path.join(ROOT, "examples", "read_random.c")
+NOBODY = 65534
+
+pytestmark = [
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler"),
+]
+
+
+def client_command():
+    script = os.path.join(os.path.dirname(sys.executable), "mpumap-client")
+    if os.path.exists(script):
+        return [script]
+    found = shutil.which("mpumap-client")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "from mpumap.cli import client_main; client_main()"]
+
+
+def config(*flags):
+    out = subprocess.run(client_command() + ["config", *flags], check=True,
+                         capture_output=True, text=True, timeout=30).stdout
+    return shlex.split(out)
+
+
+def clean_env(**extra):
+    """The environment without anything that would find the library for us."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_LIBRARY_PATH", "LD_PRELOAD", "MPUMAP_SOCKET",
+                        "MPUMAP_PRELOAD_MAP")}
+    env.update(extra)
+    return env
+
+
+class Programs:
+    """Compiles test programs into the test's folder and runs them; kills
+    whatever is still running when the test ends."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.procs = []
+
+    def build(self, source, name=None, flags=None):
+        name = name or os.path.splitext(os.path.basename(source))[0]
+        out = os.path.join(self.folder, name)
+        if flags is None:
+            flags = config("--cflags", "--libs")
+        result = subprocess.run(["cc", "-O2", "-Wall", "-o", out, source, *flags, "-pthread"],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return out
+
+    def start(self, args, env, stdin=subprocess.DEVNULL):
+        proc = subprocess.Popen(args, env=env, stdin=stdin, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        self.procs.append(proc)
+        return proc
+
+    def run(self, args, env, timeout=120):
+        proc = self.start(args, env)
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err
+
+    def cleanup(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+
+
+@pytest.fixture
+def programs(workdir):
+    p = Programs(workdir)
+    yield p
+    p.cleanup()
+
+
+def values(out):
+    """key=value lines as a dict of ints (or strings)."""
+    result = {}
+    for line in out.splitlines():
+        key, _, value = line.partition("=")
+        try:
+            result[key] = int(value)
+        except ValueError:
+            result[key] = value
+    return result
+
+
+def fields(line):
+    return dict(word.split("=", 1) for word in line.split() if "=" in word)
+
+
+def wait_for(predicate, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    return predicate()
+
+
+# ---- (a) the example, built with the printed flags --------------------------
+
+def test_config_prints_usable_flags():
+    flags = config("--cflags", "--libs")
+    assert "-lmpumapclient" in flags
+    assert any(f.startswith("-Wl,-rpath,") for f in flags)
+    include = [f[2:] for f in flags if f.startswith("-I")]
+    assert os.path.exists(os.path.join(include[0], "umap", "umap-client.h"))
+    assert os.path.exists(native.client_library())
+
+
+def test_example_reads_a_64mib_file_in_random_order(start_server, programs, workdir):
+    path = make_file(os.path.join(workdir, "data.bin"), 64 * MiB, seed=70)
+    server = start_server("--page-size", "64K", "--buffer-size", "32M")
+    exe = programs.build(EXAMPLE)
+    needed = subprocess.run(["readelf", "-d", exe], capture_output=True, text=True).stdout
+    assert "libmpumapclient.so" in needed and ("RUNPATH" in needed or "RPATH" in needed)
+
+    code, out, err = programs.run([exe, path, "3"], clean_env(MPUMAP_SOCKET=server.socket))
+    assert code == 0, err
+    assert f"{64 * MiB // 4096} pages, {64 * MiB} bytes, 0 wrong" in out
+    assert err == ""
+    buffer = server.stats()["buffer"]
+    assert buffer["faults"] >= 64 * MiB // (64 << 10)
+    assert buffer["bytes_read"] >= 64 * MiB
+    assert wait_for(lambda: server.stats()["regions"] == [] and not server.stats()["clients"])
+
+
+def test_two_example_processes_through_a_smaller_buffer(start_server, programs, workdir):
+    path = make_file(os.path.join(workdir, "data.bin"), 64 * MiB, seed=71)
+    server = start_server("--page-size", "64K", "--buffer-size", "16M", "--fillers", 2)
+    exe = programs.build(EXAMPLE)
+    env = clean_env(MPUMAP_SOCKET=server.socket)
+    procs = [programs.start([exe, path, str(seed)], env) for seed in (1, 2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=150)
+        assert proc.returncode == 0, err
+        assert f"{64 * MiB} bytes, 0 wrong" in out
+    buffer = server.stats()["buffer"]
+    assert buffer["limit"] == 256
+    assert buffer["evictions"] > 0
+    assert buffer["peak_used"] <= buffer["limit"]
+    assert buffer["fills"] >= 1024
+
+
+# ---- (b) error paths ----------------------------------------------------------
+
+def test_no_server_fails_without_exiting(programs, workdir):
+    path = make_file(os.path.join(workdir, "f.bin"), 10000)
+    sock = os.path.join(workdir, "nobody-home.sock")
+    exe = programs.build(os.path.join(SOURCES, "probe.c"))
+    code, out, err = programs.run([exe, "nosrv", sock, path], clean_env())
+    assert code == 0, err
+    v = values(out)
+    assert v["init_errno"] in (errno.ENOENT, errno.ECONNREFUSED)
+    assert v["map_null"] == 1 and v["map_errno"] == errno.ENOTCONN
+    assert v["page_size_zero"] == 1 and v["page_size_errno"] == errno.ENOTCONN
+    assert v["uunmap"] == -1
+    assert v["alive"] == 1
+    assert f"no mpumap server at {sock}" in err
+    assert all(line.startswith("mpumap-client: ") for line in err.splitlines())
+
+
+def test_missing_file_misuse_and_settings(start_server, programs, workdir):
+    good = make_file(os.path.join(workdir, "good.bin"), 3 * 65536 + 100, seed=72)
+    server = start_server("--page-size", "64K", "--buffer-size", 64, "--fillers", 2,
+                          "--evictors", 1, "--high-water", 80, "--low-water", 60)
+    exe = programs.build(os.path.join(SOURCES, "probe.c"))
+    code, out, err = programs.run(
+        [exe, "files", server.socket, os.path.join(workdir, "missing.bin"), good],
+        clean_env())
+    assert code == 0, err
+    v = values(out)
+    assert v["init_errno"] == 0
+    assert (v["system_page_size"], v["umap_page_size"], v["buffer_pages"]) == (4096, 65536, 64)
+    assert (v["fillers"], v["evictors"], v["high_water"], v["low_water"]) == (2, 1, 80, 60)
+    assert v["max_fault_events"] > 0
+    assert v["missing_null"] == 1 and v["missing_errno"] == errno.ENOENT
+    assert v["good_null"] == 0 and v["good_right"] == 1
+    assert v["again_errno"] == errno.EEXIST
+    assert v["child_status"] == 0 and v["child_inherited"] == 0
+    assert v["child_before_init_errno"] == errno.ENOTCONN
+    assert v["child_right"] == 1 and v["parent_still_right"] == 1
+    assert v["write_null"] == 1 and v["write_errno"] == errno.EINVAL
+    assert v["uunmap"] == 0
+    assert v["uunmap_again"] == -1 and v["uunmap_again_errno"] == errno.EINVAL
+    assert v["fixed_at_addr"] == 1 and v["fixed_right"] == 1
+    assert v["taken_null"] == 1 and v["taken_errno"] == errno.EEXIST
+    assert v["closed_errno"] == errno.ENOTCONN
+    assert v["reconnected_right"] == 1
+    assert v["alive"] == 1
+    assert "missing.bin: No such file or directory" in err
+    assert wait_for(lambda: server.stats()["regions"] == [] and not server.stats()["clients"])
+
+
+def test_unreadable_file_as_nobody(start_server, programs, workdir):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to become nobody")
+    secret = make_file(os.path.join(workdir, "secret.bin"), 100000, seed=73)
+    public = make_file(os.path.join(workdir, "public.bin"), 300000, seed=74)
+    os.chmod(secret, 0o600)
+    os.chmod(public, 0o644)
+    server = start_server("--page-size", "64K", "--buffer-size", 16)
+    exe = programs.build(os.path.join(SOURCES, "probe.c"))
+    os.chmod(exe, 0o755)
+    code, out, err = programs.run([exe, "nobody", server.socket, secret, public], clean_env())
+    assert code == 0, err
+    v = values(out)
+    assert v["uid"] == NOBODY and v["init_errno"] == 0
+    assert v["secret_null"] == 1 and v["secret_errno"] == errno.EACCES
+    assert v["public_null"] == 0 and v["public_right"] == 1
+    assert v["alive"] == 1
+    assert "secret.bin: Permission denied" in err
+
+
+# ---- (d) the guard: the server dies under a reading program ----------------------
+
+def threads_in(pid, wchan):
+    count = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                count += f.read().strip() == wchan
+        except OSError:
+            pass
+    return count
+
+
+def test_program_reads_on_when_the_server_is_killed(start_server, programs, workdir):
+    path = make_file(os.path.join(workdir, "g.bin"), 16 * MiB, seed=80)
+    server = start_server("--page-size", "4K", "--buffer-size", "4M")
+    exe = programs.build(os.path.join(SOURCES, "guard_reader.c"))
+    proc = programs.start([exe, path, "3"], clean_env(MPUMAP_SOCKET=server.socket),
+                          stdin=subprocess.PIPE)
+    ready = proc.stdout.readline()
+    assert ready.startswith("ready") and fields(ready)["wrong"] == "0", \
+        (ready, proc.poll() is not None and proc.stderr.read())
+
+    # Stopped, the server serves nothing: the reading threads block on faults.
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert wait_for(lambda: threads_in(proc.pid, "handle_userfault") == 3, timeout=10)
+    finally:
+        os.kill(server.proc.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    server.proc.wait(10)
+    os.unlink(server.socket)   # a killed server leaves its socket behind
+
+    out, err = proc.communicate(timeout=60)
+    elapsed = time.monotonic() - killed
+    assert proc.returncode == 0, (out, err)
+    done = fields(out.splitlines()[-1])
+    assert done["wrong"] == "0"
+    assert int(done["pages"]) == 16 * MiB // 4096 // 4 + 3 * 16 * MiB // 4096
+    assert elapsed < 30
+    lost = [line for line in err.splitlines() if "lost the server" in line]
+    assert len(lost) == 1 and "1 mapping(s) now read their file directly" in lost[0], err
