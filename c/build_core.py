@@ -72,6 +72,8 @@ ffibuilder.cdef(
                        int memfd, uint64_t offset, uint64_t len);
     uint64_t mpu_table_release(struct mpu_header *h, struct mpu_table *t);
     uint64_t mpu_table_count(struct mpu_table *t, uint32_t state);
+    uint64_t mpu_table_recover(struct mpu_header *h, struct mpu_table *t,
+                               uint32_t owner, int memfd, uint64_t page_size);
     uint64_t mpu_table_oldest(struct mpu_table *t, uint64_t stride,
                               uint64_t phase, uint64_t max,
                               uint64_t *idx_out, uint64_t *stamp_out);

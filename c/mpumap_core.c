@@ -264,6 +264,29 @@ uint64_t mpu_table_release(struct mpu_header *h, struct mpu_table *t)
     return freed;
 }
 
+/* A worker died: the pages it held FILLING go back to FREE, those it held
+ * LEAVING are punched out (again) and FREE.  Each held a buffer page. */
+uint64_t mpu_table_recover(struct mpu_header *h, struct mpu_table *t,
+                           uint32_t owner, int memfd, uint64_t page_size)
+{
+    uint64_t freed = 0;
+    for (uint64_t i = 0; i < t->npages; i++) {
+        uint32_t word = mpu_load32(&t->pages[i].state);
+        uint32_t state = STATE(word);
+        if ((state != MPU_FILLING && state != MPU_LEAVING) || word >> 2 != owner)
+            continue;
+        if (state == MPU_LEAVING)
+            mpu_punch(memfd, i * page_size, page_size);
+        if (cas32(&t->pages[i].state, word, MPU_FREE)) {
+            mpu_futex_wake(&t->pages[i].state, INT_MAX);
+            freed++;
+        }
+    }
+    if (freed)
+        mpu_release(h, (uint32_t)freed);
+    return freed;
+}
+
 uint64_t mpu_table_count(struct mpu_table *t, uint32_t state)
 {
     uint64_t n = 0;
@@ -367,7 +390,12 @@ int mpu_reserve(struct mpu_header *h, const int *evict_fds, int nfds,
             mpu_add64(&h->full_waits, 1);
         __atomic_store_n(&h->evict_wanted, 1, __ATOMIC_SEQ_CST);
         signal_evictors(evict_fds, nfds);
-        if (mpu_futex_wait(&h->used, used, timeout_ms) == -ETIMEDOUT)
+        /* Counted before sleeping, so that mpu_release knows to wake us; a
+         * release before the wait changes `used`, and the wait returns. */
+        __atomic_add_fetch(&h->waiters, 1, __ATOMIC_SEQ_CST);
+        int err = mpu_futex_wait(&h->used, used, timeout_ms);
+        __atomic_sub_fetch(&h->waiters, 1, __ATOMIC_SEQ_CST);
+        if (err == -ETIMEDOUT)
             return -ETIMEDOUT;
     }
 }
@@ -392,7 +420,8 @@ int mpu_try_reserve(struct mpu_header *h, uint32_t count)
 void mpu_release(struct mpu_header *h, uint32_t count)
 {
     __atomic_sub_fetch(&h->used, count, __ATOMIC_SEQ_CST);
-    mpu_futex_wake(&h->used, INT_MAX);
+    if (__atomic_load_n(&h->waiters, __ATOMIC_SEQ_CST))
+        mpu_futex_wake(&h->used, INT_MAX);
 }
 
 /* ---- accounting -------------------------------------------------------- */

@@ -68,7 +68,7 @@ struct mpu_header {
     uint32_t high;          /* evict when used reaches this many pages */
     uint32_t low;           /* ... down to this many */
     uint32_t evict_wanted;  /* a filler asked the evictors to run */
-    uint32_t pad0;
+    uint32_t waiters;       /* fillers asleep on `used`, waiting for room */
     uint64_t clock;         /* fill stamps */
     uint64_t peak_used;
     uint64_t faults;        /* fault messages read by the monitors */
@@ -117,6 +117,8 @@ int mpu_page_evict(struct mpu_page *page, uint32_t owner,
                    int memfd, uint64_t offset, uint64_t len);
 uint64_t mpu_table_release(struct mpu_header *h, struct mpu_table *t);
 uint64_t mpu_table_count(struct mpu_table *t, uint32_t state);
+uint64_t mpu_table_recover(struct mpu_header *h, struct mpu_table *t,
+                           uint32_t owner, int memfd, uint64_t page_size);
 uint64_t mpu_table_oldest(struct mpu_table *t, uint64_t stride, uint64_t phase,
                           uint64_t max, uint64_t *idx_out, uint64_t *stamp_out);
 

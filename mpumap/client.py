@@ -17,12 +17,15 @@ import os
 import socket
 import stat
 import threading
+import weakref
 
 from mpumap import core, protocol
+from mpumap._core import ffi, lib
 from mpumap.protocol import Msg
 from mpumap.settings import socket_path as resolve_socket_path
 
 log = logging.getLogger("mpumap.client")
+PAGE = mmap.PAGESIZE
 
 ServerSettings = collections.namedtuple(
     "ServerSettings",
@@ -72,12 +75,27 @@ def server_stats(socket_path=None, session=None):
     return json.loads(payload)
 
 
+_LIVE_CLIENTS = weakref.WeakSet()
+
+
+def _forget_guards_in_child():
+    # A forked child has none of the parent's mappings (MADV_DONTFORK) and no
+    # guard thread; let go of the guards' descriptors without touching them.
+    for client in list(_LIVE_CLIENTS):
+        client._abandon_guard()
+
+
+os.register_at_fork(after_in_child=_forget_guards_in_child)
+
+
 class Client:
     def __init__(self, socket_path=None):
         self.socket_path = resolve_socket_path(socket_path)
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._mappings = {}
+        self._guard = None
+        self._uffd = None
         self._sock = _open_socket(self.socket_path)
         # We keep our userfaultfd open for as long as any mapping lives: were
         # the server's copy the last one, its death would unregister our
@@ -93,9 +111,18 @@ class Client:
             session = os.environ.get("MPUMAP_SESSION", "").encode()[:protocol.MAX_SESSION]
             _, values, _ = self._call(Msg.HELLO, protocol.U32.pack(0) + session, [self._uffd],
                                       expect=Msg.WELCOME)
+            # Should the server die, a C thread (it needs no GIL, which a
+            # thread blocked on a fault may hold) maps the files themselves
+            # over our mappings and wakes the threads that wait on them.
+            guard = lib.mpu_guard_start(self._sock.fileno(), self._uffd)
+            if guard == ffi.NULL:
+                raise OSError(ffi.errno, f"starting the fallback guard: "
+                              f"{os.strerror(ffi.errno)}")
+            self._guard = guard
         except BaseException:
             self._close_descriptors()
             raise
+        _LIVE_CLIENTS.add(self)
         self.settings = ServerSettings(*values)
         if self.uffd_kind == "user-mode-only":
             log.info("userfaultfd in user-mode-only mode: system calls that read a "
@@ -147,10 +174,12 @@ class Client:
                 raise OSError(errno.EINVAL, f"{path} is not a regular file")
             if st.st_size == 0:
                 raise ValueError(f"cannot map an empty file: {path}")
-            rfds, values, _ = self._call(Msg.MAP, protocol.U32.pack(0), [fd],
-                                         expect=Msg.MAPPED)
+            return self._map(path, fd)
         finally:
             os.close(fd)
+
+    def _map(self, path, fd):
+        rfds, values, _ = self._call(Msg.MAP, protocol.U32.pack(0), [fd], expect=Msg.MAPPED)
         mid, rid, size, length = values
         (memfd,) = rfds
         try:
@@ -160,16 +189,24 @@ class Client:
             self._release(mid)
             raise
         os.close(memfd)
-        m._attach(self, mid, rid, path)
+        m._attach(self, mid, rid, path, fd)
+        guarded = False
         try:
             # A forked child must not inherit this range: nothing would watch
             # its faults, and a read there would plant a zero page in the
             # buffer that every other client then sees.
             m.madvise(mmap.MADV_DONTFORK)
+            # Guarded before it is registered: no registered range is ever
+            # without its way back to the file.
+            self._guard_mapping(m)
+            guarded = True
             self._call(Msg.REGISTER, protocol.REGISTER_BODY.pack(mid, m.address, length),
                        expect=Msg.REGISTERED)
         except BaseException:
+            if guarded:
+                self._unguard(m.address)
             mmap.mmap.close(m)
+            os.close(m._file_fd)
             self._release(mid)
             raise
         self._mappings[mid] = m
@@ -198,7 +235,30 @@ class Client:
             m.close()
         self._close_descriptors()
 
+    def _guard_mapping(self, m):
+        length = len(m) + (-len(m)) % PAGE  # the whole pages the mapping spans
+        core.check(lib.mpu_guard_add(self._guard, m.address, length, m._file_fd),
+                   "guarding the mapping")
+
+    def _unguard(self, address):
+        if self._guard is not None:
+            lib.mpu_guard_remove(self._guard, address)
+
+    @property
+    def fell_back(self):
+        """True once the server was lost and the mappings were replaced by
+        the kernel's own mappings of the files."""
+        return self._guard is not None and bool(lib.mpu_guard_fell_back(self._guard))
+
+    def _abandon_guard(self):
+        if self._guard is not None and os.getpid() != self._pid:
+            lib.mpu_guard_abandon(self._guard)
+            self._guard = None
+
     def _close_descriptors(self):
+        if self._guard is not None:
+            lib.mpu_guard_stop(self._guard)
+            self._guard = None
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -226,8 +286,9 @@ class Mapping(mmap.mmap):
     file's size.  Use it as a buffer (memoryview, numpy.frombuffer) or as an
     mmap (slicing, find, ...)."""
 
-    def _attach(self, client, mid, rid, path):
+    def _attach(self, client, mid, rid, path, file_fd):
         self._client = client
+        self._file_fd = os.dup(file_fd)  # for the guard, while the mapping lives
         self.mapping_id = mid
         self.region_id = rid
         self.path = path
@@ -254,15 +315,22 @@ class Mapping(mmap.mmap):
         """Unmap.  Raises BufferError while views of it are alive."""
         if self.closed:
             return
+        client = getattr(self, "_client", None)
+        # The guard forgets the range before it is unmapped (it must never map
+        # over an address that may be someone else's by then) and takes it
+        # back if the unmap is refused.  The server hears of it last: while
+        # the range exists, its faults must be served.
+        if client is not None:
+            client._unguard(self.address)
         try:
-            # Unmap before telling the server: while the range exists, its
-            # faults must be served.
             super().close()
         except BufferError:
+            if client is not None:
+                client._guard_mapping(self)
             raise BufferError(
                 f"cannot unmap {self.path}: a memoryview or numpy array still "
                 "points into it; delete those first") from None
-        client = getattr(self, "_client", None)
+        os.close(self._file_fd)
         if client is not None and not client.closed:
             client._release(self.mapping_id)
 

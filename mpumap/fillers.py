@@ -53,9 +53,15 @@ class Filler(Worker):
         uffd, slot = client
         table = region.table
         length = region.fill_length(index)
+        # A page in FILLING always holds a buffer page, so that whoever frees
+        # it (we, or the supervisor after our death) gives one back: the
+        # buffer page comes first.
+        while not self.buffer.reserve(self.evict_fds, WAIT_MS):
+            log.warning("no buffer page came free in %d ms; waiting on", WAIT_MS)
         while True:
             state = table.begin_fill(index, self.pid, WAIT_MS)
             if state == core.PRESENT:
+                self.buffer.release()
                 if table.take_flags(index) & lib.MPU_READ_AHEAD:
                     self.buffer.add("readahead_hits")
                 if self.wake(uffd, address, length):
@@ -65,9 +71,6 @@ class Filler(Worker):
                 break
             log.warning("region %d page %d still %s after %d ms", region.rid, index,
                         core.STATE_NAMES[state], WAIT_MS)
-
-        while not self.buffer.reserve(self.evict_fds, WAIT_MS):
-            log.warning("no buffer page came free in %d ms; waiting on", WAIT_MS)
         ahead, _ = self.claim_run(region, index + 1, self.read_ahead)
         present = False
         try:
@@ -110,11 +113,11 @@ class Filler(Worker):
         that is not FREE or when the buffer has no room.  Returns (pages, full)."""
         pages = []
         for index in range(start, min(start + count, region.npages)):
-            if region.table.begin_fill(index, self.pid, 0) != core.FREE:
-                break
             if not self.buffer.try_reserve(1):
-                region.table.end_fill(self.buffer, index, False)
                 return pages, not pages
+            if region.table.begin_fill(index, self.pid, 0) != core.FREE:
+                self.buffer.release()
+                break
             pages.append(index)
         return pages, False
 

@@ -243,6 +243,10 @@ class PageTable:
     def count(self, state):
         return lib.mpu_table_count(self.table, state)
 
+    def recover(self, buffer, owner, memfd, page_size):
+        """Free the pages a dead worker held FILLING or LEAVING."""
+        return lib.mpu_table_recover(buffer.header, self.table, owner, memfd, page_size)
+
     def release_all(self, buffer):
         """Mark the region dead and give its PRESENT pages back to the buffer."""
         return lib.mpu_table_release(buffer.header, self.table)

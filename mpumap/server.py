@@ -34,7 +34,7 @@ log = logging.getLogger("mpumap.server")
 
 WORKER_SOCKET_BUFFER = 4 << 20
 STOP_GRACE_SECONDS = 3.0
-QUICK_DEATH_SECONDS = 2.0
+QUICK_DEATH_SECONDS = 1.0
 MAX_QUICK_DEATHS = 5
 STATS_LIST_LENGTH = 500
 SESSIONS_KEPT = 1000
@@ -387,9 +387,27 @@ class Server:
                 continue
             log.warning("%s %d (pid %d) died with %s; starting another",
                         worker.role, worker.index, pid, how)
+            self.recover(worker)
             self.restart(worker)
+            if worker.role == "filler":
+                self.wake_all()
             if block:
                 return
+
+    def recover(self, worker):
+        """Take back the pages a dead worker held in FILLING or LEAVING."""
+        freed = sum(r.table.recover(self.buffer, worker.pid, r.memfd, r.page_size)
+                    for r in self.regions.values())
+        if freed:
+            log.info("took back %d pages that %s %d held", freed, worker.role, worker.index)
+
+    def wake_all(self):
+        """Wake every client thread waiting on a fault: those a dead filler
+        was to answer fault again, and the new filler serves them."""
+        for conn in self.connections.values():
+            for mapping in conn.mappings.values():
+                if mapping.address is not None:
+                    core.uffd_wake(conn.uffd, mapping.address, mapping.region.map_length)
 
     def restart(self, worker):
         slot = (worker.role, worker.index)

@@ -143,6 +143,7 @@ class Readers:
     @staticmethod
     def result(proc, timeout=120):
         out, err = proc.communicate(timeout=timeout)
+        proc.error_output = err.decode(errors="replace")
         lines = [json.loads(line) for line in out.decode().splitlines() if line.strip()]
         if not lines or "pages" not in lines[-1] and "error" not in lines[-1]:
             raise AssertionError(f"reader exited {proc.returncode} without a result:\n"

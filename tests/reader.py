@@ -41,6 +41,8 @@ def main():
     p.add_argument("--go", help="wait for this file to exist before reading")
     p.add_argument("--pages", type=int, default=0, help="read only the first N chunks")
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--seconds", type=float, default=0,
+                   help="go on with more rounds until this much time has passed")
     p.add_argument("--drop-uid", type=int, help="become this user before connecting")
     args = p.parse_args()
 
@@ -76,7 +78,9 @@ def main():
     mismatches = []
     pages = 0
     started = time.monotonic()
-    for _ in range(args.rounds):
+    rounds = 0
+    while rounds < args.rounds or time.monotonic() - started < args.seconds:
+        rounds += 1
         for m in mappings:
             fd = os.open(m.path, os.O_RDONLY | (os.O_DIRECT if args.direct else 0))
             offsets = list(range(0, len(m), chunk))
@@ -94,6 +98,7 @@ def main():
     elapsed = time.monotonic() - started
     result = {
         "pages": pages,
+        "rounds": rounds,
         "mismatches": mismatches[:20],
         "mismatch_count": len(mismatches),
         "regions": [m.region_id for m in mappings],
