@@ -60,11 +60,13 @@ static void fall_back(struct mpu_guard *g)
 {
     size_t count, failed = 0;
     pthread_mutex_lock(&g->lock);
+    /* Set first: a woken thread may ask at once, and mpu_guard_fell_back
+     * takes the lock, so it answers 1 only once every range is replaced. */
+    __atomic_store_n(&g->fell_back, 1, __ATOMIC_SEQ_CST);
     for (size_t i = 0; i < g->count; i++)
         if (!replace(g, &g->ranges[i]))
             failed++;
     count = g->count;
-    __atomic_store_n(&g->fell_back, 1, __ATOMIC_SEQ_CST);
     pthread_mutex_unlock(&g->lock);
     if (failed)
         fprintf(stderr, "mpumap: lost the server; %zu mapping(s) now read their "
@@ -186,7 +188,12 @@ int mpu_guard_remove(struct mpu_guard *g, uint64_t addr)
 
 int mpu_guard_fell_back(struct mpu_guard *g)
 {
-    return g ? __atomic_load_n(&g->fell_back, __ATOMIC_SEQ_CST) : 0;
+    if (!g)
+        return 0;
+    pthread_mutex_lock(&g->lock);
+    int lost = __atomic_load_n(&g->fell_back, __ATOMIC_SEQ_CST);
+    pthread_mutex_unlock(&g->lock);
+    return lost;
 }
 
 static void release(struct mpu_guard *g)

@@ -41,7 +41,8 @@ int mpu_guard_add(struct mpu_guard *g, uint64_t addr, uint64_t len, int file_fd)
  * -ENOENT when there is none.  Call it before munmap. */
 int mpu_guard_remove(struct mpu_guard *g, uint64_t addr);
 
-/* 1 once the server was lost and the ranges were replaced, else 0. */
+/* 1 once the server was lost and the ranges were replaced, else 0 (waits
+ * while a fallback is under way). */
 int mpu_guard_fell_back(struct mpu_guard *g);
 
 /* Stops and joins the thread, closes the kept descriptors, frees g.  The
