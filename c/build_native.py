@@ -1,10 +1,12 @@
 """The native libraries, built by setup.py's build_ext next to mpumap/_core:
 
-- mpumap/libmpumapclient.so: MP-UMap's client API in C (umap/umap-client.h).
+- mpumap/libmpumapclient.so: MP-UMap's client API in C (umap/umap-client.h),
+- mpumap/libmpumappreload.so: the LD_PRELOAD library that serves an
+  unmodified program's read-only file mappings through mpumap.
 
-It is not a Python extension: it links no libpython and is named
+Neither is a Python extension: they link no libpython and are named
 lib*.so, so that ``cc prog.c -lmpumapclient`` finds the first one (see
-``mpumap-client config``).  It is compiled at install time; importing
+``mpumap-client config``).  Both are compiled at install time; importing
 mpumap compiles nothing.  setup.py uses ``setup_args()``.
 """
 import os
@@ -31,6 +33,12 @@ def extensions():
     return [
         NativeLibrary("mpumap.libmpumapclient", sources=CLIENT_SOURCES,
                       extra_link_args=["-pthread", "-Wl,-soname,libmpumapclient.so"],
+                      **common),
+        # The client compiled in and hidden (MPU_API empty): the library
+        # exports mmap, mmap64 and munmap only, and needs nothing at run time.
+        NativeLibrary("mpumap.libmpumappreload", sources=["c/preload.c"] + CLIENT_SOURCES,
+                      define_macros=[("MPU_API", "")], libraries=["dl"],
+                      extra_link_args=["-pthread", "-Wl,-soname,libmpumappreload.so"],
                       **common),
     ]
 

@@ -132,6 +132,7 @@ def test_config_prints_usable_flags():
     assert any(f.startswith("-Wl,-rpath,") for f in flags)
     include = [f[2:] for f in flags if f.startswith("-I")]
     assert os.path.exists(os.path.join(include[0], "umap", "umap-client.h"))
+    assert config("--preload") == [native.preload_library()]
     assert os.path.exists(native.client_library())
 
 
@@ -237,6 +238,141 @@ def test_unreadable_file_as_nobody(start_server, programs, workdir):
     assert v["public_null"] == 0 and v["public_right"] == 1
     assert v["alive"] == 1
     assert "secret.bin: Permission denied" in err
+
+
+# ---- (c) the preload library ----------------------------------------------------
+
+def served(backing, path):
+    return backing.startswith("/memfd:mpumap:" + os.path.basename(path))
+
+
+@pytest.mark.parametrize("mode", ["shared", "private"])
+def test_preload_serves_a_c_program(start_server, programs, workdir, mode):
+    matched = make_file(os.path.join(workdir, "matched.bin"), 5 * MiB + 1234, seed=75)
+    other = make_file(os.path.join(workdir, "other.dat"), 300000, seed=76)
+    server = start_server("--page-size", "64K", "--buffer-size", "2M")
+    exe = programs.build(os.path.join(SOURCES, "mmap_reader.c"), flags=[])
+    env = clean_env(**native.preload_env([os.path.join(workdir, "*.bin")], server.socket))
+    before = server.stats()["buffer"]["faults"]
+    args = [exe, "--wait"] + (["--private"] if mode == "private" else []) + [matched, other]
+    proc = programs.start(args, env, stdin=subprocess.PIPE)
+    lines = [proc.stdout.readline() for _ in range(3)]
+    assert lines[2].strip() == "mapped", (lines, proc.stderr.read() if proc.poll() else "")
+    first, second = fields(lines[0]), fields(lines[1])
+    assert first["file"] == matched and first["wrong"] == "0"
+    assert served(first["backing"], matched), first
+    assert second["file"] == other and second["wrong"] == "0"
+    assert second["backing"] == other          # untouched: the kernel's mapping
+    stats = server.stats()
+    assert [r["file"] for r in stats["regions"]] == [matched]
+    assert stats["buffer"]["faults"] - before >= (5 * MiB) // (64 << 10)
+    assert [c["pid"] for c in stats["clients"]] == [proc.pid]
+
+    out, err = proc.communicate("go\n", timeout=60)
+    assert proc.returncode == 0, err
+    assert out.strip().endswith("done")
+    assert err == ""
+    assert wait_for(lambda: server.stats()["regions"] == [])
+
+
+def test_preload_munmap_that_cuts_into_a_served_range(start_server, programs, workdir):
+    path = make_file(os.path.join(workdir, "cut.bin"), 1 * MiB + 99, seed=81)
+    server = start_server("--page-size", "64K", "--buffer-size", "2M")
+    exe = programs.build(os.path.join(SOURCES, "mmap_reader.c"), flags=[])
+    env = clean_env(**native.preload_env([path], server.socket))
+    proc = programs.start([exe, "--wait", "--cut", path], env, stdin=subprocess.PIPE)
+    first = fields(proc.stdout.readline())
+    assert proc.stdout.readline().strip() == "mapped"
+    # what is left reads the file through the kernel, and the server let go
+    assert first["wrong"] == "0" and first["backing"] == path, first
+    assert wait_for(lambda: server.stats()["regions"] == [])
+    out, err = proc.communicate("go\n", timeout=60)
+    assert proc.returncode == 0 and err == "", (out, err)
+
+
+def test_preload_serves_numpy_memmap(start_server, programs, workdir):
+    pytest.importorskip("numpy")
+    path = make_file(os.path.join(workdir, "array.bin"), 3 * MiB + 8, seed=77)
+    server = start_server("--page-size", "64K", "--buffer-size", "1M")
+    script = """
+import json, os, sys, numpy
+path = sys.argv[1]
+
+def backing(array):
+    address = array.ctypes.data
+    for line in open("/proc/self/maps"):
+        span, *rest = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in span.split("-"))
+        if start <= address < end:
+            return rest[4].strip() if len(rest) > 4 else ""
+
+m = numpy.memmap(path, mode="r")
+want = open(path, "rb").read()
+result = {"ok": m.tobytes() == want, "size": len(m), "backing": backing(m)}
+# a forked child connects anew (the parent's mapping is not inherited)
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    c = numpy.memmap(path, mode="r")
+    os.write(w, json.dumps([c.tobytes() == want, backing(c)]).encode())
+    del c
+    os._exit(0)
+os.close(w)
+result["child"] = json.loads(os.read(r, 65536))
+os.waitpid(pid, 0)
+print(json.dumps(result), flush=True)
+sys.stdin.readline()
+del m
+print("done", flush=True)
+"""
+    env = clean_env(**native.preload_env([path], server.socket))
+    before = server.stats()["buffer"]["faults"]
+    proc = programs.start([sys.executable, "-c", script, path], env, stdin=subprocess.PIPE)
+    line = proc.stdout.readline()
+    assert line, proc.communicate(timeout=30)[1]
+    result = json.loads(line)
+    assert result["ok"] is True and result["size"] == 3 * MiB + 8
+    assert served(result["backing"], path), result
+    child_ok, child_backing = result["child"]
+    assert child_ok is True and served(child_backing, path)
+    stats = server.stats()
+    assert [r["file"] for r in stats["regions"]] == [path]
+    assert stats["buffer"]["faults"] - before >= (3 * MiB) // (64 << 10)
+    out, err = proc.communicate("\n", timeout=60)
+    assert proc.returncode == 0, err
+    assert "done" in out
+    assert wait_for(lambda: server.stats()["regions"] == [])
+
+
+def test_preload_without_server_falls_through_with_one_warning(programs, workdir):
+    a = make_file(os.path.join(workdir, "a.bin"), 200000, seed=78)
+    b = make_file(os.path.join(workdir, "b.bin"), 70000, seed=79)
+    sock = os.path.join(workdir, "nobody-home.sock")
+    exe = programs.build(os.path.join(SOURCES, "mmap_reader.c"), flags=[])
+    env = clean_env(**native.preload_env([os.path.join(workdir, "*")], sock))
+    code, out, err = programs.run([exe, a, b], env)
+    assert code == 0, err
+    lines = out.splitlines()
+    for line, path in zip(lines, (a, b)):
+        f = fields(line)
+        assert f["file"] == path and f["wrong"] == "0" and f["backing"] == path
+    warnings = err.splitlines()
+    assert len(warnings) == 1, err
+    assert warnings[0].startswith("mpumap-preload: no mpumap server at " + sock)
+
+
+def test_preload_env():
+    env = native.preload_env(["/data/*.bin", "*.npy", "rel/x.bin"], "s.sock",
+                             environ={"LD_PRELOAD": "/other/lib.so"})
+    assert env["LD_PRELOAD"] == native.preload_library() + ":/other/lib.so"
+    assert env["MPUMAP_PRELOAD_MAP"] == ":".join(
+        ["/data/*.bin", "*.npy", os.path.join(os.getcwd(), "rel/x.bin")])
+    assert env["MPUMAP_SOCKET"] == os.path.abspath("s.sock")
+    assert "MPUMAP_SOCKET" not in native.preload_env("/x", environ={})
+    with pytest.raises(ValueError):
+        native.preload_env(["/a:b"])
+    with pytest.raises(ValueError):
+        native.preload_env([])
 
 
 # ---- (d) the guard: the server dies under a reading program ----------------------
