@@ -55,6 +55,7 @@ ffibuilder.cdef(
     int mpu_uffd_register(int fd, uint64_t start, uint64_t len);
     int mpu_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len);
     int mpu_uffd_wake(int fd, uint64_t start, uint64_t len);
+    int mpu_uffd_poison(int fd, uint64_t start, uint64_t len, int wake);
     int mpu_uffd_read_faults(int fd, uint64_t *addrs, int max);
 
     int mpu_futex_wait(uint32_t *word, uint32_t expected, int timeout_ms);

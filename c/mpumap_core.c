@@ -61,11 +61,19 @@ int mpu_uffd_open(int flags, int *how)
     return -first;
 }
 
+/* Asks for UFFD_FEATURE_POISON too where the kernel has it (6.6 on): the
+ * server answers a fault past a truncated file's end with SIGBUS through it. */
 int mpu_uffd_api(int fd, uint64_t features, uint64_t *features_out)
 {
-    struct uffdio_api api = { .api = UFFD_API, .features = features };
-    if (ioctl(fd, UFFDIO_API, &api) < 0)
-        return neg_errno();
+    struct uffdio_api api = { .api = UFFD_API,
+                              .features = features | MPU_FEATURE_POISON };
+    if (ioctl(fd, UFFDIO_API, &api) < 0) {
+        if (errno != EINVAL)
+            return neg_errno();
+        api = (struct uffdio_api){ .api = UFFD_API, .features = features };
+        if (ioctl(fd, UFFDIO_API, &api) < 0)
+            return neg_errno();
+    }
     *features_out = api.features;
     return 0;
 }
@@ -113,6 +121,37 @@ int mpu_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len)
         }
         if (err != EAGAIN)
             return -err;
+        sched_yield();
+    }
+    return -EAGAIN;
+}
+
+/* Newer than the installed headers, maybe. */
+struct mpu_uffdio_poison {
+    struct uffdio_range range;
+    uint64_t mode;
+    int64_t updated;
+};
+#define MPU_UFFDIO_POISON _IOWR(UFFDIO, 0x08, struct mpu_uffdio_poison)
+
+/* The client's next touch of the range raises SIGBUS, as a read past the
+ * end of a mapped file does. */
+int mpu_uffd_poison(int fd, uint64_t start, uint64_t len, int wake)
+{
+    struct mpu_uffdio_poison poison = { .range = { .start = start, .len = len },
+                                        .mode = wake ? 0 : 1 /* DONTWAKE */ };
+    for (int tries = 0; tries < 10000; tries++) {
+        if (ioctl(fd, MPU_UFFDIO_POISON, &poison) == 0)
+            return 0;
+        if (errno != EAGAIN)
+            return neg_errno();
+        if (poison.updated > 0) {
+            poison.range.start += (uint64_t)poison.updated;
+            poison.range.len -= (uint64_t)poison.updated;
+            if (poison.range.len == 0)
+                return 0;
+        }
+        poison.updated = 0;
         sched_yield();
     }
     return -EAGAIN;

@@ -20,6 +20,8 @@
 /* Page flags. */
 #define MPU_READ_AHEAD 1u
 
+#define MPU_FEATURE_POISON (1ull << 14)  /* UFFD_FEATURE_POISON */
+
 /* How a userfaultfd was obtained (mpu_uffd_open's *how). */
 #define MPU_UFFD_SYSCALL    0
 #define MPU_UFFD_DEVICE     1
@@ -100,6 +102,7 @@ int mpu_uffd_is_uffd(int fd);
 int mpu_uffd_register(int fd, uint64_t start, uint64_t len);
 int mpu_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len);
 int mpu_uffd_wake(int fd, uint64_t start, uint64_t len);
+int mpu_uffd_poison(int fd, uint64_t start, uint64_t len, int wake);
 int mpu_uffd_read_faults(int fd, uint64_t *addrs, int max);
 
 int mpu_futex_wait(uint32_t *word, uint32_t expected, int timeout_ms);

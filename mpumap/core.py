@@ -65,6 +65,11 @@ def uffd_wake(fd, start, length):
     return -lib.mpu_uffd_wake(fd, start, length)
 
 
+def uffd_poison(fd, start, length, wake=True):
+    """0, or the errno of a failed UFFDIO_POISON."""
+    return -lib.mpu_uffd_poison(fd, start, length, wake)
+
+
 class FaultReader:
     """Reads batches of page-fault addresses from non-blocking userfaultfds."""
 

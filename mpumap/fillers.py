@@ -16,6 +16,7 @@ import os
 
 from mpumap import core, protocol
 from mpumap._core import lib
+from mpumap.settings import SYSTEM_PAGE_SIZE
 from mpumap.worker import Worker
 
 log = logging.getLogger("mpumap.fillers")
@@ -74,10 +75,15 @@ class Filler(Worker):
         ahead, _ = self.claim_run(region, index + 1, self.read_ahead)
         present = False
         try:
-            self.read_run(region, index, 1 + len(ahead))
+            got = self.read_run(region, index, 1 + len(ahead))
+            whole = self.whole_pages(region, index, 1 + len(ahead), got)
+            if whole == 0:
+                self.past_the_end(uffd, region, index, address, length, got)
+                return
             # The pages ahead go in first: woken, the client goes on to them.
-            self.write_run(region, ahead, 1, lib.MPU_READ_AHEAD, "readahead_fills")
-            ahead = []
+            self.write_run(region, ahead[:whole - 1], 1, lib.MPU_READ_AHEAD,
+                           "readahead_fills")
+            ahead = ahead[whole - 1:]
             present = self.copy(uffd, region, index, address, length)
             if present:
                 lib.mpu_account(self.buffer.header, slot, read_at, length, lib.MPU_ANSWER_COPY)
@@ -100,9 +106,10 @@ class Filler(Worker):
                 continue
             index = run[-1] + 1
             try:
-                self.read_run(region, run[0], len(run))
-                self.write_run(region, run, 0, 0, "prefetch_fills")
-                run = []
+                got = self.read_run(region, run[0], len(run))
+                whole = self.whole_pages(region, run[0], len(run), got)
+                self.write_run(region, run[:whole], 0, 0, "prefetch_fills")
+                run = run[whole:]
             finally:
                 self.abandon(region, run)
 
@@ -127,6 +134,45 @@ class Filler(Worker):
         got = region.store.read_into(view, first * self.page_size)
         self.buffer.add("read_ns", lib.mpu_now_ns() - started)
         self.buffer.add("bytes_read", got)
+        return got
+
+    def whole_pages(self, region, first, npages, got):
+        """How many pages of a run the store gave all their bytes: fewer than
+        the run when the file shrank since it was mapped."""
+        for k in range(npages):
+            start = (first + k) * self.page_size
+            if got < k * self.page_size + min(self.page_size, region.size - start):
+                return k
+        return npages
+
+    def past_the_end(self, uffd, region, index, address, length, got):
+        """The file shrank: this page is (partly) past its new end.  As with a
+        mapped file, the client gets the bytes still there and SIGBUS past
+        them; pages the buffer holds past the end are dropped."""
+        start = index * self.page_size
+        log.warning("%s shrank to %d bytes: pages past its end raise SIGBUS",
+                    region.name, start + got)
+        kept = min(length, -(-got // SYSTEM_PAGE_SIZE) * SYSTEM_PAGE_SIZE)
+        if kept < length:
+            # Poisoned before the client is woken by the copy below: woken
+            # first, it could fault past the end again before the poison.
+            err = core.uffd_poison(uffd, address + kept, length - kept, wake=not kept)
+            if err and err != errno.EEXIST and err not in CLIENT_GONE:
+                # No UFFDIO_POISON (an old kernel, or a client that did not
+                # ask for it): zeros, as the file's hole would read, then.
+                log.error("UFFDIO_POISON: %s; the client reads zeros past the end",
+                          errno.errorcode.get(err, err))
+                self.chunk_view[kept:length] = bytes(length - kept)
+                kept = length
+        if kept:
+            self.copy(uffd, region, index, address, kept)
+        dropped = 0
+        for stale in range(index + 1, region.npages):
+            if region.table.evict(stale, self.pid, region.memfd,
+                                  stale * self.page_size, self.page_size):
+                dropped += 1
+        if dropped:
+            self.buffer.release(dropped)
 
     def write_run(self, region, pages, slot, flags, counter):
         """Write claimed pages from the chunk (the first at slot) into the
@@ -155,10 +201,11 @@ class Filler(Worker):
 
     # -- answering the client ------------------------------------------------
 
-    def copy(self, uffd, region, index, address, length):
+    def copy(self, uffd, region, index, address, length, offset=0):
         """True once the client has the page (and is woken)."""
         started = lib.mpu_now_ns()
-        err = core.uffd_copy(uffd, address, self.chunk_ptr, length)
+        source = self.chunk_ptr + offset
+        err = core.uffd_copy(uffd, address, source, length)
         self.buffer.add("copy_ns", lib.mpu_now_ns() - started)
         if err == errno.EEXIST:
             # The memfd has a page we never filled (our state said FREE): it
@@ -166,7 +213,7 @@ class Filler(Worker):
             log.warning("region %d page %d was in the buffer unfilled; replacing it",
                         region.rid, index)
             core.punch(region.memfd, index * self.page_size, self.page_size)
-            err = core.uffd_copy(uffd, address, self.chunk_ptr, length)
+            err = core.uffd_copy(uffd, address, source, length)
         if err == 0:
             return True
         self.buffer.add("fill_errors")

@@ -27,6 +27,10 @@ class Region:
 
     def __init__(self, rid, size, npages, page_size, memfd, store_fd, table_fd, mode):
         self.rid = rid
+        try:
+            self.name = os.readlink(f"/proc/self/fd/{store_fd}")
+        except OSError:
+            self.name = f"region {rid}"
         self.size = size
         self.npages = npages
         self.page_size = page_size

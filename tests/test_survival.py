@@ -77,3 +77,88 @@ def test_workers_killed_again_and_again(start_server, readers, workdir):
     from mpumap.pbm import bucket_floor_us
     assert bucket_floor_us(slowest) < 5_000_000, "a fault waited more than 5 s"
     assert server.proc.poll() is None
+
+
+TOUCH = """
+import sys, mpumap
+with mpumap.connect(sys.argv[1]) as c:
+    m = c.map(sys.argv[2])
+    for spec in sys.argv[3:]:
+        start, end = (int(x) for x in spec.split(":"))
+        sys.stdout.buffer.write(m[start:end])
+        sys.stdout.flush()
+"""
+
+
+def touch(server, path, *ranges):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", TOUCH, server.socket, path,
+                           *(f"{a}:{b}" for a, b in ranges)], capture_output=True, timeout=60)
+
+
+def test_truncated_file_gives_sigbus_past_its_end(start_server, workdir):
+    import mpumap
+
+    path = make_file(os.path.join(workdir, "shrinking.bin"), 8 * MiB, seed=53)
+    original = open(path, "rb").read()
+    server = start_server("--page-size", "64K", "--buffer-size", "16M")
+    with mpumap.connect(server.socket) as client, client.map(path) as m:
+        assert m[:MiB] == original[:MiB]
+        assert m[6 * MiB:6 * MiB + 65536] == original[6 * MiB:6 * MiB + 65536]  # now present
+        os.truncate(path, 4 * MiB + 100)
+        # Up to the new end: the file's bytes; past it in that page: zeros;
+        # past that page: SIGBUS, as with the kernel's own mmap.
+        edge = touch(server, path, (4 * MiB, 4 * MiB + 4096), (4 * MiB + 8192, 4 * MiB + 8193))
+        assert edge.stdout == original[4 * MiB:4 * MiB + 100] + bytes(4096 - 100)
+        assert edge.returncode == -signal.SIGBUS
+        # A page the buffer held from before is not served stale.
+        stale = touch(server, path, (6 * MiB, 6 * MiB + 1))
+        assert stale.returncode == -signal.SIGBUS and stale.stdout == b""
+        # What is still in the file reads right.
+        head = touch(server, path, (0, 4 * MiB + 100))
+        assert head.returncode == 0 and head.stdout == original[:4 * MiB + 100]
+    assert server.proc.poll() is None
+
+
+def test_a_forked_child_gets_no_silent_zeros(start_server, workdir):
+    import multiprocessing
+
+    import mpumap
+
+    path = make_file(os.path.join(workdir, "fork.bin"), 4 * MiB, seed=54)
+    want = open(path, "rb").read()
+    server = start_server("--page-size", "64K", "--buffer-size", "16M")
+
+    def child_touches(m):
+        m[2 * MiB]  # not inherited: a segmentation fault, never a zero
+
+    def child_connects(sock, path, conn):
+        with mpumap.connect(sock) as c, c.map(path) as m:
+            conn.send(m[:] == want)
+
+    def child_uses_parent_client(client, conn):
+        try:
+            client.map(path)
+        except OSError as exc:
+            conn.send(str(exc))
+
+    fork = multiprocessing.get_context("fork")
+    with mpumap.connect(server.socket) as client, client.map(path) as m:
+        assert m[:MiB] == want[:MiB]
+        p = fork.Process(target=child_touches, args=(m,))
+        p.start()
+        p.join(30)
+        assert p.exitcode == -signal.SIGSEGV
+        here, there = fork.Pipe()
+        p = fork.Process(target=child_connects, args=(server.socket, path, there))
+        p.start()
+        assert here.recv() is True
+        p.join(30)
+        assert p.exitcode == 0
+        p = fork.Process(target=child_uses_parent_client, args=(client, there))
+        p.start()
+        assert "connect again in the child" in here.recv()
+        p.join(30)
+        assert m[:] == want  # the parent reads on, right
