@@ -228,6 +228,7 @@ def test_unreadable_file_as_nobody(start_server, programs, workdir):
     os.chmod(secret, 0o600)
     os.chmod(public, 0o644)
     server = start_server("--page-size", "64K", "--buffer-size", 16)
+    os.chmod(server.socket, 0o666)   # nobody may connect, whatever the server's default
     exe = programs.build(os.path.join(SOURCES, "probe.c"))
     os.chmod(exe, 0o755)
     code, out, err = programs.run([exe, "nobody", server.socket, secret, public], clean_env())
