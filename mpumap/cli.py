@@ -116,6 +116,18 @@ Examples:
               type=click.IntRange(1, 1 << 20), default=S.DEFAULT_MAX_CLIENT_MAPPINGS,
               show_default=True, show_envvar=True,
               help="Mappings one client may hold at once.")
+@click.option("--socket-mode", envvar="UMAP_SOCKET_MODE", type=_Setting("mode", S.parse_mode),
+              default="0600", show_default=True, show_envvar=True,
+              help="Permissions of the socket: who may connect.  0600: the server's user "
+                   "(and root); 0660 with --socket-group: a group; 0666: everybody.")
+@click.option("--socket-group", envvar="UMAP_SOCKET_GROUP", type=_Setting("group", S.parse_group),
+              show_envvar=True, help="Group of the socket (a name or a gid).")
+@click.option("--allow-uid", "allow_uids", multiple=True, type=_Setting("user", S.parse_user),
+              help="Accept connections only from these users (and root and the server's "
+                   "own user); repeatable.  A name or a uid.")
+@click.option("--allow-gid", "allow_gids", multiple=True, type=_Setting("group", S.parse_group),
+              help="Accept connections from these groups too (primary or supplementary); "
+                   "repeatable.")
 @click.option("--pidfile", type=click.Path(dir_okay=False, writable=True),
               help="Write the server's pid to this file while it runs.")
 @click.option("--log-level", envvar="UMAP_LOG_LEVEL", default="info", show_default=True,
@@ -124,7 +136,8 @@ Examples:
 @click.version_option(__version__, "-V", "--version", prog_name="mpumap")
 def server_command(socket_path, page_size, buffer_size, fillers, evictors, high_water,
                    low_water, adapt_interval, memory_reserve, read_ahead, store_io,
-                   max_regions, max_client_mappings, pidfile, log_level):
+                   max_regions, max_client_mappings, socket_mode, socket_group,
+                   allow_uids, allow_gids, pidfile, log_level):
     try:
         buffer_pages = (None if buffer_size is None
                         else S.parse_buffer_pages(buffer_size, page_size))
@@ -134,7 +147,9 @@ def server_command(socket_path, page_size, buffer_size, fillers, evictors, high_
             low_water=low_water, adapt_interval=adapt_interval,
             memory_reserve=memory_reserve, read_ahead=read_ahead,
             store_io=store_io.lower(), max_regions=max_regions,
-            max_client_mappings=max_client_mappings)
+            max_client_mappings=max_client_mappings, socket_mode=socket_mode,
+            socket_group=socket_group, allow_uids=tuple(allow_uids),
+            allow_gids=tuple(allow_gids))
     except S.SettingError as exc:
         raise click.UsageError(str(exc)) from None
     logging.basicConfig(level=log_level.upper(),

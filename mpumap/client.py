@@ -139,10 +139,19 @@ class Client:
         with self._lock:
             try:
                 protocol.send(self._sock, kind, payload, fds)
+            except OSError as exc:
+                # A server that refuses us says why, then closes: read that.
+                sent = exc
+            else:
+                sent = None
+            try:
                 data, rfds = protocol.receive(self._sock)
             except OSError as exc:
-                raise MpumapError(exc.errno, f"lost the server at {self.socket_path}: "
-                                  f"{exc.strerror}") from None
+                sent = sent or exc
+                data, rfds = b"", []
+            if not data and sent is not None:
+                raise MpumapError(sent.errno, f"lost the server at {self.socket_path}: "
+                                  f"{sent.strerror}") from None
         if not data:
             raise MpumapError(errno.ECONNRESET, f"the server at {self.socket_path} closed "
                               "the connection")

@@ -110,6 +110,7 @@ class Connection:
         self.mappings = {}
         self.slot = None  # of the per-client counters, once it said HELLO
         self.session = ""
+        self.refusal = None  # why it may not use the server
 
     def __str__(self):
         return f"client {self.cid} (pid {self.pid}, uid {self.uid})"
@@ -224,8 +225,16 @@ class Server:
                 raise RuntimeError(f"a server is already running on {path}")
             finally:
                 probe.close()
-        sock.bind(path)
-        os.chmod(path, 0o666)
+        # Created with no access for others at all, then opened as far as
+        # --socket-mode says: no moment where it is wider.
+        umask = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(umask)
+        if self.settings.socket_group is not None:
+            os.chown(path, -1, self.settings.socket_group)
+        os.chmod(path, self.settings.socket_mode)
         sock.listen(128)
         sock.setblocking(False)
         self.listener = sock
@@ -436,8 +445,25 @@ class Server:
             return
         sock.setblocking(False)
         conn = Connection(next(self.ids), sock)
+        if not self.allowed(conn):
+            # Told so in answer to its first request (the reply it waits for),
+            # then closed.
+            log.warning("refused pid %d: uid %d, gid %d may not use this server",
+                        conn.pid, conn.uid, conn.gid)
+            conn.refusal = f"uid {conn.uid} may not use this server"
+        log.debug("connection from pid %d, uid %d, gid %d", conn.pid, conn.uid, conn.gid)
         self.connections[conn.cid] = conn
         self.selector.register(sock, selectors.EVENT_READ, lambda _s, c=conn: self.on_request(c))
+
+    def allowed(self, conn):
+        """--allow-uid / --allow-gid, when given, say who may connect besides
+        root and the server's own user; groups count supplementary ones."""
+        s = self.settings
+        if not (s.allow_uids or s.allow_gids) or conn.uid in (0, os.getuid()):
+            return True
+        if conn.uid in s.allow_uids or conn.gid in s.allow_gids:
+            return True
+        return bool(set(s.allow_gids) & supplementary_groups(conn.pid))
 
     def on_request(self, conn):
         try:
@@ -449,8 +475,10 @@ class Server:
             return
         except OSError:
             data, fds = b"", []
-        if not data:
+        if not data or conn.refusal:
             protocol.close_all(fds)
+            if data:
+                self.reply_error(conn, errno.EACCES, conn.refusal)
             self.drop(conn)
             return
         try:
@@ -750,6 +778,17 @@ class Server:
             "regions_total": len(regions),
             "regions": regions[:listed],
         }
+
+
+def supplementary_groups(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except OSError:
+        pass
+    return set()
 
 
 def raise_descriptor_limit():

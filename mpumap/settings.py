@@ -19,6 +19,7 @@ DEFAULT_READ_AHEAD = 0
 DEFAULT_STORE_IO = "direct"
 DEFAULT_MAX_REGIONS = 4096
 DEFAULT_MAX_CLIENT_MAPPINGS = 1024
+DEFAULT_SOCKET_MODE = 0o600
 MAX_WORKERS = 64
 MAX_READ_AHEAD = 1024
 
@@ -66,6 +67,43 @@ def parse_buffer_pages(text, page_size):
     return pages
 
 
+def parse_mode(text):
+    """An octal file mode such as 0660 or 660."""
+    try:
+        mode = int(str(text), 8)
+    except ValueError:
+        raise SettingError(f"{text!r} is not an octal mode (try 0600, 0660 or 0666)") from None
+    if not 0 <= mode <= 0o777:
+        raise SettingError(f"mode {text} is out of range")
+    return mode
+
+
+def parse_user(text):
+    """A user name or a uid."""
+    import pwd
+
+    text = str(text).strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise SettingError(f"no user {text!r} here") from None
+
+
+def parse_group(text):
+    """A group name or a gid."""
+    import grp
+
+    text = str(text).strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise SettingError(f"no group {text!r} here") from None
+
+
 def parse_count(text, what, low=1, high=MAX_WORKERS):
     try:
         value = int(str(text).strip())
@@ -91,6 +129,10 @@ class Settings:
     store_io: str = DEFAULT_STORE_IO
     max_regions: int = DEFAULT_MAX_REGIONS
     max_client_mappings: int = DEFAULT_MAX_CLIENT_MAPPINGS
+    socket_mode: int = DEFAULT_SOCKET_MODE
+    socket_group: int | None = None
+    allow_uids: tuple = ()
+    allow_gids: tuple = ()
 
     def __post_init__(self):
         if not 0 <= self.low_water < self.high_water <= 100:

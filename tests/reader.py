@@ -43,6 +43,7 @@ def main():
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--seconds", type=float, default=0,
                    help="go on with more rounds until this much time has passed")
+    p.add_argument("--stop", help="... or until this file exists (checked between rounds)")
     p.add_argument("--drop-uid", type=int, help="become this user before connecting")
     args = p.parse_args()
 
@@ -51,7 +52,12 @@ def main():
         os.setgid(args.drop_uid)
         os.setuid(args.drop_uid)
 
-    client = mpumap.connect(args.socket)
+    try:
+        client = mpumap.connect(args.socket)
+    except OSError as exc:
+        print(json.dumps({"error": type(exc).__name__, "errno": exc.errno,
+                          "message": str(exc)}), flush=True)
+        return 3
     mappings = []
     files = list(args.files)
     if args.list:
@@ -79,7 +85,12 @@ def main():
     pages = 0
     started = time.monotonic()
     rounds = 0
-    while rounds < args.rounds or time.monotonic() - started < args.seconds:
+    def more():
+        if args.stop:
+            return not os.path.exists(args.stop) or rounds < args.rounds
+        return rounds < args.rounds or time.monotonic() - started < args.seconds
+
+    while more():
         rounds += 1
         for m in mappings:
             fd = os.open(m.path, os.O_RDONLY | (os.O_DIRECT if args.direct else 0))

@@ -188,7 +188,7 @@ def test_a_client_that_is_not_root(start_server, readers, workdir):
     os.chmod(readable, 0o644)
     os.chmod(secret, 0o600)
     nobody = 65534
-    server = start_server("--page-size", "64K", "--buffer-size", 16)
+    server = start_server("--page-size", "64K", "--buffer-size", 16, "--socket-mode", "0666")
     p = readers.start(server.socket, readable, order="random", drop_uid=nobody)
     ready = readers.wait_ready(p)
     if os.geteuid() == 0:

@@ -162,3 +162,58 @@ def test_a_forked_child_gets_no_silent_zeros(start_server, workdir):
         assert "connect again in the child" in here.recv()
         p.join(30)
         assert m[:] == want  # the parent reads on, right
+
+
+def test_socket_access(start_server, readers, workdir):
+    readable = make_file(os.path.join(workdir, "public.bin"), 100000, seed=55)
+    os.chmod(readable, 0o644)
+    nobody = 65534
+    closed = start_server("--buffer-size", 64)  # the default: 0600
+    assert os.stat(closed.socket).st_mode & 0o777 == 0o600
+    result = readers.result(readers.start(closed.socket, readable, drop_uid=nobody))
+    assert result["error"] == "ServerUnavailable" and "Permission denied" in result["message"]
+
+    picky = start_server("--buffer-size", 64, "--socket-mode", "0666", "--allow-uid", "1")
+    assert os.stat(picky.socket).st_mode & 0o777 == 0o666
+    result = readers.result(readers.start(picky.socket, readable, drop_uid=nobody))
+    assert result["error"] == "PermissionError" and "may not use this server" in result["message"]
+    assert "refused pid" in picky.output() and "uid 65534" in picky.output()
+
+    welcoming = start_server("--buffer-size", 64, "--socket-mode", "0666", "--allow-uid", "nobody")
+    assert_clean(readers.result(readers.start(welcoming.socket, readable, drop_uid=nobody)))
+
+
+@pytest.mark.timeout(240)
+def test_soak(start_server, readers, workdir):
+    """32 clients, 4 regions each, random pages through a buffer of a tenth
+    of the data, for a bounded time: no mismatch, memory flat, no fd growth."""
+    files = [make_file(os.path.join(workdir, f"soak{i}.bin"), 8 * MiB, seed=70 + i)
+             for i in range(8)]
+    server = start_server("--page-size", "64K", "--buffer-size", "6400K", "--fillers", 2)
+    procs = []
+    for k in range(32):
+        mine = [files[(k + j) % 8] for j in range(4)]
+        procs.append(readers.start(server.socket, *mine, order="random", seed=k, seconds=30))
+    for p in procs:
+        readers.wait_ready(p, timeout=120)
+    samples = []
+    while any(p.poll() is None for p in procs):
+        workers = [server.ps] + server.workers()
+        # Descriptors first: asking for the stats opens a connection.
+        fds = sum(len(os.listdir(f"/proc/{w.pid}/fd")) for w in workers)
+        memory = sum(w.memory_full_info().uss for w in workers)
+        memory += server.stats()["buffer"]["memfd_bytes"]
+        samples.append((memory, fds))
+        time.sleep(1.0)
+    for p in procs:
+        result = readers.result(p, timeout=60)
+        assert_clean(result)
+        assert result["rounds"] >= 1
+    assert len(samples) >= 10, samples
+    second_half = samples[len(samples) // 2:-1] or samples[-1:]
+    memory = [m for m, _ in second_half]
+    assert max(memory) - min(memory) < 6 * MiB, [m // MiB for m in memory]
+    assert max(memory) < 6400 * 1024 + 32 * MiB
+    assert len({f for _, f in second_half}) == 1, [f for _, f in samples]
+    stats = server.stats()["buffer"]
+    assert stats["peak_used"] <= 100 and stats["evictions"] > 0
