@@ -353,8 +353,19 @@ static int connect_locked(const char *sock_path, char *why)
 
     C.sock = sock;
     C.uffd = uffd;
-    unsigned char hello[4] = { 0 }, w[48];   /* WELCOME: 3 u64, 6 u32 */
-    if (call(M_HELLO, hello, sizeof hello, uffd, M_WELCOME, w, sizeof w, NULL, why) < 0)
+    /* HELLO: u32 flags, then the launcher's session tag, if there is one,
+     * so that `mpumap-client run --stats` counts this process too. */
+    unsigned char hello[4 + 64] = { 0 }, w[48];   /* WELCOME: 3 u64, 6 u32 */
+    size_t hello_len = 4;
+    const char *session = getenv("MPUMAP_SESSION");
+    if (session) {
+        size_t n = strlen(session);
+        if (n > 64)
+            n = 64;
+        memcpy(hello + 4, session, n);
+        hello_len += n;
+    }
+    if (call(M_HELLO, hello, hello_len, uffd, M_WELCOME, w, sizeof w, NULL, why) < 0)
         goto fail;
     C.page_size = get64(w + 8);
     C.buffer_pages = get64(w + 16);

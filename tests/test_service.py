@@ -206,3 +206,33 @@ def test_help_has_examples_and_version(command):
     version = subprocess.run(tool(command[0]) + ["--version"], capture_output=True,
                              text=True, timeout=30)
     assert version.returncode == 0 and mpumap.__version__ in version.stdout
+
+
+def test_run_map_serves_numpy_memmap(start_server, workdir):
+    pytest.importorskip("numpy")
+    path = make_file(os.path.join(workdir, "data.bin"), 8 * MiB + 12, seed=45)
+    other = make_file(os.path.join(workdir, "other.dat"), MiB, seed=46)
+    server = start_server("--page-size", "64K", "--buffer-size", "4M", "--socket-mode", "0666")
+    program = (
+        "import numpy, sys\n"
+        "a = numpy.memmap(sys.argv[1], mode='r')\n"
+        "b = numpy.memmap(sys.argv[2], mode='r')\n"
+        "want = numpy.fromfile(sys.argv[1], dtype=numpy.uint8)\n"
+        "assert numpy.array_equal(a, want), 'wrong bytes'\n"
+        "assert numpy.array_equal(b, numpy.fromfile(sys.argv[2], dtype=numpy.uint8))\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "assert 'memfd:mpumap' in maps and sys.argv[2] in maps\n"
+        "print('ok', flush=True)\n"
+    )
+    before = server.stats()["buffer"]["faults"]
+    proc = subprocess.run(tool("mpumap-client") + ["run", "--stats", "--socket", server.socket,
+                                                   "--map", "*.bin", "--",
+                                                   sys.executable, "-c", program, path, other],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+    faults = server.stats()["buffer"]["faults"] - before
+    assert faults >= (8 * MiB + 12) // (64 << 10)  # every page went through mpumap
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("mpumap: 1 client(s) of the command: "), line
+    assert f"{faults} faults" in line
