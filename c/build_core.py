@@ -106,13 +106,77 @@ ffibuilder.cdef(
     """
 )
 
+# The hot loops of the fault path (c/fastpath.h).
+ffibuilder.cdef(
+    """
+    #define MPU_FAULTS_HEADER ...
+    #define MPU_FAULTS_MAX ...
+    #define MPU_STORE_DIRECT ...
+    #define MPU_STORE_DROP ...
+    #define MPU_STORE_CACHED ...
+    #define MPU_EVENTS_MAX ...
+    #define MPU_EV_STUCK ...
+    #define MPU_EV_NO_ROOM ...
+    #define MPU_EV_UNFILLED ...
+    #define MPU_EV_COPY_FAILED ...
+    #define MPU_EV_WAKE_FAILED ...
+    #define MPU_EV_STORE_FAILED ...
+    #define MPU_EV_SHRANK ...
+    #define MPU_EV_NO_POISON ...
+    #define MPU_EV_WRITE_FAILED ...
+
+    struct mpu_fault {
+        uint32_t client; uint32_t region; uint64_t page; uint64_t address;
+        uint64_t read_at;
+    };
+    struct mpu_range { uint64_t start; uint64_t end; uint32_t region; ...; };
+    int mpu_monitor_drain(struct mpu_header *h, int uffd, uint32_t client_slot,
+                          const struct mpu_range *ranges, int nranges,
+                          uint64_t page_size, const int *filler_fds, int nfillers,
+                          char *scratch);
+    uint32_t mpu_filler_for(uint32_t region, uint64_t page, uint32_t nfillers);
+    struct mpu_monitor;
+    struct mpu_monitor *mpu_monitor_start(struct mpu_header *h, uint64_t page_size,
+                                          int nfillers);
+    int mpu_monitor_add_client(struct mpu_monitor *m, uint32_t slot, int uffd);
+    int mpu_monitor_set_ranges(struct mpu_monitor *m, uint32_t slot,
+                               const struct mpu_range *ranges, int n);
+    int mpu_monitor_remove_client(struct mpu_monitor *m, uint32_t slot);
+    void mpu_monitor_set_filler(struct mpu_monitor *m, int index, int fd);
+    void mpu_monitor_stop(struct mpu_monitor *m);
+
+    struct mpu_region_slot {
+        struct mpu_table *table; int memfd; int store_fd; int store_mode;
+        uint64_t npages; uint64_t size; uint64_t map_length;
+        ...;
+    };
+    struct mpu_client_slot { int uffd; ...; };
+    struct mpu_event {
+        uint32_t code; uint32_t region; uint64_t page; int64_t err; uint64_t value;
+    };
+    struct mpu_filler {
+        struct mpu_header *h; const int *evict_fds; int nevict; uint32_t pid;
+        uint64_t page_size; uint64_t read_ahead; char *chunk; uint64_t max_run;
+        struct mpu_region_slot *regions; uint32_t nregions;
+        struct mpu_client_slot *clients; uint32_t nclients;
+        struct mpu_event events[...]; uint32_t nevents;
+        ...;
+    };
+    void mpu_filler_serve(struct mpu_filler *f, const struct mpu_fault *faults, int n);
+    int mpu_filler_run(struct mpu_filler *f, int sock, char *buf, int size,
+                       int *fds, int *nfds, int maxfds);
+    void mpu_filler_prefetch(struct mpu_filler *f, uint32_t region, uint64_t first,
+                             uint64_t count);
+    """
+)
+
 ffibuilder.set_source(
     "mpumap._core",
-    '#include "mpumap_core.h"\n#include "guard.h"',
+    '#include "mpumap_core.h"\n#include "guard.h"\n#include "fastpath.h"',
     # Paths are relative to the project root, where setup.py runs.
-    sources=["c/mpumap_core.c", "c/guard.c"],
+    sources=["c/mpumap_core.c", "c/guard.c", "c/fastpath.c"],
     include_dirs=["c"],
-    depends=["c/mpumap_core.h", "c/guard.h", "c/mpu_sys.h"],
+    depends=["c/mpumap_core.h", "c/guard.h", "c/mpu_sys.h", "c/fastpath.h"],
     extra_compile_args=["-O2", "-Wall", "-std=gnu11", "-pthread"],
     extra_link_args=["-pthread"],
 )

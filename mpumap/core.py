@@ -70,21 +70,6 @@ def uffd_poison(fd, start, length, wake=True):
     return -lib.mpu_uffd_poison(fd, start, length, wake)
 
 
-class FaultReader:
-    """Reads batches of page-fault addresses from non-blocking userfaultfds."""
-
-    BATCH = 64
-
-    def __init__(self):
-        self._addrs = ffi.new("uint64_t[]", self.BATCH)
-
-    def read(self, fd):
-        n = lib.mpu_uffd_read_faults(fd, self._addrs, self.BATCH)
-        if n < 0:
-            raise OSError(-n, f"reading userfaultfd: {os.strerror(-n)}")
-        return ffi.unpack(self._addrs, n)
-
-
 def punch(fd, offset, length):
     check(lib.mpu_punch(fd, offset, length), "punching a hole in the page buffer")
 

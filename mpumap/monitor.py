@@ -3,80 +3,65 @@
 A monitor reads its client's userfaultfd, turns each fault address (a CVA)
 into (region, umap page), and hands it to the filler that owns that page, so
 that every fault on one page is served by one filler, in order.
+
+The reading and dispatching run in one C thread of the server
+(mpu_monitor_*), asleep in epoll on every client's userfaultfd: a fault
+meets no Python and no GIL on its way to a filler.  The classes here keep
+that thread's tables: which clients, which ranges, which fillers' sockets.
 """
 import bisect
-import logging
-import time
 
-from mpumap import core, protocol
-from mpumap.settings import SYSTEM_PAGE_SIZE
-
-log = logging.getLogger("mpumap.monitor")
-
-MAX_FAULTS_PER_MESSAGE = 2048
+from mpumap import core
+from mpumap._core import ffi, lib
 
 
-def filler_for(rid, index, nfillers):
-    """The filler that serves every fault on this page (Fibonacci hashing
-    spreads neighbouring pages of one region over the fillers)."""
-    return ((rid * 0x9E3779B1) ^ index) % nfillers
+def filler_for(region_slot, index, nfillers):
+    """The filler that serves every fault on this page."""
+    return lib.mpu_filler_for(region_slot, index, nfillers)
+
+
+class Monitors:
+    """The monitor thread."""
+
+    def __init__(self, buffer, page_size, nfillers):
+        self.c = lib.mpu_monitor_start(buffer.header, page_size, nfillers)
+        if self.c == ffi.NULL:
+            raise OSError(ffi.errno, "starting the fault monitor thread")
+
+    def set_filler(self, index, fd):
+        lib.mpu_monitor_set_filler(self.c, index, fd)
+
+    def stop(self):
+        if self.c is not None:
+            lib.mpu_monitor_stop(self.c)
+            self.c = None
 
 
 class Monitor:
-    def __init__(self, cid, uffd, page_size, nfillers, reader):
-        self.cid = cid
-        self.uffd = uffd
-        self.page_size = page_size
-        self.nfillers = nfillers
-        self.reader = reader
-        self._starts = []  # sorted CVAs
-        self._ranges = []  # (start, end, region id) in the same order
+    """One client's monitor: its userfaultfd and the ranges it maps."""
 
-    def add(self, start, length, rid):
-        i = bisect.bisect(self._starts, start)
-        self._starts.insert(i, start)
-        self._ranges.insert(i, (start, start + length, rid))
+    def __init__(self, monitors, slot, uffd):
+        self.monitors = monitors
+        self.slot = slot
+        self._ranges = []  # (start, end, region slot), sorted
+        core.check(lib.mpu_monitor_add_client(monitors.c, slot, uffd),
+                   "watching the userfaultfd")
+
+    def add(self, start, length, region_slot):
+        bisect.insort(self._ranges, (start, start + length, region_slot))
+        self._publish()
 
     def remove(self, start):
-        i = bisect.bisect_left(self._starts, start)
-        if i < len(self._starts) and self._starts[i] == start:
-            del self._starts[i]
-            del self._ranges[i]
+        self._ranges = [r for r in self._ranges if r[0] != start]
+        self._publish()
 
-    def drain(self):
-        """Read every pending fault; return ({filler index: [faults]}, count)."""
-        batches = {}
-        count = 0
-        while True:
-            addresses = self.reader.read(self.uffd)
-            if not addresses:
-                return batches, count
-            now = time.monotonic_ns()
-            count += len(addresses)
-            for address in addresses:
-                fault = self.locate(address)
-                if fault is None:
-                    # Not (or no longer) a mapping we serve: waking it lets the
-                    # kernel retry, so the thread never hangs on us.
-                    page = address - address % SYSTEM_PAGE_SIZE
-                    core.uffd_wake(self.uffd, page, SYSTEM_PAGE_SIZE)
-                    continue
-                rid, index, dst = fault
-                batches.setdefault(filler_for(rid, index, self.nfillers), []).append(
-                    protocol.FAULT.pack(self.cid, rid, index, dst, now))
+    def _publish(self):
+        ranges = ffi.new("struct mpu_range[]", max(1, len(self._ranges)))
+        for c, (start, end, region) in zip(ranges, self._ranges):
+            c.start, c.end, c.region = start, end, region
+        core.check(lib.mpu_monitor_set_ranges(self.monitors.c, self.slot, ranges,
+                                              len(self._ranges)), "setting a client's ranges")
 
-    def locate(self, address):
-        i = bisect.bisect(self._starts, address) - 1
-        if i < 0:
-            return None
-        start, end, rid = self._ranges[i]
-        if address >= end:
-            return None
-        index = (address - start) // self.page_size
-        return rid, index, start + index * self.page_size
-
-
-def fault_messages(faults):
-    """Pack faults for one filler into as few messages as the socket takes."""
-    for i in range(0, len(faults), MAX_FAULTS_PER_MESSAGE):
-        yield bytes([protocol.W_FAULTS]) + b"".join(faults[i:i + MAX_FAULTS_PER_MESSAGE])
+    def close(self):
+        """Stop watching; the userfaultfd may be closed once this returns."""
+        lib.mpu_monitor_remove_client(self.monitors.c, self.slot)

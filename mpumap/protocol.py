@@ -155,18 +155,22 @@ def close_all(fds):
 #
 # One SOCK_SEQPACKET socketpair per worker.  The first byte says what follows.
 
+# Clients and regions are named by their slots: small numbers, reused, that
+# index the fillers' tables in C.
 W_ADD_CLIENT = 2  # ADD_CLIENT_BODY; fds: [userfaultfd]
-W_DROP_CLIENT = 3  # u32 client id
+W_DROP_CLIENT = 3  # W_ID: client slot
 W_ADD_REGION = 4  # REGION_BODY; fds: [memfd, store file, page table]
-W_DROP_REGION = 5  # u32 region id
-W_FAULTS = 6  # FAULT * n
+W_DROP_REGION = 5  # W_ID: region slot
+W_FAULTS = 6  # FAULTS_HEADER bytes (the kind, then zeros), then FAULT * n
+FAULTS_HEADER = 8
 
 W_ID = struct.Struct("<BI")
-ADD_CLIENT_BODY = struct.Struct("<BII")  # kind, client id, counter slot
+ADD_CLIENT_BODY = struct.Struct("<BII")  # kind, client id, client slot
 MAX_SESSION = 64
-REGION_BODY = struct.Struct("<BIQQB")  # kind, region id, file size, pages, store mode
+# kind, region id, region slot, file size, pages, store mode
+REGION_BODY = struct.Struct("<BIIQQB")
 W_PREFETCH = 7  # PREFETCH_BODY
-PREFETCH_BODY = struct.Struct("<BIQQ")  # kind, region id, first page, pages
-# client id, region id, page index, client address, when the monitor read it
-# (CLOCK_MONOTONIC ns)
+PREFETCH_BODY = struct.Struct("<BIQQ")  # kind, region slot, first page, pages
+# client slot, region slot, page index, client address, when the monitor read
+# it (CLOCK_MONOTONIC ns): struct mpu_fault of c/fastpath.h
 FAULT = struct.Struct("<IIQQQ")

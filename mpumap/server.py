@@ -22,7 +22,7 @@ import time
 from mpumap import core, protocol
 from mpumap.evictor import Evictor, machine_limit
 from mpumap.fillers import PREFETCH_RUN_BYTES, Filler
-from mpumap.monitor import Monitor, fault_messages, filler_for
+from mpumap.monitor import Monitor, Monitors, filler_for
 from mpumap._core import lib
 from mpumap.pbm import CLIENT_COUNTERS, PageBuffer, PageTable, percentile_us
 from mpumap.protocol import Msg, ProtocolError
@@ -50,8 +50,9 @@ class RequestError(OSError):
 class Region:
     """One backing file (by device, inode and owner) and its page buffer."""
 
-    def __init__(self, rid, key, size, page_size, store_fd, store_mode, name):
+    def __init__(self, rid, slot, key, size, page_size, store_fd, store_mode, name):
         self.rid = rid
+        self.slot = slot
         self.key = key
         self.size = size
         self.name = name
@@ -139,11 +140,11 @@ class Server:
         self.connections = {}
         self.regions = {}  # key -> Region
         self.ids = itertools.count(1)
-        self.reader = core.FaultReader()
         # Counter slots are reused oldest-freed first, so that fillers are long
         # done with a client's slot before it serves another; a freed slot's
         # counts go to its session's totals when it is taken again.
         self.free_slots = collections.deque(range(lib.MPU_CLIENT_SLOTS))
+        self.free_region_slots = collections.deque(range(settings.max_regions))
         self.retired_slots = {}  # slot -> session
         self.sessions = collections.OrderedDict()  # session -> totals
         self.listener = None
@@ -156,6 +157,7 @@ class Server:
                           for _ in range(settings.evictors)]
         self.buffer = PageBuffer.create(1, settings.high_water, settings.low_water)
         self.buffer.set_limit(self.initial_limit(), settings.high_water, settings.low_water)
+        self.monitors = None
         self.handlers = {
             Msg.HELLO: self.on_hello,
             Msg.MAP: self.on_map,
@@ -180,6 +182,7 @@ class Server:
             "memory_reserve": s.memory_reserve,
             "min_buffer_pages": s.min_buffer_pages,
             "read_ahead": s.read_ahead,
+            "max_regions": s.max_regions,
         }
 
     def initial_limit(self):
@@ -192,6 +195,7 @@ class Server:
     def run(self):
         self.listen()
         self.install_signals()
+        self.monitors = Monitors(self.buffer, self.settings.page_size, self.settings.fillers)
         if self.pidfile:
             with open(self.pidfile, "w") as f:
                 f.write(f"{self.pid}\n")
@@ -288,6 +292,8 @@ class Server:
                 self.selector.unregister(worker.sock)
             except KeyError:
                 pass
+            if worker.role == "filler":
+                self.monitors.set_filler(worker.index, -1)
             worker.sock.close()
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         while self.workers and time.monotonic() < deadline:
@@ -300,6 +306,8 @@ class Server:
             self.kill(worker, signal.SIGKILL)
         while self.workers:
             self.reap(restart=False, block=True)
+        if self.monitors is not None:
+            self.monitors.stop()
         if self.pidfile:
             try:
                 with open(self.pidfile) as f:
@@ -330,6 +338,8 @@ class Server:
         worker = Worker(role, index, pid, parent_sock)
         self.workers[pid] = worker
         self.slots[role, index] = worker
+        if role == "filler":
+            self.monitors.set_filler(index, parent_sock.fileno())
         self.selector.register(parent_sock, selectors.EVENT_READ, self.on_worker_readable)
         for conn in self.connections.values():
             if conn.uffd is not None and role == "filler":
@@ -386,9 +396,11 @@ class Server:
                 self.selector.unregister(worker.sock)
             except (KeyError, ValueError):
                 pass
-            worker.sock.close()
             if self.slots.get((worker.role, worker.index)) is worker:
                 del self.slots[worker.role, worker.index]
+                if worker.role == "filler":
+                    self.monitors.set_filler(worker.index, -1)
+            worker.sock.close()
             how = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
                    else f"status {os.waitstatus_to_exitcode(status)}")
             if not restart or self.stopping:
@@ -528,16 +540,13 @@ class Server:
         conn.slot = self.take_slot(conn.session)
         conn.uffd = fds.pop()
         os.set_blocking(conn.uffd, False)
-        conn.monitor = Monitor(conn.cid, conn.uffd, self.settings.page_size,
-                               self.settings.fillers, self.reader)
-        self.selector.register(conn.uffd, selectors.EVENT_READ,
-                               lambda _fd, c=conn: self.on_faults(c))
+        conn.monitor = Monitor(self.monitors, conn.slot, conn.uffd)
         self.tell_all(self.client_message(conn), [conn.uffd], "filler")
         log.info("%s connected", conn)
         s = self.settings
         self.reply(conn, Msg.WELCOME, protocol.WELCOME_BODY.pack(
             SYSTEM_PAGE_SIZE, s.page_size, self.buffer.limit, s.fillers, s.evictors,
-            s.high_water, s.low_water, int(s.adaptive), core.FaultReader.BATCH))
+            s.high_water, s.low_water, int(s.adaptive), lib.MPU_FAULTS_MAX))
 
     def on_map(self, conn, values, payload, fds):
         fd = fds[0]
@@ -559,7 +568,7 @@ class Server:
         key = (st.st_dev, st.st_ino, conn.uid)
         region = self.regions.get(key)
         if region is None:
-            if len(self.regions) >= self.settings.max_regions:
+            if not self.free_region_slots:
                 raise RequestError(errno.ENFILE, f"the server serves {len(self.regions)} "
                                    "regions already, the most it may (--max-regions)")
             region = self.create_region(key, st.st_size, fds.pop())
@@ -575,7 +584,13 @@ class Server:
         except OSError:
             name = "?"
         store_fd, mode = open_store(client_fd, self.settings.store_io)
-        region = Region(next(self.ids), key, size, self.settings.page_size, store_fd, mode, name)
+        slot = self.free_region_slots.popleft()
+        try:
+            region = Region(next(self.ids), slot, key, size, self.settings.page_size,
+                            store_fd, mode, name)
+        except BaseException:
+            self.free_region_slots.appendleft(slot)
+            raise
         self.regions[key] = region
         self.tell_all(self.region_message(region),
                       [region.memfd, region.store_fd, region.table.fd])
@@ -620,8 +635,9 @@ class Server:
 
     @staticmethod
     def region_message(region):
-        return protocol.REGION_BODY.pack(protocol.W_ADD_REGION, region.rid, region.size,
-                                         region.npages, MODE_CODES[region.store_mode])
+        return protocol.REGION_BODY.pack(protocol.W_ADD_REGION, region.rid, region.slot,
+                                         region.size, region.npages,
+                                         MODE_CODES[region.store_mode])
 
     def on_register(self, conn, values, payload, fds):
         mid, address, length = values
@@ -639,7 +655,7 @@ class Server:
                                f"mapped region {region.rid}'s buffer")
         core.uffd_register(conn.uffd, address, length)
         mapping.address = address
-        conn.monitor.add(address, length, region.rid)
+        conn.monitor.add(address, length, region.slot)
         self.reply(conn, Msg.REGISTERED, protocol.U64.pack(mid))
 
     def on_unmap(self, conn, values, payload, fds):
@@ -661,11 +677,11 @@ class Server:
         # a long prefetch and each reads long runs.
         run = max(1, PREFETCH_RUN_BYTES // region.page_size)
         for start in range(first, end, run):
-            worker = self.slots.get(("filler", filler_for(region.rid, start,
+            worker = self.slots.get(("filler", filler_for(region.slot, start,
                                                           self.settings.fillers)))
             if worker is not None:
                 self.tell(worker, protocol.PREFETCH_BODY.pack(
-                    protocol.W_PREFETCH, region.rid, start, min(run, end - start)))
+                    protocol.W_PREFETCH, region.slot, start, min(run, end - start)))
         self.reply(conn, Msg.PREFETCHING, protocol.U64.pack(end - first))
 
     def on_stats(self, conn, values, payload, fds):
@@ -685,23 +701,6 @@ class Server:
             listed //= 2
         self.reply(conn, Msg.STATS_REPLY, body)
 
-    def on_faults(self, conn):
-        started = time.monotonic_ns()
-        try:
-            batches, count = conn.monitor.drain()
-        except OSError as exc:
-            log.warning("%s: userfaultfd: %s", conn, exc)
-            return
-        self.buffer.add("faults", count)
-        self.buffer.add_client(conn.slot, "faults", count)
-        for index, faults in batches.items():
-            worker = self.slots.get(("filler", index))
-            if worker is None:
-                continue  # restarting; the client's faults are served once it is back
-            for message in fault_messages(faults):
-                self.tell(worker, message)
-        self.buffer.add("monitor_ns", time.monotonic_ns() - started)
-
     def forget(self, conn, mapping):
         if mapping.address is not None:
             conn.monitor.remove(mapping.address)
@@ -713,8 +712,9 @@ class Server:
     def release_region(self, region):
         del self.regions[region.key]
         region.table.release_all(self.buffer)
-        self.tell_all(protocol.W_ID.pack(protocol.W_DROP_REGION, region.rid))
+        self.tell_all(protocol.W_ID.pack(protocol.W_DROP_REGION, region.slot))
         region.close()
+        self.free_region_slots.append(region.slot)
         log.info("region %d released", region.rid)
 
     def drop(self, conn):
@@ -729,15 +729,17 @@ class Server:
         for mapping in conn.mappings.values():
             self.forget(conn, mapping)
         conn.mappings.clear()
+        if conn.uffd is not None:
+            conn.monitor.close()
+            self.tell_all(protocol.W_ID.pack(protocol.W_DROP_CLIENT, conn.slot), role="filler")
+            os.close(conn.uffd)
+            conn.uffd = None
         if conn.slot is not None:
+            # Reused last of all the free slots: the fillers are long done
+            # with this one when it serves another client.
             self.retired_slots[conn.slot] = conn.session
             self.free_slots.append(conn.slot)
             conn.slot = None
-        if conn.uffd is not None:
-            self.selector.unregister(conn.uffd)
-            self.tell_all(protocol.W_ID.pack(protocol.W_DROP_CLIENT, conn.cid), role="filler")
-            os.close(conn.uffd)
-            conn.uffd = None
 
     # -- status ----------------------------------------------------------------
 
@@ -761,7 +763,8 @@ class Server:
                 "evictors": s.evictors, "high_water": s.high_water,
                 "low_water": s.low_water, "adaptive": s.adaptive,
                 "adapt_interval": s.adapt_interval, "memory_reserve": s.memory_reserve,
-                "read_ahead": s.read_ahead, "store_io": s.store_io,
+                "read_ahead": s.read_ahead,
+            "max_regions": s.max_regions, "store_io": s.store_io,
                 "max_regions": s.max_regions, "max_client_mappings": s.max_client_mappings,
             },
             "buffer": {**self.buffer.snapshot(),

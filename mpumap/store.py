@@ -1,4 +1,5 @@
-"""Stores: where page contents come from.
+"""Stores: where page contents come from (the reading itself is the C
+core's, in the fillers' hot loop).
 
 The file store reads the client's own file (never one the server opened with
 its own rights).  Reading through the kernel's page cache would keep a second
@@ -12,7 +13,7 @@ import os
 DIRECT = "direct"  # O_DIRECT reads into aligned buffers
 DROP = "drop"  # buffered reads, then POSIX_FADV_DONTNEED
 CACHED = "cached"  # buffered reads that stay in the page cache
-MODES = (DIRECT, DROP, CACHED)
+MODES = (DIRECT, DROP, CACHED)  # in the order of the C core's MPU_STORE_*
 MODE_CODES = {mode: code for code, mode in enumerate(MODES)}
 
 
@@ -29,31 +30,3 @@ def open_store(client_fd, mode):
         os.close(client_fd)
         return fd, DIRECT
     return client_fd, mode
-
-
-class FileStore:
-    def __init__(self, fd, size, mode=CACHED):
-        self.fd = fd
-        self.size = size
-        self.mode = mode
-
-    def read_into(self, view, offset):
-        """Fill view (page aligned, whole pages for O_DIRECT) from offset;
-        bytes past the end of the file are zeros.  Returns the bytes read."""
-        total = 0
-        want = len(view)
-        while total < want:
-            n = os.preadv(self.fd, [view[total:]], offset + total)
-            if n == 0:
-                break
-            total += n
-            if self.mode == DIRECT and total % 512:
-                break  # a short O_DIRECT read ends at the end of the file
-        if total < want:
-            view[total:] = bytes(want - total)
-        if self.mode == DROP and total:
-            os.posix_fadvise(self.fd, offset, total, os.POSIX_FADV_DONTNEED)
-        return total
-
-    def close(self):
-        os.close(self.fd)

@@ -13,7 +13,6 @@ import signal
 from mpumap import core, protocol
 from mpumap.pbm import PageTable
 from mpumap.settings import SYSTEM_PAGE_SIZE
-from mpumap.store import MODES, FileStore
 
 log = logging.getLogger("mpumap.worker")
 
@@ -25,32 +24,36 @@ def round_up(n, multiple):
 class Region:
     """A worker's view of one region: its buffer memfd, store and page table."""
 
-    def __init__(self, rid, size, npages, page_size, memfd, store_fd, table_fd, mode):
+    def __init__(self, rid, slot, size, npages, memfd, store_fd, table_fd, mode):
         self.rid = rid
-        try:
-            self.name = os.readlink(f"/proc/self/fd/{store_fd}")
-        except OSError:
-            self.name = f"region {rid}"
+        self.slot = slot
         self.size = size
         self.npages = npages
-        self.page_size = page_size
         self.memfd = memfd
+        self.store_fd = store_fd
+        self.mode = mode
         # Clients map the file's size rounded to system pages: a fill of the
         # last umap page must stop where their mapping does.
         self.map_length = round_up(size, SYSTEM_PAGE_SIZE)
-        self.store = FileStore(store_fd, size, mode)
         self.table = PageTable.attach(table_fd, npages)
 
-    def fill_length(self, index):
-        return min(self.page_size, self.map_length - index * self.page_size)
+    @property
+    def name(self):
+        try:
+            return os.readlink(f"/proc/self/fd/{self.store_fd}")
+        except OSError:
+            return f"region {self.rid}"
 
     def close(self):
         self.table.close()
-        self.store.close()
+        os.close(self.store_fd)
         os.close(self.memfd)
 
 
 class Worker:
+    """The messages every worker takes from the server; the hooks below are
+    for what a role does with them."""
+
     role = "worker"
 
     def __init__(self, sock, params, buffer, evict_fds):
@@ -63,8 +66,8 @@ class Worker:
         self.pid = os.getpid()
         self.buffer = buffer
         self.evict_fds = list(evict_fds)
-        self.regions = {}
-        self.clients = {}
+        self.regions = {}  # slot -> Region
+        self.clients = {}  # slot -> userfaultfd
 
     # -- messages from the server ------------------------------------------
 
@@ -73,37 +76,50 @@ class Worker:
         if kind == protocol.W_FAULTS:
             self.on_faults(data)
         elif kind == protocol.W_ADD_REGION:
-            _, rid, size, npages, mode = protocol.REGION_BODY.unpack(data)
+            _, rid, slot, size, npages, mode = protocol.REGION_BODY.unpack(data)
             memfd, store_fd, table_fd = fds
-            self.regions[rid] = Region(
-                rid, size, npages, self.page_size, memfd, store_fd, table_fd, MODES[mode]
-            )
+            region = Region(rid, slot, size, npages, memfd, store_fd, table_fd, mode)
+            self.regions[slot] = region
+            self.region_added(region)
         elif kind == protocol.W_PREFETCH:
-            _, rid, first, count = protocol.PREFETCH_BODY.unpack(data)
-            region = self.regions.get(rid)
-            if region is not None:
-                self.prefetch(region, first, count)
+            _, slot, first, count = protocol.PREFETCH_BODY.unpack(data)
+            self.prefetch(slot, first, count)
         elif kind == protocol.W_DROP_REGION:
-            _, rid = protocol.W_ID.unpack(data)
-            region = self.regions.pop(rid, None)
+            _, slot = protocol.W_ID.unpack(data)
+            region = self.regions.pop(slot, None)
             if region:
+                self.region_dropped(region)
                 region.close()
         elif kind == protocol.W_ADD_CLIENT:
             _, cid, slot = protocol.ADD_CLIENT_BODY.unpack(data)
-            self.clients[cid] = (fds[0], slot)
+            self.clients[slot] = fds[0]
+            self.client_added(slot, fds[0])
         elif kind == protocol.W_DROP_CLIENT:
-            _, cid = protocol.W_ID.unpack(data)
-            client = self.clients.pop(cid, None)
-            if client is not None:
-                os.close(client[0])
+            _, slot = protocol.W_ID.unpack(data)
+            fd = self.clients.pop(slot, None)
+            if fd is not None:
+                self.client_dropped(slot)
+                os.close(fd)
         else:
             protocol.close_all(fds)
             log.error("%s %d: unknown message %d from the server", self.role, self.index, kind)
 
+    def region_added(self, region):
+        pass
+
+    def region_dropped(self, region):
+        pass
+
+    def client_added(self, slot, uffd):
+        pass
+
+    def client_dropped(self, slot):
+        pass
+
     def on_faults(self, data):
         pass
 
-    def prefetch(self, region, first, count):
+    def prefetch(self, slot, first, count):
         pass
 
     def receive(self):

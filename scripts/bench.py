@@ -34,8 +34,22 @@ def offsets_for(size, order, seed):
     return offsets
 
 
+def my_faults(socket_path):
+    """This client's faults so far, as the server counts them."""
+    for c in mpumap.server_stats(socket_path)["clients"]:
+        if c["pid"] == os.getpid():
+            return c["faults"]
+    return 0
+
+
+def wait_for(path):
+    while not os.path.exists(path):
+        time.sleep(0.0005)
+
+
 def worker(kind, socket_path, path, order, seed, go):
-    """One client: map, wait for the start, touch, report, then check."""
+    """One client: map, wait for the start, touch, report; then, once told,
+    check every byte."""
     import mmap
 
     size = os.path.getsize(path)
@@ -48,14 +62,18 @@ def worker(kind, socket_path, path, order, seed, go):
         with open(path, "rb") as f:
             m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
     data = np.frombuffer(m, dtype=np.uint8)
+    faults = my_faults(socket_path) if client else 0
     print("ready", flush=True)
-    while not os.path.exists(go):
-        time.sleep(0.0005)
+    wait_for(go)
     before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     touched = data[offsets]  # the faults happen here, in numpy's gather loop
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_SELF)
+    faults = my_faults(socket_path) - faults if client else \
+        after.ru_minflt - before.ru_minflt + after.ru_majflt - before.ru_majflt
+    print(json.dumps({"seconds": seconds, "faults": faults}), flush=True)
+    wait_for(go + "-check")
     # Check: the touched bytes, then every byte, against the file itself.
     want = np.fromfile(path, dtype=np.uint8)
     ok = bool(np.array_equal(touched, want[offsets]))
@@ -66,12 +84,12 @@ def worker(kind, socket_path, path, order, seed, go):
     m.close()
     if client:
         client.close()
-    print(json.dumps({"seconds": seconds, "ok": ok,
-                      "minflt": after.ru_minflt - before.ru_minflt,
-                      "majflt": after.ru_majflt - before.ru_majflt}), flush=True)
+    print(json.dumps({"ok": ok}), flush=True)
 
 
-def run_clients(kind, sock, path, order, clients, folder):
+def run_clients(kind, sock, path, order, clients, folder, between=None):
+    """Run the clients; `between` is called when they have all touched their
+    pages and before they check them."""
     go = os.path.join(folder, f"go-{kind}-{time.monotonic_ns()}")
     procs = [subprocess.Popen([sys.executable, __file__, "--_worker", kind, sock or "-", path,
                                order, str(i), go], stdout=subprocess.PIPE, text=True)
@@ -82,12 +100,20 @@ def run_clients(kind, sock, path, order, clients, folder):
     open(go, "w").close()
     results = []
     for proc in procs:
+        line = proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"a {kind} client failed while touching its pages")
+        results.append(json.loads(line))
+    extra = between() if between else None
+    open(go + "-check", "w").close()
+    for proc, result in zip(procs, results):
         out, _ = proc.communicate(timeout=1800)
         if proc.returncode:
             raise SystemExit(f"a {kind} client failed ({proc.returncode})")
-        results.append(json.loads(out.strip().splitlines()[-1]))
+        result.update(json.loads(out.strip().splitlines()[-1]))
     os.unlink(go)
-    return results
+    os.unlink(go + "-check")
+    return results, extra
 
 
 def server_cpu(proc):
@@ -114,11 +140,9 @@ def measure(path, size, page_size, buffer, order, clients, cache, read_ahead, st
         if cache == "cold":
             drop_from_page_cache(path)
         cpu0 = server_cpu(proc)
-        faults0 = mpumap.server_stats(sock)["buffer"]["faults"]
-        results = run_clients("mpumap", sock, path, order, clients, folder)
-        stats = mpumap.server_stats(sock)["buffer"]
-        cpu = server_cpu(proc) - cpu0
-    faults = stats["faults"] - faults0
+        results, cpu = run_clients("mpumap", sock, path, order, clients, folder,
+                                   between=lambda: server_cpu(proc) - cpu0)
+    faults = sum(r["faults"] for r in results)
     wall = max(r["seconds"] for r in results)
     row["mpumap"] = {
         "gbps": touched / wall / 1e9, "seconds": wall, "faults": faults,
@@ -132,9 +156,9 @@ def measure(path, size, page_size, buffer, order, clients, cache, read_ahead, st
         with open(path, "rb") as f:  # warm: the file in the page cache, as mpumap had it
             while f.read(64 << 20):
                 pass
-    results = run_clients("mmap", None, path, order, clients, folder)
+    results, _ = run_clients("mmap", None, path, order, clients, folder)
     wall = max(r["seconds"] for r in results)
-    faults = sum(r["minflt"] + r["majflt"] for r in results)
+    faults = sum(r["faults"] for r in results)
     row["mmap"] = {
         "gbps": touched / wall / 1e9, "seconds": wall, "faults": faults,
         "faults_per_s": faults / wall, "ok": all(r["ok"] for r in results),
@@ -191,7 +215,10 @@ def main():
               flush=True)
         for page in (parse_size(x) for x in args.page_size.split(",")):
             for fraction in (float(x) for x in args.buffer.split(",")):
-                buffer = max(page * 16, int(size * fraction) // page * page)
+                # "1" is a buffer that holds the whole file below the high
+                # watermark: no eviction.
+                want = size * fraction / (0.9 if fraction >= 1 else 1)
+                buffer = max(page * 16, -(-int(want) // page) * page)
                 for clients in (int(x) for x in args.clients.split(",")):
                     for order in args.order.split(","):
                         for cache in args.cache.split(","):

@@ -1,0 +1,604 @@
+/* See fastpath.h. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "fastpath.h"
+
+#define WAIT_MS 1000
+#define SYSTEM_PAGE 4096u
+
+/* ---- monitor ------------------------------------------------------------- */
+
+uint32_t mpu_filler_for(uint32_t region, uint64_t page, uint32_t nfillers)
+{
+    /* Fibonacci hashing of the region spreads neighbouring pages of one
+     * region, and pages of different regions, over the fillers. */
+    return (uint32_t)((((uint64_t)region * 0x9E3779B1u) ^ page) % nfillers);
+}
+
+static const struct mpu_range *locate(const struct mpu_range *ranges, int n,
+                                      uint64_t address)
+{
+    int lo = 0, hi = n;
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if (ranges[mid].start <= address)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo == 0 || address >= ranges[lo - 1].end)
+        return NULL;
+    return &ranges[lo - 1];
+}
+
+int mpu_monitor_drain(struct mpu_header *h, int uffd, uint32_t client_slot,
+                      const struct mpu_range *ranges, int nranges,
+                      uint64_t page_size, const int *filler_fds, int nfillers,
+                      char *scratch)
+{
+    uint64_t started = mpu_now_ns();
+    size_t stride = MPU_FAULTS_HEADER + MPU_FAULTS_MAX * sizeof(struct mpu_fault);
+    uint32_t counts[nfillers];
+    uint64_t addrs[MPU_FAULTS_MAX];
+    int total = 0;
+
+    for (;;) {
+        int n = mpu_uffd_read_faults(uffd, addrs, MPU_FAULTS_MAX);
+        if (n <= 0) {
+            if (n < 0 && total == 0)
+                return n;
+            break;
+        }
+        uint64_t now = mpu_now_ns();
+        memset(counts, 0, sizeof counts);
+        for (int i = 0; i < n; i++) {
+            const struct mpu_range *r = locate(ranges, nranges, addrs[i]);
+            if (!r) {
+                uint64_t page = addrs[i] & ~(uint64_t)(SYSTEM_PAGE - 1);
+                mpu_uffd_wake(uffd, page, SYSTEM_PAGE);
+                continue;
+            }
+            uint64_t index = (addrs[i] - r->start) / page_size;
+            uint32_t to = mpu_filler_for(r->region, index, (uint32_t)nfillers);
+            char *packet = scratch + to * stride;
+            struct mpu_fault *fault = (struct mpu_fault *)(packet + MPU_FAULTS_HEADER)
+                                      + counts[to]++;
+            fault->client = client_slot;
+            fault->region = r->region;
+            fault->page = index;
+            fault->address = r->start + index * page_size;
+            fault->read_at = now;
+        }
+        for (int to = 0; to < nfillers; to++) {
+            if (!counts[to] || filler_fds[to] < 0)
+                continue;
+            char *packet = scratch + to * stride;
+            memset(packet, 0, MPU_FAULTS_HEADER);
+            packet[0] = MPU_FAULTS_KIND;
+            /* A filler that is gone loses these; the supervisor wakes every
+             * waiting thread once another has started, and they fault again. */
+            send(filler_fds[to], packet,
+                 MPU_FAULTS_HEADER + counts[to] * sizeof(struct mpu_fault), MSG_NOSIGNAL);
+        }
+        total += n;
+        if (n < MPU_FAULTS_MAX)
+            break;
+    }
+    mpu_add64(&h->faults, total);
+    if (client_slot < MPU_CLIENT_SLOTS)
+        mpu_add64(&h->clients[client_slot].faults, total);
+    mpu_add64(&h->monitor_ns, (int64_t)(mpu_now_ns() - started));
+    return total;
+}
+
+/* ---- the monitor thread --------------------------------------------------- */
+
+struct monitored {
+    int uffd;                  /* -1: free */
+    int nranges;
+    struct mpu_range *ranges;  /* malloc'ed, sorted */
+};
+
+struct mpu_monitor {
+    struct mpu_header *h;
+    uint64_t page_size;
+    int nfillers;
+    int *filler_fds;
+    char *scratch;
+    int epfd;
+    int stopfd;
+    pthread_t thread;
+    pthread_mutex_t lock;
+    struct monitored clients[MPU_CLIENT_SLOTS];
+};
+
+#define STOP_KEY UINT64_MAX
+
+static void *monitor_loop(void *arg)
+{
+    struct mpu_monitor *m = arg;
+    struct epoll_event events[64];
+    for (;;) {
+        int n = epoll_wait(m->epfd, events, 64, -1);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return NULL;
+        }
+        for (int i = 0; i < n; i++) {
+            if (events[i].data.u64 == STOP_KEY)
+                return NULL;
+            uint32_t slot = (uint32_t)events[i].data.u64;
+            pthread_mutex_lock(&m->lock);
+            struct monitored *c = &m->clients[slot];
+            if (c->uffd >= 0)
+                mpu_monitor_drain(m->h, c->uffd, slot, c->ranges, c->nranges,
+                                  m->page_size, m->filler_fds, m->nfillers, m->scratch);
+            pthread_mutex_unlock(&m->lock);
+        }
+    }
+}
+
+struct mpu_monitor *mpu_monitor_start(struct mpu_header *h, uint64_t page_size,
+                                      int nfillers)
+{
+    struct mpu_monitor *m = calloc(1, sizeof *m);
+    if (!m)
+        return NULL;
+    m->h = h;
+    m->page_size = page_size;
+    m->nfillers = nfillers;
+    m->filler_fds = malloc(sizeof(int) * (size_t)nfillers);
+    m->scratch = aligned_alloc(8, (size_t)nfillers * (MPU_FAULTS_HEADER +
+                               MPU_FAULTS_MAX * sizeof(struct mpu_fault)));
+    m->epfd = epoll_create1(EPOLL_CLOEXEC);
+    m->stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    pthread_mutex_init(&m->lock, NULL);
+    for (int i = 0; i < nfillers && m->filler_fds; i++)
+        m->filler_fds[i] = -1;
+    for (int i = 0; i < MPU_CLIENT_SLOTS; i++)
+        m->clients[i].uffd = -1;
+    struct epoll_event stop = { .events = EPOLLIN, .data.u64 = STOP_KEY };
+    int err = 0;
+    if (!m->filler_fds || !m->scratch || m->epfd < 0 || m->stopfd < 0
+        || epoll_ctl(m->epfd, EPOLL_CTL_ADD, m->stopfd, &stop) < 0)
+        err = errno ? errno : ENOMEM;
+    else
+        err = pthread_create(&m->thread, NULL, monitor_loop, m);
+    if (err) {
+        if (m->epfd >= 0)
+            close(m->epfd);
+        if (m->stopfd >= 0)
+            close(m->stopfd);
+        free(m->filler_fds);
+        free(m->scratch);
+        free(m);
+        errno = err;
+        return NULL;
+    }
+    return m;
+}
+
+int mpu_monitor_add_client(struct mpu_monitor *m, uint32_t slot, int uffd)
+{
+    if (slot >= MPU_CLIENT_SLOTS)
+        return -EINVAL;
+    pthread_mutex_lock(&m->lock);
+    m->clients[slot].uffd = uffd;
+    struct epoll_event ev = { .events = EPOLLIN, .data.u64 = slot };
+    int err = epoll_ctl(m->epfd, EPOLL_CTL_ADD, uffd, &ev) < 0 ? -errno : 0;
+    if (err)
+        m->clients[slot].uffd = -1;
+    pthread_mutex_unlock(&m->lock);
+    return err;
+}
+
+int mpu_monitor_set_ranges(struct mpu_monitor *m, uint32_t slot,
+                           const struct mpu_range *ranges, int n)
+{
+    if (slot >= MPU_CLIENT_SLOTS || n < 0)
+        return -EINVAL;
+    struct mpu_range *copy = NULL;
+    if (n) {
+        copy = malloc(sizeof *copy * (size_t)n);
+        if (!copy)
+            return -ENOMEM;
+        memcpy(copy, ranges, sizeof *copy * (size_t)n);
+    }
+    pthread_mutex_lock(&m->lock);
+    struct mpu_range *old = m->clients[slot].ranges;
+    m->clients[slot].ranges = copy;
+    m->clients[slot].nranges = n;
+    pthread_mutex_unlock(&m->lock);
+    free(old);
+    return 0;
+}
+
+int mpu_monitor_remove_client(struct mpu_monitor *m, uint32_t slot)
+{
+    if (slot >= MPU_CLIENT_SLOTS)
+        return -EINVAL;
+    pthread_mutex_lock(&m->lock);
+    struct monitored *c = &m->clients[slot];
+    if (c->uffd >= 0)
+        epoll_ctl(m->epfd, EPOLL_CTL_DEL, c->uffd, NULL);
+    c->uffd = -1;
+    struct mpu_range *old = c->ranges;
+    c->ranges = NULL;
+    c->nranges = 0;
+    pthread_mutex_unlock(&m->lock);
+    free(old);
+    return 0;
+}
+
+void mpu_monitor_set_filler(struct mpu_monitor *m, int index, int fd)
+{
+    pthread_mutex_lock(&m->lock);
+    if (index >= 0 && index < m->nfillers)
+        m->filler_fds[index] = fd;
+    pthread_mutex_unlock(&m->lock);
+}
+
+void mpu_monitor_stop(struct mpu_monitor *m)
+{
+    if (!m)
+        return;
+    uint64_t one = 1;
+    if (write(m->stopfd, &one, sizeof one) == sizeof one)
+        pthread_join(m->thread, NULL);
+    for (int i = 0; i < MPU_CLIENT_SLOTS; i++)
+        free(m->clients[i].ranges);
+    close(m->epfd);
+    close(m->stopfd);
+    pthread_mutex_destroy(&m->lock);
+    free(m->filler_fds);
+    free(m->scratch);
+    free(m);
+}
+
+/* ---- filler -------------------------------------------------------------- */
+
+static void event(struct mpu_filler *f, uint32_t code, uint32_t region, uint64_t page,
+                  int64_t err, uint64_t value)
+{
+    if (f->nevents >= MPU_EVENTS_MAX)
+        return;  /* the log says enough already */
+    struct mpu_event *e = &f->events[f->nevents++];
+    e->code = code;
+    e->region = region;
+    e->page = page;
+    e->err = err;
+    e->value = value;
+}
+
+static uint64_t fill_length(const struct mpu_filler *f, const struct mpu_region_slot *r,
+                            uint64_t page)
+{
+    uint64_t start = page * f->page_size;
+    uint64_t left = r->map_length - start;
+    return left < f->page_size ? left : f->page_size;
+}
+
+/* Reads npages from page `first` into the chunk; zeros past the file's end.
+ * Returns the bytes read, or -errno. */
+static int64_t read_run(struct mpu_filler *f, struct mpu_region_slot *r,
+                        uint64_t first, uint64_t npages)
+{
+    uint64_t want = npages * f->page_size, got = 0;
+    uint64_t offset = first * f->page_size;
+    uint64_t started = mpu_now_ns();
+    while (got < want) {
+        ssize_t n = pread(r->store_fd, f->chunk + got, want - got, (off_t)(offset + got));
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (n == 0)
+            break;
+        got += (uint64_t)n;
+        if (r->store_mode == MPU_STORE_DIRECT && got % 512)
+            break;  /* a short O_DIRECT read ends at the end of the file */
+    }
+    if (got < want)
+        memset(f->chunk + got, 0, want - got);
+    if (r->store_mode == MPU_STORE_DROP && got)
+        posix_fadvise(r->store_fd, (off_t)offset, (off_t)got, POSIX_FADV_DONTNEED);
+    mpu_add64(&f->h->read_ns, (int64_t)(mpu_now_ns() - started));
+    mpu_add64(&f->h->bytes_read, (int64_t)got);
+    return (int64_t)got;
+}
+
+/* How many pages of a run the file gave all their bytes: fewer than the run
+ * when the file shrank since it was mapped. */
+static uint64_t whole_pages(struct mpu_filler *f, struct mpu_region_slot *r,
+                            uint64_t first, uint64_t npages, uint64_t got)
+{
+    for (uint64_t k = 0; k < npages; k++) {
+        uint64_t start = (first + k) * f->page_size;
+        uint64_t expect = r->size - start < f->page_size ? r->size - start : f->page_size;
+        if (got < k * f->page_size + expect)
+            return k;
+    }
+    return npages;
+}
+
+/* Claims up to count FREE pages from start on (a buffer page each), stopping
+ * at the first that is not FREE or when the buffer is full.  *full tells the
+ * latter when nothing was claimed. */
+static uint64_t claim_run(struct mpu_filler *f, struct mpu_region_slot *r,
+                          uint64_t start, uint64_t count, int *full)
+{
+    uint64_t n = 0;
+    *full = 0;
+    for (uint64_t page = start; page < r->npages && n < count; page++, n++) {
+        if (!mpu_try_reserve(f->h, 1)) {
+            *full = n == 0;
+            break;
+        }
+        if (mpu_page_begin_fill(&r->table->pages[page], f->pid, 0) != MPU_FREE) {
+            mpu_release(f->h, 1);
+            break;
+        }
+    }
+    return n;
+}
+
+static void abandon(struct mpu_filler *f, struct mpu_region_slot *r, uint64_t first,
+                    uint64_t count)
+{
+    for (uint64_t page = first; page < first + count; page++)
+        mpu_page_end_fill(f->h, r->table, &r->table->pages[page], 0, 0);
+    if (count)
+        mpu_release(f->h, (uint32_t)count);
+}
+
+/* Writes claimed pages [first, first+count) from the chunk (the first at
+ * chunk page `slot`) into the memfd, PRESENT; failures go back to FREE.
+ * Returns the pages written. */
+static uint64_t write_run(struct mpu_filler *f, struct mpu_region_slot *r, uint32_t region,
+                          uint64_t first, uint64_t count, uint64_t slot, uint32_t flags)
+{
+    uint64_t done = 0;
+    for (uint64_t k = 0; k < count; k++) {
+        uint64_t page = first + k;
+        uint64_t len = fill_length(f, r, page);
+        ssize_t n = pwrite(r->memfd, f->chunk + (slot + k) * f->page_size, len,
+                           (off_t)(page * f->page_size));
+        int ok = n == (ssize_t)len;
+        if (!ok)
+            event(f, MPU_EV_WRITE_FAILED, region, page, n < 0 ? errno : EIO, 0);
+        mpu_page_end_fill(f->h, r->table, &r->table->pages[page], ok, flags);
+        if (ok)
+            done++;
+        else
+            mpu_release(f->h, 1);
+    }
+    return done;
+}
+
+static int gone(int err)
+{
+    /* The client died or unmapped: the page goes back to FREE, and the next
+     * fault on it fills it. */
+    return err == ESRCH || err == ENOENT || err == EINVAL || err == EFAULT || err == EBADF;
+}
+
+static int wake(struct mpu_filler *f, int uffd, uint32_t region, uint64_t page,
+                uint64_t address, uint64_t len)
+{
+    uint64_t started = mpu_now_ns();
+    int err = -mpu_uffd_wake(uffd, address, len);
+    mpu_add64(&f->h->wake_ns, (int64_t)(mpu_now_ns() - started));
+    if (err && !gone(err))
+        event(f, MPU_EV_WAKE_FAILED, region, page, err, 0);
+    return err == 0;
+}
+
+/* Copies len bytes from the chunk at `from` to the client; 0 or errno. */
+static int copy(struct mpu_filler *f, struct mpu_region_slot *r, uint32_t region,
+                int uffd, uint64_t page, uint64_t address, uint64_t len, uint64_t from)
+{
+    uint64_t started = mpu_now_ns();
+    int err = -mpu_uffd_copy(uffd, address, f->chunk + from, len);
+    if (err == EEXIST) {
+        /* The memfd has a page we never filled (its state said FREE): it
+         * cannot be trusted.  Punch it out and copy ours in. */
+        event(f, MPU_EV_UNFILLED, region, page, 0, 0);
+        mpu_punch(r->memfd, page * f->page_size, f->page_size);
+        err = -mpu_uffd_copy(uffd, address, f->chunk + from, len);
+    }
+    mpu_add64(&f->h->copy_ns, (int64_t)(mpu_now_ns() - started));
+    if (err) {
+        mpu_add64(&f->h->fill_errors, 1);
+        if (!gone(err)) {
+            event(f, MPU_EV_COPY_FAILED, region, page, err, 0);
+            wake(f, uffd, region, page, address, len);  /* woken, it faults again */
+        }
+    }
+    return err;
+}
+
+/* The file shrank (or cannot be read): as with a mapped file, the client
+ * gets the bytes still there, zeros to the end of that system page, and
+ * SIGBUS past them; pages the buffer holds past the end are dropped. */
+static void past_the_end(struct mpu_filler *f, struct mpu_region_slot *r, uint32_t region,
+                         int uffd, uint64_t page, uint64_t address, uint64_t len,
+                         uint64_t got)
+{
+    uint64_t kept = (got + SYSTEM_PAGE - 1) / SYSTEM_PAGE * SYSTEM_PAGE;
+    if (kept > len)
+        kept = len;
+    if (kept < len) {
+        /* Poisoned before the copy wakes the client: woken first, it could
+         * fault past the end again before the poison is there. */
+        int err = -mpu_uffd_poison(uffd, address + kept, len - kept, kept == 0);
+        if (err && err != EEXIST && !gone(err)) {
+            /* No UFFDIO_POISON (an old kernel, or a client that did not ask
+             * for it): zeros, as a hole would read. */
+            event(f, MPU_EV_NO_POISON, region, page, err, 0);
+            memset(f->chunk + kept, 0, len - kept);
+            kept = len;
+        }
+    }
+    if (kept)
+        copy(f, r, region, uffd, page, address, kept, 0);
+    uint32_t dropped = 0;
+    for (uint64_t stale = page + 1; stale < r->npages; stale++)
+        if (mpu_page_evict(&r->table->pages[stale], f->pid, r->memfd,
+                           stale * f->page_size, f->page_size) == 1)
+            dropped++;
+    if (dropped)
+        mpu_release(f->h, dropped);
+}
+
+static void serve_one(struct mpu_filler *f, const struct mpu_fault *fault)
+{
+    if (fault->client >= f->nclients || fault->region >= f->nregions)
+        return;
+    int uffd = f->clients[fault->client].uffd;
+    struct mpu_region_slot *r = &f->regions[fault->region];
+    if (uffd < 0 || !r->table || fault->page >= r->npages)
+        return;
+    uint64_t page = fault->page, address = fault->address;
+    uint64_t len = fill_length(f, r, page);
+    struct mpu_page *entry = &r->table->pages[page];
+    mpu_add64(&f->h->queue_ns, (int64_t)(mpu_now_ns() - fault->read_at));
+
+    /* A page in FILLING always holds a buffer page, so that whoever frees it
+     * (we, or the supervisor after our death) gives one back: the buffer
+     * page comes first. */
+    while (mpu_reserve(f->h, f->evict_fds, f->nevict, WAIT_MS) == -ETIMEDOUT)
+        event(f, MPU_EV_NO_ROOM, fault->region, page, 0, WAIT_MS);
+    for (;;) {
+        int state = mpu_page_begin_fill(entry, f->pid, WAIT_MS);
+        if (state == MPU_PRESENT) {
+            mpu_release(f->h, 1);
+            if (mpu_page_take_flags(entry) & MPU_READ_AHEAD)
+                mpu_add64(&f->h->readahead_hits, 1);
+            if (wake(f, uffd, fault->region, page, address, len))
+                mpu_account(f->h, fault->client, fault->read_at, 0, MPU_ANSWER_WAKE);
+            return;
+        }
+        if (state == MPU_FREE)
+            break;
+        event(f, MPU_EV_STUCK, fault->region, page, 0, (uint64_t)state);
+    }
+
+    int full;
+    uint64_t ahead = claim_run(f, r, page + 1, f->read_ahead, &full);
+    int present = 0;
+    int64_t got = read_run(f, r, page, 1 + ahead);
+    uint64_t whole = got < 0 ? 0 : whole_pages(f, r, page, 1 + ahead, (uint64_t)got);
+    if (whole == 0) {
+        if (got < 0)
+            event(f, MPU_EV_STORE_FAILED, fault->region, page, -got, 0);
+        else
+            event(f, MPU_EV_SHRANK, fault->region, page, 0, page * f->page_size + got);
+        abandon(f, r, page + 1, ahead);
+        past_the_end(f, r, fault->region, uffd, page, address, len, got < 0 ? 0 : got);
+    } else {
+        /* The pages ahead go in first: woken, the client goes on to them. */
+        uint64_t written = write_run(f, r, fault->region, page + 1, whole - 1, 1,
+                                     MPU_READ_AHEAD);
+        mpu_add64(&f->h->readahead_fills, (int64_t)written);
+        abandon(f, r, page + whole, ahead + 1 - whole);
+        present = copy(f, r, fault->region, uffd, page, address, len, 0) == 0;
+        if (present)
+            mpu_account(f->h, fault->client, fault->read_at, len, MPU_ANSWER_COPY);
+    }
+    mpu_page_end_fill(f->h, r->table, entry, present, 0);
+    if (!present)
+        mpu_release(f->h, 1);
+}
+
+void mpu_filler_serve(struct mpu_filler *f, const struct mpu_fault *faults, int n)
+{
+    for (int i = 0; i < n; i++)
+        serve_one(f, &faults[i]);
+}
+
+int mpu_filler_run(struct mpu_filler *f, int sock, char *buf, int size,
+                   int *fds, int *nfds, int maxfds)
+{
+    char control[CMSG_SPACE(sizeof(int) * 16)];
+    if (maxfds > 16)
+        maxfds = 16;
+    for (;;) {
+        struct iovec iov = { .iov_base = buf, .iov_len = (size_t)size };
+        struct msghdr msg = {
+            .msg_iov = &iov, .msg_iovlen = 1,
+            .msg_control = control, .msg_controllen = CMSG_SPACE(sizeof(int) * maxfds),
+        };
+        ssize_t n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        *nfds = 0;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+            if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+                continue;
+            int count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            for (int i = 0; i < count; i++) {
+                int fd;
+                memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+                if (*nfds < maxfds)
+                    fds[(*nfds)++] = fd;
+                else
+                    close(fd);
+            }
+        }
+        if (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) {
+            for (int i = 0; i < *nfds; i++)
+                close(fds[i]);
+            *nfds = 0;
+            return -EMSGSIZE;
+        }
+        if (n == 0)
+            return 0;
+        if (buf[0] != MPU_FAULTS_KIND || *nfds || n < MPU_FAULTS_HEADER)
+            return (int)n;
+        mpu_filler_serve(f, (const struct mpu_fault *)(buf + MPU_FAULTS_HEADER),
+                         (int)((n - MPU_FAULTS_HEADER) / sizeof(struct mpu_fault)));
+        if (f->nevents)
+            return 1;
+    }
+}
+
+void mpu_filler_prefetch(struct mpu_filler *f, uint32_t region, uint64_t first,
+                         uint64_t count)
+{
+    if (region >= f->nregions || !f->regions[region].table)
+        return;
+    struct mpu_region_slot *r = &f->regions[region];
+    uint64_t page = first, end = first + count < r->npages ? first + count : r->npages;
+    while (page < end) {
+        int full;
+        uint64_t want = end - page < f->max_run ? end - page : f->max_run;
+        uint64_t run = claim_run(f, r, page, want, &full);
+        if (full)
+            return;  /* more would only push out what is there */
+        if (!run) {
+            page++;  /* there already, or on its way */
+            continue;
+        }
+        int64_t got = read_run(f, r, page, run);
+        uint64_t whole = got < 0 ? 0 : whole_pages(f, r, page, run, (uint64_t)got);
+        uint64_t written = write_run(f, r, region, page, whole, 0, 0);
+        mpu_add64(&f->h->prefetch_fills, (int64_t)written);
+        abandon(f, r, page + whole, run - whole);
+        page += run;
+    }
+}
