@@ -1,16 +1,25 @@
 #!/usr/bin/env python3
 """Benchmark: N client processes touch one byte of every 4 KiB page of a file,
 through mpumap and then through the kernel's own mmap of the same file, in the
-same run, in sequential and in random page order.
+same run, in sequential and in random page order; every client then checks
+every byte it can see against the file.
 
-Every run then checks every byte the clients can see against the file.
+Each row prints GB/s (bytes the touches cover, over the slowest client's
+time), faults per second and µs per fault (from the server's count for those
+clients; the kernel's minor and major faults for mmap), the server's CPU time
+per fault, and the ratio mpumap/mmap.  Clients are written in Python (numpy's
+gather does the touching) or in C (scripts/bench_client.c, built against
+libmpumapclient).
 
     python scripts/bench.py --size 1G --page-size 4K,64K --clients 1,2 --json out.json
+    python scripts/bench.py --cache cold --read-ahead 0,63 --store-io direct
 """
 import argparse
+import itertools
 import json
 import os
-import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -19,27 +28,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 
 import mpumap  # noqa: E402
 from _common import drop_from_page_cache, make_file, running_server  # noqa: E402
 from mpumap.settings import parse_size  # noqa: E402
 
 TOUCH = 4096  # one byte per 4 KiB page, as MP-UMap's benchmarks do
-
-
-def offsets_for(size, order, seed):
-    offsets = np.arange(0, size, TOUCH, dtype=np.int64)
-    if order == "random":
-        np.random.default_rng(seed).shuffle(offsets)
-    return offsets
-
-
-def my_faults(socket_path):
-    """This client's faults so far, as the server counts them."""
-    for c in mpumap.server_stats(socket_path)["clients"]:
-        if c["pid"] == os.getpid():
-            return c["faults"]
-    return 0
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def wait_for(path):
@@ -47,13 +43,14 @@ def wait_for(path):
         time.sleep(0.0005)
 
 
-def worker(kind, socket_path, path, order, seed, go):
-    """One client: map, wait for the start, touch, report; then, once told,
-    check every byte."""
+def python_client(kind, socket_path, path, order, seed, go):
+    """The Python client: as bench_client.c does, with numpy's gather."""
     import mmap
 
     size = os.path.getsize(path)
-    offsets = offsets_for(size, order, seed)
+    offsets = np.arange(0, size, TOUCH, dtype=np.int64)
+    if order == "random":
+        np.random.default_rng(seed).shuffle(offsets)
     if kind == "mpumap":
         client = mpumap.connect(socket_path)
         m = client.map(path)
@@ -62,19 +59,12 @@ def worker(kind, socket_path, path, order, seed, go):
         with open(path, "rb") as f:
             m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
     data = np.frombuffer(m, dtype=np.uint8)
-    faults = my_faults(socket_path) if client else 0
     print("ready", flush=True)
     wait_for(go)
-    before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     touched = data[offsets]  # the faults happen here, in numpy's gather loop
-    seconds = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    faults = my_faults(socket_path) - faults if client else \
-        after.ru_minflt - before.ru_minflt + after.ru_majflt - before.ru_majflt
-    print(json.dumps({"seconds": seconds, "faults": faults}), flush=True)
+    print(json.dumps({"seconds": time.perf_counter() - started}), flush=True)
     wait_for(go + "-check")
-    # Check: the touched bytes, then every byte, against the file itself.
     want = np.fromfile(path, dtype=np.uint8)
     ok = bool(np.array_equal(touched, want[offsets]))
     step = 64 << 20
@@ -87,40 +77,75 @@ def worker(kind, socket_path, path, order, seed, go):
     print(json.dumps({"ok": ok}), flush=True)
 
 
-def run_clients(kind, sock, path, order, clients, folder, between=None):
-    """Run the clients; `between` is called when they have all touched their
-    pages and before they check them."""
+def build_c_client(folder):
+    from mpumap import native
+
+    binary = os.path.join(folder, "bench_client")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise SystemExit("no C compiler: run scripts/setup-system.sh, or use --client python")
+    subprocess.run([cc, "-O2", "-o", binary, os.path.join(HERE, "bench_client.c"),
+                    *native.cflags(), *native.libs()], check=True)
+    return binary
+
+
+def kernel_faults(pid):
+    """Minor plus major page faults of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[7]) + int(fields[9])
+
+
+def client_faults(sock, pids):
+    """The server's fault count of each client, by pid."""
+    by_pid = {c["pid"]: c["faults"] for c in mpumap.server_stats(sock)["clients"]}
+    return [by_pid.get(pid, 0) for pid in pids]
+
+
+def run_clients(language, kind, sock, path, order, clients, folder, c_binary,
+                server=None):
+    """Run the clients; returns their results, with the faults each took while
+    touching, and the server's CPU seconds meanwhile."""
     go = os.path.join(folder, f"go-{kind}-{time.monotonic_ns()}")
-    procs = [subprocess.Popen([sys.executable, __file__, "--_worker", kind, sock or "-", path,
-                               order, str(i), go], stdout=subprocess.PIPE, text=True)
-             for i in range(clients)]
+    env = {**os.environ, "MPUMAP_SOCKET": sock or ""}
+    commands = [([c_binary, kind, path, order, str(i), go] if language == "c" else
+                 [sys.executable, __file__, "--_client", kind, sock or "-", path, order,
+                  str(i), go]) for i in range(clients)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+             for cmd in commands]
+    pids = [p.pid for p in procs]
     for proc in procs:
         if proc.stdout.readline().strip() != "ready":
-            raise SystemExit(f"a {kind} client failed to start")
+            raise SystemExit(f"a {language} {kind} client failed to start")
+    faults0 = client_faults(sock, pids) if kind == "mpumap" else list(map(kernel_faults, pids))
+    cpu0 = server_cpu(server) if server else 0
     open(go, "w").close()
     results = []
     for proc in procs:
         line = proc.stdout.readline()
         if not line:
-            raise SystemExit(f"a {kind} client failed while touching its pages")
+            raise SystemExit(f"a {language} {kind} client failed while touching its pages")
         results.append(json.loads(line))
-    extra = between() if between else None
+    cpu = server_cpu(server) - cpu0 if server else 0
+    faults1 = client_faults(sock, pids) if kind == "mpumap" else list(map(kernel_faults, pids))
+    for result, before, after in zip(results, faults0, faults1):
+        result["faults"] = after - before
     open(go + "-check", "w").close()
     for proc, result in zip(procs, results):
         out, _ = proc.communicate(timeout=1800)
         if proc.returncode:
-            raise SystemExit(f"a {kind} client failed ({proc.returncode})")
+            raise SystemExit(f"a {language} {kind} client found wrong bytes or failed "
+                             f"({proc.returncode})")
         result.update(json.loads(out.strip().splitlines()[-1]))
     os.unlink(go)
     os.unlink(go + "-check")
-    return results, extra
+    return results, cpu
 
 
 def server_cpu(proc):
-    import psutil
-
     total = 0.0
-    for p in [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children():
+    server = psutil.Process(proc.pid)
+    for p in [server] + server.children():
         try:
             t = p.cpu_times()
             total += t.user + t.system
@@ -129,54 +154,62 @@ def server_cpu(proc):
     return total
 
 
-def measure(path, size, page_size, buffer, order, clients, cache, read_ahead, store_io,
-            fillers, folder):
-    row = {"order": order, "cache": cache, "clients": clients, "page_size": page_size,
-           "buffer": buffer, "size": size, "read_ahead": read_ahead, "store_io": store_io}
-    touched = clients * (size // TOUCH) * TOUCH  # bytes covered by the touches
+def summary(results, touched, clients, cpu=None):
+    wall = max(r["seconds"] for r in results)
+    faults = sum(r["faults"] for r in results)
+    row = {"gbps": touched / wall / 1e9, "seconds": wall, "faults": faults,
+           "faults_per_s": faults / wall, "us_per_fault": wall * 1e6 / max(1, faults / clients),
+           "ok": all(r["ok"] for r in results)}
+    if cpu is not None:
+        row["server_cpu_us_per_fault"] = cpu * 1e6 / max(1, faults)
+    return row
+
+
+def measure(path, size, case, fillers, folder, c_binary):
+    page_size, buffer, clients, order, cache, read_ahead, store_io, language = case
+    row = {"client": language, "order": order, "cache": cache, "clients": clients,
+           "page_size": page_size, "buffer": buffer, "size": size,
+           "read_ahead": read_ahead, "store_io": store_io}
+    touched = clients * (size // TOUCH) * TOUCH  # bytes the touches cover
     with running_server("--page-size", page_size, "--buffer-size", f"{buffer >> 10}K",
                         "--fillers", fillers, "--read-ahead", read_ahead,
                         "--store-io", store_io) as (sock, proc):
         if cache == "cold":
             drop_from_page_cache(path)
-        cpu0 = server_cpu(proc)
-        results, cpu = run_clients("mpumap", sock, path, order, clients, folder,
-                                   between=lambda: server_cpu(proc) - cpu0)
-    faults = sum(r["faults"] for r in results)
-    wall = max(r["seconds"] for r in results)
-    row["mpumap"] = {
-        "gbps": touched / wall / 1e9, "seconds": wall, "faults": faults,
-        "faults_per_s": faults / wall, "us_per_fault": wall * 1e6 / max(1, faults / clients),
-        "server_cpu_us_per_fault": cpu * 1e6 / max(1, faults),
-        "ok": all(r["ok"] for r in results),
-    }
+        results, cpu = run_clients(language, "mpumap", sock, path, order, clients, folder,
+                                   c_binary, server=proc)
+        row["mpumap"] = summary(results, touched, clients, cpu)
     if cache == "cold":
         drop_from_page_cache(path)
     else:
         with open(path, "rb") as f:  # warm: the file in the page cache, as mpumap had it
             while f.read(64 << 20):
                 pass
-    results, _ = run_clients("mmap", None, path, order, clients, folder)
-    wall = max(r["seconds"] for r in results)
-    faults = sum(r["faults"] for r in results)
-    row["mmap"] = {
-        "gbps": touched / wall / 1e9, "seconds": wall, "faults": faults,
-        "faults_per_s": faults / wall, "ok": all(r["ok"] for r in results),
-    }
+    results, _ = run_clients(language, "mmap", None, path, order, clients, folder, c_binary)
+    row["mmap"] = summary(results, touched, clients)
     row["ratio"] = row["mpumap"]["gbps"] / row["mmap"]["gbps"]
     return row
 
 
+def median_row(rows):
+    """The run with the median mpumap throughput, with every run's figure."""
+    rows = sorted(rows, key=lambda r: r["mpumap"]["gbps"])
+    row = dict(rows[len(rows) // 2])
+    row["runs"] = [{"mpumap_gbps": r["mpumap"]["gbps"], "mmap_gbps": r["mmap"]["gbps"],
+                    "us_per_fault": r["mpumap"]["us_per_fault"]} for r in rows]
+    return row
+
+
 def print_table(rows):
-    head = (f"{'order':7}{'cache':6}{'io':7}{'ra':>3}{'cl':>3}{'page':>7}{'buffer':>8}  "
-            f"{'mpumap GB/s':>11}{'mmap GB/s':>10}{'ratio':>7}  {'mpumap f/s':>11}"
-            f"{'mmap f/s':>10}{'us/fault':>9}{'srv us/f':>9}  ok")
+    head = (f"{'client':7}{'order':7}{'cache':6}{'io':7}{'ra':>3}{'cl':>3}{'page':>6}"
+            f"{'buffer':>8}  {'mpumap GB/s':>11}{'mmap GB/s':>10}{'ratio':>7}  "
+            f"{'mpumap f/s':>11}{'mmap f/s':>10}{'us/fault':>9}{'srv us/f':>9}  ok")
     print(head)
     print("-" * len(head))
     for r in rows:
         u, k = r["mpumap"], r["mmap"]
-        print(f"{r['order']:7}{r['cache']:6}{r['store_io']:7}{r['read_ahead']:>3}"
-              f"{r['clients']:>3}{r['page_size'] >> 10:>6}K"
+        print(f"{r['client']:7}{r['order']:7}{r['cache']:6}{r['store_io']:7}"
+              f"{r['read_ahead']:>3}{r['clients']:>3}{r['page_size'] >> 10:>5}K"
               f"{r['buffer'] >> 20:>7}M  {u['gbps']:>11.3f}{k['gbps']:>10.3f}{r['ratio']:>7.2f}"
               f"  {u['faults_per_s']:>11.0f}{k['faults_per_s']:>10.0f}{u['us_per_fault']:>9.1f}"
               f"{u['server_cpu_us_per_fault']:>9.1f}  {'yes' if u['ok'] and k['ok'] else 'NO'}",
@@ -190,43 +223,43 @@ def main():
     p.add_argument("--size", default="256M", help="size of the generated file (256M)")
     p.add_argument("--page-size", default="4K,64K", help="umap page sizes (4K,64K)")
     p.add_argument("--buffer", default="1,0.25",
-                   help="buffer sizes as fractions of the file (1,0.25)")
+                   help="buffer sizes as fractions of the file; 1 holds it all below the "
+                        "high watermark (1,0.25)")
     p.add_argument("--clients", default="1,2", help="client process counts (1,2)")
     p.add_argument("--order", default="seq,random", help="page orders (seq,random)")
-    p.add_argument("--cache", default="warm", help="store cache: warm, cold or warm,cold")
-    p.add_argument("--read-ahead", default="0", help="read-ahead pages (0; e.g. 0,8)")
-    p.add_argument("--store-io", default="cached",
-                   help="store reads: cached, drop, direct (cached; e.g. cached,direct)")
+    p.add_argument("--cache", default="warm,cold",
+                   help="the file in the page cache or not, before each run (warm,cold)")
+    p.add_argument("--read-ahead", default="0", help="read-ahead pages (0; e.g. 0,63)")
+    p.add_argument("--store-io", default="cached,direct",
+                   help="store reads: cached, drop, direct (cached,direct)")
+    p.add_argument("--client", default="c,python", help="client languages (c,python)")
+    p.add_argument("--runs", type=int, default=1, help="runs of each row; the median is shown")
     p.add_argument("--fillers", type=int, default=2)
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
-    p.add_argument("--_worker", nargs=6, help=argparse.SUPPRESS)
+    p.add_argument("--_client", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args._worker:
-        kind, sock, path, order, seed, go = args._worker
-        return worker(kind, sock, path, order, int(seed), go)
+    if args._client:
+        kind, sock, path, order, seed, go = args._client
+        return python_client(kind, sock, path, order, int(seed), go)
 
+    split = lambda text: text.split(",")  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="mpumap-bench-", dir="/var/tmp") as folder:
-        path = args.file
-        if path is None:
-            path = make_file(os.path.join(folder, "bench.bin"), parse_size(args.size), seed=7)
+        path = args.file or make_file(os.path.join(folder, "bench.bin"),
+                                      parse_size(args.size), seed=7)
         size = os.path.getsize(path)
+        c_binary = build_c_client(folder) if "c" in split(args.client) else None
+        print(f"file {path}: {size >> 20} MiB; one byte touched per {TOUCH} B page; "
+              f"{args.runs} run(s) a row", flush=True)
         rows = []
-        print(f"file {path}: {size >> 20} MiB; one byte touched per {TOUCH} B page",
-              flush=True)
-        for page in (parse_size(x) for x in args.page_size.split(",")):
-            for fraction in (float(x) for x in args.buffer.split(",")):
-                # "1" is a buffer that holds the whole file below the high
-                # watermark: no eviction.
-                want = size * fraction / (0.9 if fraction >= 1 else 1)
-                buffer = max(page * 16, -(-int(want) // page) * page)
-                for clients in (int(x) for x in args.clients.split(",")):
-                    for order in args.order.split(","):
-                        for cache in args.cache.split(","):
-                            for ra in (int(x) for x in args.read_ahead.split(",")):
-                                for io in args.store_io.split(","):
-                                    rows.append(measure(path, size, page, buffer, order,
-                                                        clients, cache, ra, io,
-                                                        args.fillers, folder))
+        for page, fraction, clients, order, cache, ra, io, language in itertools.product(
+                map(parse_size, split(args.page_size)), map(float, split(args.buffer)),
+                map(int, split(args.clients)), split(args.order), split(args.cache),
+                map(int, split(args.read_ahead)), split(args.store_io), split(args.client)):
+            want = size * fraction / (0.9 if fraction >= 1 else 1)
+            buffer = max(page * 16, -(-int(want) // page) * page)
+            case = (page, buffer, clients, order, cache, ra, io, language)
+            rows.append(median_row([measure(path, size, case, args.fillers, folder, c_binary)
+                                    for _ in range(args.runs)]))
         print()
         print_table(rows)
     if args.json:
