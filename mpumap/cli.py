@@ -47,7 +47,7 @@ WORKERS = _Setting("count", lambda v: S.parse_count(v, "the number of workers"))
 PERCENT = _Setting("percent", lambda v: S.parse_count(v, "a watermark", 0, 100))
 
 
-SERVER_HELP = f"""Run the mpumap server: one per machine.
+SERVER_HELP = """Run the mpumap server: one per machine.
 
 Clients (mpumap.connect() in Python) map files through it.  Every umap page
 they touch is read once into a shared buffer and served from there to every

@@ -167,6 +167,15 @@ def readers():
     r.cleanup()
 
 
+MiB = 1 << 20
+
+
+def assert_clean(result):
+    """A reader's result: no error, and every byte it read was the file's."""
+    assert "error" not in result, result
+    assert result["mismatch_count"] == 0, result["mismatches"]
+
+
 def make_file(path, size, seed=0):
     """A file of pseudo-random bytes (different for each seed)."""
     import random

@@ -6,19 +6,12 @@ import subprocess
 import time
 import uuid
 
-import psutil
 import pytest
 
 import mpumap
-from conftest import make_file
+from conftest import MiB, assert_clean, make_file
 
-MiB = 1 << 20
 pytestmark = pytest.mark.timeout(240)
-
-
-def assert_clean(result):
-    assert "error" not in result, result
-    assert result["mismatch_count"] == 0, result["mismatches"]
 
 
 def uncached_file(path, size, seed):

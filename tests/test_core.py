@@ -7,15 +7,9 @@ import time
 import pytest
 
 import mpumap
-from conftest import make_file
+from conftest import MiB, assert_clean, make_file
 
-MiB = 1 << 20
 pytestmark = pytest.mark.timeout(180)
-
-
-def assert_clean(result):
-    assert "error" not in result, result
-    assert result["mismatch_count"] == 0, result["mismatches"]
 
 
 def test_four_clients_share_a_quarter_sized_buffer(start_server, readers, workdir):

@@ -12,9 +12,8 @@ from hypothesis import strategies as st
 
 from mpumap import core, protocol
 from mpumap.protocol import Msg
-from conftest import make_file
+from conftest import MiB, make_file
 
-MiB = 1 << 20
 MESSAGES_PER_EXAMPLE = 25
 EXAMPLES = 420  # 10,500 messages
 

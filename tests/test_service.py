@@ -13,9 +13,8 @@ import psutil
 import pytest
 
 import mpumap
-from conftest import make_file, server_command
+from conftest import MiB, make_file, server_command
 
-MiB = 1 << 20
 pytestmark = pytest.mark.timeout(120)
 BIN = os.path.dirname(sys.executable)
 

@@ -8,15 +8,9 @@ import time
 import psutil
 import pytest
 
-from conftest import make_file
+from conftest import MiB, assert_clean, make_file
 
-MiB = 1 << 20
 pytestmark = pytest.mark.timeout(180)
-
-
-def assert_clean(result):
-    assert "error" not in result, result
-    assert result["mismatch_count"] == 0, result["mismatches"]
 
 
 def test_clients_finish_when_the_server_is_killed(start_server, readers, workdir):

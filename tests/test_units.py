@@ -239,3 +239,27 @@ def test_bad_settings_fail_in_one_line(args, env, message):
     assert message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not os.path.exists("/tmp/unused.sock")
+
+
+def test_counters_are_exact_across_processes():
+    buf = PageBuffer.create(1000, 90, 70)
+    try:
+        pids = []
+        for _ in range(4):
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    for _ in range(20000):
+                        buf.add("fills")
+                        if buf.reserve([], 1000):
+                            buf.release()
+                finally:
+                    os._exit(0)
+            pids.append(pid)
+        for pid in pids:
+            assert os.waitpid(pid, 0)[1] == 0
+        snap = buf.snapshot()
+        assert snap["fills"] == 80000
+        assert snap["used"] == 0 and 1 <= snap["peak_used"] <= 4
+    finally:
+        buf.close()
