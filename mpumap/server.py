@@ -135,7 +135,7 @@ class Server:
         self.selector = selectors.DefaultSelector()
         self.signal_queue = []
         self.workers = {}  # pid -> Worker
-        self.slots = {}  # (role, index) -> Worker
+        self.by_role = {}  # (role, index) -> Worker
         self.quick_deaths = {}
         self.connections = {}
         self.regions = {}  # key -> Region
@@ -143,9 +143,9 @@ class Server:
         # Counter slots are reused oldest-freed first, so that fillers are long
         # done with a client's slot before it serves another; a freed slot's
         # counts go to its session's totals when it is taken again.
-        self.free_slots = collections.deque(range(lib.MPU_CLIENT_SLOTS))
+        self.free_client_slots = collections.deque(range(lib.MPU_CLIENT_SLOTS))
         self.free_region_slots = collections.deque(range(settings.max_regions))
-        self.retired_slots = {}  # slot -> session
+        self.retired_client_slots = {}  # slot -> session
         self.sessions = collections.OrderedDict()  # session -> totals
         self.listener = None
         self.stopping = False
@@ -337,7 +337,7 @@ class Server:
         child_sock.close()
         worker = Worker(role, index, pid, parent_sock)
         self.workers[pid] = worker
-        self.slots[role, index] = worker
+        self.by_role[role, index] = worker
         if role == "filler":
             self.monitors.set_filler(index, parent_sock.fileno())
         self.selector.register(parent_sock, selectors.EVENT_READ, self.on_worker_readable)
@@ -362,7 +362,7 @@ class Server:
                         worker.role, worker.index, worker.pid, exc)
 
     def tell_all(self, data, fds=(), role=None):
-        for worker in list(self.slots.values()):
+        for worker in list(self.by_role.values()):
             if role is None or worker.role == role:
                 self.tell(worker, data, fds)
 
@@ -396,8 +396,8 @@ class Server:
                 self.selector.unregister(worker.sock)
             except (KeyError, ValueError):
                 pass
-            if self.slots.get((worker.role, worker.index)) is worker:
-                del self.slots[worker.role, worker.index]
+            if self.by_role.get((worker.role, worker.index)) is worker:
+                del self.by_role[worker.role, worker.index]
                 if worker.role == "filler":
                     self.monitors.set_filler(worker.index, -1)
             worker.sock.close()
@@ -533,7 +533,7 @@ class Server:
                                 f"{4 + protocol.MAX_SESSION}")
         if not core.is_uffd(fds[0]):
             raise RequestError(errno.EINVAL, "the descriptor sent with HELLO is not a userfaultfd")
-        if not self.free_slots:
+        if not self.free_client_slots:
             raise RequestError(errno.EUSERS, f"the server serves {lib.MPU_CLIENT_SLOTS} "
                                "clients already")
         conn.session = payload[4:].decode("utf-8", "replace")
@@ -602,8 +602,8 @@ class Server:
         return protocol.ADD_CLIENT_BODY.pack(protocol.W_ADD_CLIENT, conn.cid, conn.slot)
 
     def take_slot(self, session):
-        slot = self.free_slots.popleft()
-        retired = self.retired_slots.pop(slot, None)
+        slot = self.free_client_slots.popleft()
+        retired = self.retired_client_slots.pop(slot, None)
         if retired is not None:
             totals = self.session_totals(retired)
             for name, value in self.buffer.client_counters(slot).items():
@@ -623,7 +623,7 @@ class Server:
     def session_report(self, session):
         """What the clients of a session used: those gone and those here."""
         report = dict(self.sessions.get(session) or dict.fromkeys(CLIENT_COUNTERS + ("clients",), 0))
-        slots = [slot for slot, s in self.retired_slots.items() if s == session]
+        slots = [slot for slot, s in self.retired_client_slots.items() if s == session]
         slots += [c.slot for c in self.connections.values()
                   if c.slot is not None and c.session == session]
         for slot in slots:
@@ -677,7 +677,7 @@ class Server:
         # a long prefetch and each reads long runs.
         run = max(1, PREFETCH_RUN_BYTES // region.page_size)
         for start in range(first, end, run):
-            worker = self.slots.get(("filler", filler_for(region.slot, start,
+            worker = self.by_role.get(("filler", filler_for(region.slot, start,
                                                           self.settings.fillers)))
             if worker is not None:
                 self.tell(worker, protocol.PREFETCH_BODY.pack(
@@ -737,8 +737,8 @@ class Server:
         if conn.slot is not None:
             # Reused last of all the free slots: the fillers are long done
             # with this one when it serves another client.
-            self.retired_slots[conn.slot] = conn.session
-            self.free_slots.append(conn.slot)
+            self.retired_client_slots[conn.slot] = conn.session
+            self.free_client_slots.append(conn.slot)
             conn.slot = None
 
     # -- status ----------------------------------------------------------------
@@ -769,7 +769,7 @@ class Server:
             "buffer": {**self.buffer.snapshot(),
                        "memfd_bytes": sum(r["buffer_bytes"] for r in regions)},
             "workers": [{"role": w.role, "index": w.index, "pid": w.pid}
-                        for w in self.slots.values()],
+                        for w in self.by_role.values()],
             "clients_total": len(clients),
             "clients": [{"id": c.cid, "pid": c.pid, "uid": c.uid, "session": c.session,
                          "regions": sorted({m.region.rid for m in c.mappings.values()}),
