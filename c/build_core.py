@@ -130,14 +130,10 @@ ffibuilder.cdef(
         uint64_t read_at;
     };
     struct mpu_range { uint64_t start; uint64_t end; uint32_t region; ...; };
-    int mpu_monitor_drain(struct mpu_header *h, int uffd, uint32_t client_slot,
-                          const struct mpu_range *ranges, int nranges,
-                          uint64_t page_size, const int *filler_fds, int nfillers,
-                          char *scratch);
     uint32_t mpu_filler_for(uint32_t region, uint64_t page, uint32_t nfillers);
     struct mpu_monitor;
     struct mpu_monitor *mpu_monitor_start(struct mpu_header *h, uint64_t page_size,
-                                          int nfillers);
+                                          uint64_t read_ahead, int nfillers);
     int mpu_monitor_add_client(struct mpu_monitor *m, uint32_t slot, int uffd);
     int mpu_monitor_set_ranges(struct mpu_monitor *m, uint32_t slot,
                                const struct mpu_range *ranges, int n);
@@ -166,7 +162,7 @@ ffibuilder.cdef(
     int mpu_filler_run(struct mpu_filler *f, int sock, char *buf, int size,
                        int *fds, int *nfds, int maxfds);
     void mpu_filler_prefetch(struct mpu_filler *f, uint32_t region, uint64_t first,
-                             uint64_t count);
+                             uint64_t count, int read_ahead);
     """
 )
 

@@ -25,8 +25,7 @@ uint32_t mpu_filler_for(uint32_t region, uint64_t page, uint32_t nfillers)
     return (uint32_t)((((uint64_t)region * 0x9E3779B1u) ^ page) % nfillers);
 }
 
-static const struct mpu_range *locate(const struct mpu_range *ranges, int n,
-                                      uint64_t address)
+static struct mpu_range *locate(struct mpu_range *ranges, int n, uint64_t address)
 {
     int lo = 0, hi = n;
     while (lo < hi) {
@@ -41,15 +40,47 @@ static const struct mpu_range *locate(const struct mpu_range *ranges, int n,
     return &ranges[lo - 1];
 }
 
+/* Is a fault at `page` part of a scan (within what the last fault read, or
+ * read ahead)?  Then returns the first page of the window to read in the
+ * background, after what is read ahead already, so that two reads are in
+ * flight while the client works through the first; else 0. */
+static uint64_t read_ahead_of(struct mpu_range *r, uint64_t page, uint64_t window)
+{
+    int scan = r->window_end && page + window >= r->window_end && page <= r->ahead_end;
+    r->window_end = page + window;
+    if (!scan) {
+        r->ahead_end = r->window_end;
+        return 0;
+    }
+    uint64_t first = r->ahead_end > page + window ? r->ahead_end : page + window;
+    r->ahead_end = first + window;
+    return first;
+}
+
+static void send_read_ahead(uint32_t region, uint64_t first, uint64_t window,
+                            const int *filler_fds, int nfillers)
+{
+    char packet[MPU_READ_AHEAD_SIZE];
+    packet[0] = MPU_READ_AHEAD_KIND;
+    memcpy(packet + 1, &region, 4);
+    memcpy(packet + 5, &first, 8);
+    memcpy(packet + 13, &window, 8);
+    int to = (int)mpu_filler_for(region, first, (uint32_t)nfillers);
+    if (filler_fds[to] >= 0)
+        send(filler_fds[to], packet, sizeof packet, MSG_NOSIGNAL);
+}
+
 int mpu_monitor_drain(struct mpu_header *h, int uffd, uint32_t client_slot,
-                      const struct mpu_range *ranges, int nranges,
-                      uint64_t page_size, const int *filler_fds, int nfillers,
+                      struct mpu_range *ranges, int nranges, uint64_t page_size,
+                      uint64_t read_ahead, const int *filler_fds, int nfillers,
                       char *scratch)
 {
     uint64_t started = mpu_now_ns();
     size_t stride = MPU_FAULTS_HEADER + MPU_FAULTS_MAX * sizeof(struct mpu_fault);
     uint32_t counts[nfillers];
     uint64_t addrs[MPU_FAULTS_MAX];
+    uint64_t ahead_first[MPU_FAULTS_MAX];
+    uint32_t ahead_region[MPU_FAULTS_MAX];
     int total = 0;
 
     for (;;) {
@@ -60,9 +91,10 @@ int mpu_monitor_drain(struct mpu_header *h, int uffd, uint32_t client_slot,
             break;
         }
         uint64_t now = mpu_now_ns();
+        int aheads = 0;
         memset(counts, 0, sizeof counts);
         for (int i = 0; i < n; i++) {
-            const struct mpu_range *r = locate(ranges, nranges, addrs[i]);
+            struct mpu_range *r = locate(ranges, nranges, addrs[i]);
             if (!r) {
                 uint64_t page = addrs[i] & ~(uint64_t)(SYSTEM_PAGE - 1);
                 mpu_uffd_wake(uffd, page, SYSTEM_PAGE);
@@ -78,6 +110,11 @@ int mpu_monitor_drain(struct mpu_header *h, int uffd, uint32_t client_slot,
             fault->page = index;
             fault->address = r->start + index * page_size;
             fault->read_at = now;
+            uint64_t first = read_ahead ? read_ahead_of(r, index, read_ahead + 1) : 0;
+            if (first) {
+                ahead_first[aheads] = first;
+                ahead_region[aheads++] = r->region;
+            }
         }
         for (int to = 0; to < nfillers; to++) {
             if (!counts[to] || filler_fds[to] < 0)
@@ -90,6 +127,10 @@ int mpu_monitor_drain(struct mpu_header *h, int uffd, uint32_t client_slot,
             send(filler_fds[to], packet,
                  MPU_FAULTS_HEADER + counts[to] * sizeof(struct mpu_fault), MSG_NOSIGNAL);
         }
+        /* After the faults: a filler serves what a client waits for first. */
+        for (int k = 0; k < aheads; k++)
+            send_read_ahead(ahead_region[k], ahead_first[k], read_ahead + 1, filler_fds,
+                            nfillers);
         total += n;
         if (n < MPU_FAULTS_MAX)
             break;
@@ -112,6 +153,7 @@ struct monitored {
 struct mpu_monitor {
     struct mpu_header *h;
     uint64_t page_size;
+    uint64_t read_ahead;
     int nfillers;
     int *filler_fds;
     char *scratch;
@@ -143,20 +185,22 @@ static void *monitor_loop(void *arg)
             struct monitored *c = &m->clients[slot];
             if (c->uffd >= 0)
                 mpu_monitor_drain(m->h, c->uffd, slot, c->ranges, c->nranges,
-                                  m->page_size, m->filler_fds, m->nfillers, m->scratch);
+                                  m->page_size, m->read_ahead, m->filler_fds,
+                                  m->nfillers, m->scratch);
             pthread_mutex_unlock(&m->lock);
         }
     }
 }
 
 struct mpu_monitor *mpu_monitor_start(struct mpu_header *h, uint64_t page_size,
-                                      int nfillers)
+                                      uint64_t read_ahead, int nfillers)
 {
     struct mpu_monitor *m = calloc(1, sizeof *m);
     if (!m)
         return NULL;
     m->h = h;
     m->page_size = page_size;
+    m->read_ahead = read_ahead;
     m->nfillers = nfillers;
     m->filler_fds = malloc(sizeof(int) * (size_t)nfillers);
     m->scratch = aligned_alloc(8, (size_t)nfillers * (MPU_FAULTS_HEADER +
@@ -578,11 +622,13 @@ int mpu_filler_run(struct mpu_filler *f, int sock, char *buf, int size,
 }
 
 void mpu_filler_prefetch(struct mpu_filler *f, uint32_t region, uint64_t first,
-                         uint64_t count)
+                         uint64_t count, int read_ahead)
 {
     if (region >= f->nregions || !f->regions[region].table)
         return;
     struct mpu_region_slot *r = &f->regions[region];
+    uint32_t flags = read_ahead ? MPU_READ_AHEAD : 0;
+    uint64_t *counter = read_ahead ? &f->h->readahead_fills : &f->h->prefetch_fills;
     uint64_t page = first, end = first + count < r->npages ? first + count : r->npages;
     while (page < end) {
         int full;
@@ -596,8 +642,8 @@ void mpu_filler_prefetch(struct mpu_filler *f, uint32_t region, uint64_t first,
         }
         int64_t got = read_run(f, r, page, run);
         uint64_t whole = got < 0 ? 0 : whole_pages(f, r, page, run, (uint64_t)got);
-        uint64_t written = write_run(f, r, region, page, whole, 0, 0);
-        mpu_add64(&f->h->prefetch_fills, (int64_t)written);
+        uint64_t written = write_run(f, r, region, page, whole, 0, flags);
+        mpu_add64(counter, (int64_t)written);
         abandon(f, r, page + whole, run - whole);
         page += run;
     }

@@ -33,7 +33,17 @@ struct mpu_range {          /* a client mapping, sorted by start */
     uint64_t end;
     uint32_t region;        /* region slot */
     uint32_t pad;
+    /* The monitor's own, for spotting a scan: the page after the window
+     * the last fault's read covered, and the end of what it had read ahead
+     * in the background (0: no fault yet). */
+    uint64_t window_end;
+    uint64_t ahead_end;
 };
+
+/* A read-ahead packet from the monitor to a filler: the kind byte, then
+ * u32 region slot, u64 first page, u64 pages (little-endian, packed). */
+#define MPU_READ_AHEAD_KIND 8
+#define MPU_READ_AHEAD_SIZE 21
 
 /* Reads what the client's userfaultfd has, finds each fault's region and
  * page, and sends each filler its faults in one packet.  A fault outside
@@ -41,8 +51,8 @@ struct mpu_range {          /* a client mapping, sorted by start */
  * scratch holds nfillers * (MPU_FAULTS_HEADER + MPU_FAULTS_MAX * 32) bytes.
  * Returns the number of faults read, or -errno from reading the uffd. */
 int mpu_monitor_drain(struct mpu_header *h, int uffd, uint32_t client_slot,
-                      const struct mpu_range *ranges, int nranges,
-                      uint64_t page_size, const int *filler_fds, int nfillers,
+                      struct mpu_range *ranges, int nranges, uint64_t page_size,
+                      uint64_t read_ahead, const int *filler_fds, int nfillers,
                       char *scratch);
 
 uint32_t mpu_filler_for(uint32_t region, uint64_t page, uint32_t nfillers);
@@ -56,7 +66,7 @@ uint32_t mpu_filler_for(uint32_t region, uint64_t page, uint32_t nfillers);
  * closed then). */
 struct mpu_monitor;
 struct mpu_monitor *mpu_monitor_start(struct mpu_header *h, uint64_t page_size,
-                                      int nfillers);
+                                      uint64_t read_ahead, int nfillers);
 int mpu_monitor_add_client(struct mpu_monitor *m, uint32_t slot, int uffd);
 int mpu_monitor_set_ranges(struct mpu_monitor *m, uint32_t slot,
                            const struct mpu_range *ranges, int n);
@@ -137,8 +147,9 @@ int mpu_filler_run(struct mpu_filler *f, int sock, char *buf, int size,
                    int *fds, int *nfds, int maxfds);
 
 /* Fill the FREE pages of [first, first + count) of a region that the buffer
- * has room for, in runs; stops when the buffer is full. */
+ * has room for, in runs; stops when the buffer is full.  read_ahead: the
+ * monitor asked (a scan), not a client: counted and marked as read-ahead. */
 void mpu_filler_prefetch(struct mpu_filler *f, uint32_t region, uint64_t first,
-                         uint64_t count);
+                         uint64_t count, int read_ahead);
 
 #endif

@@ -117,8 +117,8 @@ class Filler(Worker):
         lib.mpu_filler_serve(self.c, ffi.from_buffer("struct mpu_fault[]", body), n)
         self.log_events()
 
-    def prefetch(self, slot, first, count):
-        lib.mpu_filler_prefetch(self.c, slot, first, count)
+    def prefetch(self, slot, first, count, read_ahead=False):
+        lib.mpu_filler_prefetch(self.c, slot, first, count, read_ahead)
         self.log_events()
 
     def log_events(self):

@@ -23,8 +23,8 @@ def filler_for(region_slot, index, nfillers):
 class Monitors:
     """The monitor thread."""
 
-    def __init__(self, buffer, page_size, nfillers):
-        self.c = lib.mpu_monitor_start(buffer.header, page_size, nfillers)
+    def __init__(self, buffer, page_size, read_ahead, nfillers):
+        self.c = lib.mpu_monitor_start(buffer.header, page_size, read_ahead, nfillers)
         if self.c == ffi.NULL:
             raise OSError(ffi.errno, "starting the fault monitor thread")
 

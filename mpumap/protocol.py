@@ -169,7 +169,8 @@ ADD_CLIENT_BODY = struct.Struct("<BII")  # kind, client id, client slot
 MAX_SESSION = 64
 # kind, region id, region slot, file size, pages, store mode
 REGION_BODY = struct.Struct("<BIIQQB")
-W_PREFETCH = 7  # PREFETCH_BODY
+W_PREFETCH = 7  # PREFETCH_BODY: a client asked
+W_READ_AHEAD = 8  # PREFETCH_BODY: the monitor saw a scan
 PREFETCH_BODY = struct.Struct("<BIQQ")  # kind, region slot, first page, pages
 # client slot, region slot, page index, client address, when the monitor read
 # it (CLOCK_MONOTONIC ns): struct mpu_fault of c/fastpath.h

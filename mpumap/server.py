@@ -195,7 +195,8 @@ class Server:
     def run(self):
         self.listen()
         self.install_signals()
-        self.monitors = Monitors(self.buffer, self.settings.page_size, self.settings.fillers)
+        s = self.settings
+        self.monitors = Monitors(self.buffer, s.page_size, s.read_ahead, s.fillers)
         if self.pidfile:
             with open(self.pidfile, "w") as f:
                 f.write(f"{self.pid}\n")

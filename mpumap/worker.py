@@ -81,9 +81,9 @@ class Worker:
             region = Region(rid, slot, size, npages, memfd, store_fd, table_fd, mode)
             self.regions[slot] = region
             self.region_added(region)
-        elif kind == protocol.W_PREFETCH:
+        elif kind in (protocol.W_PREFETCH, protocol.W_READ_AHEAD):
             _, slot, first, count = protocol.PREFETCH_BODY.unpack(data)
-            self.prefetch(slot, first, count)
+            self.prefetch(slot, first, count, kind == protocol.W_READ_AHEAD)
         elif kind == protocol.W_DROP_REGION:
             _, slot = protocol.W_ID.unpack(data)
             region = self.regions.pop(slot, None)
@@ -119,7 +119,7 @@ class Worker:
     def on_faults(self, data):
         pass
 
-    def prefetch(self, slot, first, count):
+    def prefetch(self, slot, first, count, read_ahead=False):
         pass
 
     def receive(self):
