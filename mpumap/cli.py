@@ -102,7 +102,9 @@ Examples:
 @click.option("--read-ahead", envvar="UMAP_READ_AHEAD", type=click.IntRange(0, S.MAX_READ_AHEAD),
               default=S.DEFAULT_READ_AHEAD, show_default=True, show_envvar=True,
               help="Pages a filler also reads ahead of each fault, when they are free "
-                   "and the buffer has room: one read instead of many faults on scans.")
+                   "and the buffer has room: one read instead of many faults on scans.  "
+                   "When faults follow one another through a file, another filler reads "
+                   "the next window meanwhile, so that two reads are in flight.")
 @click.option("--store-io", envvar="UMAP_STORE_IO", default=S.DEFAULT_STORE_IO,
               show_default=True, show_envvar=True,
               type=click.Choice(["direct", "drop", "cached"], case_sensitive=False),
