@@ -183,10 +183,16 @@ static void *monitor_loop(void *arg)
             uint32_t slot = (uint32_t)events[i].data.u64;
             pthread_mutex_lock(&m->lock);
             struct monitored *c = &m->clients[slot];
-            if (c->uffd >= 0)
-                mpu_monitor_drain(m->h, c->uffd, slot, c->ranges, c->nranges,
-                                  m->page_size, m->read_ahead, m->filler_fds,
-                                  m->nfillers, m->scratch);
+            if (c->uffd >= 0) {
+                int n = mpu_monitor_drain(m->h, c->uffd, slot, c->ranges, c->nranges,
+                                          m->page_size, m->read_ahead, m->filler_fds,
+                                          m->nfillers, m->scratch);
+                /* A userfaultfd that only reports an error would wake us
+                 * forever: stop watching it (the server drops its client
+                 * when its connection closes). */
+                if (n < 0 && (events[i].events & (EPOLLERR | EPOLLHUP)))
+                    epoll_ctl(m->epfd, EPOLL_CTL_DEL, c->uffd, NULL);
+            }
             pthread_mutex_unlock(&m->lock);
         }
     }
