@@ -193,6 +193,9 @@ class Server:
     # -- life cycle ----------------------------------------------------------
 
     def run(self):
+        if self.settings.cpus:
+            # Before the monitor thread and the workers: they inherit it.
+            os.sched_setaffinity(0, self.settings.cpus)
         self.listen()
         self.install_signals()
         s = self.settings
@@ -766,6 +769,7 @@ class Server:
                 "adapt_interval": s.adapt_interval, "memory_reserve": s.memory_reserve,
                 "read_ahead": s.read_ahead, "store_io": s.store_io,
                 "max_regions": s.max_regions, "max_client_mappings": s.max_client_mappings,
+                "cpus": list(s.cpus),
             },
             "buffer": {**self.buffer.snapshot(),
                        "memfd_bytes": sum(r["buffer_bytes"] for r in regions)},

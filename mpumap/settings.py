@@ -104,6 +104,21 @@ def parse_group(text):
         raise SettingError(f"no group {text!r} here") from None
 
 
+def parse_cpus(text):
+    """A CPU list such as 0, 0-1 or 0,2-3, as taskset takes it."""
+    cpus = set()
+    try:
+        for part in str(text).split(","):
+            first, _, last = part.strip().partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise SettingError(f"{text!r} is not a CPU list (try 0, 0-1 or 0,2-3)") from None
+    allowed = os.sched_getaffinity(0)
+    if not cpus or not cpus <= allowed:
+        raise SettingError(f"CPUs {text} are not all among this machine's {sorted(allowed)}")
+    return tuple(sorted(cpus))
+
+
 def parse_count(text, what, low=1, high=MAX_WORKERS):
     try:
         value = int(str(text).strip())
@@ -133,6 +148,7 @@ class Settings:
     socket_group: int | None = None
     allow_uids: tuple = ()
     allow_gids: tuple = ()
+    cpus: tuple = ()  # empty: wherever the scheduler likes
 
     def __post_init__(self):
         if not 0 <= self.low_water < self.high_water <= 100:

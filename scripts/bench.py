@@ -102,7 +102,7 @@ def client_faults(sock, pids):
 
 
 def run_clients(language, kind, sock, path, order, clients, folder, c_binary,
-                server=None):
+                server=None, pin=None):
     """Run the clients; returns their results, with the faults each took while
     touching, and the server's CPU seconds meanwhile."""
     go = os.path.join(folder, f"go-{kind}-{time.monotonic_ns()}")
@@ -110,6 +110,8 @@ def run_clients(language, kind, sock, path, order, clients, folder, c_binary,
     commands = [([c_binary, kind, path, order, str(i), go] if language == "c" else
                  [sys.executable, __file__, "--_client", kind, sock or "-", path, order,
                   str(i), go]) for i in range(clients)]
+    if pin:
+        commands = [["taskset", "-c", pin, *cmd] for cmd in commands]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
              for cmd in commands]
     pids = [p.pid for p in procs]
@@ -164,19 +166,20 @@ def summary(results, touched, clients, cpu=None):
     return row
 
 
-def measure(path, size, case, fillers, folder, c_binary):
+def measure(path, size, case, fillers, folder, c_binary, pin=None):
     page_size, buffer, clients, order, cache, read_ahead, store_io, language = case
     row = {"client": language, "order": order, "cache": cache, "clients": clients,
            "page_size": page_size, "buffer": buffer, "size": size,
            "read_ahead": read_ahead, "store_io": store_io}
     touched = clients * (size // TOUCH) * TOUCH  # bytes the touches cover
+    pinned = ["--cpus", pin] if pin else []
     with running_server("--page-size", page_size, "--buffer-size", f"{buffer >> 10}K",
                         "--fillers", fillers, "--read-ahead", read_ahead,
-                        "--store-io", store_io) as (sock, proc):
+                        "--store-io", store_io, *pinned) as (sock, proc):
         if cache == "cold":
             drop_from_page_cache(path)
         results, cpu = run_clients(language, "mpumap", sock, path, order, clients, folder,
-                                   c_binary, server=proc)
+                                   c_binary, server=proc, pin=pin)
         row["mpumap"] = summary(results, touched, clients, cpu)
     if cache == "cold":
         drop_from_page_cache(path)
@@ -184,7 +187,8 @@ def measure(path, size, case, fillers, folder, c_binary):
         with open(path, "rb") as f:  # warm: the file in the page cache, as mpumap had it
             while f.read(64 << 20):
                 pass
-    results, _ = run_clients(language, "mmap", None, path, order, clients, folder, c_binary)
+    results, _ = run_clients(language, "mmap", None, path, order, clients, folder, c_binary,
+                             pin=pin)
     row["mmap"] = summary(results, touched, clients)
     row["ratio"] = row["mpumap"]["gbps"] / row["mmap"]["gbps"]
     return row
@@ -234,6 +238,8 @@ def main():
     p.add_argument("--client", default="c,python", help="client languages (c,python)")
     p.add_argument("--runs", type=int, default=1, help="runs of each row; the median is shown")
     p.add_argument("--fillers", type=int, default=2)
+    p.add_argument("--pin", metavar="CPUS",
+                   help="run the server (--cpus) and the clients (taskset) on these CPUs")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     p.add_argument("--_client", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -257,7 +263,8 @@ def main():
             want = size * fraction / (0.9 if fraction >= 1 else 1)
             buffer = max(page * 16, -(-int(want) // page) * page)
             case = (page, buffer, clients, order, cache, ra, io, language)
-            rows.append(median_row([measure(path, size, case, args.fillers, folder, c_binary)
+            rows.append(median_row([measure(path, size, case, args.fillers, folder, c_binary,
+                                            args.pin)
                                     for _ in range(args.runs)]))
         print()
         print_table(rows)

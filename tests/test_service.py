@@ -235,3 +235,13 @@ def test_run_map_serves_numpy_memmap(start_server, workdir):
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("mpumap: 1 client(s) of the command: "), line
     assert f"{faults} faults" in line
+
+
+def test_cpus_pins_the_server(start_server, workdir):
+    path = make_file(os.path.join(workdir, "p.bin"), 2 * MiB, seed=47)
+    server = start_server("--buffer-size", 256, "--cpus", "0")
+    assert server.ps.cpu_affinity() == [0]
+    assert all(w.cpu_affinity() == [0] for w in server.workers())
+    assert mpumap.server_stats(server.socket)["settings"]["cpus"] == [0]
+    with mpumap.connect(server.socket) as client, client.map(path) as m:
+        assert m[:] == open(path, "rb").read()
