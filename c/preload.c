@@ -123,18 +123,10 @@ static void warn_once(const char *fmt, ...)
 {
     if (__atomic_exchange_n(&warned, 1, __ATOMIC_SEQ_CST))
         return;
-    int saved = errno;
-    char line[1024];
-    int n = snprintf(line, sizeof line, "mpumap-preload: ");
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(line + n, sizeof line - (size_t)n - 1, fmt, ap);
+    mpu_write_line("mpumap-preload", fmt, ap);
     va_end(ap);
-    size_t len = strlen(line);
-    line[len++] = '\n';
-    ssize_t w = write(STDERR_FILENO, line, len);
-    (void)w;
-    errno = saved;
 }
 
 static int connect_once(void)

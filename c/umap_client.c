@@ -92,22 +92,27 @@ static struct {
 
 /* ---- messages on stderr ------------------------------------------------ */
 
-static void say(const char *fmt, ...)
+void mpu_write_line(const char *prefix, const char *fmt, va_list ap)
 {
-    if (C.quiet)
-        return;
     int saved = errno;
-    char line[WHY + 256];
-    int n = snprintf(line, sizeof line, "mpumap-client: ");
-    va_list ap;
-    va_start(ap, fmt);
+    char line[2048];
+    int n = snprintf(line, sizeof line, "%s: ", prefix);
     vsnprintf(line + n, sizeof line - (size_t)n - 1, fmt, ap);
-    va_end(ap);
     size_t len = strlen(line);
     line[len++] = '\n';
     ssize_t w = write(STDERR_FILENO, line, len);
     (void)w;
     errno = saved;
+}
+
+static void say(const char *fmt, ...)
+{
+    if (C.quiet)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    mpu_write_line("mpumap-client", fmt, ap);
+    va_end(ap);
 }
 
 static void why_errno(char *why, const char *what)
@@ -282,15 +287,20 @@ static int server_lost(void)
 
 /* What a connection holds, closed; mappings stay (they are plain ones now,
  * or the caller unmapped them). */
-static void disconnect(void)
+static void close_descriptors(void)
 {
-    mpu_guard_stop(C.guard);
-    C.guard = NULL;
     if (C.sock >= 0)
         close(C.sock);
     if (C.uffd >= 0)
         close(C.uffd);
     C.sock = C.uffd = -1;
+}
+
+static void disconnect(void)
+{
+    mpu_guard_stop(C.guard);
+    C.guard = NULL;
+    close_descriptors();
     for (struct mapping *m = C.maps; m; m = m->next)
         m->served = 0;
 }
@@ -603,11 +613,7 @@ static void after_fork_child(void)
 {
     mpu_guard_abandon(C.guard);
     C.guard = NULL;
-    if (C.sock >= 0)
-        close(C.sock);
-    if (C.uffd >= 0)
-        close(C.uffd);
-    C.sock = C.uffd = -1;
+    close_descriptors();
     while (C.maps) {
         struct mapping *m = C.maps;
         C.maps = m->next;

@@ -5,8 +5,13 @@
 #ifndef UMAP_CLIENT_INTERNAL_H
 #define UMAP_CLIENT_INTERNAL_H
 
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+
+/* Writes "prefix: message" and a newline to stderr in one write(2), errno
+ * untouched: how the client and the preload library speak. */
+void mpu_write_line(const char *prefix, const char *fmt, va_list ap);
 
 /* No messages on stderr from the client: the caller speaks for itself. */
 void mpu_client_set_quiet(int quiet);
