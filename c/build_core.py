@@ -53,10 +53,7 @@ ffibuilder.cdef(
     int mpu_uffd_api(int fd, uint64_t features, uint64_t *features_out);
     int mpu_uffd_is_uffd(int fd);
     int mpu_uffd_register(int fd, uint64_t start, uint64_t len);
-    int mpu_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len);
     int mpu_uffd_wake(int fd, uint64_t start, uint64_t len);
-    int mpu_uffd_poison(int fd, uint64_t start, uint64_t len, int wake);
-    int mpu_uffd_read_faults(int fd, uint64_t *addrs, int max);
 
     int mpu_futex_wait(uint32_t *word, uint32_t expected, int timeout_ms);
     int mpu_futex_wake(uint32_t *word, int count);
@@ -68,7 +65,6 @@ ffibuilder.cdef(
     void mpu_page_end_fill(struct mpu_header *h, struct mpu_table *t,
                            struct mpu_page *page, int present,
                            uint32_t flags);
-    uint32_t mpu_page_take_flags(struct mpu_page *page);
     int mpu_page_evict(struct mpu_page *page, uint32_t owner,
                        int memfd, uint64_t offset, uint64_t len);
     uint64_t mpu_table_release(struct mpu_header *h, struct mpu_table *t);
@@ -80,9 +76,7 @@ ffibuilder.cdef(
                               uint64_t *idx_out, uint64_t *stamp_out);
     int mpu_reserve(struct mpu_header *h, const int *evict_fds, int nfds,
                     int timeout_ms);
-    int mpu_try_reserve(struct mpu_header *h, uint32_t count);
     void mpu_release(struct mpu_header *h, uint32_t count);
-    int mpu_punch(int fd, uint64_t offset, uint64_t len);
     uint64_t mpu_now_ns(void);
     void mpu_account(struct mpu_header *h, uint32_t slot, uint64_t since_ns,
                      uint64_t bytes, int answer);
@@ -158,7 +152,6 @@ ffibuilder.cdef(
         struct mpu_event events[...]; uint32_t nevents;
         ...;
     };
-    void mpu_filler_serve(struct mpu_filler *f, const struct mpu_fault *faults, int n);
     int mpu_filler_run(struct mpu_filler *f, int sock, char *buf, int size,
                        int *fds, int *nfds, int maxfds);
     void mpu_filler_prefetch(struct mpu_filler *f, uint32_t region, uint64_t first,

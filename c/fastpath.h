@@ -11,7 +11,7 @@
 
 #include "mpumap_core.h"
 
-/* One fault as the monitor hands it to a filler (the FAULT struct of
+/* One fault as the monitor hands it to a filler (W_FAULTS in
  * mpumap/protocol.py): client and region are slot numbers. */
 struct mpu_fault {
     uint32_t client;

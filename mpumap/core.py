@@ -1,8 +1,9 @@
 """Python face of the C core: every call checked, failures raised as OSError.
 
-The hot paths (copy, wake, fault reads) return plain numbers instead of
-raising, because their "errors" (EEXIST, ESRCH, ENOENT) are ordinary outcomes
-that the fillers act upon.
+The fault path itself (reading faults, copying, waking) is C through and
+through (c/fastpath.c); uffd_wake, used when the server wakes a client's
+waiting threads, returns the errno instead of raising: a client that is
+gone (ESRCH, ENOENT) is an ordinary outcome there.
 """
 import errno
 import os
@@ -55,23 +56,10 @@ def uffd_register(fd, start, length):
     check(lib.mpu_uffd_register(fd, start, length), "UFFDIO_REGISTER")
 
 
-def uffd_copy(fd, dst, src, length):
-    """0, or the errno of a failed UFFDIO_COPY (src is a cffi pointer)."""
-    return -lib.mpu_uffd_copy(fd, dst, src, length)
-
-
 def uffd_wake(fd, start, length):
     """0, or the errno of a failed UFFDIO_WAKE."""
     return -lib.mpu_uffd_wake(fd, start, length)
 
-
-def uffd_poison(fd, start, length, wake=True):
-    """0, or the errno of a failed UFFDIO_POISON."""
-    return -lib.mpu_uffd_poison(fd, start, length, wake)
-
-
-def punch(fd, offset, length):
-    check(lib.mpu_punch(fd, offset, length), "punching a hole in the page buffer")
 
 
 def die_with_parent(parent_pid):

@@ -111,12 +111,6 @@ class Filler(Worker):
                 continue
             self.handle(ffi.buffer(buf, n)[:], list(fds[0:nfds[0]]))
 
-    def on_faults(self, data):
-        body = memoryview(data)[protocol.FAULTS_HEADER:]
-        n = len(body) // protocol.FAULT.size
-        lib.mpu_filler_serve(self.c, ffi.from_buffer("struct mpu_fault[]", body), n)
-        self.log_events()
-
     def prefetch(self, slot, first, count, read_ahead=False):
         lib.mpu_filler_prefetch(self.c, slot, first, count, read_ahead)
         self.log_events()

@@ -114,15 +114,8 @@ class PageBuffer:
         core.check(ret, "reserving a buffer page")
         return True
 
-    def try_reserve(self, count=1):
-        """Take up to count pages if they are free now; how many were taken."""
-        return lib.mpu_try_reserve(self.header, count)
-
     def release(self, count=1):
         lib.mpu_release(self.header, count)
-
-    def add_client(self, slot, counter, n=1):
-        lib.mpu_add64(ffi.addressof(self.header.clients[slot], counter), n)
 
     def client_counters(self, slot):
         c = self.header.clients[slot]
@@ -221,10 +214,6 @@ class PageTable:
 
     def end_fill(self, buffer, index, present, flags=0):
         lib.mpu_page_end_fill(buffer.header, self.table, self.pages + index, present, flags)
-
-    def take_flags(self, index):
-        """The page's flags, cleared."""
-        return lib.mpu_page_take_flags(self.pages + index)
 
     def evict(self, index, owner, memfd, offset, length):
         """True when the page was PRESENT and is now FREE."""

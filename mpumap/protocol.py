@@ -161,8 +161,10 @@ W_ADD_CLIENT = 2  # ADD_CLIENT_BODY; fds: [userfaultfd]
 W_DROP_CLIENT = 3  # W_ID: client slot
 W_ADD_REGION = 4  # REGION_BODY; fds: [memfd, store file, page table]
 W_DROP_REGION = 5  # W_ID: region slot
-W_FAULTS = 6  # FAULTS_HEADER bytes (the kind, then zeros), then FAULT * n
-FAULTS_HEADER = 8
+# 8 bytes (the kind, then zeros), then struct mpu_fault of
+# c/fastpath.h, n times: built by the monitor thread, read by the fillers' C
+# loop, never by Python.
+W_FAULTS = 6
 
 W_ID = struct.Struct("<BI")
 ADD_CLIENT_BODY = struct.Struct("<BII")  # kind, client id, client slot
@@ -172,6 +174,3 @@ REGION_BODY = struct.Struct("<BIIQQB")
 W_PREFETCH = 7  # PREFETCH_BODY: a client asked
 W_READ_AHEAD = 8  # PREFETCH_BODY: the monitor saw a scan
 PREFETCH_BODY = struct.Struct("<BIQQ")  # kind, region slot, first page, pages
-# client slot, region slot, page index, client address, when the monitor read
-# it (CLOCK_MONOTONIC ns): struct mpu_fault of c/fastpath.h
-FAULT = struct.Struct("<IIQQQ")
