@@ -20,14 +20,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 READER = os.path.join(HERE, "reader.py")
 
 
-def server_command():
-    script = os.path.join(os.path.dirname(sys.executable), "mpumap-server")
+ENTRY_POINTS = {"mpumap-server": "server_main", "mpumap-client": "client_main",
+                "mpumap": "mpumap_main"}
+
+
+def tool(name):
+    """The command line of one of mpumap's commands: the installed script
+    beside this Python, else on PATH, else its entry point run directly."""
+    script = os.path.join(os.path.dirname(sys.executable), name)
     if os.path.exists(script):
         return [script]
-    found = shutil.which("mpumap-server")
+    found = shutil.which(name)
     if found:
         return [found]
-    return [sys.executable, "-c", "from mpumap.cli import server_main; server_main()"]
+    return [sys.executable, "-c", f"from mpumap.cli import {ENTRY_POINTS[name]} as main; main()"]
+
+
+def server_command():
+    return tool("mpumap-server")
 
 
 class ServerProcess:

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import make_file
+from conftest import make_file, tool
 from mpumap import native
 
 MiB = 1 << 20
@@ -30,18 +30,8 @@ pytestmark = [
 ]
 
 
-def client_command():
-    script = os.path.join(os.path.dirname(sys.executable), "mpumap-client")
-    if os.path.exists(script):
-        return [script]
-    found = shutil.which("mpumap-client")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "from mpumap.cli import client_main; client_main()"]
-
-
 def config(*flags):
-    out = subprocess.run(client_command() + ["config", *flags], check=True,
+    out = subprocess.run(tool("mpumap-client") + ["config", *flags], check=True,
                          capture_output=True, text=True, timeout=30).stdout
     return shlex.split(out)
 

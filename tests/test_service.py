@@ -13,15 +13,10 @@ import psutil
 import pytest
 
 import mpumap
-from conftest import MiB, make_file, server_command
+from conftest import MiB, make_file, server_command, tool
 
 pytestmark = pytest.mark.timeout(120)
-BIN = os.path.dirname(sys.executable)
 
-
-def tool(name):
-    path = os.path.join(BIN, name)
-    return [path] if os.path.exists(path) else [shutil.which(name) or name]
 
 
 def test_run_passes_the_status_and_counts_the_commands_faults(start_server, workdir):
