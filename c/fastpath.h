@@ -66,7 +66,7 @@ uint32_t mpu_filler_for(uint32_t region, uint64_t page, uint32_t nfillers);
  * closed then). */
 struct mpu_monitor;
 struct mpu_monitor *mpu_monitor_start(struct mpu_header *h, uint64_t page_size,
-                                      uint64_t read_ahead, int nfillers);
+                                      uint64_t read_ahead, int nfillers, uint64_t spin_ns);
 int mpu_monitor_add_client(struct mpu_monitor *m, uint32_t slot, int uffd);
 int mpu_monitor_set_ranges(struct mpu_monitor *m, uint32_t slot,
                            const struct mpu_range *ranges, int n);

@@ -23,8 +23,9 @@ def filler_for(region_slot, index, nfillers):
 class Monitors:
     """The monitor thread."""
 
-    def __init__(self, buffer, page_size, read_ahead, nfillers):
-        self.c = lib.mpu_monitor_start(buffer.header, page_size, read_ahead, nfillers)
+    def __init__(self, buffer, page_size, read_ahead, nfillers, spin_us=0):
+        self.c = lib.mpu_monitor_start(buffer.header, page_size, read_ahead, nfillers,
+                                       spin_us * 1000)
         if self.c == ffi.NULL:
             raise OSError(ffi.errno, "starting the fault monitor thread")
 

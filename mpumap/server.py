@@ -199,7 +199,7 @@ class Server:
         self.listen()
         self.install_signals()
         s = self.settings
-        self.monitors = Monitors(self.buffer, s.page_size, s.read_ahead, s.fillers)
+        self.monitors = Monitors(self.buffer, s.page_size, s.read_ahead, s.fillers, s.spin_us)
         if self.pidfile:
             with open(self.pidfile, "w") as f:
                 f.write(f"{self.pid}\n")
@@ -767,7 +767,7 @@ class Server:
                 "evictors": s.evictors, "high_water": s.high_water,
                 "low_water": s.low_water, "adaptive": s.adaptive,
                 "adapt_interval": s.adapt_interval, "memory_reserve": s.memory_reserve,
-                "read_ahead": s.read_ahead, "store_io": s.store_io,
+                "read_ahead": s.read_ahead, "spin_us": s.spin_us, "store_io": s.store_io,
                 "max_regions": s.max_regions, "max_client_mappings": s.max_client_mappings,
                 "cpus": list(s.cpus),
             },

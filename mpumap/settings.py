@@ -16,6 +16,8 @@ DEFAULT_HIGH_WATER = 90
 DEFAULT_LOW_WATER = 70
 DEFAULT_ADAPT_INTERVAL = 3.0
 DEFAULT_READ_AHEAD = 0
+DEFAULT_SPIN_US = 50
+MAX_SPIN_US = 10_000
 DEFAULT_STORE_IO = "direct"
 DEFAULT_MAX_REGIONS = 4096
 DEFAULT_MAX_CLIENT_MAPPINGS = 1024
@@ -141,6 +143,7 @@ class Settings:
     adapt_interval: float = DEFAULT_ADAPT_INTERVAL
     memory_reserve: int | None = None  # None: default_reserve() of the memory there is
     read_ahead: int = DEFAULT_READ_AHEAD
+    spin_us: int = DEFAULT_SPIN_US
     store_io: str = DEFAULT_STORE_IO
     max_regions: int = DEFAULT_MAX_REGIONS
     max_client_mappings: int = DEFAULT_MAX_CLIENT_MAPPINGS

@@ -192,3 +192,17 @@ def test_a_client_that_is_not_root(start_server, readers, workdir):
     p = readers.start(server.socket, secret, drop_uid=nobody)
     result = readers.result(p)
     assert result["error"] == "PermissionError"
+
+
+def test_an_idle_server_does_not_spin(start_server, workdir):
+    """The monitor polls for a while after each fault, then sleeps."""
+    path = make_file(os.path.join(workdir, "idle.bin"), 8 * MiB, seed=48)
+    server = start_server("--page-size", "4K", "--buffer-size", "16M", "--spin", "1000")
+    with mpumap.connect(server.socket) as client, client.map(path) as m:
+        assert m[:] == open(path, "rb").read()
+        time.sleep(0.2)
+        processes = [server.ps] + server.workers()
+        before = sum(sum(p.cpu_times()[:2]) for p in processes)
+        time.sleep(1)
+        after = sum(sum(p.cpu_times()[:2]) for p in processes)
+    assert after - before < 0.1, f"{after - before:.2f} s of CPU in an idle second"

@@ -230,6 +230,8 @@ def test_server_help_explains_every_setting():
     ([], {"UMAP_PAGESIZE": "12345"}, "UMAP_PAGESIZE"),
     (["--buffer-size", "lots"], {}, "not a size"),
     (["--buffer-size", "2", "--fillers", "2"], {}, "too small"),
+    (["--spin", "-1"], {}, "--spin"),
+    ([], {"UMAP_SPIN_US": "forever"}, "UMAP_SPIN_US"),
 ])
 def test_bad_settings_fail_in_one_line(args, env, message):
     proc = subprocess.run([sys.executable, "-m", "mpumap.cli", "--socket", "/tmp/unused.sock",
