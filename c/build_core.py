@@ -43,7 +43,7 @@ ffibuilder.cdef(
         uint64_t full_waits; uint64_t restarts;
         uint64_t readahead_fills; uint64_t readahead_hits; uint64_t prefetch_fills;
         uint64_t monitor_ns; uint64_t queue_ns; uint64_t read_ns; uint64_t copy_ns;
-        uint64_t wake_ns;
+        uint64_t wake_ns; uint64_t cache_bytes;
         uint64_t latency[...];
         struct mpu_client_stats clients[...];
         ...;
@@ -136,7 +136,7 @@ ffibuilder.cdef(
     void mpu_monitor_stop(struct mpu_monitor *m);
 
     struct mpu_region_slot {
-        struct mpu_table *table; int memfd; int store_fd; int store_mode;
+        struct mpu_table *table; int memfd; int store_fd; int store_mode; int cache_fd;
         uint64_t npages; uint64_t size; uint64_t map_length;
         ...;
     };

@@ -85,7 +85,7 @@ struct mpu_region_slot {
     int memfd;
     int store_fd;
     int store_mode;
-    int pad;
+    int cache_fd;              /* buffered, for a direct store; else -1 */
     uint64_t npages;
     uint64_t size;             /* of the file when the region was made */
     uint64_t map_length;       /* what clients map: size in whole system pages */

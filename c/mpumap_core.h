@@ -91,7 +91,8 @@ struct mpu_header {
     uint64_t read_ns;       /* reading the store */
     uint64_t copy_ns;       /* UFFDIO_COPY */
     uint64_t wake_ns;       /* UFFDIO_WAKE */
-    uint64_t spare[9];
+    uint64_t cache_bytes;   /* of bytes_read: found in the kernel's page cache */
+    uint64_t spare[8];
     uint64_t latency[MPU_LATENCY_BUCKETS];
     struct mpu_client_stats clients[MPU_CLIENT_SLOTS];
 };

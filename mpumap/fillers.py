@@ -14,9 +14,11 @@ server's messages, and logs what the C side reports.
 import errno
 import logging
 import mmap
+import os
 
 from mpumap import core, protocol
 from mpumap._core import ffi, lib
+from mpumap.store import MODES, open_cache_reader
 from mpumap.worker import Worker
 
 log = logging.getLogger("mpumap.fillers")
@@ -76,6 +78,8 @@ class Filler(Worker):
         c.memfd = region.memfd
         c.store_fd = region.store_fd
         c.store_mode = region.mode  # store.MODES order: the C core's MPU_STORE_*
+        region.cache_fd = open_cache_reader(region.store_fd, MODES[region.mode])
+        c.cache_fd = -1 if region.cache_fd is None else region.cache_fd
         c.npages = region.npages
         c.size = region.size
         c.map_length = region.map_length
@@ -83,6 +87,9 @@ class Filler(Worker):
 
     def region_dropped(self, region):
         self.region_slots[region.slot].table = ffi.NULL
+        self.region_slots[region.slot].cache_fd = -1
+        if region.cache_fd is not None:
+            os.close(region.cache_fd)
 
     def client_added(self, slot, uffd):
         self.client_slots[slot].uffd = uffd

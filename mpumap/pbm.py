@@ -38,6 +38,7 @@ COUNTERS = (
     "read_ns",
     "copy_ns",
     "wake_ns",
+    "cache_bytes",
 )
 CLIENT_COUNTERS = ("faults", "copies", "wakes", "bytes", "wait_ns")
 

@@ -65,6 +65,38 @@ def test_drop_mode_keeps_the_page_cache_clean(start_server, readers, workdir):
     assert page_cache_bytes(path) < 4 * MiB
 
 
+def half_cached_file(path, size, seed):
+    """A file whose first half is in the page cache and second half is not."""
+    uncached_file(path, size, seed)
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead into the second half
+    done = 0
+    while done < size // 2:
+        done += len(os.pread(fd, min(MiB, size // 2 - done), done))
+    os.close(fd)
+    return path
+
+
+@pytest.mark.parametrize("store_io", ["direct", "drop"])
+def test_what_the_page_cache_holds_is_copied_from_there(start_server, readers, workdir,
+                                                        store_io):
+    size = 32 * MiB + 12345  # the last page ends mid-way, cached and cold alike
+    path = half_cached_file(os.path.join(workdir, "half.bin"), size, seed=23)
+    server = start_server("--page-size", "64K", "--buffer-size", "64M",
+                          "--store-io", store_io)
+    p = readers.start(server.socket, path, order="random", direct="")
+    assert_clean(readers.result(p))
+    buffer = server.stats()["buffer"]
+    assert buffer["bytes_read"] >= size
+    # The cached half came from the cache, the cold half from the disk.  The
+    # 64K page that straddles the halves is read from the disk; dropping it
+    # may evict the whole large folio it shares with cached pages before it.
+    slack = 64 * 1024 if store_io == "direct" else MiB
+    assert size // 2 - slack <= buffer["cache_bytes"] <= size // 2
+    # Nothing was added to the cache, and nothing taken out of it but that.
+    assert size // 2 - slack <= page_cache_bytes(path) <= size // 2 + 4 * MiB
+
+
 def faults_for_sequential_read(start_server, readers, path, read_ahead):
     server = start_server("--page-size", "4K", "--buffer-size", "32M",
                           "--read-ahead", read_ahead, "--fillers", 2)
