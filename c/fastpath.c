@@ -404,17 +404,18 @@ static int in_page_cache(struct mpu_region_slot *r, uint64_t offset, uint64_t le
     return stat.nr_cache >= (len + SYSTEM_PAGE - 1) / SYSTEM_PAGE;
 }
 
-/* Pages another process keeps in the page cache are copied from there: a
- * disk read costs 30 to 50 times more, and taking them adds nothing to the
- * memory in use.  RWF_NOWAIT, so that a page evicted since we looked is left
- * to the store's own way of reading rather than read into the cache.
- * Returns the bytes copied, a whole number of system pages unless the file
- * ends there. */
+/* For a direct store, pages another process keeps in the page cache are
+ * copied from there: a disk read costs 30 to 50 times more, and taking them
+ * adds nothing to the memory in use.  RWF_NOWAIT, so that a page evicted
+ * since we looked is left to O_DIRECT rather than read into the cache.
+ * (Not for drop: the pages the kernel read ahead for it would look like
+ * another's, and stay.)  Returns the bytes copied, a whole number of system
+ * pages unless the file ends there. */
 static uint64_t read_from_page_cache(struct mpu_filler *f, struct mpu_region_slot *r,
                                      uint64_t offset, uint64_t want)
 {
-    int fd = r->store_mode == MPU_STORE_DIRECT ? r->cache_fd : r->store_fd;
-    if (fd < 0 || r->store_mode == MPU_STORE_CACHED || !in_page_cache(r, offset, want))
+    int fd = r->cache_fd;
+    if (r->store_mode != MPU_STORE_DIRECT || fd < 0 || !in_page_cache(r, offset, want))
         return 0;
     uint64_t got = 0;
     while (got < want) {
