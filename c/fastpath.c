@@ -66,7 +66,7 @@ static void send_read_ahead(uint32_t region, uint64_t first, uint64_t window,
     memcpy(packet + 1, &region, 4);
     memcpy(packet + 5, &first, 8);
     memcpy(packet + 13, &window, 8);
-    int to = (int)mpu_filler_for(region, first, (uint32_t)nfillers);
+    int to = (int)mpu_filler_for(region, first / window, (uint32_t)nfillers);
     if (filler_fds[to] >= 0)
         send(filler_fds[to], packet, sizeof packet, MSG_NOSIGNAL);
 }
