@@ -41,21 +41,42 @@ static struct mpu_range *locate(struct mpu_range *ranges, int n, uint64_t addres
     return &ranges[lo - 1];
 }
 
-/* Is a fault at `page` part of a scan (within what the last fault read, or
- * read ahead)?  Then returns the first page of the window to read in the
- * background, after what is read ahead already, so that two reads are in
- * flight while the client works through the first; else 0. */
-static uint64_t read_ahead_of(struct mpu_range *r, uint64_t page, uint64_t window)
+/* Read-ahead follows scans, as the kernel's does.  A fault between the last
+ * fault's page and the end of what was asked for since is part of a scan;
+ * any other fault reads its page alone.  The first fault of a scan reads a
+ * window of 4 pages itself; each fault of the scan asks for the window after
+ * what was asked for in the background, twice as large as the last, up to
+ * 1 + most pages, so that one read is in flight while the client works
+ * through another.  The client faults again only where a window is still
+ * being read.  Returns the pages the fault's filler reads after its page;
+ * *background the first page of the background window (0: none) and
+ * *window its size. */
+static uint64_t read_ahead_of(struct mpu_range *r, uint64_t page, uint64_t most,
+                              uint64_t *background, uint64_t *window)
 {
-    int scan = r->window_end && page + window >= r->window_end && page <= r->ahead_end;
-    r->window_end = page + window;
+    int scan = r->ahead_end && page >= r->last_page && page <= r->ahead_end;
+    uint64_t ahead = 0;
+    r->last_page = page;
+    *background = 0;
     if (!scan) {
-        r->ahead_end = r->window_end;
+        r->window = 0;
+        r->ahead_end = page + 1;
         return 0;
     }
-    uint64_t first = r->ahead_end > page + window ? r->ahead_end : page + window;
-    r->ahead_end = first + window;
-    return first;
+    uint64_t w = r->window ? 2 * (uint64_t)r->window : 4;
+    if (w > most + 1)
+        w = most + 1;
+    r->window = (uint32_t)w;
+    if (page >= r->ahead_end) {  /* past what was asked for: read on from here */
+        ahead = w - 1;
+        r->ahead_end = page + w;
+    }
+    if (r->ahead_end < page + 2 * w) {
+        *background = r->ahead_end;
+        *window = w;
+        r->ahead_end += w;
+    }
+    return ahead;
 }
 
 static void send_read_ahead(uint32_t region, uint64_t first, uint64_t window,
@@ -66,6 +87,7 @@ static void send_read_ahead(uint32_t region, uint64_t first, uint64_t window,
     memcpy(packet + 1, &region, 4);
     memcpy(packet + 5, &first, 8);
     memcpy(packet + 13, &window, 8);
+    /* By window: their first pages may be a multiple of the fillers apart. */
     int to = (int)mpu_filler_for(region, first / window, (uint32_t)nfillers);
     if (filler_fds[to] >= 0)
         send(filler_fds[to], packet, sizeof packet, MSG_NOSIGNAL);
@@ -81,6 +103,7 @@ int mpu_monitor_drain(struct mpu_header *h, int uffd, uint32_t client_slot,
     uint32_t counts[nfillers];
     uint64_t addrs[MPU_FAULTS_MAX];
     uint64_t ahead_first[MPU_FAULTS_MAX];
+    uint64_t ahead_window[MPU_FAULTS_MAX];
     uint32_t ahead_region[MPU_FAULTS_MAX];
     int total = 0;
 
@@ -111,10 +134,15 @@ int mpu_monitor_drain(struct mpu_header *h, int uffd, uint32_t client_slot,
             fault->page = index;
             fault->address = r->start + index * page_size;
             fault->read_at = now;
-            uint64_t first = read_ahead ? read_ahead_of(r, index, read_ahead + 1) : 0;
-            if (first) {
-                ahead_first[aheads] = first;
-                ahead_region[aheads++] = r->region;
+            fault->ahead = 0;
+            if (read_ahead) {
+                uint64_t first, window;
+                fault->ahead = (uint32_t)read_ahead_of(r, index, read_ahead, &first, &window);
+                if (first) {
+                    ahead_first[aheads] = first;
+                    ahead_window[aheads] = window;
+                    ahead_region[aheads++] = r->region;
+                }
             }
         }
         for (int to = 0; to < nfillers; to++) {
@@ -130,7 +158,7 @@ int mpu_monitor_drain(struct mpu_header *h, int uffd, uint32_t client_slot,
         }
         /* After the faults: a filler serves what a client waits for first. */
         for (int k = 0; k < aheads; k++)
-            send_read_ahead(ahead_region[k], ahead_first[k], read_ahead + 1, filler_fds,
+            send_read_ahead(ahead_region[k], ahead_first[k], ahead_window[k], filler_fds,
                             nfillers);
         total += n;
         if (n < MPU_FAULTS_MAX)
@@ -645,7 +673,8 @@ static void serve_one(struct mpu_filler *f, const struct mpu_fault *fault)
     }
 
     int full;
-    uint64_t ahead = claim_run(f, r, page + 1, f->read_ahead, &full);
+    uint64_t ahead = claim_run(f, r, page + 1,
+                               fault->ahead < f->read_ahead ? fault->ahead : f->read_ahead, &full);
     int present = 0;
     int64_t got = read_run(f, r, page, 1 + ahead);
     uint64_t whole = got < 0 ? 0 : whole_pages(f, r, page, 1 + ahead, (uint64_t)got);

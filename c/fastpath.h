@@ -19,6 +19,8 @@ struct mpu_fault {
     uint64_t page;
     uint64_t address;   /* where the umap page starts in the client */
     uint64_t read_at;   /* CLOCK_MONOTONIC ns when the monitor read it */
+    uint32_t ahead;     /* pages to read after it, if free: the fault starts a scan */
+    uint32_t pad;
 };
 
 /* A fault-message packet: kind byte, padding, faults. */
@@ -32,11 +34,11 @@ struct mpu_range {          /* a client mapping, sorted by start */
     uint64_t start;
     uint64_t end;
     uint32_t region;        /* region slot */
-    uint32_t pad;
-    /* The monitor's own, for spotting a scan: the page after the window
-     * the last fault's read covered, and the end of what it had read ahead
-     * in the background (0: no fault yet). */
-    uint64_t window_end;
+    /* The monitor's own, for following a scan: the pages the last read of
+     * it covered (0: no scan), the last fault's page, and the page after
+     * all that was asked for (0: no fault yet). */
+    uint32_t window;
+    uint64_t last_page;
     uint64_t ahead_end;
 };
 
@@ -48,7 +50,7 @@ struct mpu_range {          /* a client mapping, sorted by start */
 /* Reads what the client's userfaultfd has, finds each fault's region and
  * page, and sends each filler its faults in one packet.  A fault outside
  * every range is woken (the thread retries, and never hangs on us).
- * scratch holds nfillers * (MPU_FAULTS_HEADER + MPU_FAULTS_MAX * 32) bytes.
+ * scratch holds nfillers * (MPU_FAULTS_HEADER + MPU_FAULTS_MAX * 40) bytes.
  * Returns the number of faults read, or -errno from reading the uffd. */
 int mpu_monitor_drain(struct mpu_header *h, int uffd, uint32_t client_slot,
                       struct mpu_range *ranges, int nranges, uint64_t page_size,

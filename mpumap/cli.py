@@ -100,11 +100,13 @@ Examples:
                    "Default: 10% of the RAM (or of the memory cgroup's limit, when "
                    "smaller), at least 64M, at most 4G.")
 @click.option("--read-ahead", envvar="UMAP_READ_AHEAD", type=click.IntRange(0, S.MAX_READ_AHEAD),
-              default=S.DEFAULT_READ_AHEAD, show_default=True, show_envvar=True,
-              help="Pages a filler also reads ahead of each fault, when they are free "
-                   "and the buffer has room: one read instead of many faults on scans.  "
-                   "When faults follow one another through a file, another filler reads "
-                   "the next window meanwhile, so that two reads are in flight.")
+              show_envvar=True, metavar="PAGES",
+              help="Largest read-ahead window, in pages after the faulting one; 0: "
+                   "none.  Faults that follow one another through a file are a scan: "
+                   "windows of pages after them are read, in the background and "
+                   "growing from 4 pages, so that the client finds them there and "
+                   "the disk gets large reads.  Other faults read their page alone.  "
+                   "Default: 1 MiB of pages, at most a quarter of a fixed buffer.")
 @click.option("--spin", "spin_us", envvar="UMAP_SPIN_US", type=click.IntRange(0, S.MAX_SPIN_US),
               default=S.DEFAULT_SPIN_US, show_default=True, show_envvar=True, metavar="USEC",
               help="Microseconds the fault monitor keeps polling for the next fault "

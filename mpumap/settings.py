@@ -15,7 +15,7 @@ DEFAULT_EVICTORS = 1
 DEFAULT_HIGH_WATER = 90
 DEFAULT_LOW_WATER = 70
 DEFAULT_ADAPT_INTERVAL = 3.0
-DEFAULT_READ_AHEAD = 0
+DEFAULT_READ_AHEAD_BYTES = 1 << 20
 DEFAULT_SPIN_US = 100
 MAX_SPIN_US = 10_000
 DEFAULT_STORE_IO = "direct"
@@ -142,7 +142,7 @@ class Settings:
     low_water: int = DEFAULT_LOW_WATER
     adapt_interval: float = DEFAULT_ADAPT_INTERVAL
     memory_reserve: int | None = None  # None: default_reserve() of the memory there is
-    read_ahead: int = DEFAULT_READ_AHEAD
+    read_ahead: int | None = None  # None: default_read_ahead()
     spin_us: int = DEFAULT_SPIN_US
     store_io: str = DEFAULT_STORE_IO
     max_regions: int = DEFAULT_MAX_REGIONS
@@ -164,6 +164,9 @@ class Settings:
                 f"a buffer of {self.buffer_pages} pages is too small for "
                 f"{self.fillers} fillers: give it at least {self.min_buffer_pages}"
             )
+        if self.read_ahead is None:
+            object.__setattr__(self, "read_ahead",
+                               default_read_ahead(self.page_size, self.buffer_pages))
         if self.adapt_interval <= 0:
             raise SettingError("the adaptation interval must be positive")
         if self.store_io not in ("direct", "drop", "cached"):
@@ -180,6 +183,15 @@ class Settings:
     @property
     def adaptive(self):
         return self.buffer_pages is None
+
+
+def default_read_ahead(page_size, buffer_pages=None):
+    """Pages a scan reads after a faulting page, at most: a window of 1 MiB
+    (none for pages that big), and no more than a quarter of a fixed buffer."""
+    pages = DEFAULT_READ_AHEAD_BYTES // page_size - 1
+    if buffer_pages is not None:
+        pages = min(pages, buffer_pages // 4 - 1)
+    return max(0, min(pages, MAX_READ_AHEAD))
 
 
 def default_reserve(total_memory):

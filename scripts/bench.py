@@ -12,7 +12,7 @@ gather does the touching) or in C (scripts/bench_client.c, built against
 libmpumapclient).
 
     python scripts/bench.py --size 1G --page-size 4K,64K --clients 1,2 --json out.json
-    python scripts/bench.py --cache cold --read-ahead 0,63 --store-io direct
+    python scripts/bench.py --cache cold --read-ahead 0,63,auto --store-io direct
 """
 import argparse
 import itertools
@@ -173,9 +173,10 @@ def measure(path, size, case, fillers, folder, c_binary, pin=None):
            "read_ahead": read_ahead, "store_io": store_io}
     touched = clients * (size // TOUCH) * TOUCH  # bytes the touches cover
     pinned = ["--cpus", pin] if pin else []
+    ahead = [] if read_ahead == "auto" else ["--read-ahead", read_ahead]
     with running_server("--page-size", page_size, "--buffer-size", f"{buffer >> 10}K",
-                        "--fillers", fillers, "--read-ahead", read_ahead,
-                        "--store-io", store_io, *pinned) as (sock, proc):
+                        "--fillers", fillers, "--store-io", store_io, *ahead,
+                        *pinned) as (sock, proc):
         if cache == "cold":
             drop_from_page_cache(path)
         results, cpu = run_clients(language, "mpumap", sock, path, order, clients, folder,
@@ -204,7 +205,7 @@ def median_row(rows):
 
 
 def print_table(rows):
-    head = (f"{'client':7}{'order':7}{'cache':6}{'io':7}{'ra':>3}{'cl':>3}{'page':>6}"
+    head = (f"{'client':7}{'order':7}{'cache':6}{'io':7}{'ra':>5}{'cl':>3}{'page':>6}"
             f"{'buffer':>8}  {'mpumap GB/s':>11}{'mmap GB/s':>10}{'ratio':>7}  "
             f"{'mpumap f/s':>11}{'mmap f/s':>10}{'us/fault':>9}{'srv us/f':>9}  ok")
     print(head)
@@ -212,7 +213,7 @@ def print_table(rows):
     for r in rows:
         u, k = r["mpumap"], r["mmap"]
         print(f"{r['client']:7}{r['order']:7}{r['cache']:6}{r['store_io']:7}"
-              f"{r['read_ahead']:>3}{r['clients']:>3}{r['page_size'] >> 10:>5}K"
+              f"{r['read_ahead']:>5}{r['clients']:>3}{r['page_size'] >> 10:>5}K"
               f"{r['buffer'] >> 20:>7}M  {u['gbps']:>11.3f}{k['gbps']:>10.3f}{r['ratio']:>7.2f}"
               f"  {u['faults_per_s']:>11.0f}{k['faults_per_s']:>10.0f}{u['us_per_fault']:>9.1f}"
               f"{u['server_cpu_us_per_fault']:>9.1f}  {'yes' if u['ok'] and k['ok'] else 'NO'}",
@@ -232,7 +233,9 @@ def main():
     p.add_argument("--order", default="seq,random", help="page orders (seq,random)")
     p.add_argument("--cache", default="warm,cold",
                    help="the file in the page cache or not, before each run (warm,cold)")
-    p.add_argument("--read-ahead", default="0", help="read-ahead pages (0; e.g. 0,63)")
+    p.add_argument("--read-ahead", default="auto",
+                   help="the server's --read-ahead: pages, or auto for its default "
+                        "(auto; e.g. 0,63,auto)")
     p.add_argument("--store-io", default="cached,direct",
                    help="store reads: cached, drop, direct (cached,direct)")
     p.add_argument("--client", default="c,python", help="client languages (c,python)")
@@ -259,7 +262,7 @@ def main():
         for page, fraction, clients, order, cache, ra, io, language in itertools.product(
                 map(parse_size, split(args.page_size)), map(float, split(args.buffer)),
                 map(int, split(args.clients)), split(args.order), split(args.cache),
-                map(int, split(args.read_ahead)), split(args.store_io), split(args.client)):
+                split(args.read_ahead), split(args.store_io), split(args.client)):
             want = size * fraction / (0.9 if fraction >= 1 else 1)
             buffer = max(page * 16, -(-int(want) // page) * page)
             case = (page, buffer, clients, order, cache, ra, io, language)

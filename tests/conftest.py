@@ -180,6 +180,11 @@ def readers():
 MiB = 1 << 20
 
 
+def pages_served(stats):
+    """Pages the server gave clients: on their faults, or read ahead of them."""
+    return stats["buffer"]["faults"] + stats["buffer"]["readahead_fills"]
+
+
 def assert_clean(result):
     """A reader's result: no error, and every byte it read was the file's."""
     assert "error" not in result, result

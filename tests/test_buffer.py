@@ -92,23 +92,36 @@ def test_what_the_page_cache_holds_is_copied_from_there(start_server, readers, w
     assert size // 2 <= page_cache_bytes(path) <= size // 2 + 4 * 4096
 
 
-def faults_for_sequential_read(start_server, readers, path, read_ahead):
-    server = start_server("--page-size", "4K", "--buffer-size", "32M",
-                          "--read-ahead", read_ahead, "--fillers", 2)
-    p = readers.start(server.socket, path, order="seq", chunk=4096)
+def faults_for_read(start_server, readers, path, read_ahead=None, order="seq"):
+    read_ahead = () if read_ahead is None else ("--read-ahead", read_ahead)
+    server = start_server("--page-size", "4K", "--buffer-size", "32M", "--fillers", 2,
+                          *read_ahead)
+    p = readers.start(server.socket, path, order=order, chunk=4096)
     assert_clean(readers.result(p))
     return server.stats()["buffer"]
 
 
 def test_read_ahead_saves_faults(start_server, readers, workdir):
     path = make_file(os.path.join(workdir, "scan.bin"), 16 * MiB, seed=23)
-    plain = faults_for_sequential_read(start_server, readers, path, 0)
-    ahead = faults_for_sequential_read(start_server, readers, path, 8)
+    plain = faults_for_read(start_server, readers, path, 0)
+    ahead = faults_for_read(start_server, readers, path, 8)
+    default = faults_for_read(start_server, readers, path)  # 1 MiB windows
     pages = 16 * MiB // 4096
     assert plain["faults"] >= pages
     assert ahead["faults"] < plain["faults"] / 4, (ahead["faults"], plain["faults"])
     assert ahead["readahead_fills"] > pages / 2
     assert plain["readahead_fills"] == 0
+    assert default["faults"] < pages / 32, default["faults"]
+
+
+def test_random_faults_read_their_page_alone(start_server, readers, workdir):
+    path = make_file(os.path.join(workdir, "random.bin"), 16 * MiB, seed=26)
+    b = faults_for_read(start_server, readers, path, order="random")
+    pages = 16 * MiB // 4096
+    # A random fault now and then lands right after the last one and is
+    # taken for the start of a scan; no more than that is read ahead.
+    assert b["faults"] >= 0.95 * pages
+    assert b["bytes_read"] <= 1.1 * 16 * MiB, b["bytes_read"]
 
 
 def test_read_ahead_stays_within_the_buffer(start_server, readers, workdir):

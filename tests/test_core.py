@@ -34,7 +34,8 @@ def test_two_processes_on_the_same_pages_share_fills(start_server, readers, work
     UFFDIO_COPY, the other by UFFDIO_WAKE (or, arriving later, straight from
     the shared buffer without a fault)."""
     page = 4096
-    server = start_server("--page-size", page, "--buffer-size", 4096, "--fillers", 2)
+    server = start_server("--page-size", page, "--buffer-size", 4096, "--fillers", 2,
+                          "--read-ahead", 0)  # every page a fault of both
     copies = wakes = 0
     for attempt in range(5):
         path = make_file(os.path.join(workdir, f"same{attempt}.bin"), 1000 * page, seed=attempt)

@@ -52,6 +52,15 @@ def test_settings_validation():
     assert S.Settings().adaptive
 
 
+def test_default_read_ahead_is_a_megabyte_within_the_buffer():
+    assert S.Settings(page_size=4096).read_ahead == 255
+    assert S.Settings(page_size=65536).read_ahead == 15
+    assert S.Settings(page_size=2 << 20).read_ahead == 0
+    assert S.Settings(page_size=4096, buffer_pages=100).read_ahead == 24
+    assert S.Settings(page_size=4096, buffer_pages=6, fillers=2).read_ahead == 0
+    assert S.Settings(page_size=4096, read_ahead=7).read_ahead == 7
+
+
 def test_socket_path_order(monkeypatch):
     monkeypatch.delenv("MPUMAP_SOCKET", raising=False)
     assert S.socket_path() == S.DEFAULT_SOCKET
