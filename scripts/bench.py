@@ -7,7 +7,9 @@ every byte it can see against the file.
 Each row prints GB/s (bytes the touches cover, over the slowest client's
 time), faults per second and µs per fault (from the server's count for those
 clients; the kernel's minor and major faults for mmap), the server's CPU time
-per fault, and the ratio mpumap/mmap.  Clients are written in Python (numpy's
+per fault, and the ratio mpumap/mmap.  Rows whose store reads with O_DIRECT
+also print the time of one such read of a umap page at a random place, timed
+alone: the floor of a fault that goes to the disk.  Clients are written in Python (numpy's
 gather does the touching) or in C (scripts/bench_client.c, built against
 libmpumapclient).
 
@@ -17,7 +19,9 @@ libmpumapclient).
 import argparse
 import itertools
 import json
+import mmap
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -166,6 +170,27 @@ def summary(results, touched, clients, cpu=None):
     return row
 
 
+def disk_read_us(path, page_size, reads=1000):
+    """The mean time of an O_DIRECT read of one page at a random place (a
+    mean, as the faults' figure is)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return None
+    buf = mmap.mmap(-1, page_size)
+    pages = max(1, os.fstat(fd).st_size // page_size)
+    rng = random.Random(3)
+    offsets = [rng.randrange(pages) * page_size for _ in range(reads)]
+    try:
+        start = time.perf_counter()
+        for offset in offsets:
+            os.preadv(fd, [buf], offset)
+        return (time.perf_counter() - start) / reads * 1e6
+    finally:
+        os.close(fd)
+        buf.close()
+
+
 def measure(path, size, case, fillers, folder, c_binary, pin=None):
     page_size, buffer, clients, order, cache, read_ahead, store_io, language = case
     row = {"client": language, "order": order, "cache": cache, "clients": clients,
@@ -192,6 +217,7 @@ def measure(path, size, case, fillers, folder, c_binary, pin=None):
                              pin=pin)
     row["mmap"] = summary(results, touched, clients)
     row["ratio"] = row["mpumap"]["gbps"] / row["mmap"]["gbps"]
+    row["disk_read_us"] = disk_read_us(path, page_size) if store_io == "direct" else None
     return row
 
 
@@ -207,7 +233,7 @@ def median_row(rows):
 def print_table(rows):
     head = (f"{'client':7}{'order':7}{'cache':6}{'io':7}{'ra':>5}{'cl':>3}{'page':>6}"
             f"{'buffer':>8}  {'mpumap GB/s':>11}{'mmap GB/s':>10}{'ratio':>7}  "
-            f"{'mpumap f/s':>11}{'mmap f/s':>10}{'us/fault':>9}{'srv us/f':>9}  ok")
+            f"{'mpumap f/s':>11}{'mmap f/s':>10}{'us/fault':>9}{'srv us/f':>9}{'disk us':>8}  ok")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -216,7 +242,9 @@ def print_table(rows):
               f"{r['read_ahead']:>5}{r['clients']:>3}{r['page_size'] >> 10:>5}K"
               f"{r['buffer'] >> 20:>7}M  {u['gbps']:>11.3f}{k['gbps']:>10.3f}{r['ratio']:>7.2f}"
               f"  {u['faults_per_s']:>11.0f}{k['faults_per_s']:>10.0f}{u['us_per_fault']:>9.1f}"
-              f"{u['server_cpu_us_per_fault']:>9.1f}  {'yes' if u['ok'] and k['ok'] else 'NO'}",
+              f"{u['server_cpu_us_per_fault']:>9.1f}"
+              f"{'-' if r['disk_read_us'] is None else format(r['disk_read_us'], '.1f'):>8}"
+              f"  {'yes' if u['ok'] and k['ok'] else 'NO'}",
               flush=True)
 
 
