@@ -83,6 +83,7 @@ def build_snapshot(before, now):
     b0, b1 = s0["buffer"], s1["buffer"]
     rates = {name: (b1[name] - b0[name]) / dt for name in RATES}
     rates["store_mb_s"] = (b1["bytes_read"] - b0["bytes_read"]) / dt / 1e6
+    rates["page_cache_mb_s"] = (b1["cache_bytes"] - b0["cache_bytes"]) / dt / 1e6
     faults = b1["faults"] - b0["faults"]
     breakdown = {name[:-3] + "_us": ((b1[name] - b0[name]) / faults / 1000 if faults else None)
                  for name in BREAKDOWN}
@@ -159,7 +160,8 @@ def render(snap, width=100, height=None):
         f"memfds {_size(b['memfd_bytes'])}",
         f"rates/s  faults {r['faults']:.0f}  fills {r['fills']:.0f}  copies {r['copies']:.0f}  "
         f"wakes {r['wakes']:.0f}  evictions {r['evictions']:.0f}  read-ahead "
-        f"{r['readahead_fills']:.0f}  store {r['store_mb_s']:.1f} MB/s",
+        f"{r['readahead_fills']:.0f}  store {r['store_mb_s']:.1f} MB/s "
+        f"({r['page_cache_mb_s']:.1f} from the page cache)",
         f"latency  p50 {_num(snap['latency']['p50_us'])} us  p99 "
         f"{_num(snap['latency']['p99_us'])} us   per fault: "
         + "  ".join(f"{k[:-3]} {_num(v, '{:.1f}')}" for k, v in snap["breakdown"].items())
