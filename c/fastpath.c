@@ -41,40 +41,63 @@ static struct mpu_range *locate(struct mpu_range *ranges, int n, uint64_t addres
     return &ranges[lo - 1];
 }
 
-/* Read-ahead follows scans, as the kernel's does.  A fault between the last
- * fault's page and the end of what was asked for since is part of a scan;
- * any other fault reads its page alone.  The first fault of a scan reads a
- * window of 4 pages itself; each fault of the scan asks for the window after
- * what was asked for in the background, twice as large as the last, up to
- * 1 + most pages, so that one read is in flight while the client works
- * through another.  The client faults again only where a window is still
- * being read.  Returns the pages the fault's filler reads after its page;
- * *background the first page of the background window (0: none) and
- * *window its size. */
+/* The stream a fault at `page` continues: one whose last fault came before
+ * it and whose reads reach it.  Else the least recently used stream, started
+ * afresh at the fault; *fresh says which. */
+static struct mpu_stream *stream_of(struct mpu_range *r, uint64_t page, int *fresh)
+{
+    struct mpu_stream *victim = NULL;
+    r->clock++;
+    for (int i = 0; i < MPU_STREAMS; i++) {
+        struct mpu_stream *s = &r->streams[i];
+        if (s->ahead_end && page >= s->last_page && page <= s->ahead_end) {
+            s->seen = r->clock;
+            *fresh = 0;
+            return s;
+        }
+        /* Ages, not stamps: the clock may wrap. */
+        if (!victim || (victim->ahead_end && (!s->ahead_end
+                        || r->clock - s->seen > r->clock - victim->seen)))
+            victim = s;
+    }
+    *victim = (struct mpu_stream){ .last_page = page, .ahead_end = page + 1,
+                                   .seen = r->clock };
+    *fresh = 1;
+    return victim;
+}
+
+/* Read-ahead follows scans, as the kernel's does.  A fault between a
+ * stream's last fault and the end of what was asked for it since continues
+ * that scan; any other fault reads its page alone, and starts a stream.
+ * The second fault of a scan reads a window of 4 pages itself; each fault of
+ * the scan asks for the window after what was asked for in the background,
+ * twice as large as the last, up to 1 + most pages, so that one read is in
+ * flight while the client works through another.  The client faults again
+ * only where a window is still being read.  Returns the pages the fault's
+ * filler reads after its page; *background the first page of the background
+ * window (0: none) and *window its size. */
 static uint64_t read_ahead_of(struct mpu_range *r, uint64_t page, uint64_t most,
                               uint64_t *background, uint64_t *window)
 {
-    int scan = r->ahead_end && page >= r->last_page && page <= r->ahead_end;
+    int fresh;
+    struct mpu_stream *s = stream_of(r, page, &fresh);
     uint64_t ahead = 0;
-    r->last_page = page;
     *background = 0;
-    if (!scan) {
-        r->window = 0;
-        r->ahead_end = page + 1;
+    if (fresh)
         return 0;
-    }
-    uint64_t w = r->window ? 2 * (uint64_t)r->window : 4;
+    s->last_page = page;
+    uint64_t w = s->window ? 2 * (uint64_t)s->window : 4;
     if (w > most + 1)
         w = most + 1;
-    r->window = (uint32_t)w;
-    if (page >= r->ahead_end) {  /* past what was asked for: read on from here */
+    s->window = (uint32_t)w;
+    if (page >= s->ahead_end) {  /* past what was asked for: read on from here */
         ahead = w - 1;
-        r->ahead_end = page + w;
+        s->ahead_end = page + w;
     }
-    if (r->ahead_end < page + 2 * w) {
-        *background = r->ahead_end;
+    if (s->ahead_end < page + 2 * w) {
+        *background = s->ahead_end;
         *window = w;
-        r->ahead_end += w;
+        s->ahead_end += w;
     }
     return ahead;
 }

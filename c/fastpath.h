@@ -30,16 +30,26 @@ struct mpu_fault {
 
 /* ---- monitor (server parent) -------------------------------------------- */
 
+/* The monitor's own, for following a scan through a mapping: its last
+ * fault's page, the page after all that was asked for (0: not in use), the
+ * pages the last read of it covered (0: no scan yet) and when it last saw a
+ * fault. */
+struct mpu_stream {
+    uint64_t last_page;
+    uint64_t ahead_end;
+    uint32_t window;
+    uint32_t seen;
+};
+
+/* Scans followed at once in one mapping: threads that read a stripe each. */
+#define MPU_STREAMS 8
+
 struct mpu_range {          /* a client mapping, sorted by start */
     uint64_t start;
     uint64_t end;
     uint32_t region;        /* region slot */
-    /* The monitor's own, for following a scan: the pages the last read of
-     * it covered (0: no scan), the last fault's page, and the page after
-     * all that was asked for (0: no fault yet). */
-    uint32_t window;
-    uint64_t last_page;
-    uint64_t ahead_end;
+    uint32_t clock;         /* faults seen, for the streams' `seen` */
+    struct mpu_stream streams[MPU_STREAMS];
 };
 
 /* A read-ahead packet from the monitor to a filler: the kind byte, then

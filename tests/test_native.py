@@ -266,6 +266,22 @@ def test_preload_serves_a_c_program(start_server, programs, workdir, mode):
     assert wait_for(lambda: server.stats()["regions"] == [])
 
 
+def test_read_ahead_follows_each_threads_scan(start_server, programs, workdir):
+    """Eight threads scan a stripe each of one mapping at once: each stripe is
+    a scan of its own, read ahead, not a random walk."""
+    path = make_file(os.path.join(workdir, "striped.bin"), 32 * MiB + 4321, seed=83)
+    server = start_server("--page-size", "4K", "--buffer-size", "64M")
+    exe = programs.build(os.path.join(SOURCES, "striped_reader.c"), flags=[])
+    env = clean_env(**native.preload_env([path], server.socket))
+    code, out, err = programs.run([exe, "8", path], env)
+    assert code == 0, (out, err)
+    assert fields(out)["wrong"] == "0"
+    buffer = server.stats()["buffer"]
+    pages = (32 * MiB + 4321) // 4096 + 1
+    assert buffer["readahead_fills"] > pages * 0.9
+    assert buffer["faults"] < pages / 16, buffer["faults"]
+
+
 def test_preload_munmap_that_cuts_into_a_served_range(start_server, programs, workdir):
     path = make_file(os.path.join(workdir, "cut.bin"), 1 * MiB + 99, seed=81)
     server = start_server("--page-size", "64K", "--buffer-size", "2M")
