@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -246,6 +247,7 @@ static int spin_wait(struct spinner *s, int epfd, struct epoll_event *events, in
             s->backoff = 0;
             return n;
         }
+        sched_yield();
     } while (mpu_now_ns() < until);
     s->backoff = s->backoff ? (s->backoff < 512 ? 2 * s->backoff : 1024) : 1;
     s->skip = s->backoff;
