@@ -146,7 +146,8 @@ ffibuilder.cdef(
     };
     struct mpu_filler {
         struct mpu_header *h; const int *evict_fds; int nevict; uint32_t pid;
-        uint64_t page_size; uint64_t read_ahead; char *chunk; uint64_t max_run;
+        uint64_t page_size; uint64_t read_ahead; uint64_t spin_ns; char *chunk;
+        uint64_t max_run;
         struct mpu_region_slot *regions; uint32_t nregions;
         struct mpu_client_slot *clients; uint32_t nclients;
         struct mpu_event events[...]; uint32_t nevents;

@@ -18,6 +18,44 @@
 #define WAIT_MS 1000
 #define SYSTEM_PAGE 4096u
 
+/* ---- waiting ------------------------------------------------------------- */
+
+/* Waking a sleeping CPU costs tens of microseconds on a VM whose idle CPUs
+ * halt at once: more than serving a page from memory.  So the monitor and the
+ * fillers poll for their next work for up to spin_ns before they sleep, and
+ * yield the CPU between polls, so that a client that has work takes it.  A
+ * poll that runs out was wasted: after each miss the waiter sleeps straight
+ * away for twice as many waits as before (up to 1024), so work that comes
+ * slower than the spin (a disk read away) costs one poll in a thousand. */
+struct spinner {
+    uint64_t spin_ns;   /* 0: never poll */
+    uint32_t skip;      /* waits left that sleep at once */
+    uint32_t backoff;   /* what the next miss sets skip to */
+};
+
+/* Calls poll(arg) until it says there is something (returns nonzero) or the
+ * time is up; 1 if there was something, 0 if the caller should sleep. */
+static int spin(struct spinner *s, int (*poll)(void *), void *arg)
+{
+    if (!s->spin_ns)
+        return 0;
+    if (s->skip) {
+        s->skip--;
+        return 0;
+    }
+    uint64_t until = mpu_now_ns() + s->spin_ns;
+    do {
+        if (poll(arg)) {
+            s->backoff = 0;
+            return 1;
+        }
+        sched_yield();
+    } while (mpu_now_ns() < until);
+    s->backoff = s->backoff ? (s->backoff < 512 ? 2 * s->backoff : 1024) : 1;
+    s->skip = s->backoff;
+    return 0;
+}
+
 /* ---- monitor ------------------------------------------------------------- */
 
 uint32_t mpu_filler_for(uint32_t region, uint64_t page, uint32_t nfillers)
@@ -220,38 +258,18 @@ struct mpu_monitor {
 
 #define STOP_KEY UINT64_MAX
 
-/* Waking a sleeping CPU costs tens of microseconds on a VM whose idle CPUs
- * halt at once, more than serving a cached page.  So after each batch the
- * monitor polls for up to spin_ns before it sleeps.  A poll that runs out
- * is wasted CPU, maybe a filler's or a client's: after each miss the monitor
- * sleeps straight away for twice as many waits as before, so a workload
- * whose faults come slower than the spin pays for one poll in a thousand. */
-struct spinner {
-    uint64_t spin_ns;
-    uint32_t skip;      /* waits left that sleep at once */
-    uint32_t backoff;   /* what the next miss sets skip to */
+struct epoll_wait_args {
+    int epfd;
+    struct epoll_event *events;
+    int max;
+    int n;
 };
 
-static int spin_wait(struct spinner *s, int epfd, struct epoll_event *events, int max)
+static int poll_epoll(void *arg)
 {
-    if (!s->spin_ns)
-        return 0;
-    if (s->skip) {
-        s->skip--;
-        return 0;
-    }
-    uint64_t until = mpu_now_ns() + s->spin_ns;
-    do {
-        int n = epoll_wait(epfd, events, max, 0);
-        if (n != 0) {
-            s->backoff = 0;
-            return n;
-        }
-        sched_yield();
-    } while (mpu_now_ns() < until);
-    s->backoff = s->backoff ? (s->backoff < 512 ? 2 * s->backoff : 1024) : 1;
-    s->skip = s->backoff;
-    return 0;
+    struct epoll_wait_args *a = arg;
+    a->n = epoll_wait(a->epfd, a->events, a->max, 0);
+    return a->n != 0;
 }
 
 static void *monitor_loop(void *arg)
@@ -259,10 +277,10 @@ static void *monitor_loop(void *arg)
     struct mpu_monitor *m = arg;
     struct epoll_event events[64];
     struct spinner spinner = { .spin_ns = m->spin_ns };
+    struct epoll_wait_args polled = { m->epfd, events, 64, 0 };
     for (;;) {
-        int n = spin_wait(&spinner, m->epfd, events, 64);
-        if (n == 0)
-            n = epoll_wait(m->epfd, events, 64, -1);
+        int n = spin(&spinner, poll_epoll, &polled) ? polled.n
+                                                     : epoll_wait(m->epfd, events, 64, -1);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -731,10 +749,26 @@ void mpu_filler_serve(struct mpu_filler *f, const struct mpu_fault *faults, int 
         serve_one(f, &faults[i]);
 }
 
+struct recvmsg_args {
+    int sock;
+    struct msghdr *msg;
+    size_t controllen;
+    ssize_t n;
+};
+
+static int poll_socket(void *arg)
+{
+    struct recvmsg_args *a = arg;
+    a->msg->msg_controllen = a->controllen;
+    a->n = recvmsg(a->sock, a->msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    return a->n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK);
+}
+
 int mpu_filler_run(struct mpu_filler *f, int sock, char *buf, int size,
                    int *fds, int *nfds, int maxfds)
 {
     char control[CMSG_SPACE(sizeof(int) * 16)];
+    struct spinner spinner = { .spin_ns = f->spin_ns };
     if (maxfds > 16)
         maxfds = 16;
     for (;;) {
@@ -743,7 +777,9 @@ int mpu_filler_run(struct mpu_filler *f, int sock, char *buf, int size,
             .msg_iov = &iov, .msg_iovlen = 1,
             .msg_control = control, .msg_controllen = CMSG_SPACE(sizeof(int) * maxfds),
         };
-        ssize_t n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+        struct recvmsg_args polled = { sock, &msg, msg.msg_controllen, 0 };
+        ssize_t n = spin(&spinner, poll_socket, &polled) ? polled.n
+                                                         : recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -773,8 +809,13 @@ int mpu_filler_run(struct mpu_filler *f, int sock, char *buf, int size,
             return 0;
         if (buf[0] != MPU_FAULTS_KIND || *nfds || n < MPU_FAULTS_HEADER)
             return (int)n;
+        uint64_t started = mpu_now_ns();
         mpu_filler_serve(f, (const struct mpu_fault *)(buf + MPU_FAULTS_HEADER),
                          (int)((n - MPU_FAULTS_HEADER) / sizeof(struct mpu_fault)));
+        /* Faults that wait for the disk gain little from a spin, and a busy
+         * CPU slows a virtual disk down: after such work, sleep. */
+        if (mpu_now_ns() - started > spinner.spin_ns && !spinner.skip)
+            spinner.skip = 1;
         if (f->nevents)
             return 1;
     }

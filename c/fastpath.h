@@ -136,6 +136,7 @@ struct mpu_filler {
     uint32_t pid;
     uint64_t page_size;
     uint64_t read_ahead;
+    uint64_t spin_ns;          /* polling for work before sleeping */
     char *chunk;               /* page aligned, max_run pages */
     uint64_t max_run;
     struct mpu_region_slot *regions;

@@ -182,6 +182,7 @@ class Server:
             "memory_reserve": s.memory_reserve,
             "min_buffer_pages": s.min_buffer_pages,
             "read_ahead": s.read_ahead,
+            "spin_us": s.spin_us,
             "max_regions": s.max_regions,
         }
 
