@@ -554,15 +554,17 @@ static uint64_t whole_pages(struct mpu_filler *f, struct mpu_region_slot *r,
 }
 
 /* Claims up to count FREE pages from start on (a buffer page each), stopping
- * at the first that is not FREE or when the buffer is full.  *full tells the
+ * at the first that is not FREE or when the buffer is full: for read-ahead,
+ * full up to the limit, calling the evictors past the high watermark; for
+ * prefetch, full at the high watermark (mpu_try_reserve).  *full tells the
  * latter when nothing was claimed. */
 static uint64_t claim_run(struct mpu_filler *f, struct mpu_region_slot *r,
-                          uint64_t start, uint64_t count, int *full)
+                          uint64_t start, uint64_t count, int read_ahead, int *full)
 {
     uint64_t n = 0;
     *full = 0;
     for (uint64_t page = start; page < r->npages && n < count; page++, n++) {
-        if (!mpu_try_reserve(f->h, 1)) {
+        if (!mpu_try_reserve(f->h, 1, read_ahead ? f->evict_fds : NULL, f->nevict)) {
             *full = n == 0;
             break;
         }
@@ -717,7 +719,8 @@ static void serve_one(struct mpu_filler *f, const struct mpu_fault *fault)
 
     int full;
     uint64_t ahead = claim_run(f, r, page + 1,
-                               fault->ahead < f->read_ahead ? fault->ahead : f->read_ahead, &full);
+                               fault->ahead < f->read_ahead ? fault->ahead : f->read_ahead, 1,
+                               &full);
     int present = 0;
     int64_t got = read_run(f, r, page, 1 + ahead);
     uint64_t whole = got < 0 ? 0 : whole_pages(f, r, page, 1 + ahead, (uint64_t)got);
@@ -833,7 +836,7 @@ void mpu_filler_prefetch(struct mpu_filler *f, uint32_t region, uint64_t first,
     while (page < end) {
         int full;
         uint64_t want = end - page < f->max_run ? end - page : f->max_run;
-        uint64_t run = claim_run(f, r, page, want, &full);
+        uint64_t run = claim_run(f, r, page, want, read_ahead, &full);
         if (full)
             return;  /* more would only push out what is there */
         if (!run) {

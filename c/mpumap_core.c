@@ -439,19 +439,25 @@ int mpu_reserve(struct mpu_header *h, const int *evict_fds, int nfds,
     }
 }
 
-/* Takes up to count pages without waiting (read-ahead and prefetch never
- * wait for room); returns how many it took. */
-int mpu_try_reserve(struct mpu_header *h, uint32_t count)
+/* Takes up to count pages without waiting: read-ahead and prefetch never
+ * wait for room.  With evictors to call (read-ahead: a scan goes on, and
+ * what it read first is evicted first), up to the limit, calling them as a
+ * fault would; without (prefetch: what fits), below the high watermark only,
+ * so that it never pushes out what is there.  Returns how many it took. */
+int mpu_try_reserve(struct mpu_header *h, uint32_t count, const int *evict_fds, int nfds)
 {
     for (;;) {
         uint32_t used = mpu_load32(&h->used);
-        uint32_t limit = mpu_load32(&h->limit);
+        uint32_t high = mpu_load32(&h->high);
+        uint32_t limit = evict_fds ? mpu_load32(&h->limit) : high;
         if (used >= limit)
             return 0;
         uint32_t take = limit - used < count ? limit - used : count;
         if (!cas32(&h->used, used, used + take))
             continue;
         raise_peak(h, used + take);
+        if (evict_fds && used + take >= high && cas32(&h->evict_wanted, 0, 1))
+            signal_evictors(evict_fds, nfds);
         return (int)take;
     }
 }

@@ -128,7 +128,7 @@ uint64_t mpu_table_oldest(struct mpu_table *t, uint64_t stride, uint64_t phase,
 
 int mpu_reserve(struct mpu_header *h, const int *evict_fds, int nfds,
                 int timeout_ms);
-int mpu_try_reserve(struct mpu_header *h, uint32_t count);
+int mpu_try_reserve(struct mpu_header *h, uint32_t count, const int *evict_fds, int nfds);
 void mpu_release(struct mpu_header *h, uint32_t count);
 
 int mpu_punch(int fd, uint64_t offset, uint64_t len);
