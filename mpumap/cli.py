@@ -109,11 +109,12 @@ Examples:
                    "Default: 1 MiB of pages, at most a quarter of a fixed buffer.")
 @click.option("--spin", "spin_us", envvar="UMAP_SPIN_US", type=click.IntRange(0, S.MAX_SPIN_US),
               default=S.DEFAULT_SPIN_US, show_default=True, show_envvar=True, metavar="USEC",
-              help="Microseconds the fault monitor keeps polling for the next fault "
-                   "before it sleeps; 0: never.  Where waking a sleeping CPU is slow "
-                   "(virtual machines) this halves the time of a fault served from "
-                   "memory.  When faults come slower than that, it backs off and "
-                   "sleeps at once.")
+              help="Microseconds the fault monitor and the fillers keep polling for "
+                   "their next work before they sleep, yielding the CPU meanwhile; 0: "
+                   "never.  Where waking a sleeping CPU is slow (virtual machines) this "
+                   "more than halves the time of a fault served from memory.  When work "
+                   "comes slower than that (faults that wait for the disk), they back "
+                   "off and sleep at once.")
 @click.option("--store-io", envvar="UMAP_STORE_IO", default=S.DEFAULT_STORE_IO,
               show_default=True, show_envvar=True,
               type=click.Choice(["direct", "drop", "cached"], case_sensitive=False),
