@@ -131,9 +131,8 @@ Examples:
 @click.option("--cpus", envvar="UMAP_CPUS", type=_Setting("cpus", S.parse_cpus),
               show_envvar=True,
               help="Run the server's monitor and workers on these CPUs only (0, 0-1, "
-                   "0,2-3).  A fault crosses three processes; where waking a process "
-                   "on another CPU is slow (virtual machines), clients that run on the "
-                   "same CPUs get their pages sooner.")
+                   "0,2-3): to keep it off the cores an application's ranks are "
+                   "pinned to, or to keep it near them.")
 @click.option("--socket-mode", envvar="UMAP_SOCKET_MODE", type=_Setting("mode", S.parse_mode),
               default="0600", show_default=True, show_envvar=True,
               help="Permissions of the socket: who may connect.  0600: the server's user "
