@@ -121,8 +121,9 @@ ffibuilder.cdef(
 
     struct mpu_fault {
         uint32_t client; uint32_t region; uint64_t page; uint64_t address;
-        uint64_t read_at;
+        uint64_t read_at; uint32_t ahead; uint32_t pad;
     };
+    struct mpu_spinner { uint64_t spin_ns; ...; };
     struct mpu_range { uint64_t start; uint64_t end; uint32_t region; ...; };
     uint32_t mpu_filler_for(uint32_t region, uint64_t page, uint32_t nfillers);
     struct mpu_monitor;
@@ -146,7 +147,7 @@ ffibuilder.cdef(
     };
     struct mpu_filler {
         struct mpu_header *h; const int *evict_fds; int nevict; uint32_t pid;
-        uint64_t page_size; uint64_t read_ahead; uint64_t spin_ns; char *chunk;
+        uint64_t page_size; uint64_t read_ahead; struct mpu_spinner spinner; char *chunk;
         uint64_t max_run;
         struct mpu_region_slot *regions; uint32_t nregions;
         struct mpu_client_slot *clients; uint32_t nclients;

@@ -27,15 +27,9 @@
  * poll that runs out was wasted: after each miss the waiter sleeps straight
  * away for twice as many waits as before (up to 1024), so work that comes
  * slower than the spin (a disk read away) costs one poll in a thousand. */
-struct spinner {
-    uint64_t spin_ns;   /* 0: never poll */
-    uint32_t skip;      /* waits left that sleep at once */
-    uint32_t backoff;   /* what the next miss sets skip to */
-};
-
 /* Calls poll(arg) until it says there is something (returns nonzero) or the
  * time is up; 1 if there was something, 0 if the caller should sleep. */
-static int spin(struct spinner *s, int (*poll)(void *), void *arg)
+static int spin(struct mpu_spinner *s, int (*poll)(void *), void *arg)
 {
     if (!s->spin_ns)
         return 0;
@@ -122,8 +116,8 @@ static uint64_t read_ahead_of(struct mpu_range *r, uint64_t page, uint64_t most,
     struct mpu_stream *s = stream_of(r, page, &fresh);
     uint64_t ahead = 0;
     *background = 0;
-    if (fresh)
-        return 0;
+    if (fresh || page == s->last_page)
+        return 0;  /* a new stream, or another thread on the same page */
     s->last_page = page;
     uint64_t w = s->window ? 2 * (uint64_t)s->window : 4;
     if (w > most + 1)
@@ -276,7 +270,7 @@ static void *monitor_loop(void *arg)
 {
     struct mpu_monitor *m = arg;
     struct epoll_event events[64];
-    struct spinner spinner = { .spin_ns = m->spin_ns };
+    struct mpu_spinner spinner = { .spin_ns = m->spin_ns };
     struct epoll_wait_args polled = { m->epfd, events, 64, 0 };
     for (;;) {
         int n = spin(&spinner, poll_epoll, &polled) ? polled.n
@@ -454,22 +448,23 @@ static uint64_t fill_length(const struct mpu_filler *f, const struct mpu_region_
 #endif
 
 /* Whether the kernel's page cache holds all of [offset, offset + len) of the
- * file, by cachestat (Linux 6.5); 0 where the kernel lacks it. */
+ * file, by cachestat (Linux 6.5).  Since 6.14 the kernel answers only those
+ * who own the file or may write it (as mincore does); where it will not
+ * answer, the region stops asking. */
 static int in_page_cache(struct mpu_region_slot *r, uint64_t offset, uint64_t len)
 {
-    static int lacking;
     struct { uint64_t off, len; } range = { offset, len };
     struct {
         uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
     } stat;
-    if (lacking || offset >= r->size)
+    if (offset >= r->size)
         return 0;
     if (offset + len > r->size)
         len = r->size - offset;
     range.len = len;
     if (syscall(SYS_cachestat, r->store_fd, &range, &stat, 0) < 0) {
-        if (errno == ENOSYS)
-            lacking = 1;
+        if (errno != EINTR && errno != EAGAIN)
+            r->cache_fd = -1;  /* ENOSYS, EPERM: the Python side still closes it */
         return 0;
     }
     return stat.nr_cache >= (len + SYSTEM_PAGE - 1) / SYSTEM_PAGE;
@@ -477,11 +472,14 @@ static int in_page_cache(struct mpu_region_slot *r, uint64_t offset, uint64_t le
 
 /* For a direct store, pages another process keeps in the page cache are
  * copied from there: a disk read costs 30 to 50 times more, and taking them
- * adds nothing to the memory in use.  RWF_NOWAIT, so that a page evicted
- * since we looked is left to O_DIRECT rather than read into the cache.
- * (Not for drop: the pages the kernel read ahead for it would look like
- * another's, and stay.)  Returns the bytes copied, a whole number of system
- * pages unless the file ends there. */
+ * adds nothing to the memory in use.  Only when cachestat says the whole run
+ * is there: a buffered read that misses starts reading the missing pages
+ * into the cache even with RWF_NOWAIT.  RWF_NOWAIT still, so that a page
+ * evicted since we looked costs a short read (what follows is read with
+ * O_DIRECT) and not a wait; its pages may then land in the cache, a rare
+ * race.  (Not for drop: the pages the kernel read ahead for it would look
+ * like another's, and stay.)  Returns the bytes copied, a whole number of
+ * system pages unless the file ends there. */
 static uint64_t read_from_page_cache(struct mpu_filler *f, struct mpu_region_slot *r,
                                      uint64_t offset, uint64_t want)
 {
@@ -767,11 +765,19 @@ static int poll_socket(void *arg)
     return a->n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK);
 }
 
+/* Work that waited for the disk gains little from a spin, and a busy CPU
+ * slows a virtual disk down: after work that took longer than a spin, the
+ * next wait sleeps at once. */
+static void sleep_after_long_work(struct mpu_filler *f, uint64_t started)
+{
+    if (mpu_now_ns() - started > f->spinner.spin_ns && !f->spinner.skip)
+        f->spinner.skip = 1;
+}
+
 int mpu_filler_run(struct mpu_filler *f, int sock, char *buf, int size,
                    int *fds, int *nfds, int maxfds)
 {
     char control[CMSG_SPACE(sizeof(int) * 16)];
-    struct spinner spinner = { .spin_ns = f->spin_ns };
     if (maxfds > 16)
         maxfds = 16;
     for (;;) {
@@ -781,7 +787,7 @@ int mpu_filler_run(struct mpu_filler *f, int sock, char *buf, int size,
             .msg_control = control, .msg_controllen = CMSG_SPACE(sizeof(int) * maxfds),
         };
         struct recvmsg_args polled = { sock, &msg, msg.msg_controllen, 0 };
-        ssize_t n = spin(&spinner, poll_socket, &polled) ? polled.n
+        ssize_t n = spin(&f->spinner, poll_socket, &polled) ? polled.n
                                                          : recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
         if (n < 0) {
             if (errno == EINTR)
@@ -815,10 +821,7 @@ int mpu_filler_run(struct mpu_filler *f, int sock, char *buf, int size,
         uint64_t started = mpu_now_ns();
         mpu_filler_serve(f, (const struct mpu_fault *)(buf + MPU_FAULTS_HEADER),
                          (int)((n - MPU_FAULTS_HEADER) / sizeof(struct mpu_fault)));
-        /* Faults that wait for the disk gain little from a spin, and a busy
-         * CPU slows a virtual disk down: after such work, sleep. */
-        if (mpu_now_ns() - started > spinner.spin_ns && !spinner.skip)
-            spinner.skip = 1;
+        sleep_after_long_work(f, started);
         if (f->nevents)
             return 1;
     }
@@ -830,6 +833,7 @@ void mpu_filler_prefetch(struct mpu_filler *f, uint32_t region, uint64_t first,
     if (region >= f->nregions || !f->regions[region].table)
         return;
     struct mpu_region_slot *r = &f->regions[region];
+    uint64_t started = mpu_now_ns();
     uint32_t flags = read_ahead ? MPU_READ_AHEAD : 0;
     uint64_t *counter = read_ahead ? &f->h->readahead_fills : &f->h->prefetch_fills;
     uint64_t page = first, end = first + count < r->npages ? first + count : r->npages;
@@ -838,7 +842,7 @@ void mpu_filler_prefetch(struct mpu_filler *f, uint32_t region, uint64_t first,
         uint64_t want = end - page < f->max_run ? end - page : f->max_run;
         uint64_t run = claim_run(f, r, page, want, read_ahead, &full);
         if (full)
-            return;  /* more would only push out what is there */
+            break;  /* more would only push out what is there */
         if (!run) {
             page++;  /* there already, or on its way */
             continue;
@@ -850,4 +854,5 @@ void mpu_filler_prefetch(struct mpu_filler *f, uint32_t region, uint64_t first,
         abandon(f, r, page + whole, run - whole);
         page += run;
     }
+    sleep_after_long_work(f, started);
 }

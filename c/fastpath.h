@@ -28,6 +28,13 @@ struct mpu_fault {
 #define MPU_FAULTS_HEADER 8
 #define MPU_FAULTS_MAX 64   /* faults a monitor reads at once */
 
+/* Polling for work before sleeping: see spin() in fastpath.c. */
+struct mpu_spinner {
+    uint64_t spin_ns;   /* 0: never poll */
+    uint32_t skip;      /* waits left that sleep at once */
+    uint32_t backoff;   /* what the next miss sets skip to */
+};
+
 /* ---- monitor (server parent) -------------------------------------------- */
 
 /* The monitor's own, for following a scan through a mapping: its last
@@ -136,7 +143,7 @@ struct mpu_filler {
     uint32_t pid;
     uint64_t page_size;
     uint64_t read_ahead;
-    uint64_t spin_ns;          /* polling for work before sleeping */
+    struct mpu_spinner spinner;  /* polling for work before sleeping */
     char *chunk;               /* page aligned, max_run pages */
     uint64_t max_run;
     struct mpu_region_slot *regions;

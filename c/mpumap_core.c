@@ -449,7 +449,9 @@ int mpu_try_reserve(struct mpu_header *h, uint32_t count, const int *evict_fds, 
     for (;;) {
         uint32_t used = mpu_load32(&h->used);
         uint32_t high = mpu_load32(&h->high);
-        uint32_t limit = evict_fds ? mpu_load32(&h->limit) : high;
+        uint32_t limit = mpu_load32(&h->limit);
+        if (!evict_fds && high < limit)
+            limit = high;  /* (high passes limit for a moment while it grows) */
         if (used >= limit)
             return 0;
         uint32_t take = limit - used < count ? limit - used : count;

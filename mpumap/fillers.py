@@ -66,7 +66,7 @@ class Filler(Worker):
         f.pid = self.pid
         f.page_size = self.page_size
         f.read_ahead = self.read_ahead
-        f.spin_ns = params["spin_us"] * 1000
+        f.spinner.spin_ns = params["spin_us"] * 1000
         f.chunk = ffi.cast("char *", chunk)
         f.max_run = max_run
         f.regions = self.region_slots

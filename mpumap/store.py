@@ -44,6 +44,10 @@ def open_cache_reader(store_fd, mode):
         fd = os.open(f"/proc/self/fd/{store_fd}", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
-    # Its reads must not start read-ahead into the cache.
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    try:
+        # Its reads must not start read-ahead into the cache.
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    except OSError:
+        os.close(fd)
+        return None
     return fd

@@ -282,6 +282,21 @@ def test_read_ahead_follows_each_threads_scan(start_server, programs, workdir):
     assert buffer["faults"] < pages / 16, buffer["faults"]
 
 
+def test_threads_on_the_same_random_pages_read_nothing_ahead(start_server, programs, workdir):
+    """Four threads fault on the same pages at once, in random order: each
+    page's faults are one fault each, not a scan."""
+    path = make_file(os.path.join(workdir, "same.bin"), 8 * MiB, seed=84)
+    server = start_server("--page-size", "4K", "--buffer-size", "64M")
+    exe = programs.build(os.path.join(SOURCES, "striped_reader.c"), flags=[])
+    env = clean_env(**native.preload_env([path], server.socket))
+    code, out, err = programs.run([exe, "4", path, "same"], env)
+    assert code == 0, (out, err)
+    assert fields(out)["wrong"] == "0"
+    buffer = server.stats()["buffer"]
+    assert buffer["faults"] > 8 * MiB // 4096
+    assert buffer["readahead_fills"] < 8 * MiB // 4096 * 0.05, buffer
+
+
 def test_preload_munmap_that_cuts_into_a_served_range(start_server, programs, workdir):
     path = make_file(os.path.join(workdir, "cut.bin"), 1 * MiB + 99, seed=81)
     server = start_server("--page-size", "64K", "--buffer-size", "2M")

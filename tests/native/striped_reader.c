@@ -1,8 +1,10 @@
 /* Threads that scan a stripe each of one mapping at once, as the ranks of an
  * OpenMP loop do: mmap() FILE read-only, start THREADS threads together, let
  * each read its stripe front to back, then check every byte against pread.
+ * With "same", every thread reads the whole mapping in one random page
+ * order instead, so that they fault on the same pages at once.
  *
- *     striped_reader THREADS FILE
+ *     striped_reader THREADS FILE [same]
  * Prints "bytes=N wrong=W"; exit 0 only if every byte was right. */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -17,6 +19,7 @@
 struct stripe {
     const volatile unsigned char *data;
     size_t length;
+    const size_t *order;  /* pages in this order, if not NULL */
     pthread_barrier_t *start;
     unsigned sum;
 };
@@ -26,16 +29,17 @@ static void *scan(void *arg)
     struct stripe *s = arg;
     pthread_barrier_wait(s->start);
     for (size_t i = 0; i < s->length; i += 4096)
-        s->sum += s->data[i];
+        s->sum += s->data[s->order ? s->order[i / 4096] * 4096 : i];
     return NULL;
 }
 
 int main(int argc, char **argv)
 {
-    if (argc != 3) {
-        fprintf(stderr, "usage: striped_reader THREADS FILE\n");
+    if (argc < 3 || argc > 4) {
+        fprintf(stderr, "usage: striped_reader THREADS FILE [same]\n");
         return 2;
     }
+    int same = argc == 4;
     int threads = atoi(argv[1]);
     int fd = open(argv[2], O_RDONLY);
     struct stat st;
@@ -53,11 +57,24 @@ int main(int argc, char **argv)
     pthread_barrier_init(&start, NULL, (unsigned)threads);
     pthread_t ids[64];
     struct stripe stripes[64];
-    size_t each = size / (size_t)threads / 4096 * 4096;
+    size_t pages = (size + 4095) / 4096;
+    size_t *order = NULL;
+    if (same) {
+        order = malloc(pages * sizeof *order);
+        for (size_t i = 0; i < pages; i++)
+            order[i] = i;
+        uint64_t x = 88172645463325252u;
+        for (size_t i = pages - 1; i > 0; i--) {  /* Fisher-Yates, xorshift */
+            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+            size_t j = (size_t)(x % (i + 1)), k = order[i];
+            order[i] = order[j], order[j] = k;
+        }
+    }
+    size_t each = same ? pages * 4096 : size / (size_t)threads / 4096 * 4096;
     for (int t = 0; t < threads; t++) {
-        size_t from = (size_t)t * each;
-        stripes[t] = (struct stripe){ map + from, t == threads - 1 ? size - from : each,
-                                      &start, 0 };
+        size_t from = same ? 0 : (size_t)t * each;
+        size_t length = same ? size : t == threads - 1 ? size - from : each;
+        stripes[t] = (struct stripe){ map + from, length, order, &start, 0 };
         pthread_create(&ids[t], NULL, scan, &stripes[t]);
     }
     for (int t = 0; t < threads; t++)
