@@ -371,6 +371,21 @@ int mpu_monitor_set_ranges(struct mpu_monitor *m, uint32_t slot,
     }
     pthread_mutex_lock(&m->lock);
     struct mpu_range *old = m->clients[slot].ranges;
+    /* Mappings that stay keep the scans the monitor follows in them (both
+     * lists are sorted by start). */
+    for (int i = 0, j = 0; i < n && j < m->clients[slot].nranges;) {
+        if (old[j].start < copy[i].start) {
+            j++;
+        } else if (old[j].start > copy[i].start) {
+            i++;
+        } else {
+            if (old[j].end == copy[i].end && old[j].region == copy[i].region) {
+                copy[i].clock = old[j].clock;
+                memcpy(copy[i].streams, old[j].streams, sizeof copy[i].streams);
+            }
+            i++, j++;
+        }
+    }
     m->clients[slot].ranges = copy;
     m->clients[slot].nranges = n;
     pthread_mutex_unlock(&m->lock);

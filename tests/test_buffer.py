@@ -126,6 +126,27 @@ def test_random_faults_read_their_page_alone(start_server, readers, workdir):
     assert b["readahead_fills"] < 0.05 * pages, b["readahead_fills"]
 
 
+def test_a_scan_goes_on_while_the_client_maps_more(start_server, workdir):
+    """A data loader maps the next files while it scans one: the scan keeps
+    its read-ahead across the new mappings."""
+    path = make_file(os.path.join(workdir, "scan.bin"), 16 * MiB, seed=27)
+    small = [make_file(os.path.join(workdir, f"small{i}.bin"), 4096, seed=100 + i)
+             for i in range(64)]
+    server = start_server("--page-size", "4K", "--buffer-size", "32M")
+    want = open(path, "rb").read()
+    chunk = len(want) // len(small)
+    with mpumap.connect(server.socket) as client, client.map(path) as m:
+        others = []
+        for i, other in enumerate(small):
+            assert m[i * chunk:(i + 1) * chunk] == want[i * chunk:(i + 1) * chunk]
+            others.append(client.map(other))
+        for o in others:
+            o.close()
+    # 4,096 pages: a scan that started afresh at each mapping took about 230, this 15.
+    faults = server.stats()["buffer"]["faults"]
+    assert faults < 60, faults
+
+
 def test_read_ahead_stays_within_the_buffer(start_server, readers, workdir):
     path = make_file(os.path.join(workdir, "scan.bin"), 32 * MiB, seed=24)
     server = start_server("--page-size", "4K", "--buffer-size", 256, "--read-ahead", 32)
