@@ -88,8 +88,10 @@ def test_what_the_page_cache_holds_is_copied_from_there(start_server, readers, w
     buffer = server.stats()["buffer"]
     assert buffer["bytes_read"] >= size
     # The cached half came from the cache, the cold half from the disk (and
-    # the 64K page that straddles them too).
-    assert size // 2 - 64 * 1024 <= buffer["cache_bytes"] <= size // 2
+    # the 64K page that straddles them too).  A cached page the kernel holds
+    # locked at that moment is read from the disk too: RWF_NOWAIT does not
+    # wait (one run in five here missed a few pages of 256).
+    assert 0.9 * (size // 2) <= buffer["cache_bytes"] <= size // 2
     # Nothing was added to the cache, and nothing taken out.
     assert size // 2 <= page_cache_bytes(path) <= size // 2 + 4 * 4096
 
