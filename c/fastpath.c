@@ -26,9 +26,10 @@
  * yield the CPU between polls, so that a client that has work takes it.  A
  * poll that runs out was wasted: after each miss the waiter sleeps straight
  * away for twice as many waits as before (up to 1024), so work that comes
- * slower than the spin (a disk read away) costs one poll in a thousand. */
-/* Calls poll(arg) until it says there is something (returns nonzero) or the
- * time is up; 1 if there was something, 0 if the caller should sleep. */
+ * slower than the spin (a disk read away) costs one poll in a thousand.
+ *
+ * spin() calls poll(arg) until it says there is something (returns nonzero)
+ * or the time is up: 1 if there was something, 0 if the caller should sleep. */
 static int spin(struct mpu_spinner *s, int (*poll)(void *), void *arg)
 {
     if (!s->spin_ns)
@@ -242,7 +243,7 @@ struct mpu_monitor {
     int nfillers;
     int *filler_fds;
     char *scratch;
-    uint64_t spin_ns;
+    struct mpu_spinner spinner;
     int epfd;
     int stopfd;
     pthread_t thread;
@@ -270,10 +271,9 @@ static void *monitor_loop(void *arg)
 {
     struct mpu_monitor *m = arg;
     struct epoll_event events[64];
-    struct mpu_spinner spinner = { .spin_ns = m->spin_ns };
     struct epoll_wait_args polled = { m->epfd, events, 64, 0 };
     for (;;) {
-        int n = spin(&spinner, poll_epoll, &polled) ? polled.n
+        int n = spin(&m->spinner, poll_epoll, &polled) ? polled.n
                                                      : epoll_wait(m->epfd, events, 64, -1);
         if (n < 0) {
             if (errno == EINTR)
@@ -310,7 +310,7 @@ struct mpu_monitor *mpu_monitor_start(struct mpu_header *h, uint64_t page_size,
     m->h = h;
     m->page_size = page_size;
     m->read_ahead = read_ahead;
-    m->spin_ns = spin_ns;
+    m->spinner.spin_ns = spin_ns;
     m->nfillers = nfillers;
     m->filler_fds = malloc(sizeof(int) * (size_t)nfillers);
     m->scratch = aligned_alloc(8, (size_t)nfillers * (MPU_FAULTS_HEADER +
@@ -468,15 +468,14 @@ static uint64_t fill_length(const struct mpu_filler *f, const struct mpu_region_
  * answer, the region stops asking. */
 static int in_page_cache(struct mpu_region_slot *r, uint64_t offset, uint64_t len)
 {
-    struct { uint64_t off, len; } range = { offset, len };
-    struct {
-        uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
-    } stat;
     if (offset >= r->size)
         return 0;
     if (offset + len > r->size)
         len = r->size - offset;
-    range.len = len;
+    struct { uint64_t off, len; } range = { offset, len };
+    struct {
+        uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
+    } stat;
     if (syscall(SYS_cachestat, r->store_fd, &range, &stat, 0) < 0) {
         if (errno != EINTR && errno != EAGAIN)
             r->cache_fd = -1;  /* ENOSYS, EPERM: the Python side still closes it */
@@ -544,9 +543,8 @@ static int64_t read_run(struct mpu_filler *f, struct mpu_region_slot *r,
     }
     if (got < want)
         memset(f->chunk + got, 0, want - got);
-    if (r->store_mode == MPU_STORE_DROP && got > cached)
-        posix_fadvise(r->store_fd, (off_t)(offset + cached), (off_t)(got - cached),
-                      POSIX_FADV_DONTNEED);
+    if (r->store_mode == MPU_STORE_DROP && got)
+        posix_fadvise(r->store_fd, (off_t)offset, (off_t)got, POSIX_FADV_DONTNEED);
     mpu_add64(&f->h->read_ns, (int64_t)(mpu_now_ns() - started));
     mpu_add64(&f->h->bytes_read, (int64_t)got);
     return (int64_t)got;

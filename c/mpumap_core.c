@@ -399,6 +399,13 @@ static void signal_evictors(const int *fds, int nfds)
         }
 }
 
+/* Past the high watermark, the first to get there calls the evictors. */
+static void evict_past_high(struct mpu_header *h, uint32_t used, const int *evict_fds, int nfds)
+{
+    if (used >= mpu_load32(&h->high) && cas32(&h->evict_wanted, 0, 1))
+        signal_evictors(evict_fds, nfds);
+}
+
 static void raise_peak(struct mpu_header *h, uint64_t value)
 {
     uint64_t peak = __atomic_load_n(&h->peak_used, __ATOMIC_SEQ_CST);
@@ -420,9 +427,7 @@ int mpu_reserve(struct mpu_header *h, const int *evict_fds, int nfds,
             if (!cas32(&h->used, used, used + 1))
                 continue;
             raise_peak(h, used + 1);
-            if (used + 1 >= mpu_load32(&h->high)
-                && cas32(&h->evict_wanted, 0, 1))
-                signal_evictors(evict_fds, nfds);
+            evict_past_high(h, used + 1, evict_fds, nfds);
             return 0;
         }
         if (!waited++)
@@ -458,8 +463,8 @@ int mpu_try_reserve(struct mpu_header *h, uint32_t count, const int *evict_fds, 
         if (!cas32(&h->used, used, used + take))
             continue;
         raise_peak(h, used + take);
-        if (evict_fds && used + take >= high && cas32(&h->evict_wanted, 0, 1))
-            signal_evictors(evict_fds, nfds);
+        if (evict_fds)
+            evict_past_high(h, used + take, evict_fds, nfds);
         return (int)take;
     }
 }
