@@ -15,6 +15,14 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+/* Flags older C libraries do not name yet. */
+#ifndef MAP_FIXED_NOREPLACE
+#define MAP_FIXED_NOREPLACE 0x100000
+#endif
+#ifndef MAP_SHARED_VALIDATE
+#define MAP_SHARED_VALIDATE 0x03
+#endif
+
 static inline void *mpu_sys_mmap(void *addr, size_t len, int prot, int flags,
                                  int fd, off_t offset)
 {

@@ -37,13 +37,6 @@
 #define MPU_API __attribute__((visibility("default")))
 #endif
 
-#ifndef MAP_FIXED_NOREPLACE
-#define MAP_FIXED_NOREPLACE 0x100000
-#endif
-#ifndef MAP_SHARED_VALIDATE
-#define MAP_SHARED_VALIDATE 0x03
-#endif
-
 #define DEFAULT_SOCKET "/tmp/mpumap.sock"
 #define PROTOCOL_VERSION 1
 #define HEADER_SIZE 12
