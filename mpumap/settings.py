@@ -80,30 +80,28 @@ def parse_mode(text):
     return mode
 
 
-def parse_user(text):
-    """A user name or a uid."""
-    import pwd
-
+def _name_or_id(text, lookup, what):
     text = str(text).strip()
     if text.isdigit():
         return int(text)
     try:
-        return pwd.getpwnam(text).pw_uid
+        return lookup(text)
     except KeyError:
-        raise SettingError(f"no user {text!r} here") from None
+        raise SettingError(f"no {what} {text!r} here") from None
+
+
+def parse_user(text):
+    """A user name or a uid."""
+    import pwd
+
+    return _name_or_id(text, lambda name: pwd.getpwnam(name).pw_uid, "user")
 
 
 def parse_group(text):
     """A group name or a gid."""
     import grp
 
-    text = str(text).strip()
-    if text.isdigit():
-        return int(text)
-    try:
-        return grp.getgrnam(text).gr_gid
-    except KeyError:
-        raise SettingError(f"no group {text!r} here") from None
+    return _name_or_id(text, lambda name: grp.getgrnam(name).gr_gid, "group")
 
 
 def parse_cpus(text):
