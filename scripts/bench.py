@@ -9,9 +9,9 @@ time), faults per second and µs per fault (from the server's count for those
 clients; the kernel's minor and major faults for mmap), the server's CPU time
 per fault, and the ratio mpumap/mmap.  Rows whose store reads with O_DIRECT
 also print the time of one such read of a umap page at a random place, timed
-alone: the floor of a fault that goes to the disk.  Clients are written in Python (numpy's
-gather does the touching) or in C (scripts/bench_client.c, built against
-libmpumapclient).
+alone: the floor of a fault that goes to the disk.  Clients are written in
+Python (numpy's gather does the touching) or in C (scripts/bench_client.c,
+built against libmpumapclient).
 
     python scripts/bench.py --size 1G --page-size 4K,64K --clients 1,2 --json out.json
     python scripts/bench.py --cache cold --read-ahead 0,63,auto --store-io direct
