@@ -28,14 +28,12 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+import psutil
 
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-
-import mpumap  # noqa: E402
-from _common import drop_from_page_cache, make_file, running_server  # noqa: E402
-from mpumap.settings import parse_size  # noqa: E402
+import mpumap
+from mpumap.settings import parse_size
+from mpumap.testing import drop_from_page_cache, make_file, running_server
 
 TOUCH = 4096  # one byte per 4 KiB page, as MP-UMap's benchmarks do
 HERE = os.path.dirname(os.path.abspath(__file__))

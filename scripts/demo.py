@@ -12,11 +12,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import mpumap  # noqa: E402
-from _common import make_file, running_server  # noqa: E402
-from mpumap.settings import parse_size  # noqa: E402
+import mpumap
+from mpumap.settings import parse_size
+from mpumap.testing import make_file, running_server
 
 
 def client(socket_path, path, order, seed):

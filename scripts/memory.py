@@ -14,13 +14,11 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import psutil
 
-import psutil  # noqa: E402
-
-import mpumap  # noqa: E402
-from _common import drop_from_page_cache, make_file, running_server  # noqa: E402
-from mpumap.settings import parse_size  # noqa: E402
+import mpumap
+from mpumap.settings import parse_size
+from mpumap.testing import drop_from_page_cache, make_file, running_server
 
 MiB = 1 << 20
 READER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "reader.py")

@@ -15,29 +15,10 @@ import psutil
 import pytest
 
 import mpumap
+from mpumap.testing import command
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-READER = os.path.join(HERE, "reader.py")
-
-
-ENTRY_POINTS = {"mpumap-server": "server_main", "mpumap-client": "client_main",
-                "mpumap": "mpumap_main"}
-
-
-def tool(name):
-    """The command line of one of mpumap's commands: the installed script
-    beside this Python, else on PATH, else its entry point run directly."""
-    script = os.path.join(os.path.dirname(sys.executable), name)
-    if os.path.exists(script):
-        return [script]
-    found = shutil.which(name)
-    if found:
-        return [found]
-    return [sys.executable, "-c", f"from mpumap.cli import {ENTRY_POINTS[name]} as main; main()"]
-
-
-def server_command():
-    return tool("mpumap-server")
+READER = os.path.join(HERE, "integration", "reader.py")
 
 
 class ServerProcess:
@@ -51,7 +32,7 @@ class ServerProcess:
                 f.write(str(os.getpid()))
 
         self.proc = subprocess.Popen(
-            server_command() + ["--socket", socket_path, *args],
+            command("mpumap-server") + ["--socket", socket_path, *args],
             stdout=self.log, stderr=subprocess.STDOUT, env=env,
             preexec_fn=join_cgroup if cgroup else None)
         self.wait_ready()
@@ -177,9 +158,6 @@ def readers():
     r.cleanup()
 
 
-MiB = 1 << 20
-
-
 def pages_served(stats):
     """Pages the server gave clients: on their faults, or read ahead of them."""
     return stats["buffer"]["faults"] + stats["buffer"]["readahead_fills"]
@@ -190,16 +168,3 @@ def assert_clean(result):
     assert "error" not in result, result
     assert result["mismatch_count"] == 0, result["mismatches"]
 
-
-def make_file(path, size, seed=0):
-    """A file of pseudo-random bytes (different for each seed)."""
-    import random
-
-    rng = random.Random(seed)
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 1 << 20)
-            f.write(rng.randbytes(n))
-            left -= n
-    return path

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from mpumap import core, protocol
 from mpumap.protocol import Msg
-from conftest import MiB, make_file
+from mpumap.testing import MiB, make_file
 
 MESSAGES_PER_EXAMPLE = 25
 EXAMPLES = 420  # 10,500 messages

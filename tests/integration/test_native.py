@@ -14,12 +14,12 @@ import time
 
 import pytest
 
-from conftest import make_file, pages_served, tool
+from conftest import pages_served
+from mpumap.testing import MiB, command as tool, make_file
 from mpumap import native
 
-MiB = 1 << 20
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))
 SOURCES = os.path.join(HERE, "native")
 EXAMPLE = os.path.join(ROOT, "examples", "read_random.c")
 NOBODY = 65534

@@ -9,7 +9,8 @@ import uuid
 import pytest
 
 import mpumap
-from conftest import MiB, assert_clean, make_file
+from conftest import assert_clean
+from mpumap.testing import MiB, make_file
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -8,7 +8,8 @@ import time
 import psutil
 import pytest
 
-from conftest import MiB, assert_clean, make_file
+from conftest import assert_clean
+from mpumap.testing import MiB, make_file
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -1,4 +1,8 @@
-"""Helpers the demo and the benchmarks share: data files, a server to run."""
+"""What the tests and the scripts (demo, benchmarks) both need: data files,
+mpumap's own commands, a server to run.
+
+Not part of the client API; it is in the package so that both find it
+without path tricks."""
 import contextlib
 import os
 import random
@@ -9,10 +13,14 @@ import sys
 import tempfile
 import time
 
-import mpumap
+MiB = 1 << 20
+
+ENTRY_POINTS = {"mpumap-server": "server_main", "mpumap-client": "client_main",
+                "mpumap": "mpumap_main"}
 
 
 def make_file(path, size, seed=0):
+    """A file of pseudo-random bytes, different for each seed."""
     rng = random.Random(seed)
     with open(path, "wb") as f:
         left = size
@@ -23,19 +31,35 @@ def make_file(path, size, seed=0):
     return path
 
 
-def server_command():
-    script = os.path.join(os.path.dirname(sys.executable), "mpumap-server")
+def command(name):
+    """The command line of one of mpumap's commands: the installed script
+    beside this Python, else on PATH, else its entry point run directly."""
+    script = os.path.join(os.path.dirname(sys.executable), name)
     if os.path.exists(script):
         return [script]
-    return [shutil.which("mpumap-server") or "mpumap-server"]
+    found = shutil.which(name)
+    if found:
+        return [found]
+    return [sys.executable, "-c", f"from mpumap.cli import {ENTRY_POINTS[name]} as main; main()"]
+
+
+def drop_from_page_cache(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
 def running_server(*args, log=None):
-    """Start mpumap-server on a fresh socket; yield the socket's path."""
+    """Start mpumap-server on a fresh socket; yield (socket path, process)."""
+    import mpumap
+
     folder = tempfile.mkdtemp(prefix="mpumap-", dir="/tmp")
     sock = os.path.join(folder, "server.sock")
-    proc = subprocess.Popen(server_command() + ["--socket", sock, *map(str, args)],
+    proc = subprocess.Popen(command("mpumap-server") + ["--socket", sock, *map(str, args)],
                             stderr=log or subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
@@ -59,12 +83,3 @@ def running_server(*args, log=None):
                 proc.kill()
                 proc.wait()
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def drop_from_page_cache(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)

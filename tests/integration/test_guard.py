@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import make_file
+from mpumap.testing import make_file
 from mpumap import core
 from mpumap._core import lib
 
