@@ -19,7 +19,7 @@ from setuptools.command.build_ext import build_ext as _build_ext
 HEADER = "c/include/umap/umap-client.h"
 CLIENT_SOURCES = ["c/umap_client.c", "c/guard.c", "c/mpumap_core.c"]
 DEPENDS = [HEADER, "c/umap_client_internal.h", "c/guard.h", "c/mpu_sys.h",
-           "c/mpumap_core.h"]
+           "c/mpu_wire.h", "c/mpumap_core.h", "c/mpumap_core_internal.h"]
 CFLAGS = ["-O2", "-Wall", "-std=gnu11", "-fvisibility=hidden", "-pthread"]
 
 

@@ -9,14 +9,15 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 #include "fastpath.h"
+#include "mpumap_core_internal.h"
 
 #define WAIT_MS 1000
-#define SYSTEM_PAGE 4096u
 
 /* ---- waiting ------------------------------------------------------------- */
 
@@ -51,8 +52,6 @@ static int spin(struct mpu_spinner *s, int (*poll)(void *), void *arg)
     return 0;
 }
 
-/* ---- monitor ------------------------------------------------------------- */
-
 uint32_t mpu_filler_for(uint32_t region, uint64_t page, uint32_t nfillers)
 {
     /* Fibonacci hashing of the region spreads neighbouring pages of one
@@ -60,17 +59,39 @@ uint32_t mpu_filler_for(uint32_t region, uint64_t page, uint32_t nfillers)
     return (uint32_t)((((uint64_t)region * 0x9E3779B1u) ^ page) % nfillers);
 }
 
-static struct mpu_range *locate(struct mpu_range *ranges, int n, uint64_t address)
+/* ---- monitor: following scans --------------------------------------------- */
+
+/* The monitor's own, for following a scan through a mapping: its last
+ * fault's page, the page after all that was asked for (0: not in use), the
+ * pages the last read of it covered (0: no scan yet) and when it last saw a
+ * fault. */
+struct stream {
+    uint64_t last_page;
+    uint64_t ahead_end;
+    uint32_t window;
+    uint32_t seen;
+};
+
+/* Scans followed at once in one mapping: threads that read a stripe each. */
+#define STREAMS 8
+
+struct range {              /* a client mapping, sorted by start */
+    struct mpu_client_range r;
+    uint32_t clock;         /* faults seen, for the streams' `seen` */
+    struct stream streams[STREAMS];
+};
+
+static struct range *locate(struct range *ranges, int n, uint64_t address)
 {
     int lo = 0, hi = n;
     while (lo < hi) {
         int mid = (lo + hi) / 2;
-        if (ranges[mid].start <= address)
+        if (ranges[mid].r.start <= address)
             lo = mid + 1;
         else
             hi = mid;
     }
-    if (lo == 0 || address >= ranges[lo - 1].end)
+    if (lo == 0 || address >= ranges[lo - 1].r.end)
         return NULL;
     return &ranges[lo - 1];
 }
@@ -78,12 +99,12 @@ static struct mpu_range *locate(struct mpu_range *ranges, int n, uint64_t addres
 /* The stream a fault at `page` continues: one whose last fault came before
  * it and whose reads reach it.  Else the least recently used stream, started
  * afresh at the fault; *fresh says which. */
-static struct mpu_stream *stream_of(struct mpu_range *r, uint64_t page, int *fresh)
+static struct stream *stream_of(struct range *r, uint64_t page, int *fresh)
 {
-    struct mpu_stream *victim = NULL;
+    struct stream *victim = NULL;
     r->clock++;
-    for (int i = 0; i < MPU_STREAMS; i++) {
-        struct mpu_stream *s = &r->streams[i];
+    for (int i = 0; i < STREAMS; i++) {
+        struct stream *s = &r->streams[i];
         if (s->ahead_end && page >= s->last_page && page <= s->ahead_end) {
             s->seen = r->clock;
             *fresh = 0;
@@ -94,8 +115,7 @@ static struct mpu_stream *stream_of(struct mpu_range *r, uint64_t page, int *fre
                         || r->clock - s->seen > r->clock - victim->seen)))
             victim = s;
     }
-    *victim = (struct mpu_stream){ .last_page = page, .ahead_end = page + 1,
-                                   .seen = r->clock };
+    *victim = (struct stream){ .last_page = page, .ahead_end = page + 1, .seen = r->clock };
     *fresh = 1;
     return victim;
 }
@@ -110,11 +130,11 @@ static struct mpu_stream *stream_of(struct mpu_range *r, uint64_t page, int *fre
  * only where a window is still being read.  Returns the pages the fault's
  * filler reads after its page; *background the first page of the background
  * window (0: none) and *window its size. */
-static uint64_t read_ahead_of(struct mpu_range *r, uint64_t page, uint64_t most,
+static uint64_t read_ahead_of(struct range *r, uint64_t page, uint64_t most,
                               uint64_t *background, uint64_t *window)
 {
     int fresh;
-    struct mpu_stream *s = stream_of(r, page, &fresh);
+    struct stream *s = stream_of(r, page, &fresh);
     uint64_t ahead = 0;
     *background = 0;
     if (fresh || page == s->last_page)
@@ -136,113 +156,36 @@ static uint64_t read_ahead_of(struct mpu_range *r, uint64_t page, uint64_t most,
     return ahead;
 }
 
-static void send_read_ahead(uint32_t region, uint64_t first, uint64_t window,
-                            const int *filler_fds, int nfillers)
-{
-    char packet[MPU_READ_AHEAD_SIZE];
-    packet[0] = MPU_READ_AHEAD_KIND;
-    memcpy(packet + 1, &region, 4);
-    memcpy(packet + 5, &first, 8);
-    memcpy(packet + 13, &window, 8);
-    /* By window: their first pages may be a multiple of the fillers apart. */
-    int to = (int)mpu_filler_for(region, first / window, (uint32_t)nfillers);
-    if (filler_fds[to] >= 0)
-        send(filler_fds[to], packet, sizeof packet, MSG_NOSIGNAL);
-}
+/* ---- monitor: the fillers' queues ------------------------------------------- */
 
-int mpu_monitor_drain(struct mpu_header *h, int uffd, uint32_t client_slot,
-                      struct mpu_range *ranges, int nranges, uint64_t page_size,
-                      uint64_t read_ahead, const int *filler_fds, int nfillers,
-                      char *scratch)
-{
-    uint64_t started = mpu_now_ns();
-    size_t stride = MPU_FAULTS_HEADER + MPU_FAULTS_MAX * sizeof(struct mpu_fault);
-    uint32_t counts[nfillers];
-    uint64_t addrs[MPU_FAULTS_MAX];
-    uint64_t ahead_first[MPU_FAULTS_MAX];
-    uint64_t ahead_window[MPU_FAULTS_MAX];
-    uint32_t ahead_region[MPU_FAULTS_MAX];
-    int total = 0;
+/* What a filler's socket had no room for: whole packets, each after its u32
+ * length, sent in order once the socket drains.  A filler that is stuck long
+ * enough is killed and replaced (its heartbeat stops), and its queue goes
+ * with it. */
+struct outbox {
+    int fd;                 /* the filler's socket; -1: none */
+    int armed;              /* in the epoll set for EPOLLOUT */
+    char *buf;
+    size_t head, len, cap;  /* sent up to head, queued up to len */
+};
 
-    for (;;) {
-        int n = mpu_uffd_read_faults(uffd, addrs, MPU_FAULTS_MAX);
-        if (n <= 0) {
-            if (n < 0 && total == 0)
-                return n;
-            break;
-        }
-        uint64_t now = mpu_now_ns();
-        int aheads = 0;
-        memset(counts, 0, sizeof counts);
-        for (int i = 0; i < n; i++) {
-            struct mpu_range *r = locate(ranges, nranges, addrs[i]);
-            if (!r) {
-                uint64_t page = addrs[i] & ~(uint64_t)(SYSTEM_PAGE - 1);
-                mpu_uffd_wake(uffd, page, SYSTEM_PAGE);
-                continue;
-            }
-            uint64_t index = (addrs[i] - r->start) / page_size;
-            uint32_t to = mpu_filler_for(r->region, index, (uint32_t)nfillers);
-            char *packet = scratch + to * stride;
-            struct mpu_fault *fault = (struct mpu_fault *)(packet + MPU_FAULTS_HEADER)
-                                      + counts[to]++;
-            fault->client = client_slot;
-            fault->region = r->region;
-            fault->page = index;
-            fault->address = r->start + index * page_size;
-            fault->read_at = now;
-            fault->ahead = 0;
-            if (read_ahead) {
-                uint64_t first, window;
-                fault->ahead = (uint32_t)read_ahead_of(r, index, read_ahead, &first, &window);
-                if (first) {
-                    ahead_first[aheads] = first;
-                    ahead_window[aheads] = window;
-                    ahead_region[aheads++] = r->region;
-                }
-            }
-        }
-        for (int to = 0; to < nfillers; to++) {
-            if (!counts[to] || filler_fds[to] < 0)
-                continue;
-            char *packet = scratch + to * stride;
-            memset(packet, 0, MPU_FAULTS_HEADER);
-            packet[0] = MPU_FAULTS_KIND;
-            /* A filler that is gone loses these; the supervisor wakes every
-             * waiting thread once another has started, and they fault again. */
-            send(filler_fds[to], packet,
-                 MPU_FAULTS_HEADER + counts[to] * sizeof(struct mpu_fault), MSG_NOSIGNAL);
-        }
-        /* After the faults: a filler serves what a client waits for first. */
-        for (int k = 0; k < aheads; k++)
-            send_read_ahead(ahead_region[k], ahead_first[k], ahead_window[k], filler_fds,
-                            nfillers);
-        total += n;
-        if (n < MPU_FAULTS_MAX)
-            break;
-    }
-    mpu_add64(&h->faults, total);
-    if (client_slot < MPU_CLIENT_SLOTS)
-        mpu_add64(&h->clients[client_slot].faults, total);
-    mpu_add64(&h->monitor_ns, (int64_t)(mpu_now_ns() - started));
-    return total;
-}
-
-/* ---- the monitor thread --------------------------------------------------- */
+#define OUTBOX_MAX (16u << 20)
 
 struct monitored {
-    int uffd;                  /* -1: free */
+    int uffd;               /* -1: free */
+    uint32_t gen;
     int nranges;
-    struct mpu_range *ranges;  /* malloc'ed, sorted */
+    struct range *ranges;   /* malloc'ed, sorted */
 };
 
 struct mpu_monitor {
     struct mpu_header *h;
     uint64_t page_size;
+    uint64_t system_page;
     uint64_t read_ahead;
     int nfillers;
-    int *filler_fds;
-    char *scratch;
+    struct outbox *out;     /* one per filler */
+    char *scratch;          /* a fault packet per filler */
     struct mpu_spinner spinner;
     int epfd;
     int stopfd;
@@ -252,6 +195,193 @@ struct mpu_monitor {
 };
 
 #define STOP_KEY UINT64_MAX
+#define FILLER_KEY (1ull << 32)  /* + filler index; client slots are below */
+#define PACKET_SIZE (sizeof(struct mpu_w_faults) + MPU_FAULTS_MAX * sizeof(struct mpu_fault))
+
+static void arm(struct mpu_monitor *m, int index, int on)
+{
+    struct outbox *o = &m->out[index];
+    if (o->armed == on || o->fd < 0)
+        return;
+    struct epoll_event ev = { .events = EPOLLOUT, .data.u64 = FILLER_KEY + (uint64_t)index };
+    if (epoll_ctl(m->epfd, on ? EPOLL_CTL_ADD : EPOLL_CTL_DEL, o->fd, &ev) == 0 || !on)
+        o->armed = on;
+}
+
+static void outbox_clear(struct mpu_monitor *m, int index)
+{
+    arm(m, index, 0);
+    m->out[index].head = m->out[index].len = 0;
+}
+
+/* Sends what waits, in order; stops at the first packet the socket has no
+ * room for.  A socket that fails otherwise has lost its filler: the queue
+ * goes (see mpu_monitor_set_filler). */
+static void outbox_flush(struct mpu_monitor *m, int index)
+{
+    struct outbox *o = &m->out[index];
+    while (o->head < o->len) {
+        uint32_t n;
+        memcpy(&n, o->buf + o->head, sizeof n);
+        ssize_t sent = send(o->fd, o->buf + o->head + sizeof n, n, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (sent < 0 && errno == EINTR)
+            continue;
+        if (sent < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            arm(m, index, 1);
+            return;
+        }
+        if (sent < 0) {
+            outbox_clear(m, index);
+            return;
+        }
+        o->head += sizeof n + n;
+    }
+    outbox_clear(m, index);
+}
+
+/* Sends a packet to a filler, or queues it behind those waiting already.
+ * 0, or -ENOBUFS when the queue is full (the packet is not sent). */
+static int post(struct mpu_monitor *m, int index, const void *packet, uint32_t n)
+{
+    struct outbox *o = &m->out[index];
+    if (o->fd < 0)
+        return 0;  /* no filler: the server wakes every waiting client once one runs */
+    if (o->head == o->len) {
+        ssize_t sent;
+        do
+            sent = send(o->fd, packet, n, MSG_DONTWAIT | MSG_NOSIGNAL);
+        while (sent < 0 && errno == EINTR);
+        if (sent >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
+            return 0;  /* sent, or the filler is gone */
+    }
+    if (o->head > 0 && o->head == o->len)
+        o->head = o->len = 0;
+    size_t need = o->len + sizeof n + n;
+    if (need > OUTBOX_MAX)
+        return -ENOBUFS;
+    if (need > o->cap) {
+        if (o->head > 0) {  /* make room at the front first */
+            memmove(o->buf, o->buf + o->head, o->len - o->head);
+            o->len -= o->head;
+            o->head = 0;
+            need = o->len + sizeof n + n;
+        }
+        if (need > o->cap) {
+            size_t cap = o->cap ? o->cap : 1 << 16;
+            while (cap < need)
+                cap *= 2;
+            char *buf = realloc(o->buf, cap);
+            if (!buf)
+                return -ENOBUFS;
+            o->buf = buf;
+            o->cap = cap;
+        }
+    }
+    memcpy(o->buf + o->len, &n, sizeof n);
+    memcpy(o->buf + o->len + sizeof n, packet, n);
+    o->len += sizeof n + n;
+    arm(m, index, 1);
+    return 0;
+}
+
+/* ---- monitor: draining a client ---------------------------------------------- */
+
+static void post_read_ahead(struct mpu_monitor *m, uint32_t region, uint32_t gen,
+                            uint64_t first, uint64_t window)
+{
+    struct mpu_w_fill fill = { .kind = MPU_W_READ_AHEAD, .region = region, .gen = gen,
+                               .first = first, .count = window };
+    /* By window: their first pages may be a multiple of the fillers apart. */
+    int to = (int)mpu_filler_for(region, first / window, (uint32_t)m->nfillers);
+    post(m, to, &fill, sizeof fill);  /* a window it cannot queue is not read ahead */
+}
+
+struct window {             /* a read-ahead window to ask for */
+    uint64_t first, count;
+    uint32_t region, gen;
+};
+
+/* Reads what the client's userfaultfd has, finds each fault's region and
+ * page, and sends each filler its faults in one packet.  A fault outside
+ * every range is woken (the thread retries, and never hangs on us).
+ * Returns the number of faults read, or -errno from reading the uffd. */
+static int drain(struct mpu_monitor *m, uint32_t slot, struct monitored *c)
+{
+    struct mpu_header *h = m->h;
+    uint64_t started = mpu_now_ns();
+    uint32_t counts[m->nfillers];
+    uint64_t addrs[MPU_FAULTS_MAX];
+    struct window aheads[MPU_FAULTS_MAX];
+    int total = 0;
+
+    for (;;) {
+        int n = mpu_uffd_read_faults(c->uffd, addrs, MPU_FAULTS_MAX);
+        if (n <= 0) {
+            if (n < 0 && total == 0)
+                return n;
+            break;
+        }
+        uint64_t now = mpu_now_ns();
+        int naheads = 0;
+        memset(counts, 0, sizeof counts);
+        for (int i = 0; i < n; i++) {
+            struct range *r = locate(c->ranges, c->nranges, addrs[i]);
+            if (!r) {
+                uint64_t page = addrs[i] & ~(m->system_page - 1);
+                mpu_uffd_wake(c->uffd, page, m->system_page);
+                continue;
+            }
+            uint64_t index = (addrs[i] - r->r.start) / m->page_size;
+            uint32_t to = mpu_filler_for(r->r.region, index, (uint32_t)m->nfillers);
+            struct mpu_fault *fault = (struct mpu_fault *)(m->scratch + to * PACKET_SIZE
+                                                           + sizeof(struct mpu_w_faults))
+                                      + counts[to]++;
+            *fault = (struct mpu_fault){
+                .client = slot, .client_gen = c->gen,
+                .region = r->r.region, .region_gen = r->r.region_gen,
+                .page = index, .address = r->r.start + index * m->page_size,
+                .read_at = now,
+            };
+            if (m->read_ahead) {
+                uint64_t first, window;
+                fault->ahead = (uint32_t)read_ahead_of(r, index, m->read_ahead, &first, &window);
+                if (first)
+                    aheads[naheads++] = (struct window){ first, window, r->r.region,
+                                                         r->r.region_gen };
+            }
+        }
+        for (int to = 0; to < m->nfillers; to++) {
+            if (!counts[to])
+                continue;
+            char *packet = m->scratch + to * PACKET_SIZE;
+            *(struct mpu_w_faults *)packet = (struct mpu_w_faults){ MPU_W_FAULTS, counts[to] };
+            uint32_t size = sizeof(struct mpu_w_faults) + counts[to] * sizeof(struct mpu_fault);
+            if (post(m, to, packet, size) < 0) {
+                /* Nowhere to keep them: woken, the threads fault again. */
+                const struct mpu_fault *f = (const struct mpu_fault *)(packet
+                                                                       + sizeof(struct mpu_w_faults));
+                for (uint32_t k = 0; k < counts[to]; k++)
+                    mpu_uffd_wake(c->uffd, f[k].address, m->page_size);
+            } else if (m->out[to].head < m->out[to].len) {
+                mpu_add64(&h->queued_faults, counts[to]);  /* they wait in its queue */
+            }
+        }
+        /* After the faults: a filler serves what a client waits for first. */
+        for (int k = 0; k < naheads; k++)
+            post_read_ahead(m, aheads[k].region, aheads[k].gen, aheads[k].first,
+                            aheads[k].count);
+        total += n;
+        if (n < MPU_FAULTS_MAX)
+            break;
+    }
+    mpu_add64(&h->faults, total);
+    if (slot < MPU_CLIENT_SLOTS)
+        mpu_add64(&h->clients[slot].faults, total);
+    mpu_add64(&h->monitor_ns, (int64_t)(mpu_now_ns() - started));
+    return total;
+}
+
+/* ---- the monitor thread --------------------------------------------------- */
 
 struct epoll_wait_args {
     int epfd;
@@ -281,113 +411,140 @@ static void *monitor_loop(void *arg)
             return NULL;
         }
         for (int i = 0; i < n; i++) {
-            if (events[i].data.u64 == STOP_KEY)
+            uint64_t key = events[i].data.u64;
+            if (key == STOP_KEY)
                 return NULL;
-            uint32_t slot = (uint32_t)events[i].data.u64;
             pthread_mutex_lock(&m->lock);
-            struct monitored *c = &m->clients[slot];
-            if (c->uffd >= 0) {
-                int n = mpu_monitor_drain(m->h, c->uffd, slot, c->ranges, c->nranges,
-                                          m->page_size, m->read_ahead, m->filler_fds,
-                                          m->nfillers, m->scratch);
-                /* A userfaultfd that only reports an error would wake us
-                 * forever: stop watching it (the server drops its client
-                 * when its connection closes). */
-                if (n < 0 && (events[i].events & (EPOLLERR | EPOLLHUP)))
-                    epoll_ctl(m->epfd, EPOLL_CTL_DEL, c->uffd, NULL);
+            if (key >= FILLER_KEY) {
+                int index = (int)(key - FILLER_KEY);
+                if (index < m->nfillers && m->out[index].armed)
+                    outbox_flush(m, index);
+            } else {
+                struct monitored *c = &m->clients[key];
+                if (c->uffd >= 0) {
+                    int got = drain(m, (uint32_t)key, c);
+                    /* A userfaultfd that only reports an error would wake
+                     * us forever: stop watching it (the server drops its
+                     * client when its connection closes). */
+                    if (got < 0 && (events[i].events & (EPOLLERR | EPOLLHUP)))
+                        epoll_ctl(m->epfd, EPOLL_CTL_DEL, c->uffd, NULL);
+                }
             }
             pthread_mutex_unlock(&m->lock);
         }
     }
 }
 
+static void monitor_free(struct mpu_monitor *m)
+{
+    for (int i = 0; i < MPU_CLIENT_SLOTS; i++)
+        free(m->clients[i].ranges);
+    for (int i = 0; m->out && i < m->nfillers; i++)
+        free(m->out[i].buf);
+    if (m->epfd >= 0)
+        close(m->epfd);
+    if (m->stopfd >= 0)
+        close(m->stopfd);
+    pthread_mutex_destroy(&m->lock);
+    free(m->out);
+    free(m->scratch);
+    free(m);
+}
+
 struct mpu_monitor *mpu_monitor_start(struct mpu_header *h, uint64_t page_size,
                                       uint64_t read_ahead, int nfillers, uint64_t spin_ns)
 {
+    if (nfillers <= 0) {
+        errno = EINVAL;
+        return NULL;
+    }
     struct mpu_monitor *m = calloc(1, sizeof *m);
     if (!m)
         return NULL;
     m->h = h;
     m->page_size = page_size;
+    m->system_page = (uint64_t)sysconf(_SC_PAGESIZE);
     m->read_ahead = read_ahead;
     m->spinner.spin_ns = spin_ns;
     m->nfillers = nfillers;
-    m->filler_fds = malloc(sizeof(int) * (size_t)nfillers);
-    m->scratch = aligned_alloc(8, (size_t)nfillers * (MPU_FAULTS_HEADER +
-                               MPU_FAULTS_MAX * sizeof(struct mpu_fault)));
+    m->out = calloc((size_t)nfillers, sizeof *m->out);
+    m->scratch = aligned_alloc(8, (size_t)nfillers * PACKET_SIZE);
     m->epfd = epoll_create1(EPOLL_CLOEXEC);
     m->stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     pthread_mutex_init(&m->lock, NULL);
-    for (int i = 0; i < nfillers && m->filler_fds; i++)
-        m->filler_fds[i] = -1;
+    for (int i = 0; i < nfillers && m->out; i++)
+        m->out[i].fd = -1;
     for (int i = 0; i < MPU_CLIENT_SLOTS; i++)
         m->clients[i].uffd = -1;
     struct epoll_event stop = { .events = EPOLLIN, .data.u64 = STOP_KEY };
     int err = 0;
-    if (!m->filler_fds || !m->scratch || m->epfd < 0 || m->stopfd < 0
+    if (!m->out || !m->scratch || m->epfd < 0 || m->stopfd < 0
         || epoll_ctl(m->epfd, EPOLL_CTL_ADD, m->stopfd, &stop) < 0)
         err = errno ? errno : ENOMEM;
     else
         err = pthread_create(&m->thread, NULL, monitor_loop, m);
     if (err) {
-        if (m->epfd >= 0)
-            close(m->epfd);
-        if (m->stopfd >= 0)
-            close(m->stopfd);
-        free(m->filler_fds);
-        free(m->scratch);
-        free(m);
+        monitor_free(m);
         errno = err;
         return NULL;
     }
     return m;
 }
 
-int mpu_monitor_add_client(struct mpu_monitor *m, uint32_t slot, int uffd)
+int mpu_monitor_add_client(struct mpu_monitor *m, uint32_t slot, uint32_t gen, int uffd)
 {
     if (slot >= MPU_CLIENT_SLOTS)
         return -EINVAL;
     pthread_mutex_lock(&m->lock);
-    m->clients[slot].uffd = uffd;
-    struct epoll_event ev = { .events = EPOLLIN, .data.u64 = slot };
-    int err = epoll_ctl(m->epfd, EPOLL_CTL_ADD, uffd, &ev) < 0 ? -errno : 0;
-    if (err)
-        m->clients[slot].uffd = -1;
+    struct monitored *c = &m->clients[slot];
+    int err = c->uffd >= 0 ? -EBUSY : 0;
+    if (!err) {
+        struct epoll_event ev = { .events = EPOLLIN, .data.u64 = slot };
+        if (epoll_ctl(m->epfd, EPOLL_CTL_ADD, uffd, &ev) < 0)
+            err = -errno;
+    }
+    if (!err) {
+        c->uffd = uffd;
+        c->gen = gen;
+    }
     pthread_mutex_unlock(&m->lock);
     return err;
 }
 
 int mpu_monitor_set_ranges(struct mpu_monitor *m, uint32_t slot,
-                           const struct mpu_range *ranges, int n)
+                           const struct mpu_client_range *ranges, int n)
 {
     if (slot >= MPU_CLIENT_SLOTS || n < 0)
         return -EINVAL;
-    struct mpu_range *copy = NULL;
+    struct range *copy = NULL;
     if (n) {
-        copy = malloc(sizeof *copy * (size_t)n);
+        copy = calloc((size_t)n, sizeof *copy);
         if (!copy)
             return -ENOMEM;
-        memcpy(copy, ranges, sizeof *copy * (size_t)n);
+        for (int i = 0; i < n; i++)
+            copy[i].r = ranges[i];
     }
     pthread_mutex_lock(&m->lock);
-    struct mpu_range *old = m->clients[slot].ranges;
+    struct monitored *c = &m->clients[slot];
+    struct range *old = c->ranges;
     /* Mappings that stay keep the scans the monitor follows in them (both
      * lists are sorted by start). */
-    for (int i = 0, j = 0; i < n && j < m->clients[slot].nranges;) {
-        if (old[j].start < copy[i].start) {
+    for (int i = 0, j = 0; i < n && j < c->nranges;) {
+        if (old[j].r.start < copy[i].r.start) {
             j++;
-        } else if (old[j].start > copy[i].start) {
+        } else if (old[j].r.start > copy[i].r.start) {
             i++;
         } else {
-            if (old[j].end == copy[i].end && old[j].region == copy[i].region) {
+            if (old[j].r.end == copy[i].r.end && old[j].r.region == copy[i].r.region
+                && old[j].r.region_gen == copy[i].r.region_gen) {
                 copy[i].clock = old[j].clock;
                 memcpy(copy[i].streams, old[j].streams, sizeof copy[i].streams);
             }
             i++, j++;
         }
     }
-    m->clients[slot].ranges = copy;
-    m->clients[slot].nranges = n;
+    c->ranges = copy;
+    c->nranges = n;
     pthread_mutex_unlock(&m->lock);
     free(old);
     return 0;
@@ -402,7 +559,7 @@ int mpu_monitor_remove_client(struct mpu_monitor *m, uint32_t slot)
     if (c->uffd >= 0)
         epoll_ctl(m->epfd, EPOLL_CTL_DEL, c->uffd, NULL);
     c->uffd = -1;
-    struct mpu_range *old = c->ranges;
+    struct range *old = c->ranges;
     c->ranges = NULL;
     c->nranges = 0;
     pthread_mutex_unlock(&m->lock);
@@ -413,26 +570,27 @@ int mpu_monitor_remove_client(struct mpu_monitor *m, uint32_t slot)
 void mpu_monitor_set_filler(struct mpu_monitor *m, int index, int fd)
 {
     pthread_mutex_lock(&m->lock);
-    if (index >= 0 && index < m->nfillers)
-        m->filler_fds[index] = fd;
+    if (index >= 0 && index < m->nfillers) {
+        outbox_clear(m, index);
+        m->out[index].fd = fd;
+    }
     pthread_mutex_unlock(&m->lock);
 }
 
-void mpu_monitor_stop(struct mpu_monitor *m)
+int mpu_monitor_stop(struct mpu_monitor *m)
 {
     if (!m)
-        return;
+        return 0;
     uint64_t one = 1;
-    if (write(m->stopfd, &one, sizeof one) == sizeof one)
-        pthread_join(m->thread, NULL);
-    for (int i = 0; i < MPU_CLIENT_SLOTS; i++)
-        free(m->clients[i].ranges);
-    close(m->epfd);
-    close(m->stopfd);
-    pthread_mutex_destroy(&m->lock);
-    free(m->filler_fds);
-    free(m->scratch);
-    free(m);
+    ssize_t n;
+    do
+        n = write(m->stopfd, &one, sizeof one);
+    while (n < 0 && errno == EINTR);
+    if (n != sizeof one)
+        return -(errno ? errno : EIO);  /* it would never wake: leave it be */
+    pthread_join(m->thread, NULL);
+    monitor_free(m);
+    return 0;
 }
 
 /* ---- filler -------------------------------------------------------------- */
@@ -440,14 +598,21 @@ void mpu_monitor_stop(struct mpu_monitor *m)
 static void event(struct mpu_filler *f, uint32_t code, uint32_t region, uint64_t page,
                   int64_t err, uint64_t value)
 {
-    if (f->nevents >= MPU_EVENTS_MAX)
-        return;  /* the log says enough already */
+    if (f->nevents >= MPU_EVENTS_MAX) {
+        f->lost++;  /* counted: the Python side says how many it did not see */
+        return;
+    }
     struct mpu_event *e = &f->events[f->nevents++];
     e->code = code;
     e->region = region;
     e->page = page;
     e->err = err;
     e->value = value;
+}
+
+static void beat(struct mpu_filler *f)
+{
+    mpu_beat(f->h, f->worker);
 }
 
 static uint64_t fill_length(const struct mpu_filler *f, const struct mpu_region_slot *r,
@@ -466,7 +631,8 @@ static uint64_t fill_length(const struct mpu_filler *f, const struct mpu_region_
  * file, by cachestat (Linux 6.5).  Since 6.14 the kernel answers only those
  * who own the file or may write it (as mincore does); where it will not
  * answer, the region stops asking. */
-static int in_page_cache(struct mpu_region_slot *r, uint64_t offset, uint64_t len)
+static int in_page_cache(struct mpu_filler *f, struct mpu_region_slot *r, uint64_t offset,
+                         uint64_t len)
 {
     if (offset >= r->size)
         return 0;
@@ -481,7 +647,7 @@ static int in_page_cache(struct mpu_region_slot *r, uint64_t offset, uint64_t le
             r->cache_fd = -1;  /* ENOSYS, EPERM: the Python side still closes it */
         return 0;
     }
-    return stat.nr_cache >= (len + SYSTEM_PAGE - 1) / SYSTEM_PAGE;
+    return stat.nr_cache >= mpu_system_pages(len, f->system_page);
 }
 
 /* For a direct store, pages another process keeps in the page cache are
@@ -498,7 +664,7 @@ static uint64_t read_from_page_cache(struct mpu_filler *f, struct mpu_region_slo
                                      uint64_t offset, uint64_t want)
 {
     int fd = r->cache_fd;
-    if (r->store_mode != MPU_STORE_DIRECT || fd < 0 || !in_page_cache(r, offset, want))
+    if (r->store_mode != MPU_STORE_DIRECT || fd < 0 || !in_page_cache(f, r, offset, want))
         return 0;
     uint64_t got = 0;
     while (got < want) {
@@ -511,19 +677,21 @@ static uint64_t read_from_page_cache(struct mpu_filler *f, struct mpu_region_slo
         got += (uint64_t)n;
     }
     if (got < want && offset + got < r->size)
-        got -= got % SYSTEM_PAGE;  /* the store reads the rest, aligned */
+        got -= got % f->system_page;  /* the store reads the rest, aligned */
     mpu_add64(&f->h->cache_bytes, (int64_t)got);
     return got;
 }
 
 /* Reads npages from page `first` into the chunk; zeros past the file's end.
- * Returns the bytes read, or -errno. */
+ * Returns the bytes read, or -errno.  The heartbeat is bumped on both sides
+ * of the read: only a read that hangs stops it. */
 static int64_t read_run(struct mpu_filler *f, struct mpu_region_slot *r,
                         uint64_t first, uint64_t npages)
 {
     uint64_t want = npages * f->page_size;
     uint64_t offset = first * f->page_size;
     uint64_t started = mpu_now_ns();
+    beat(f);
     uint64_t cached = read_from_page_cache(f, r, offset, want), got = cached;
     /* What the cache gave may end at the file's end, unaligned: the store
      * must not be asked for more then. */
@@ -533,6 +701,7 @@ static int64_t read_run(struct mpu_filler *f, struct mpu_region_slot *r,
         if (n < 0) {
             if (errno == EINTR)
                 continue;
+            beat(f);
             return -errno;
         }
         if (n == 0)
@@ -541,6 +710,7 @@ static int64_t read_run(struct mpu_filler *f, struct mpu_region_slot *r,
         if (r->store_mode == MPU_STORE_DIRECT && got % 512)
             break;  /* a short O_DIRECT read ends at the end of the file */
     }
+    beat(f);
     if (got < want)
         memset(f->chunk + got, 0, want - got);
     if (r->store_mode == MPU_STORE_DROP && got)
@@ -662,6 +832,31 @@ static int copy(struct mpu_filler *f, struct mpu_region_slot *r, uint32_t region
     return err;
 }
 
+/* Pages the buffer holds past the end of a file that shrank are dropped,
+ * once per shrink: the first filler to see the file end before what the
+ * table last knew walks the pages between (only the parts of the table
+ * that hold data); others find that walk done. */
+static void drop_past_end(struct mpu_filler *f, struct mpu_region_slot *r, uint64_t end_page)
+{
+    struct mpu_table *t = r->table;
+    uint64_t known = __atomic_load_n(&t->covered, __ATOMIC_SEQ_CST);
+    do {
+        if (end_page >= known)
+            return;
+    } while (!__atomic_compare_exchange_n(&t->covered, &known, end_page, 0,
+                                          __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+    uint32_t dropped = 0;
+    for (uint64_t i = end_page; i < known;) {
+        for (uint64_t stop = mpu_table_next_run(r->table_fd, &i, known); i < stop; i++)
+            if (mpu_page_evict(t, &t->pages[i], f->pid, r->memfd, i * f->page_size,
+                               f->page_size) == 1)
+                dropped++;
+        beat(f);
+    }
+    if (dropped)
+        mpu_release(f->h, dropped);
+}
+
 /* The file shrank (or cannot be read): as with a mapped file, the client
  * gets the bytes still there, zeros to the end of that system page, and
  * SIGBUS past them; pages the buffer holds past the end are dropped. */
@@ -669,7 +864,7 @@ static void past_the_end(struct mpu_filler *f, struct mpu_region_slot *r, uint32
                          int uffd, uint64_t page, uint64_t address, uint64_t len,
                          uint64_t got)
 {
-    uint64_t kept = (got + SYSTEM_PAGE - 1) / SYSTEM_PAGE * SYSTEM_PAGE;
+    uint64_t kept = mpu_round_up(got, f->system_page);
     if (kept > len)
         kept = len;
     if (kept < len) {
@@ -686,23 +881,44 @@ static void past_the_end(struct mpu_filler *f, struct mpu_region_slot *r, uint32
     }
     if (kept)
         copy(f, r, region, uffd, page, address, kept, 0);
-    uint32_t dropped = 0;
-    for (uint64_t stale = page + 1; stale < r->npages; stale++)
-        if (mpu_page_evict(&r->table->pages[stale], f->pid, r->memfd,
-                           stale * f->page_size, f->page_size) == 1)
-            dropped++;
-    if (dropped)
-        mpu_release(f->h, dropped);
+    /* From the first page the file no longer holds whole: the one its end
+     * falls in has bytes past the end too. */
+    struct stat st;
+    uint64_t end_page = page + 1;
+    if (fstat(r->store_fd, &st) == 0)
+        end_page = (uint64_t)st.st_size / f->page_size;
+    drop_past_end(f, r, end_page);
+}
+
+/* The slots a fault names, if they still hold the client and region it was
+ * read for; a fault that outlived either is counted and left. */
+static int resolve(struct mpu_filler *f, const struct mpu_fault *fault,
+                   struct mpu_client_slot **c, struct mpu_region_slot **r)
+{
+    if (fault->client >= f->nclients || fault->region >= f->nregions)
+        return 0;
+    *c = &f->clients[fault->client];
+    *r = &f->regions[fault->region];
+    if ((*c)->uffd < 0 || (*c)->gen != fault->client_gen) {
+        mpu_add64(&f->h->stale_faults, 1);
+        return 0;
+    }
+    if (!(*r)->table || (*r)->gen != fault->region_gen || fault->page >= (*r)->npages) {
+        /* The client's own: woken, its thread retries and finds out. */
+        mpu_add64(&f->h->stale_faults, 1);
+        mpu_uffd_wake((*c)->uffd, fault->address, f->page_size);
+        return 0;
+    }
+    return 1;
 }
 
 static void serve_one(struct mpu_filler *f, const struct mpu_fault *fault)
 {
-    if (fault->client >= f->nclients || fault->region >= f->nregions)
+    struct mpu_client_slot *c;
+    struct mpu_region_slot *r;
+    if (!resolve(f, fault, &c, &r))
         return;
-    int uffd = f->clients[fault->client].uffd;
-    struct mpu_region_slot *r = &f->regions[fault->region];
-    if (uffd < 0 || !r->table || fault->page >= r->npages)
-        return;
+    int uffd = c->uffd;
     uint64_t page = fault->page, address = fault->address;
     uint64_t len = fill_length(f, r, page);
     struct mpu_page *entry = &r->table->pages[page];
@@ -711,8 +927,10 @@ static void serve_one(struct mpu_filler *f, const struct mpu_fault *fault)
     /* A page in FILLING always holds a buffer page, so that whoever frees it
      * (we, or the supervisor after our death) gives one back: the buffer
      * page comes first. */
-    while (mpu_reserve(f->h, f->evict_fds, f->nevict, WAIT_MS) == -ETIMEDOUT)
+    while (mpu_reserve(f->h, f->evict_fds, f->nevict, WAIT_MS) == -ETIMEDOUT) {
+        beat(f);
         event(f, MPU_EV_NO_ROOM, fault->region, page, 0, WAIT_MS);
+    }
     for (;;) {
         int state = mpu_page_begin_fill(entry, f->pid, WAIT_MS);
         if (state == MPU_PRESENT) {
@@ -725,6 +943,7 @@ static void serve_one(struct mpu_filler *f, const struct mpu_fault *fault)
         }
         if (state == MPU_FREE)
             break;
+        beat(f);
         event(f, MPU_EV_STUCK, fault->region, page, 0, (uint64_t)state);
     }
 
@@ -755,12 +974,6 @@ static void serve_one(struct mpu_filler *f, const struct mpu_fault *fault)
     mpu_page_end_fill(f->h, r->table, entry, present, 0);
     if (!present)
         mpu_release(f->h, 1);
-}
-
-void mpu_filler_serve(struct mpu_filler *f, const struct mpu_fault *faults, int n)
-{
-    for (int i = 0; i < n; i++)
-        serve_one(f, &faults[i]);
 }
 
 struct recvmsg_args {
@@ -794,6 +1007,7 @@ int mpu_filler_run(struct mpu_filler *f, int sock, char *buf, int size,
     if (maxfds > 16)
         maxfds = 16;
     for (;;) {
+        beat(f);
         struct iovec iov = { .iov_base = buf, .iov_len = (size_t)size };
         struct msghdr msg = {
             .msg_iov = &iov, .msg_iovlen = 1,
@@ -803,8 +1017,8 @@ int mpu_filler_run(struct mpu_filler *f, int sock, char *buf, int size,
         ssize_t n = spin(&f->spinner, poll_socket, &polled) ? polled.n
                                                          : recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
         if (n < 0) {
-            if (errno == EINTR)
-                continue;
+            if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)
+                continue;  /* (the receive timeout: a heartbeat while idle) */
             return -errno;
         }
         *nfds = 0;
@@ -828,25 +1042,35 @@ int mpu_filler_run(struct mpu_filler *f, int sock, char *buf, int size,
             return -EMSGSIZE;
         }
         if (n == 0)
-            return 0;
-        if (buf[0] != MPU_FAULTS_KIND || *nfds || n < MPU_FAULTS_HEADER)
+            return -EPIPE;
+        struct mpu_w_faults head;
+        if (*nfds || (size_t)n < sizeof head)
             return (int)n;
+        memcpy(&head, buf, sizeof head);
+        if (head.kind != MPU_W_FAULTS)
+            return (int)n;
+        uint32_t count = (uint32_t)(((size_t)n - sizeof head) / sizeof(struct mpu_fault));
+        if (head.count < count)
+            count = head.count;
         uint64_t started = mpu_now_ns();
-        mpu_filler_serve(f, (const struct mpu_fault *)(buf + MPU_FAULTS_HEADER),
-                         (int)((n - MPU_FAULTS_HEADER) / sizeof(struct mpu_fault)));
+        const struct mpu_fault *faults = (const struct mpu_fault *)(buf + sizeof head);
+        for (uint32_t i = 0; i < count; i++) {
+            serve_one(f, &faults[i]);
+            beat(f);
+        }
         sleep_after_long_work(f, started);
-        if (f->nevents)
-            return 1;
+        if (f->nevents || f->lost)
+            return 0;
     }
 }
 
-void mpu_filler_prefetch(struct mpu_filler *f, uint32_t region, uint64_t first,
-                         uint64_t count, int read_ahead)
+/* Fills the FREE pages of [first, first + count) that the buffer has room
+ * for, in runs; stops when the buffer is full.  read_ahead: the monitor
+ * asked (a scan), not a client: counted and marked as read-ahead. */
+static void fill_span(struct mpu_filler *f, uint32_t region, uint64_t first, uint64_t count,
+                      int read_ahead)
 {
-    if (region >= f->nregions || !f->regions[region].table)
-        return;
     struct mpu_region_slot *r = &f->regions[region];
-    uint64_t started = mpu_now_ns();
     uint32_t flags = read_ahead ? MPU_READ_AHEAD : 0;
     uint64_t *counter = read_ahead ? &f->h->readahead_fills : &f->h->prefetch_fills;
     uint64_t page = first, end = first + count < r->npages ? first + count : r->npages;
@@ -866,6 +1090,29 @@ void mpu_filler_prefetch(struct mpu_filler *f, uint32_t region, uint64_t first,
         mpu_add64(counter, (int64_t)written);
         abandon(f, r, page + whole, run - whole);
         page += run;
+    }
+}
+
+void mpu_filler_fill(struct mpu_filler *f, const struct mpu_w_fill *fill)
+{
+    if (fill->region >= f->nregions || !f->regions[fill->region].table
+        || f->regions[fill->region].gen != fill->gen)
+        return;
+    uint64_t started = mpu_now_ns();
+    int read_ahead = fill->kind == MPU_W_READ_AHEAD;
+    uint64_t end = fill->first + fill->count;
+    if (!fill->run) {
+        fill_span(f, fill->region, fill->first, fill->count, read_ahead);
+    } else {
+        /* Our runs of the span, each to the filler of its number. */
+        for (uint64_t start = fill->first; start < end && start >= fill->first;
+             start += fill->run) {
+            if (mpu_filler_for(fill->region, start / fill->run, f->nfillers) != f->index)
+                continue;
+            uint64_t n = end - start < fill->run ? end - start : fill->run;
+            fill_span(f, fill->region, start, n, read_ahead);
+            beat(f);
+        }
     }
     sleep_after_long_work(f, started);
 }

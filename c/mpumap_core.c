@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stddef.h>
 #include <poll.h>
 #include <sched.h>
 #include <stdio.h>
@@ -17,7 +18,7 @@
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 
-#include "mpumap_core.h"
+#include "mpumap_core_internal.h"
 
 #ifndef UFFD_USER_MODE_ONLY
 #define UFFD_USER_MODE_ONLY 1
@@ -211,6 +212,11 @@ uint32_t mpu_load32(uint32_t *word)
     return __atomic_load_n(word, __ATOMIC_SEQ_CST);
 }
 
+uint64_t mpu_load64(uint64_t *word)
+{
+    return __atomic_load_n(word, __ATOMIC_SEQ_CST);
+}
+
 uint64_t mpu_add64(uint64_t *word, int64_t delta)
 {
     return __atomic_add_fetch(word, (uint64_t)delta, __ATOMIC_SEQ_CST);
@@ -251,13 +257,16 @@ void mpu_page_end_fill(struct mpu_header *h, struct mpu_table *t,
     if (present) {
         page->stamp = mpu_add64(&h->clock, 1);
         __atomic_store_n(&page->flags, flags, __ATOMIC_SEQ_CST);
+        mpu_add64(&t->present, 1);
         __atomic_store_n(&page->state, MPU_PRESENT, __ATOMIC_SEQ_CST);
         mpu_add64(&h->fills, 1);
         /* The region may have been released while we filled: whoever of
          * us and mpu_table_release sees the other takes the page back. */
         if (__atomic_load_n(&t->dead, __ATOMIC_SEQ_CST)
-            && cas32(&page->state, MPU_PRESENT, MPU_FREE))
+            && cas32(&page->state, MPU_PRESENT, MPU_FREE)) {
+            mpu_add64(&t->present, -1);
             mpu_release(h, 1);
+        }
     } else {
         __atomic_store_n(&page->state, MPU_FREE, __ATOMIC_SEQ_CST);
     }
@@ -279,46 +288,79 @@ int mpu_punch(int fd, uint64_t offset, uint64_t len)
 
 /* 1: evicted, 0: the page was not PRESENT, <0: the punch failed (the page
  * stays PRESENT). */
-int mpu_page_evict(struct mpu_page *page, uint32_t owner,
+int mpu_page_evict(struct mpu_table *t, struct mpu_page *page, uint32_t owner,
                    int memfd, uint64_t offset, uint64_t len)
 {
     if (!cas32(&page->state, MPU_PRESENT, OWNED(MPU_LEAVING, owner)))
         return 0;
+    mpu_add64(&t->present, -1);
     int err = mpu_punch(memfd, offset, len);
+    if (err)
+        mpu_add64(&t->present, 1);
     __atomic_store_n(&page->state, err ? MPU_PRESENT : MPU_FREE,
                      __ATOMIC_SEQ_CST);
     mpu_futex_wake(&page->state, INT_MAX);
     return err ? err : 1;
 }
 
-uint64_t mpu_table_release(struct mpu_header *h, struct mpu_table *t)
+/* ---- walking a page table ----------------------------------------------- */
+
+uint64_t mpu_table_next_run(int fd, uint64_t *first, uint64_t end)
+{
+    if (fd < 0 || *first >= end)
+        return end;
+    const uint64_t head = offsetof(struct mpu_table, pages);
+    const uint64_t size = sizeof(struct mpu_page);
+    off_t data = lseek(fd, (off_t)(head + *first * size), SEEK_DATA);
+    if (data < 0) {
+        if (errno == ENXIO)
+            *first = end;  /* nothing but holes from there on */
+        return end;        /* (or no SEEK_DATA: all of it) */
+    }
+    off_t hole = lseek(fd, data, SEEK_HOLE);
+    uint64_t from = ((uint64_t)data - head) / size;
+    if (from > *first)
+        *first = from;
+    if (hole < 0)
+        return end;
+    uint64_t to = ((uint64_t)hole - head + size - 1) / size;
+    return to < end ? to : end;
+}
+
+uint64_t mpu_table_release(struct mpu_header *h, struct mpu_table *t, int fd)
 {
     __atomic_store_n(&t->dead, 1, __ATOMIC_SEQ_CST);
     uint64_t freed = 0;
-    for (uint64_t i = 0; i < t->npages; i++)
-        if (cas32(&t->pages[i].state, MPU_PRESENT, MPU_FREE))
-            freed++;
-    if (freed)
+    for (uint64_t i = 0; i < t->npages;) {
+        for (uint64_t stop = mpu_table_next_run(fd, &i, t->npages); i < stop; i++)
+            if (cas32(&t->pages[i].state, MPU_PRESENT, MPU_FREE))
+                freed++;
+    }
+    if (freed) {
+        mpu_add64(&t->present, -(int64_t)freed);
         mpu_release(h, (uint32_t)freed);
+    }
     return freed;
 }
 
 /* A worker died: the pages it held FILLING go back to FREE, those it held
  * LEAVING are punched out (again) and FREE.  Each held a buffer page. */
-uint64_t mpu_table_recover(struct mpu_header *h, struct mpu_table *t,
+uint64_t mpu_table_recover(struct mpu_header *h, struct mpu_table *t, int fd,
                            uint32_t owner, int memfd, uint64_t page_size)
 {
     uint64_t freed = 0;
-    for (uint64_t i = 0; i < t->npages; i++) {
-        uint32_t word = mpu_load32(&t->pages[i].state);
-        uint32_t state = STATE(word);
-        if ((state != MPU_FILLING && state != MPU_LEAVING) || word >> 2 != owner)
-            continue;
-        if (state == MPU_LEAVING)
-            mpu_punch(memfd, i * page_size, page_size);
-        if (cas32(&t->pages[i].state, word, MPU_FREE)) {
-            mpu_futex_wake(&t->pages[i].state, INT_MAX);
-            freed++;
+    for (uint64_t i = 0; i < t->npages;) {
+        for (uint64_t stop = mpu_table_next_run(fd, &i, t->npages); i < stop; i++) {
+            uint32_t word = mpu_load32(&t->pages[i].state);
+            uint32_t state = STATE(word);
+            if ((state != MPU_FILLING && state != MPU_LEAVING) || word >> 2 != owner)
+                continue;
+            if (state == MPU_LEAVING)
+                mpu_punch(memfd, i * page_size, page_size);
+            if (cas32(&t->pages[i].state, word, MPU_FREE)) {
+                mpu_futex_wake(&t->pages[i].state, INT_MAX);
+                freed++;
+            }
         }
     }
     if (freed)
@@ -326,12 +368,14 @@ uint64_t mpu_table_recover(struct mpu_header *h, struct mpu_table *t,
     return freed;
 }
 
-uint64_t mpu_table_count(struct mpu_table *t, uint32_t state)
+uint64_t mpu_table_count(struct mpu_table *t, int fd, uint32_t state)
 {
     uint64_t n = 0;
-    for (uint64_t i = 0; i < t->npages; i++)
-        if (STATE(mpu_load32(&t->pages[i].state)) == state)
-            n++;
+    for (uint64_t i = 0; i < t->npages;) {
+        for (uint64_t stop = mpu_table_next_run(fd, &i, t->npages); i < stop; i++)
+            if (STATE(mpu_load32(&t->pages[i].state)) == state)
+                n++;
+    }
     return n;
 }
 
@@ -365,24 +409,29 @@ static void sift_up(uint64_t *idx, uint64_t *stamp, uint64_t i)
     }
 }
 
-uint64_t mpu_table_oldest(struct mpu_table *t, uint64_t stride, uint64_t phase,
-                          uint64_t max, uint64_t *idx_out, uint64_t *stamp_out)
+uint64_t mpu_table_oldest(struct mpu_table *t, int fd, uint64_t stride,
+                          uint64_t phase, uint64_t max, uint64_t *idx_out,
+                          uint64_t *stamp_out)
 {
     uint64_t n = 0;
     if (max == 0 || stride == 0)
         return 0;
-    for (uint64_t i = phase; i < t->npages; i += stride) {
-        if (mpu_load32(&t->pages[i].state) != MPU_PRESENT)
-            continue;
-        uint64_t stamp = t->pages[i].stamp;
-        if (n < max) {
-            idx_out[n] = i;
-            stamp_out[n] = stamp;
-            sift_up(idx_out, stamp_out, n++);
-        } else if (stamp < stamp_out[0]) {
-            idx_out[0] = i;
-            stamp_out[0] = stamp;
-            sift_down(idx_out, stamp_out, n, 0);
+    for (uint64_t i = 0; i < t->npages;) {
+        uint64_t stop = mpu_table_next_run(fd, &i, t->npages);
+        /* the first page of this run that is ours: i % stride == phase */
+        for (i += (phase + stride - i % stride) % stride; i < stop; i += stride) {
+            if (mpu_load32(&t->pages[i].state) != MPU_PRESENT)
+                continue;
+            uint64_t stamp = t->pages[i].stamp;
+            if (n < max) {
+                idx_out[n] = i;
+                stamp_out[n] = stamp;
+                sift_up(idx_out, stamp_out, n++);
+            } else if (stamp < stamp_out[0]) {
+                idx_out[0] = i;
+                stamp_out[0] = stamp;
+                sift_down(idx_out, stamp_out, n, 0);
+            }
         }
     }
     return n;
@@ -509,6 +558,22 @@ void mpu_account(struct mpu_header *h, uint32_t slot, uint64_t since_ns,
     mpu_add64(answer == MPU_ANSWER_COPY ? &c->copies : &c->wakes, 1);
     mpu_add64(&c->bytes, bytes);
     mpu_add64(&c->wait_ns, waited);
+}
+
+void mpu_beat(struct mpu_header *h, uint32_t worker)
+{
+    if (worker < MPU_WORKER_SLOTS)
+        __atomic_store_n(&h->heartbeat[worker], mpu_now_ns(), __ATOMIC_RELAXED);
+}
+
+uint64_t mpu_round_up(uint64_t n, uint64_t multiple)
+{
+    return (n + multiple - 1) / multiple * multiple;
+}
+
+uint64_t mpu_system_pages(uint64_t bytes, uint64_t system_page)
+{
+    return (bytes + system_page - 1) / system_page;
 }
 
 /* ---- worker processes ------------------------------------------------- */

@@ -28,6 +28,7 @@
 #include "umap_client_internal.h"
 #include "guard.h"
 #include "mpu_sys.h"
+#include "mpu_wire.h"
 #include "mpumap_core.h"
 
 /* The public API is exported; everything else (compiled with
@@ -38,25 +39,23 @@
 #endif
 
 #define DEFAULT_SOCKET "/tmp/mpumap.sock"
-#define PROTOCOL_VERSION 1
-#define HEADER_SIZE 12
+#define HEADER_SIZE MPU_HEADER_SIZE
 #define MAX_REPLY 8192          /* every reply this client asks for fits */
 #define WHY 512
-
-enum {
-    M_HELLO = 1, M_WELCOME, M_MAP, M_MAPPED, M_REGISTER, M_REGISTERED,
-    M_UNMAP, M_UNMAPPED, M_STATS, M_STATS_REPLY, M_ERROR = 15,
-};
 
 static const char *msg_name(int kind)
 {
     static const char *const names[] = {
-        "?", "HELLO", "WELCOME", "MAP", "MAPPED", "REGISTER", "REGISTERED",
-        "UNMAP", "UNMAPPED", "STATS", "STATS_REPLY",
+        [MPU_MSG_HELLO] = "HELLO", [MPU_MSG_WELCOME] = "WELCOME",
+        [MPU_MSG_MAP] = "MAP", [MPU_MSG_MAPPED] = "MAPPED",
+        [MPU_MSG_REGISTER] = "REGISTER", [MPU_MSG_REGISTERED] = "REGISTERED",
+        [MPU_MSG_UNMAP] = "UNMAP", [MPU_MSG_UNMAPPED] = "UNMAPPED",
+        [MPU_MSG_STATS] = "STATS", [MPU_MSG_STATS_REPLY] = "STATS_REPLY",
+        [MPU_MSG_PREFETCH] = "PREFETCH", [MPU_MSG_PREFETCHING] = "PREFETCHING",
+        [MPU_MSG_ERROR] = "ERROR",
     };
-    if (kind == M_ERROR)
-        return "ERROR";
-    return kind > 0 && kind <= M_STATS_REPLY ? names[kind] : "?";
+    int known = kind > 0 && kind < (int)(sizeof names / sizeof names[0]) && names[kind];
+    return known ? names[kind] : "?";
 }
 
 struct mapping {
@@ -118,7 +117,7 @@ static void why_errno(char *why, const char *what)
 static int send_msg(int kind, const void *payload, size_t len, int fd)
 {
     unsigned char buf[HEADER_SIZE + 64];
-    uint16_t version = htole16(PROTOCOL_VERSION), type = htole16((uint16_t)kind);
+    uint16_t version = htole16(MPU_PROTOCOL_VERSION), type = htole16((uint16_t)kind);
     uint32_t length = htole32((uint32_t)len);
     memcpy(buf, "MPUM", 4);
     memcpy(buf + 4, &version, 2);
@@ -213,14 +212,14 @@ static int call(int kind, const void *payload, size_t len, int fd_send,
     version = le16toh(version);
     type = le16toh(type);
     length = le32toh(length);
-    if (version != PROTOCOL_VERSION || length != (size_t)n - HEADER_SIZE) {
+    if (version != MPU_PROTOCOL_VERSION || length != (size_t)n - HEADER_SIZE) {
         close_fds(fds, nfds);
         errno = EPROTO;
         snprintf(why, WHY, "bad reply from the server (version %u, %u payload bytes)",
                  version, length);
         return -1;
     }
-    if (type == M_ERROR) {
+    if (type == MPU_MSG_ERROR) {
         close_fds(fds, nfds);
         int32_t code = 0;
         if (length >= 4) {
@@ -244,26 +243,6 @@ static int call(int kind, const void *payload, size_t len, int fd_send,
     if (fd_out)
         *fd_out = fds[0];
     return 0;
-}
-
-static uint64_t get64(const unsigned char *p)
-{
-    uint64_t v;
-    memcpy(&v, p, 8);
-    return le64toh(v);
-}
-
-static uint32_t get32(const unsigned char *p)
-{
-    uint32_t v;
-    memcpy(&v, p, 4);
-    return le32toh(v);
-}
-
-static void put64(unsigned char *p, uint64_t v)
-{
-    v = htole64(v);
-    memcpy(p, &v, 8);
 }
 
 /* ---- the connection ---------------------------------------------------- */
@@ -358,26 +337,28 @@ static int connect_locked(const char *sock_path, char *why)
     C.uffd = uffd;
     /* HELLO: u32 flags, then the launcher's session tag, if there is one,
      * so that `mpumap-client run --stats` counts this process too. */
-    unsigned char hello[4 + 64] = { 0 }, w[48];   /* WELCOME: 3 u64, 6 u32 */
+    unsigned char hello[4 + MPU_MAX_SESSION] = { 0 };
+    struct mpu_welcome w;
     size_t hello_len = 4;
     const char *session = getenv("MPUMAP_SESSION");
     if (session) {
         size_t n = strlen(session);
-        if (n > 64)
-            n = 64;
+        if (n > MPU_MAX_SESSION)
+            n = MPU_MAX_SESSION;
         memcpy(hello + 4, session, n);
         hello_len += n;
     }
-    if (call(M_HELLO, hello, hello_len, uffd, M_WELCOME, w, sizeof w, NULL, why) < 0)
+    if (call(MPU_MSG_HELLO, hello, hello_len, uffd, MPU_MSG_WELCOME, &w, sizeof w, NULL,
+             why) < 0)
         goto fail;
-    C.page_size = get64(w + 8);
-    C.buffer_pages = get64(w + 16);
-    C.fillers = get32(w + 24);
-    C.evictors = get32(w + 28);
-    C.high_water = get32(w + 32);
-    C.low_water = get32(w + 36);
-    C.adaptive = get32(w + 40);
-    C.max_events = get32(w + 44);
+    C.page_size = le64toh(w.page_size);
+    C.buffer_pages = le64toh(w.buffer_pages);
+    C.fillers = le32toh(w.fillers);
+    C.evictors = le32toh(w.evictors);
+    C.high_water = le32toh(w.high_water);
+    C.low_water = le32toh(w.low_water);
+    C.adaptive = le32toh(w.adaptive);
+    C.max_events = le32toh(w.max_fault_events);
     C.guard = mpu_guard_start(sock, uffd);
     if (!C.guard) {
         why_errno(why, "starting the fallback guard");
@@ -400,11 +381,10 @@ static void release(uint64_t id)
 {
     if (!connected() || server_lost())
         return;
-    unsigned char body[8], out[8];
+    uint64_t body = htole64(id), out;
     char why[WHY];
-    put64(body, id);
     int saved = errno;
-    call(M_UNMAP, body, sizeof body, -1, M_UNMAPPED, out, sizeof out, NULL, why);
+    call(MPU_MSG_UNMAP, &body, sizeof body, -1, MPU_MSG_UNMAPPED, &out, sizeof out, NULL, why);
     errno = saved;
 }
 
@@ -437,12 +417,14 @@ static void *map_fd_locked(int fd, void *addr, int fixed, uint64_t *length_out,
         return NULL;
     }
 
-    unsigned char flags[4] = { 0 }, mapped[32];
+    unsigned char flags[4] = { 0 };
+    struct mpu_mapped mapped;
     int memfd = -1;
-    if (call(M_MAP, flags, sizeof flags, fd, M_MAPPED, mapped, sizeof mapped,
+    if (call(MPU_MSG_MAP, flags, sizeof flags, fd, MPU_MSG_MAPPED, &mapped, sizeof mapped,
              &memfd, why) < 0)
         return NULL;
-    uint64_t id = get64(mapped), size = get64(mapped + 16), length = get64(mapped + 24);
+    uint64_t id = le64toh(mapped.mapping_id), size = le64toh(mapped.size);
+    uint64_t length = le64toh(mapped.length);
     long page = sysconf(_SC_PAGESIZE);
     if (length == 0 || length < size || length % (uint64_t)page) {
         close(memfd);
@@ -487,11 +469,9 @@ static void *map_fd_locked(int fd, void *addr, int fixed, uint64_t *length_out,
             why_errno(why, "guarding the mapping");
         goto unmap;
     }
-    unsigned char reg[24], registered[8];
-    put64(reg, id);
-    put64(reg + 8, (uintptr_t)p);
-    put64(reg + 16, length);
-    if (call(M_REGISTER, reg, sizeof reg, -1, M_REGISTERED, registered,
+    struct mpu_span reg = { htole64(id), htole64((uintptr_t)p), htole64(length) };
+    unsigned char registered[8];
+    if (call(MPU_MSG_REGISTER, &reg, sizeof reg, -1, MPU_MSG_REGISTERED, registered,
              sizeof registered, NULL, why) < 0) {
         err = errno;
         mpu_guard_remove(C.guard, (uintptr_t)p);
@@ -811,14 +791,19 @@ out:
 
 MPU_API int client_uunmap(const char *filename)
 {
+    if (!filename) {
+        errno = EINVAL;
+        say("client_uunmap: no file name");
+        return -1;
+    }
     int r = -1;
     pthread_mutex_lock(&C.lock);
     struct mapping *m = C.maps;
-    while (m && (!filename || strcmp(m->name, filename) != 0))
+    while (m && strcmp(m->name, filename) != 0)
         m = m->next;
     if (!m) {
         errno = EINVAL;
-        say("cannot unmap %s: not mapped", filename ? filename : "(null)");
+        say("cannot unmap %s: not mapped", filename);
     } else if ((r = unmap_locked(m)) < 0) {
         say("cannot unmap %s: munmap: %s", filename, strerror(errno));
     }

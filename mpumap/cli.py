@@ -166,16 +166,15 @@ def server_command(socket_path, page_size, buffer_size, fillers, evictors, high_
             store_io=store_io.lower(), max_regions=max_regions,
             max_client_mappings=max_client_mappings, socket_mode=socket_mode,
             socket_group=socket_group, allow_uids=tuple(allow_uids),
-            allow_gids=tuple(allow_gids), cpus=cpus or ())
+            allow_gids=tuple(allow_gids), cpus=cpus or (), pidfile=pidfile)
     except S.SettingError as exc:
         raise click.UsageError(str(exc)) from None
     logging.basicConfig(level=log_level.upper(),
-                        format="mpumap-server[%(process)d] %(levelname)s %(message)s")
-    from mpumap.server import Server
+                        format="mpumap-server[%(process)d] %(name)s %(levelname)s %(message)s")
+    from mpumap.server import Arbiter
 
     try:
-        server = Server(settings, pidfile=pidfile)
-        return server.run()
+        return Arbiter(settings).run()
     except (RuntimeError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -27,11 +27,8 @@ from mpumap.settings import socket_path as resolve_socket_path
 log = logging.getLogger("mpumap.client")
 PAGE = mmap.PAGESIZE
 
-ServerSettings = collections.namedtuple(
-    "ServerSettings",
-    "system_page_size page_size buffer_pages fillers evictors high_water low_water "
-    "adaptive max_fault_events",
-)
+# What WELCOME says, field for field (struct mpu_welcome of c/mpu_wire.h).
+ServerSettings = collections.namedtuple("ServerSettings", protocol.WELCOME.fields)
 
 
 class MpumapError(OSError):
@@ -209,7 +206,7 @@ class Client:
             # without its way back to the file.
             self._guard_mapping(m)
             guarded = True
-            self._call(Msg.REGISTER, protocol.REGISTER_BODY.pack(mid, m.address, length),
+            self._call(Msg.REGISTER, protocol.SPAN.pack(mid, m.address, length),
                        expect=Msg.REGISTERED)
         except BaseException:
             if guarded:
@@ -316,7 +313,7 @@ class Mapping(mmap.mmap):
             raise ValueError(f"prefetch range {offset}+{length} is outside the mapping "
                              f"({len(self)} bytes)")
         _, (pages,), _ = self._client._call(
-            Msg.PREFETCH, protocol.REGISTER_BODY.pack(self.mapping_id, offset, length),
+            Msg.PREFETCH, protocol.SPAN.pack(self.mapping_id, offset, length),
             expect=Msg.PREFETCHING)
         return pages
 

@@ -61,15 +61,22 @@ def uffd_wake(fd, start, length):
     return -lib.mpu_uffd_wake(fd, start, length)
 
 
-
 def die_with_parent(parent_pid):
     import signal
 
     check(lib.mpu_die_with_parent(signal.SIGKILL, parent_pid), "PR_SET_PDEATHSIG")
 
 
-def set_process_name(name):
+def set_process_title(name, title):
+    """Name this process for ps and top: its comm (PR_SET_NAME, 15 bytes)
+    always, and its whole command line where setproctitle is installed (as
+    gunicorn does)."""
     check(lib.mpu_set_name(name.encode()[:15]), "PR_SET_NAME")
+    try:
+        import setproctitle
+    except ImportError:
+        return
+    setproctitle.setproctitle(title)
 
 
 def address_of(buffer):

@@ -4,7 +4,8 @@ Two kinds of shared segment, each a memfd that the server creates and hands to
 its workers:
 
 * the *buffer* segment (one per server): how many umap pages the buffer holds
-  now (``used``), may hold (``limit``), the watermarks, and the counters;
+  now (``used``), may hold (``limit``), the watermarks, the counters, and
+  each worker's heartbeat;
 * a *page table* per region: one entry per umap page, whose state word is
   both the page's state and its lock.  Transitions are compare-and-swap steps
   in the C core (FREE -> FILLING -> PRESENT -> LEAVING -> FREE), and waiters
@@ -18,7 +19,7 @@ from mpumap._core import ffi, lib
 
 BUFFER_MAGIC = 0x4D50424D  # "MPBM"
 TABLE_MAGIC = 0x4D505442  # "MPTB"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 COUNTERS = (
     "faults",
@@ -39,6 +40,10 @@ COUNTERS = (
     "copy_ns",
     "wake_ns",
     "cache_bytes",
+    "queued_faults",
+    "stale_faults",
+    "events_lost",
+    "hangs",
 )
 CLIENT_COUNTERS = ("faults", "copies", "wakes", "bytes", "wait_ns")
 
@@ -53,7 +58,9 @@ def _shared_segment(name, size, fd=None):
 
 
 class PageBuffer:
-    """The buffer segment: accounting and counters, shared by all processes."""
+    """The buffer segment: accounting, counters and heartbeats, shared by the
+    server and its workers (a memfd each maps; the server creates it, workers
+    inherit it when they are forked)."""
 
     SIZE = ffi.sizeof("struct mpu_header")
 
@@ -106,6 +113,18 @@ class PageBuffer:
 
     def add(self, counter, n=1):
         lib.mpu_add64(ffi.addressof(self.header, counter), n)
+
+    def counter(self, name):
+        return lib.mpu_load64(ffi.addressof(self.header, name))
+
+    def beat(self, worker_slot):
+        """A worker's sign of life."""
+        lib.mpu_beat(self.header, worker_slot)
+
+    def heartbeat(self, worker_slot):
+        """CLOCK_MONOTONIC ns (time.monotonic_ns()) of a worker's last sign
+        of life."""
+        return lib.mpu_load64(self.header.heartbeat + worker_slot)
 
     def reserve(self, evict_fds, timeout_ms):
         """Take a page of the buffer; False when none came free in time."""
@@ -175,7 +194,10 @@ def percentile_us(buckets, fraction):
 
 
 class PageTable:
-    """One region's page states, shared by the server and its workers."""
+    """One region's page states, shared by the server and its workers (a
+    memfd each maps).  The table is sparse: its entries for pages never
+    filled are holes that cost no memory, and the C walks over it skip them.
+    """
 
     def __init__(self, fd, segment, npages):
         self.fd = fd
@@ -195,6 +217,7 @@ class PageTable:
         table = cls(fd, segment, npages)
         table.table.magic = TABLE_MAGIC
         table.table.npages = npages
+        table.table.covered = npages
         return table
 
     @classmethod
@@ -208,6 +231,11 @@ class PageTable:
     def state(self, index):
         return lib.mpu_load32(ffi.addressof(self.pages[index], "state")) & 3
 
+    @property
+    def present(self):
+        """Pages PRESENT now (a counter: no walk over the table)."""
+        return lib.mpu_load64(ffi.addressof(self.table, "present"))
+
     def begin_fill(self, index, owner, timeout_ms):
         """FREE: the caller now fills the page; PRESENT: it is there already;
         FILLING or LEAVING: still so after waiting timeout_ms."""
@@ -219,7 +247,7 @@ class PageTable:
     def evict(self, index, owner, memfd, offset, length):
         """True when the page was PRESENT and is now FREE."""
         return bool(core.check(
-            lib.mpu_page_evict(self.pages + index, owner, memfd, offset, length),
+            lib.mpu_page_evict(self.table, self.pages + index, owner, memfd, offset, length),
             "evicting a page",
         ))
 
@@ -227,19 +255,20 @@ class PageTable:
         """Up to count (stamp, index) pairs of the oldest PRESENT pages."""
         idx = ffi.new("uint64_t[]", count)
         stamps = ffi.new("uint64_t[]", count)
-        n = lib.mpu_table_oldest(self.table, stride, phase, count, idx, stamps)
+        n = lib.mpu_table_oldest(self.table, self.fd, stride, phase, count, idx, stamps)
         return list(zip(ffi.unpack(stamps, n), ffi.unpack(idx, n)))
 
     def count(self, state):
-        return lib.mpu_table_count(self.table, state)
+        return lib.mpu_table_count(self.table, self.fd, state)
 
     def recover(self, buffer, owner, memfd, page_size):
         """Free the pages a dead worker held FILLING or LEAVING."""
-        return lib.mpu_table_recover(buffer.header, self.table, owner, memfd, page_size)
+        return lib.mpu_table_recover(buffer.header, self.table, self.fd, owner, memfd,
+                                     page_size)
 
     def release_all(self, buffer):
         """Mark the region dead and give its PRESENT pages back to the buffer."""
-        return lib.mpu_table_release(buffer.header, self.table)
+        return lib.mpu_table_release(buffer.header, self.table, self.fd)
 
     def close(self):
         self.table = self.pages = None

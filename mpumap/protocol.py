@@ -1,61 +1,98 @@
-"""The wire format between clients and the server (see docs/protocol.md).
+"""The wire format between clients and the server (docs/protocol.md), and
+between the server and its workers.
 
-Every message is one SOCK_SEQPACKET packet: a 12-byte header, then a payload
-of the length the header gives, with descriptors (SCM_RIGHTS) where the
-message type says so.  Integers are little-endian.
+Every number and layout here comes from c/mpu_wire.h through the compiled
+C core: message types are its MPU_MSG_* and MPU_W_* constants, and the
+struct formats are built from its structs, field by field, so that Python
+and C cannot disagree.
+
+Every client message is one SOCK_SEQPACKET packet: a 12-byte header, then a
+payload of the length the header gives, with descriptors (SCM_RIGHTS) where
+the message type says so.  Integers are little-endian.
 """
 import enum
 import json
+import os
 import socket
 import struct
 
+from mpumap._core import ffi, lib
+
 MAGIC = b"MPUM"
-VERSION = 1
+VERSION = lib.MPU_PROTOCOL_VERSION
 HEADER = struct.Struct("<4sHHI")  # magic, version, type, payload length
-MAX_PAYLOAD = 160 << 10  # what one packet carries within default socket buffers
-MAX_FDS = 4
+MAX_PAYLOAD = lib.MPU_MAX_PAYLOAD
+MAX_FDS = lib.MPU_MAX_FDS
+MAX_SESSION = lib.MPU_MAX_SESSION
+
+_CODES = {"uint8_t": "B", "uint16_t": "H", "uint32_t": "I", "uint64_t": "Q",
+          "int32_t": "i", "int64_t": "q"}
 
 
-class Msg(enum.IntEnum):
-    HELLO = 1  # c->s  payload: u32 flags [+ session tag]  fds: [userfaultfd]
-    WELCOME = 2  # s->c  payload: WELCOME_BODY
-    MAP = 3  # c->s  payload: u32 flags         fds: [file, opened for reading]
-    MAPPED = 4  # s->c  payload: MAPPED_BODY      fds: [memfd]
-    REGISTER = 5  # c->s  payload: REGISTER_BODY
-    REGISTERED = 6  # s->c  payload: u64 mapping id
-    UNMAP = 7  # c->s  payload: u64 mapping id
-    UNMAPPED = 8  # s->c  payload: u64 mapping id
-    STATS = 9  # c->s  payload: empty
-    STATS_REPLY = 10  # s->c  payload: JSON (UTF-8)
-    PREFETCH = 11  # c->s  payload: REGISTER_BODY (mapping id, offset, length)
-    PREFETCHING = 12  # s->c  payload: u64 pages asked for
-    ERROR = 15  # s->c  payload: i32 errno, then a UTF-8 message
+class Layout:
+    """A struct of c/mpu_wire.h as a struct.Struct (pack, unpack, size),
+    with its field names."""
+
+    def __init__(self, ctype, order):
+        fields, fmt, end = [], order, 0
+        for name, field in ffi.typeof(ctype).fields:
+            if field.offset != end:
+                fmt += f"{field.offset - end}x"
+            fmt += _CODES[field.type.cname]
+            end = field.offset + ffi.sizeof(field.type)
+            fields.append(name)
+        if ffi.sizeof(ctype) > end:
+            fmt += f"{ffi.sizeof(ctype) - end}x"
+        self.struct = struct.Struct(fmt)
+        self.ctype = ctype
+        self.fields = tuple(fields)
+        self.size = self.struct.size
+        self.pack = self.struct.pack
+        self.unpack = self.struct.unpack
+        self.unpack_from = self.struct.unpack_from
+        if self.size != ffi.sizeof(ctype):
+            raise ImportError(f"{ctype} is {ffi.sizeof(ctype)} bytes in C, {self.size} here")
 
 
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
-# system page size, umap page size, buffer pages (limit now), fillers,
-# evictors, high water %, low water %, adaptive (0/1), max fault events
-WELCOME_BODY = struct.Struct("<QQQIIIIII")
-# mapping id, region id, file size, length to map
-MAPPED_BODY = struct.Struct("<QQQQ")
-# mapping id, address, length
-REGISTER_BODY = struct.Struct("<QQQ")
 ERROR_HEAD = struct.Struct("<i")
+WELCOME = Layout("struct mpu_welcome", "<")
+MAPPED = Layout("struct mpu_mapped", "<")
+SPAN = Layout("struct mpu_span", "<")  # REGISTER and PREFETCH
+
+
+class Msg(enum.IntEnum):
+    """Client protocol message types (MPU_MSG_* of c/mpu_wire.h)."""
+
+    HELLO = lib.MPU_MSG_HELLO
+    WELCOME = lib.MPU_MSG_WELCOME
+    MAP = lib.MPU_MSG_MAP
+    MAPPED = lib.MPU_MSG_MAPPED
+    REGISTER = lib.MPU_MSG_REGISTER
+    REGISTERED = lib.MPU_MSG_REGISTERED
+    UNMAP = lib.MPU_MSG_UNMAP
+    UNMAPPED = lib.MPU_MSG_UNMAPPED
+    STATS = lib.MPU_MSG_STATS
+    STATS_REPLY = lib.MPU_MSG_STATS_REPLY
+    PREFETCH = lib.MPU_MSG_PREFETCH
+    PREFETCHING = lib.MPU_MSG_PREFETCHING
+    ERROR = lib.MPU_MSG_ERROR
+
 
 # What each message must carry: (payload struct or None for free-form, fds)
 SHAPES = {
     Msg.HELLO: (None, 1),
-    Msg.WELCOME: (WELCOME_BODY, 0),
+    Msg.WELCOME: (WELCOME, 0),
     Msg.MAP: (U32, 1),
-    Msg.MAPPED: (MAPPED_BODY, 1),
-    Msg.REGISTER: (REGISTER_BODY, 0),
+    Msg.MAPPED: (MAPPED, 1),
+    Msg.REGISTER: (SPAN, 0),
     Msg.REGISTERED: (U64, 0),
     Msg.UNMAP: (U64, 0),
     Msg.UNMAPPED: (U64, 0),
     Msg.STATS: (None, 0),
     Msg.STATS_REPLY: (None, 0),
-    Msg.PREFETCH: (REGISTER_BODY, 0),
+    Msg.PREFETCH: (SPAN, 0),
     Msg.PREFETCHING: (U64, 0),
     Msg.ERROR: (None, 0),
 }
@@ -142,8 +179,6 @@ def send(sock, kind, payload=b"", fds=()):
 
 
 def close_all(fds):
-    import os
-
     for fd in fds:
         try:
             os.close(fd)
@@ -153,24 +188,32 @@ def close_all(fds):
 
 # ---- between the server and its workers ---------------------------------
 #
-# One SOCK_SEQPACKET socketpair per worker.  The first byte says what follows.
+# One SOCK_SEQPACKET socketpair per worker; each message starts with a u32
+# kind.  These never leave the machine: native byte order.
 
-# Clients and regions are named by their slots: small numbers, reused, that
-# index the fillers' tables in C.
-W_ADD_CLIENT = 2  # ADD_CLIENT_BODY; fds: [userfaultfd]
-W_DROP_CLIENT = 3  # W_ID: client slot
-W_ADD_REGION = 4  # REGION_BODY; fds: [memfd, store file, page table]
-W_DROP_REGION = 5  # W_ID: region slot
-# 8 bytes (the kind, then zeros), then struct mpu_fault of
-# c/fastpath.h, n times: built by the monitor thread, read by the fillers' C
-# loop, never by Python.
-W_FAULTS = 6
 
-W_ID = struct.Struct("<BI")
-ADD_CLIENT_BODY = struct.Struct("<BII")  # kind, client id, client slot
-MAX_SESSION = 64
-# kind, region id, region slot, file size, pages, store mode
-REGION_BODY = struct.Struct("<BIIQQB")
-W_PREFETCH = 7  # PREFETCH_BODY: a client asked
-W_READ_AHEAD = 8  # PREFETCH_BODY: the monitor saw a scan
-PREFETCH_BODY = struct.Struct("<BIQQ")  # kind, region slot, first page, pages
+class W(enum.IntEnum):
+    """Worker message kinds (MPU_W_* of c/mpu_wire.h)."""
+
+    ADD_CLIENT = lib.MPU_W_ADD_CLIENT  # W_CLIENT; fds: [userfaultfd]
+    DROP_CLIENT = lib.MPU_W_DROP_CLIENT  # W_CLIENT
+    ADD_REGION = lib.MPU_W_ADD_REGION  # W_REGION; fds: [memfd, store, page table]
+    DROP_REGION = lib.MPU_W_DROP_REGION  # W_REGION
+    FAULTS = lib.MPU_W_FAULTS  # from the monitor thread to the fillers' C loop only
+    PREFETCH = lib.MPU_W_PREFETCH  # W_FILL: a client asked
+    READ_AHEAD = lib.MPU_W_READ_AHEAD  # W_FILL: the monitor saw a scan
+
+
+W_CLIENT = Layout("struct mpu_w_client", "=")
+W_REGION = Layout("struct mpu_w_region", "=")
+W_FILL = Layout("struct mpu_w_fill", "=")
+W_KIND = struct.Struct("=I")
+
+
+def worker_kind(data):
+    """The kind of a message to a worker (an int; W when it is known)."""
+    (kind,) = W_KIND.unpack_from(data)
+    try:
+        return W(kind)
+    except ValueError:
+        return kind

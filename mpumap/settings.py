@@ -150,6 +150,12 @@ class Settings:
     allow_uids: tuple = ()
     allow_gids: tuple = ()
     cpus: tuple = ()  # empty: wherever the scheduler likes
+    pidfile: str | None = None
+    worker_timeout: float = 30.0
+    max_user_connections: int = 1024
+    max_user_clients: int = 512
+    max_user_regions: int = 512
+    max_user_mappings: int = 8192
 
     def __post_init__(self):
         if not 0 <= self.low_water < self.high_water <= 100:
@@ -181,6 +187,13 @@ class Settings:
     @property
     def adaptive(self):
         return self.buffer_pages is None
+
+    def public(self):
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name not in ("allow_uids", "allow_gids", "pidfile")}
+        shown["cpus"] = list(self.cpus)
+        shown["adaptive"] = self.adaptive
+        return shown
 
 
 def default_read_ahead(page_size, buffer_pages=None):

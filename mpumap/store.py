@@ -19,16 +19,34 @@ MODES = (DIRECT, DROP, CACHED)  # in the order of the C core's MPU_STORE_*
 MODE_CODES = {mode: code for code, mode in enumerate(MODES)}
 
 
+def reopen(fd, flags):
+    """The file open on fd, opened again through /proc/self/fd with flags:
+    the same inode, a description of our own.
+
+    Never waits: an open that would wait for a lease to be broken (the
+    file's owner holds one) fails with EWOULDBLOCK at once, thanks to
+    O_NONBLOCK, which is cleared again once the file is open."""
+    new = os.open(f"/proc/self/fd/{fd}", flags | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        os.set_blocking(new, True)
+    except OSError:
+        os.close(new)
+        raise
+    return new
+
+
 def open_store(client_fd, mode):
     """The descriptor and mode to read a client's file with.
 
-    Takes ownership of client_fd.  For O_DIRECT the file is reopened through
-    /proc/self/fd: the same inode the client proved it may read."""
+    Takes ownership of client_fd.  For O_DIRECT the file is reopened: the
+    same inode the client proved it may read.  Where that is refused (tmpfs
+    and friends refuse O_DIRECT; a lease), the client's own descriptor is
+    read, buffered, and its pages dropped from the page cache."""
     if mode == DIRECT:
         try:
-            fd = os.open(f"/proc/self/fd/{client_fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+            fd = reopen(client_fd, os.O_RDONLY | os.O_DIRECT)
         except OSError:
-            return client_fd, DROP  # tmpfs and friends refuse O_DIRECT
+            return client_fd, DROP
         os.close(client_fd)
         return fd, DIRECT
     return client_fd, mode
@@ -41,7 +59,7 @@ def open_cache_reader(store_fd, mode):
     if mode != DIRECT:
         return None
     try:
-        fd = os.open(f"/proc/self/fd/{store_fd}", os.O_RDONLY | os.O_CLOEXEC)
+        fd = reopen(store_fd, os.O_RDONLY)
     except OSError:
         return None
     try:

@@ -2,7 +2,7 @@
 import pytest
 
 from mpumap import settings as S
-from mpumap.evictor import cgroup_memory
+from mpumap.sizing import cgroup_memory
 
 
 @pytest.mark.parametrize("text,value", [

@@ -1,7 +1,7 @@
 """Filler processes: read a page from the store, UFFDIO_COPY it into the
 client that faulted, UFFDIO_WAKE every other client that waits on it.
 
-All faults on one page come to the same filler, in the order the monitors saw
+All faults on one page come to the same filler, in the order the monitor saw
 them, so a filler never races itself on a fault; the page-state word guards
 against the evictors and against read-ahead by other fillers.  Read-ahead and
 prefetch fill pages no client waits for: those are written straight into the
@@ -15,13 +15,13 @@ import errno
 import logging
 import mmap
 import os
+import socket
+import struct
 
-from mpumap import core, protocol
+from mpumap import core
 from mpumap._core import ffi, lib
-from mpumap.store import MODES, open_cache_reader
-from mpumap.worker import Worker
-
-log = logging.getLogger("mpumap.fillers")
+from mpumap.store import MODE_CODES, open_cache_reader
+from mpumap.workers.base import Worker, check_receive
 
 PREFETCH_RUN_BYTES = 1 << 20  # one store read for prefetching covers this much
 
@@ -43,56 +43,82 @@ EVENTS = {
 }
 
 
+def prefetch_run(page_size):
+    """Pages of one prefetch run: each goes to one filler, in one read."""
+    return max(1, PREFETCH_RUN_BYTES // page_size)
+
+
 class Filler(Worker):
+    """A filler process.
+
+    Owns, besides what every worker holds: the C filler state (struct
+    mpu_filler) with its tables of region and client slots, a page-aligned
+    chunk to read into, and a buffered reader beside each direct store.
+    The C tables point at the descriptors of the regions and clients dicts:
+    an entry is cleared before its descriptors are closed.
+    """
+
     role = "filler"
 
-    def __init__(self, sock, params, buffer, evict_fds):
-        super().__init__(sock, params, buffer, evict_fds)
-        self.read_ahead = params["read_ahead"]
-        max_run = max(1 + self.read_ahead, PREFETCH_RUN_BYTES // self.page_size, 1)
+    def setup(self):
+        s = self.settings
+        run = prefetch_run(s.page_size)
+        max_run = max(1 + s.read_ahead, run)
         # Page aligned, as UFFDIO_COPY and O_DIRECT want it.
-        self.chunk = mmap.mmap(-1, max_run * self.page_size)
+        self.chunk = mmap.mmap(-1, max_run * s.page_size)
         self._keep = [core.pointer_to(self.chunk),
                       ffi.new("int[]", self.evict_fds or [-1]),
-                      ffi.new("struct mpu_region_slot[]", params["max_regions"]),
+                      ffi.new("struct mpu_region_slot[]", s.max_regions),
                       ffi.new("struct mpu_client_slot[]", lib.MPU_CLIENT_SLOTS)]
         chunk, evict_fds, self.region_slots, self.client_slots = self._keep
         for slot in self.client_slots:
             slot.uffd = -1
         f = self.c = ffi.new("struct mpu_filler *")
-        f.h = buffer.header
+        f.h = self.buffer.header
         f.evict_fds = evict_fds
         f.nevict = len(self.evict_fds)
         f.pid = self.pid
-        f.page_size = self.page_size
-        f.read_ahead = self.read_ahead
-        f.spinner.spin_ns = params["spin_us"] * 1000
+        f.worker = self.heartbeat_slot
+        f.index = self.index
+        f.nfillers = s.fillers
+        f.system_page = mmap.PAGESIZE
+        f.page_size = s.page_size
+        f.read_ahead = s.read_ahead
+        f.spinner.spin_ns = s.spin_us * 1000
         f.chunk = ffi.cast("char *", chunk)
         f.max_run = max_run
         f.regions = self.region_slots
-        f.nregions = params["max_regions"]
+        f.nregions = s.max_regions
         f.clients = self.client_slots
         f.nclients = lib.MPU_CLIENT_SLOTS
+        # Idle, the C loop wakes this often to beat its heartbeat.
+        seconds = min(1.0, s.worker_timeout / 4)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                             struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
 
     def region_added(self, region):
         c = self.region_slots[region.slot]
+        region.cache_fd = open_cache_reader(region.store_fd, region.store_mode)
+        c.table_fd = region.table.fd
         c.memfd = region.memfd
         c.store_fd = region.store_fd
-        c.store_mode = region.mode  # store.MODES order: the C core's MPU_STORE_*
-        region.cache_fd = open_cache_reader(region.store_fd, MODES[region.mode])
+        c.store_mode = MODE_CODES[region.store_mode]  # store.MODES is MPU_STORE_*'s order
         c.cache_fd = -1 if region.cache_fd is None else region.cache_fd
+        c.gen = region.gen
         c.npages = region.npages
         c.size = region.size
         c.map_length = region.map_length
         c.table = region.table.table
 
     def region_dropped(self, region):
-        self.region_slots[region.slot].table = ffi.NULL
-        self.region_slots[region.slot].cache_fd = -1
+        c = self.region_slots[region.slot]
+        c.table = ffi.NULL
+        c.cache_fd = -1
         if region.cache_fd is not None:
             os.close(region.cache_fd)
 
-    def client_added(self, slot, uffd):
+    def client_added(self, slot, gen, uffd):
+        self.client_slots[slot].gen = gen
         self.client_slots[slot].uffd = uffd
 
     def client_dropped(self, slot):
@@ -109,29 +135,25 @@ class Filler(Worker):
         while True:
             n = lib.mpu_filler_run(self.c, sock, buf, size, fds, nfds, 16)
             if n == 0:
-                raise SystemExit(0)  # the server closed our socket: stop
-            if n == -errno.EMSGSIZE:
-                log.error("filler %d: a message from the server was cut short", self.index)
-                continue
-            core.check(n, "receiving from the server")
-            if buf[0] == bytes([protocol.W_FAULTS]) and n == 1:
                 self.log_events()
-                continue
-            self.handle(ffi.buffer(buf, n)[:], list(fds[0:nfds[0]]))
+            elif check_receive(n):
+                self.handle(ffi.buffer(buf, n)[:], list(fds[0:nfds[0]]))
 
-    def prefetch(self, slot, first, count, read_ahead=False):
-        lib.mpu_filler_prefetch(self.c, slot, first, count, read_ahead)
+    def fill(self, data):
+        lib.mpu_filler_fill(self.c, ffi.from_buffer("struct mpu_w_fill *", data))
         self.log_events()
 
     def log_events(self):
-        if not self.c.nevents:
-            return
-        for event in self.c.events[0:self.c.nevents]:
+        c = self.c
+        for event in c.events[0:c.nevents]:
             level, text = EVENTS.get(event.code, (logging.ERROR, "event {code}"))
             region = self.regions.get(event.region)
-            log.log(level, text.format(
+            self.log.log(level, text.format(
                 code=event.code, page=event.page, value=event.value,
                 name=region.name if region else f"region slot {event.region}",
                 err=errno.errorcode.get(event.err, event.err),
                 state=core.STATE_NAMES.get(event.value, event.value)))
-        self.c.nevents = 0
+        if c.lost:
+            self.log.warning("%d more events like these were not logged", c.lost)
+            self.buffer.add("events_lost", c.lost)
+        c.nevents = c.lost = 0

@@ -1,0 +1,122 @@
+"""A region: one store object and its page buffer, as the server and its
+workers both hold it.
+
+The server makes a region when a client first maps a file (``Region.create``)
+and tells every worker about it with ``message()``; a worker builds its own
+from that message (``Region.attach``).  Each process then holds its own
+descriptors of the same three things, and closes them when the region goes.
+"""
+import os
+
+from mpumap import protocol
+from mpumap.pbm import PageTable
+from mpumap.protocol import W
+from mpumap.settings import SYSTEM_PAGE_SIZE
+from mpumap.store import MODE_CODES, MODES
+
+
+def round_up(n, multiple):
+    return -(-n // multiple) * multiple
+
+
+class Region:
+    """One store object (a file, by device, inode and user) with its buffer.
+
+    Owns, in each process that holds it: the buffer memfd (the pages clients
+    map), the store descriptor (what fillers read), and the page table (a
+    shared segment of page states).  ``slot`` names it to the C side (an index
+    into the fillers' tables, reused once the region is gone); ``rid`` is
+    unique for the server's life and is the slot's generation: a message that
+    names the slot with another rid is about a region that is gone.  The
+    server also keeps its key (device, inode, uid) and how many client
+    mappings refer to it.
+    """
+
+    def __init__(self, rid, slot, size, page_size, memfd, store_fd, store_mode, table, name):
+        self.rid = rid
+        self.name = name
+        self.slot = slot
+        self.size = size
+        self.page_size = page_size
+        self.npages = -(-size // page_size)
+        # Clients map the file's size rounded to system pages: a fill of the
+        # last umap page must stop where their mapping does.
+        self.map_length = round_up(size, SYSTEM_PAGE_SIZE)
+        self.memfd = memfd
+        self.store_fd = store_fd
+        self.store_mode = store_mode
+        self.table = table
+        self.key = None
+        self.mappings = 0
+
+    @classmethod
+    def create(cls, key, rid, slot, size, page_size, store_fd, store_mode, name):
+        """A new region over a store descriptor (which it takes over): a
+        fresh memfd sized to whole umap pages and a fresh page table."""
+        memfd = table = None
+        try:
+            memfd = os.memfd_create(f"mpumap:{os.path.basename(name)}"[:200], os.MFD_CLOEXEC)
+            npages = -(-size // page_size)
+            os.ftruncate(memfd, npages * page_size)
+            table = PageTable.create(npages)
+        except BaseException:
+            if memfd is not None:
+                os.close(memfd)
+            os.close(store_fd)
+            raise
+        region = cls(rid, slot, size, page_size, memfd, store_fd, store_mode, table, name)
+        region.key = key
+        return region
+
+    def message(self):
+        """What tells a worker about this region: (data, descriptors)."""
+        data = protocol.W_REGION.pack(W.ADD_REGION, self.slot, self.gen,
+                                      MODE_CODES[self.store_mode], self.size, self.npages)
+        return data, [self.memfd, self.store_fd, self.table.fd]
+
+    def drop_message(self):
+        return protocol.W_REGION.pack(W.DROP_REGION, self.slot, self.gen, 0, 0, 0)
+
+    @classmethod
+    def attach(cls, data, fds, page_size):
+        """A worker's region, from the server's message (and its fds)."""
+        _, slot, gen, mode, size, npages = protocol.W_REGION.unpack(data)
+        memfd, store_fd, table_fd = fds
+        try:
+            table = PageTable.attach(table_fd, npages)
+        except BaseException:
+            protocol.close_all(fds)
+            raise
+        try:
+            name = os.readlink(f"/proc/self/fd/{store_fd}")
+        except OSError:
+            name = f"region {gen}"
+        return cls(gen, slot, size, page_size, memfd, store_fd, MODES[mode], table, name)
+
+    @property
+    def gen(self):
+        """The rid as the C side's u32 generation of the slot."""
+        return self.rid & 0xFFFFFFFF
+
+    @property
+    def uid(self):
+        return self.key[2]
+
+    @property
+    def present(self):
+        return self.table.present
+
+    def buffer_bytes(self):
+        """What the region's buffer holds in memory now."""
+        return os.fstat(self.memfd).st_blocks * 512
+
+    def pages_in(self, offset, length):
+        """The umap pages [first, end) that cover a byte range of the file."""
+        first = max(0, offset) // self.page_size
+        end = min(self.npages, -(-min(offset + length, self.size) // self.page_size))
+        return first, max(first, end)
+
+    def close(self):
+        self.table.close()
+        os.close(self.memfd)
+        os.close(self.store_fd)

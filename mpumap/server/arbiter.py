@@ -1,0 +1,372 @@
+"""The arbiter: the server process's main loop and its children.
+
+Shaped like gunicorn's arbiter.  Signals are queued by their handlers and
+dealt with by the main loop; worker processes are known by pid, reaped with
+waitpid(-1, WNOHANG) and started again when they die, or killed and started
+again when their heartbeat stops.  Requests, clients, regions and statistics
+are other parts' (requests.py, clients.py, regions.py, stats.py); the arbiter
+builds them, runs the loop they live in, and supervises.
+"""
+import collections
+import gc
+import logging
+import os
+import resource
+import selectors
+import signal
+import socket
+import time
+
+from mpumap.pbm import PageBuffer
+from mpumap.server.clients import ClientTable
+from mpumap.server.control import Channel, Countdown
+from mpumap.server.listener import Listener
+from mpumap.server.monitor import FaultMonitor
+from mpumap.server.regions import RegionTable
+from mpumap.server.requests import RequestHandler
+from mpumap.sizing import machine_limit
+from mpumap.workers import ROLES
+
+log = logging.getLogger("mpumap.arbiter")
+
+WORKER_SOCKET_BUFFER = 4 << 20
+STOP_GRACE_SECONDS = 2.0  # for workers to finish what they were given (stop: < 3 s)
+QUICK_DEATH_SECONDS = 1.0
+MAX_QUICK_DEATHS = 5
+LOOP_SECONDS = 1.0  # the main loop wakes at least this often
+
+
+class Arbiter:
+    """The server's supervisor.
+
+    Owns: the listener (socket and lock), the selector, the signal wakeup
+    pipe and the queue of signals; the worker processes, by pid, each with
+    the arbiter's end of its socketpair (a Channel); the buffer segment and
+    the evictors' eventfds; the fault monitor thread.  Builds the client and
+    region tables and the request handler, which own what they hold.
+
+    Invariants: a live worker is in `workers` (by pid) and `by_slot` (by
+    role and index) until it is reaped; the fault monitor sends a filler
+    faults only once that filler was told every client and region that
+    existed when it started (`_ready`); a worker whose heartbeat is older
+    than --worker-timeout is killed, once, and replaced when reaped.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD)
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.pid = os.getpid()
+        self.started = time.time()
+        self.selector = selectors.DefaultSelector()
+        self.signals = collections.deque()
+        self.workers = {}  # pid -> Worker
+        self.by_slot = {}  # (role, index) -> Worker
+        self.quick_deaths = collections.Counter()
+        self.stopping = False
+        self.exit_status = 0
+        self.listener = self.monitor = self.handler = None
+        raise_descriptor_limit()
+        self.evict_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                          for _ in range(settings.evictors)]
+        self.buffer = PageBuffer.create(1, settings.high_water, settings.low_water)
+        limit = settings.buffer_pages if not settings.adaptive else machine_limit(
+            self.buffer, settings)
+        self.buffer.set_limit(limit, settings.high_water, settings.low_water)
+        self.clients = ClientTable(self.buffer)
+        self.regions = RegionTable(settings.max_regions, self.buffer)
+
+    # -- life cycle ---------------------------------------------------------------
+
+    def run(self):
+        s = self.settings
+        if s.cpus:
+            # Before the monitor thread and the workers: they inherit it.
+            os.sched_setaffinity(0, s.cpus)
+        self.listener = Listener(s.socket, s.socket_mode, s.socket_group)
+        try:
+            self.selector.register(self.listener, selectors.EVENT_READ, self.on_listener)
+            self.install_signals()
+            self.monitor = FaultMonitor(self.buffer, s)
+            self.handler = RequestHandler(s, self.buffer, self.selector, self.clients,
+                                          self.regions, self.monitor, self.tell,
+                                          lambda: list(self.by_slot.values()), self.started)
+            if s.pidfile:
+                with open(s.pidfile, "w") as f:
+                    f.write(f"{self.pid}\n")
+            for index in range(s.fillers):
+                self.spawn("filler", index)
+            for index in range(s.evictors):
+                self.spawn("evictor", index)
+            log.info("serving on %s: page %d B, buffer %s pages (%s), %d fillers, %d evictors",
+                     s.socket, s.page_size, self.buffer.limit,
+                     "adaptive" if s.adaptive else "fixed", s.fillers, s.evictors)
+            while not self.stopping:
+                for key, mask in self.selector.select(self.timeout()):
+                    key.data(mask)
+                self.handle_signals()
+                self.housekeeping()
+        finally:
+            self.shutdown()
+        return self.exit_status
+
+    def timeout(self):
+        """Until the main loop must look at the clock again."""
+        now = time.monotonic()
+        wake = [now + min(LOOP_SECONDS, self.settings.worker_timeout / 4)]
+        if self.handler is not None and self.handler.next_deadline() is not None:
+            wake.append(self.handler.next_deadline())
+        if self.listener.paused_until > now:
+            wake.append(self.listener.paused_until)
+        return max(0.0, min(wake) - now)
+
+    def housekeeping(self):
+        now = time.monotonic()
+        self.check_heartbeats()
+        self.handler.expire(now)
+        listening = self.selector.get_map().get(self.listener.fileno()) is not None
+        if not listening and now >= self.listener.paused_until and not self.stopping:
+            self.selector.register(self.listener, selectors.EVENT_READ, self.on_listener)
+
+    def on_listener(self, mask):
+        sock = self.listener.accept()
+        if sock is not None:
+            self.handler.accept(sock)
+        elif self.listener.paused_until > time.monotonic():
+            self.selector.unregister(self.listener)
+
+    # -- signals ------------------------------------------------------------------
+
+    def install_signals(self):
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wakeup = (read_end, write_end)
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        for sig in self.SIGNALS:
+            signal.signal(sig, self.queue_signal)
+        self.selector.register(read_end, selectors.EVENT_READ, self.drain_wakeup)
+
+    def queue_signal(self, signum, frame):
+        # SIGCHLDs are one "reap" however many came; every other signal
+        # counts (a second SIGINT stops at once).
+        if signum != signal.SIGCHLD or signal.SIGCHLD not in self.signals:
+            self.signals.append(signum)
+
+    def drain_wakeup(self, mask):
+        try:
+            while os.read(self.wakeup[0], 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def handle_signals(self):
+        while self.signals:
+            signum = self.signals.popleft()
+            if signum == signal.SIGCHLD:
+                self.reap()
+            elif self.stopping:
+                self.exit_status = 1
+            else:
+                log.info("%s: stopping", signal.Signals(signum).name)
+                self.stopping = True
+
+    def stop_at_once(self):
+        """A second stop signal came while stopping."""
+        return any(sig != signal.SIGCHLD for sig in self.signals)
+
+    # -- workers ------------------------------------------------------------------
+
+    def spawn(self, role, index, restarted=False):
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for sock in (parent_sock, child_sock):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WORKER_SOCKET_BUFFER)
+        worker = ROLES[role](index, self.settings, self.buffer, self.evict_fds, self.pid)
+        self.buffer.beat(worker.heartbeat_slot)  # a fresh worker has a fresh heartbeat
+        # Keep the interpreter's pages shared with the child: nothing the
+        # child's collector visits is copied for it.
+        gc.freeze()
+        pid = os.fork()
+        if pid == 0:
+            parent_sock.detach()
+            worker.init_process(child_sock)  # never returns
+        gc.unfreeze()
+        child_sock.close()
+        worker.pid = pid
+        worker.channel = Channel(parent_sock, self._backlog_changed)
+        worker.restarted = restarted
+        self.workers[pid] = worker
+        self.by_slot[role, index] = worker
+        self.selector.register(parent_sock, selectors.EVENT_READ,
+                               lambda mask: self.on_worker(worker, mask))
+        # What exists goes to it first; then (for a filler) the monitor may
+        # send it faults, which can only name what it has heard of.
+        messages = self.handler.state_messages(role)
+        done = Countdown(len(messages), lambda: self._ready(worker))
+        for data, fds in messages:
+            worker.channel.post(data, fds, done.done)
+        log.debug("started %s", worker)
+        return worker
+
+    def _ready(self, worker):
+        if worker.role != "filler" or self.workers.get(worker.pid) is not worker:
+            return
+        self.monitor.set_filler(worker.index, worker.channel.fileno())
+        if worker.restarted:
+            # Faults its predecessor was to answer, or that had nowhere to
+            # go meanwhile: woken, the threads fault again, and it serves them.
+            self.handler.wake_all()
+
+    def tell(self, data, fds=(), role=None, then=None):
+        """Post a message to every live worker (of a role); `then` runs once
+        every one of them has it in its socket."""
+        targets = [w for w in self.by_slot.values() if role is None or w.role == role]
+        done = Countdown(len(targets), then or (lambda: None))
+        for worker in targets:
+            worker.channel.post(data, fds, done.done)
+
+    def _backlog_changed(self, channel, waiting):
+        """A channel has (or no longer has) messages waiting for room."""
+        for worker in self.workers.values():
+            if worker.channel is channel:
+                events = selectors.EVENT_READ | (selectors.EVENT_WRITE if waiting else 0)
+                try:
+                    self.selector.modify(channel.sock, events,
+                                         lambda mask, w=worker: self.on_worker(w, mask))
+                except (KeyError, ValueError):
+                    pass  # being reaped
+                return
+
+    def on_worker(self, worker, mask):
+        if mask & selectors.EVENT_WRITE:
+            worker.channel.flush()
+        if mask & selectors.EVENT_READ:
+            # Workers speak only by closing their end: when they die.
+            try:
+                data = worker.channel.sock.recv(64)
+            except OSError:
+                data = b""
+            if not data:
+                self.selector.unregister(worker.channel.sock)
+
+    def reap(self):
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            self._forget(worker)
+            how = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+                   else f"status {os.waitstatus_to_exitcode(status)}")
+            if self.stopping:
+                log.debug("%s ended with %s", worker, how)
+                continue
+            log.warning("%s died with %s; starting another", worker, how)
+            freed = self.regions.recover(pid)
+            if freed:
+                log.info("took back %d pages that %s held", freed, worker)
+            self.restart(worker)
+
+    def _forget(self, worker):
+        try:
+            self.selector.unregister(worker.channel.sock)
+        except (KeyError, ValueError):
+            pass
+        if self.by_slot.get((worker.role, worker.index)) is worker:
+            del self.by_slot[worker.role, worker.index]
+            if worker.role == "filler":
+                self.monitor.set_filler(worker.index, -1)
+        worker.channel.close()
+
+    def restart(self, worker):
+        slot = (worker.role, worker.index)
+        if time.monotonic() - worker.started < QUICK_DEATH_SECONDS:
+            self.quick_deaths[slot] += 1
+        else:
+            self.quick_deaths[slot] = 0
+        if self.quick_deaths[slot] >= MAX_QUICK_DEATHS:
+            log.error("%s %d died %d times right after starting: giving up and stopping "
+                      "the server (its log above says why)", *slot, MAX_QUICK_DEATHS)
+            self.stopping = True
+            self.exit_status = 1
+            return
+        self.buffer.add("restarts")
+        self.spawn(*slot, restarted=True)
+
+    def check_heartbeats(self):
+        """Kill the workers that gave no sign of life for --worker-timeout
+        seconds (a store read that hangs, a stopped process); they are
+        replaced once reaped, through the path a crash takes."""
+        limit = int(self.settings.worker_timeout * 1e9)
+        now = time.monotonic_ns()
+        for worker in list(self.workers.values()):
+            silent = now - self.buffer.heartbeat(worker.heartbeat_slot)
+            if worker.hung or silent <= limit:
+                continue
+            log.error("%s gave no sign of life for %.1f s (--worker-timeout): killing it",
+                      worker, silent / 1e9)
+            worker.hung = True
+            self.buffer.add("hangs")
+            try:
+                os.kill(worker.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    # -- stopping -----------------------------------------------------------------
+
+    def shutdown(self):
+        """Stop accepting, release every client (their mappings fall back to
+        the files), let the workers finish what they were given, and go; a
+        worker that does not end in STOP_GRACE_SECONDS is killed."""
+        self.stopping = True
+        if self.listener is not None:
+            try:
+                self.selector.unregister(self.listener)
+            except (KeyError, ValueError):
+                pass
+            self.listener.close()
+        if self.handler is not None:
+            self.handler.close()
+        # A worker that reads the end of its socket has done all it was told
+        # before: in-flight fills finish, then it exits.
+        for worker in self.workers.values():
+            self._forget(worker)
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while self.workers and time.monotonic() < deadline and not self.stop_at_once():
+            self.reap()
+            time.sleep(0.01)
+        if self.stop_at_once():
+            log.info("stopping at once")
+        for worker in self.workers.values():
+            try:
+                os.kill(worker.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        while self.workers:
+            try:
+                pid, _ = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            self.workers.pop(pid, None)
+        if self.monitor is not None:
+            self.monitor.stop()
+        if self.settings.pidfile:
+            try:
+                with open(self.settings.pidfile) as f:
+                    ours = f.read().strip() == str(self.pid)
+                if ours:
+                    os.unlink(self.settings.pidfile)
+            except OSError:
+                pass
+        log.info("stopped")
+
+
+def raise_descriptor_limit():
+    """Every region costs the server and each worker a few descriptors: take
+    all the descriptors the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -1,0 +1,134 @@
+"""Work that may block, done off the main loop.
+
+Opening a client's file for the store can wait (a hung NFS server); so can
+reading another process's /proc/<pid>/maps, or registering a range of its
+address space.  Such steps run in threads, bounded in number and in time,
+and their results come back to the main loop, which alone touches the
+server's tables.
+"""
+import collections
+import os
+import queue
+import threading
+import time
+
+
+class Job:
+    __slots__ = ("uid", "fn", "done", "abandon", "discard", "deadline", "result", "error",
+                 "state")
+
+    def __init__(self, uid, fn, done, abandon, discard, deadline):
+        self.uid = uid
+        self.fn = fn
+        self.done = done
+        self.abandon = abandon
+        self.discard = discard
+        self.deadline = deadline
+        self.result = self.error = None
+        self.state = "waiting"  # -> running -> (finished | given up)
+
+
+class Offload:
+    """Threads that run blocking steps, and the way back to the main loop.
+
+    Owns a pipe whose read end the main loop watches (`fileno`), and the jobs
+    waiting or under way.  A job runs `fn()` in a thread; the main loop then
+    calls `done(result, error)`.  A job not finished by its deadline is
+    given up: `done(None, TimeoutError)` at once, and whatever `fn` returns
+    later goes to `abandon(result)` (to close what it opened); one given up
+    before it ran calls `discard()` (to close what it was given).
+
+    Bounds: at most `per_user` threads of one user and `total` threads at
+    once (a job given up holds its thread until the thread ends); a job
+    beyond them waits its turn, users taking turns.  So threads stuck on a
+    dead file system are few, and one user's cannot keep another's from
+    running.
+    """
+
+    def __init__(self, total=32, per_user=4):
+        self.total = total
+        self.per_user = per_user
+        self._waiting = collections.deque()
+        self._running = set()
+        self._users = collections.Counter()  # uid -> threads
+        self._finished = queue.SimpleQueue()
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def fileno(self):
+        return self._wake_read
+
+    def submit(self, uid, fn, done, seconds, abandon=None, discard=None):
+        self._waiting.append(Job(uid, fn, done, abandon, discard, time.monotonic() + seconds))
+        self._start()
+
+    def _start(self):
+        """Start the waiting jobs there is room for, oldest first."""
+        skipped = collections.deque()
+        while self._waiting and len(self._running) < self.total:
+            job = self._waiting.popleft()
+            if self._users[job.uid] >= self.per_user:
+                skipped.append(job)
+                continue
+            job.state = "running"
+            self._running.add(job)
+            self._users[job.uid] += 1
+            threading.Thread(target=self._run, args=(job,), name="mpumap-offload",
+                             daemon=True).start()
+        skipped.extend(self._waiting)
+        self._waiting = skipped
+
+    def _run(self, job):
+        try:
+            job.result = job.fn()
+        except BaseException as exc:  # handed to the main loop, which says what
+            job.error = exc
+        self._finished.put(job)
+        try:
+            os.write(self._wake_write, b"x")
+        except OSError:
+            pass  # full: the main loop is awake already
+
+    def finished(self):
+        """Hand the main loop what finished (call when fileno is readable)."""
+        try:
+            while os.read(self._wake_read, 512):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                job = self._finished.get_nowait()
+            except queue.Empty:
+                break
+            self._running.discard(job)
+            self._users[job.uid] -= 1
+            if self._users[job.uid] <= 0:
+                del self._users[job.uid]
+            if job.state == "running":
+                job.state = "finished"
+                job.done(job.result, job.error)
+            elif job.abandon and job.error is None:
+                job.abandon(job.result)
+        self._start()
+
+    def expire(self, now):
+        """Give up the jobs past their deadline, waiting or running."""
+        late = [j for j in list(self._waiting) + list(self._running)
+                if j.state in ("waiting", "running") and j.deadline <= now]
+        for job in late:
+            if job.state == "waiting":
+                self._waiting.remove(job)
+                if job.discard:
+                    job.discard()
+            job.state = "given up"
+            job.done(None, TimeoutError("it took too long (a file system that does "
+                                        "not answer?)"))
+
+    def next_deadline(self):
+        jobs = [j for j in list(self._waiting) + list(self._running)
+                if j.state in ("waiting", "running")]
+        return min((j.deadline for j in jobs), default=None)
+
+    def close(self):
+        os.close(self._wake_read)
+        os.close(self._wake_write)

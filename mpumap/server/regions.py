@@ -1,0 +1,76 @@
+"""The server's table of regions: which store objects it serves, in which
+slots, for whom."""
+import collections
+import logging
+
+from mpumap.region import Region
+
+log = logging.getLogger("mpumap.regions")
+
+
+class RegionTable:
+    """Every region the server serves.
+
+    Owns the regions, and through them their memfds, store descriptors and
+    page tables, keyed by (device, inode, uid): users never share a region
+    (a client could plant bytes in one it maps, see DESIGN.md).  Owns the
+    free region slots, reused oldest-freed first, so that a message that
+    outlived a slot's region (the slot's generation tells them apart in any
+    case) is long gone when the slot serves again.
+
+    Invariants: a region is here while a client mapping refers to it
+    (`region.mappings` > 0), and its slot is not free meanwhile;
+    `per_user[uid]` counts the regions keyed with that uid.
+    """
+
+    def __init__(self, max_regions, buffer):
+        self.buffer = buffer
+        self._regions = {}  # key -> Region
+        self._free_slots = collections.deque(range(max_regions))
+        self.per_user = collections.Counter()
+
+    def __len__(self):
+        return len(self._regions)
+
+    def __iter__(self):
+        return iter(list(self._regions.values()))
+
+    def get(self, key):
+        return self._regions.get(key)
+
+    @property
+    def full(self):
+        return not self._free_slots
+
+    def create(self, key, rid, size, page_size, store_fd, store_mode, name):
+        """A new region in a free slot (the caller checked there is one);
+        takes over store_fd."""
+        slot = self._free_slots.popleft()
+        try:
+            region = Region.create(key, rid, slot, size, page_size, store_fd, store_mode, name)
+        except BaseException:
+            self._free_slots.appendleft(slot)
+            raise
+        self._regions[key] = region
+        self.per_user[region.uid] += 1
+        log.info("region %d: %s, %d bytes, %d pages (uid %d)", rid, name, size,
+                 region.npages, region.uid)
+        return region
+
+    def release(self, region):
+        """Forget a region whose last mapping went: its pages go back to the
+        buffer, its descriptors are closed (the workers close theirs when
+        told), and its slot is free again, last in line."""
+        del self._regions[region.key]
+        self.per_user[region.uid] -= 1
+        if not self.per_user[region.uid]:
+            del self.per_user[region.uid]
+        region.table.release_all(self.buffer)
+        region.close()
+        self._free_slots.append(region.slot)
+        log.info("region %d released", region.rid)
+
+    def recover(self, pid):
+        """Free the pages a dead worker held FILLING or LEAVING."""
+        return sum(r.table.recover(self.buffer, pid, r.memfd, r.page_size)
+                   for r in self._regions.values())

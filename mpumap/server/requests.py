@@ -1,0 +1,549 @@
+"""The answers to clients' requests, and the connections they come on."""
+import errno
+import fcntl
+import itertools
+import logging
+import os
+import selectors
+import stat
+import time
+
+from mpumap import core, protocol
+from mpumap._core import lib
+from mpumap.protocol import Msg, ProtocolError, W
+from mpumap.server.clients import ClientMapping, Connection
+from mpumap.server.offload import Offload
+from mpumap.server.stats import LISTED, server_stats
+from mpumap.settings import SYSTEM_PAGE_SIZE
+from mpumap.store import open_store
+from mpumap.workers.fillers import prefetch_run
+
+log = logging.getLogger("mpumap.requests")
+
+HANDSHAKE_SECONDS = 5.0  # to say HELLO (or ask STATS) after connecting
+OFFLOAD_SECONDS = 10.0  # for a store to open, a range to register
+QUIET_SECONDS = 60.0  # one log line per kind of refusal and user this often
+
+
+class RequestError(OSError):
+    """A request the server refuses; errno and message go back to the client."""
+
+    def __init__(self, code, message):
+        super().__init__(code, message)
+
+
+class RequestHandler:
+    """Connections and their requests, from accept to the last reply.
+
+    Reads one request of a connection at a time, checks it, acts through the
+    client and region tables, the workers (`tell`) and the fault monitor,
+    and replies: at once, or once what the request needs is done (every
+    filler told of a new client or region; a store opened, a range
+    registered, off the main loop).  Owns the connections' place in the
+    selector and the jobs it hands to threads; the descriptors themselves
+    are the tables'.
+
+    Invariants: a client hears WELCOME, and a mapper MAPPED, only once every
+    filler's socket holds the news of that client or region, so that no
+    fault reaches a filler before what it names; a connection is `busy`
+    (out of the selector) while one of its requests waits.
+    """
+
+    def __init__(self, settings, buffer, selector, clients, regions, monitor, tell, workers,
+                 started):
+        self.settings = settings
+        self.buffer = buffer
+        self.selector = selector
+        self.clients = clients
+        self.regions = regions
+        self.monitor = monitor
+        self.tell = tell  # tell(data, fds, role, then): to every live worker of a role
+        self.workers = workers  # () -> the live workers
+        self.started = started
+        self.ids = itertools.count(1)  # connections, mappings and regions: unique ids
+        self.offload = Offload()
+        self.selector.register(self.offload, selectors.EVENT_READ,
+                               lambda mask: self.offload.finished())
+        self.announcing = {}  # rid -> replies that wait until its workers know it
+        self._quiet = {}  # (what, uid) -> (when to speak again, refusals not logged)
+        self.handlers = {
+            Msg.HELLO: self.on_hello,
+            Msg.MAP: self.on_map,
+            Msg.REGISTER: self.on_register,
+            Msg.UNMAP: self.on_unmap,
+            Msg.STATS: self.on_stats,
+            Msg.PREFETCH: self.on_prefetch,
+        }
+
+    # -- who may do what ---------------------------------------------------------
+
+    @staticmethod
+    def privileged(uid):
+        """Root and the server's own user: no quotas, and they see everything."""
+        return uid in (0, os.getuid())
+
+    def allowed(self, conn):
+        """--allow-uid / --allow-gid, when given, say who may connect besides
+        root and the server's own user; groups count supplementary ones."""
+        s = self.settings
+        if not (s.allow_uids or s.allow_gids) or self.privileged(conn.uid):
+            return True
+        if conn.uid in s.allow_uids or conn.gid in s.allow_gids:
+            return True
+        return bool(set(s.allow_gids) & supplementary_groups(conn.pid))
+
+    def quota(self, conn, counter, limit, what, flag):
+        """Refuse (EDQUOT) a user who has `limit` of something already."""
+        if self.privileged(conn.uid) or counter[conn.uid] < limit:
+            return
+        raise RequestError(errno.EDQUOT, f"uid {conn.uid} has {counter[conn.uid]} {what} "
+                           f"already, the most one user may ({flag})")
+
+    # -- connections -------------------------------------------------------------
+
+    def accept(self, sock):
+        try:
+            conn = Connection(next(self.ids), sock)
+        except OSError:
+            sock.close()  # gone before we could ask who it was
+            return
+        if not self.allowed(conn):
+            # Told so in answer to its first request (the reply it waits
+            # for), then closed.
+            self.say_once("refused", conn.uid, "refused pid %d: uid %d, gid %d may not use "
+                          "this server", conn.pid, conn.uid, conn.gid)
+            conn.refusal = f"uid {conn.uid} may not use this server"
+        elif (not self.privileged(conn.uid)
+              and self.clients.per_user[conn.uid] >= self.settings.max_user_connections):
+            message = (f"uid {conn.uid} has {self.clients.per_user[conn.uid]} connections "
+                       "open already, the most one user may (--max-user-connections)")
+            self.say_once("connections", conn.uid, "%s", message)
+            try:  # the answer to whatever it asks first
+                protocol.send(sock, Msg.ERROR, protocol.error_payload(errno.EDQUOT, message))
+            except OSError:
+                pass
+            sock.close()
+            return
+        log.debug("connection from pid %d, uid %d, gid %d", conn.pid, conn.uid, conn.gid)
+        self.clients.add(conn)
+        self.selector.register(sock, selectors.EVENT_READ, lambda mask: self.readable(conn))
+
+    def readable(self, conn):
+        try:
+            data, fds = protocol.receive(conn.sock)
+        except ProtocolError as exc:
+            self.refuse(conn, errno.EPROTO, str(exc))
+            return
+        except BlockingIOError:
+            return
+        except OSError:
+            data, fds = b"", []
+        if not data or conn.refusal:
+            protocol.close_all(fds)
+            if data:
+                self.refuse(conn, errno.EACCES, conn.refusal)
+            self.drop(conn)
+            return
+        try:
+            kind, payload, values = protocol.unpack(data, len(fds))
+            handler = self.handlers.get(kind)
+            if handler is None:
+                raise ProtocolError(f"{kind.name} is not a request")
+            if not conn.is_client and kind not in (Msg.HELLO, Msg.STATS):
+                raise ProtocolError("HELLO must come first")
+            handler(conn, values, payload, fds)
+        except ProtocolError as exc:
+            self.refuse(conn, errno.EPROTO, str(exc))
+        except OSError as exc:
+            self.refuse(conn, exc.errno or errno.EIO, exc.strerror or str(exc))
+        except Exception as exc:  # a bug must cost one request, not the server
+            log.exception("%s: request failed", conn)
+            self.refuse(conn, errno.EIO, f"internal error: {exc}")
+        finally:
+            protocol.close_all(fds)  # what no handler took
+
+    def expire(self, now):
+        """Close connections that did not say HELLO in time; give up work
+        that took too long."""
+        self.offload.expire(now)
+        for conn in self.clients:
+            if (not conn.is_client and not conn.busy
+                    and now - conn.accepted > HANDSHAKE_SECONDS):
+                log.debug("%s: no HELLO within %.0f s: closed", conn, HANDSHAKE_SECONDS)
+                self.drop(conn)
+
+    def next_deadline(self):
+        waiting = [c.accepted + HANDSHAKE_SECONDS for c in self.clients if not c.is_client]
+        offload = self.offload.next_deadline()
+        return min(waiting + ([offload] if offload else []), default=None)
+
+    def drop(self, conn):
+        """Forget a connection: its mappings, its client slot, its socket."""
+        if conn.sock is None or conn.sock.fileno() < 0:
+            return
+        if conn.is_client:
+            log.info("%s disconnected", conn)
+        if not conn.busy:
+            self.selector.unregister(conn.sock)
+        for mid in list(conn.mappings):
+            self.forget(conn, self.clients.remove_mapping(conn, mid))
+        if conn.is_client:
+            # Out of the monitor's tables first: then its uffd may be closed.
+            self.monitor.forget(conn.slot)
+            self.tell(protocol.W_CLIENT.pack(W.DROP_CLIENT, conn.slot, conn.gen, 0), (),
+                      "filler")
+        self.clients.remove(conn)
+        conn.sock = None
+
+    def pause(self, conn):
+        """Stop reading a connection while one of its requests waits."""
+        conn.busy = True
+        self.selector.unregister(conn.sock)
+
+    def resume(self, conn):
+        conn.busy = False
+        if conn.sock is not None:
+            self.selector.register(conn.sock, selectors.EVENT_READ,
+                                   lambda mask: self.readable(conn))
+
+    # -- replies -------------------------------------------------------------------
+
+    def reply(self, conn, kind, payload=b"", fds=()):
+        if conn.sock is None:
+            return
+        try:
+            protocol.send(conn.sock, kind, payload, fds)
+        except OSError as exc:
+            # Gone, or not reading its replies: either way it is done.
+            log.info("%s: dropped (%s)", conn, exc)
+            self.drop(conn)
+
+    def refuse(self, conn, code, message):
+        self.say_once(f"refused {code}", conn.uid, "%s: refused: %s", conn, message)
+        self.reply(conn, Msg.ERROR, protocol.error_payload(code, message))
+
+    def finish(self, conn, then):
+        """The end of a request that waited: reply (unless the connection
+        went meanwhile), and read the connection again."""
+        if conn.sock is None:
+            return
+        self.resume(conn)
+        try:
+            then()
+        except OSError as exc:
+            self.refuse(conn, exc.errno or errno.EIO, exc.strerror or str(exc))
+
+    def say_once(self, what, uid, fmt, *args):
+        """Log a refusal, but for each kind and user once a minute at most: a
+        user who asks thousands of times must not fill the log."""
+        now = time.monotonic()
+        until, quiet = self._quiet.get((what, uid), (0.0, 0))
+        if now < until:
+            self._quiet[(what, uid)] = (until, quiet + 1)
+            return
+        if quiet:
+            fmt += f" (and {quiet} more like it in the last {QUIET_SECONDS:.0f} s)"
+        log.warning(fmt, *args)
+        self._quiet[(what, uid)] = (now + QUIET_SECONDS, 0)
+        if len(self._quiet) > 10000:
+            self._quiet = {k: v for k, v in self._quiet.items() if v[0] > now}
+
+    # -- requests -------------------------------------------------------------------
+
+    def on_hello(self, conn, values, payload, fds):
+        if conn.is_client:
+            raise ProtocolError("HELLO was said already")
+        if not 4 <= len(payload) <= 4 + protocol.MAX_SESSION:
+            raise ProtocolError(f"HELLO payload is {len(payload)} bytes, not 4 to "
+                                f"{4 + protocol.MAX_SESSION}")
+        if not core.is_uffd(fds[0]):
+            raise RequestError(errno.EINVAL, "the descriptor sent with HELLO is not a userfaultfd")
+        self.quota(conn, self.clients.clients_per_user, self.settings.max_user_clients,
+                   "clients", "--max-user-clients")
+        if not self.clients.slots_left:
+            raise RequestError(errno.EUSERS, f"the server serves {lib.MPU_CLIENT_SLOTS} "
+                               "clients already")
+        uffd = fds.pop()
+        os.set_blocking(uffd, False)
+        self.clients.make_client(conn, uffd, payload[4:].decode("utf-8", "replace"))
+        try:
+            self.monitor.watch(conn.slot, conn.gen, uffd)
+        except BaseException:
+            self.clients.unmake_client(conn)
+            raise
+        log.info("%s connected", conn)
+        s = self.settings
+        welcome = protocol.WELCOME.pack(
+            SYSTEM_PAGE_SIZE, s.page_size, self.buffer.limit, s.fillers, s.evictors,
+            s.high_water, s.low_water, int(s.adaptive), lib.MPU_FAULTS_MAX)
+        self.pause(conn)
+        self.tell(client_message(conn), [uffd], "filler",
+                  lambda: self.finish(conn, lambda: self.reply(conn, Msg.WELCOME, welcome)))
+
+    def on_map(self, conn, values, payload, fds):
+        s = self.settings
+        if len(conn.mappings) >= s.max_client_mappings:
+            raise RequestError(errno.EMFILE, f"this client has {len(conn.mappings)} mappings "
+                               "already, the most the server allows (--max-client-mappings)")
+        self.quota(conn, self.clients.mappings_per_user, s.max_user_mappings, "mappings",
+                   "--max-user-mappings")
+        client_fd = fds.pop()
+        self.pause(conn)
+        self.offload.submit(conn.uid, lambda: open_for_map(client_fd, s.store_io),
+                            lambda opened, error: self.mapped(conn, opened, error),
+                            OFFLOAD_SECONDS, abandon=lambda opened: opened.close(),
+                            discard=lambda: os.close(client_fd))
+
+    def mapped(self, conn, opened, error):
+        """A map's file, opened off the main loop: find or make its region."""
+        if conn.sock is None:
+            if opened:
+                opened.close()
+            return
+        self.resume(conn)
+        if error is not None:
+            code = getattr(error, "errno", None) or errno.EIO
+            if isinstance(error, TimeoutError):
+                code = errno.ETIMEDOUT
+            self.refuse(conn, code, f"opening the file: {getattr(error, 'strerror', None) or error}")
+            return
+        key = (opened.dev, opened.ino, conn.uid)
+        region = self.regions.get(key)
+        try:
+            if region is None:
+                region = self.new_region(conn, key, opened)
+            else:
+                opened.close()
+        except OSError as exc:
+            opened.close()
+            self.refuse(conn, exc.errno or errno.EIO, exc.strerror or str(exc))
+            return
+        mapping = ClientMapping(next(self.ids), region)
+        region.mappings += 1
+        self.clients.add_mapping(conn, mapping)
+        reply = (protocol.MAPPED.pack(mapping.mid, region.rid, region.size, region.map_length),
+                 [region.memfd])
+        waiting = self.announcing.get(region.rid)
+        if waiting is None:
+            self.reply(conn, Msg.MAPPED, *reply)
+        else:
+            self.pause(conn)
+            waiting.append(lambda: self.finish(conn, lambda: self.reply(conn, Msg.MAPPED,
+                                                                          *reply)))
+
+    def new_region(self, conn, key, opened):
+        s = self.settings
+        # Keyed by owner too: a client can write into a shared buffer through
+        # its own userfaultfd (the kernel lets UFFDIO_COPY fill holes), so
+        # users never share pages; processes of one user can ptrace each
+        # other anyway.
+        if self.regions.full:
+            raise RequestError(errno.ENFILE, f"the server serves {len(self.regions)} regions "
+                               "already, the most it may (--max-regions)")
+        self.quota(conn, self.regions.per_user, s.max_user_regions, "regions",
+                   "--max-user-regions")
+        region = self.regions.create(key, next(self.ids), opened.size, s.page_size,
+                                     opened.take_store(), opened.mode, opened.name)
+        # Until every worker knows it, whoever maps it waits.
+        self.announcing[region.rid] = []
+
+        def announced():
+            for then in self.announcing.pop(region.rid, ()):
+                then()
+
+        data, fds = region.message()
+        self.tell(data, fds, None, announced)
+        return region
+
+    def on_register(self, conn, values, payload, fds):
+        mid, address, length = values
+        mapping = conn.mappings.get(mid)
+        if mapping is None:
+            raise RequestError(errno.EINVAL, f"no mapping {mid} to register")
+        if mapping.address is not None:
+            raise RequestError(errno.EBUSY, f"mapping {mid} is registered already")
+        region = mapping.region
+        if length != region.map_length or address % SYSTEM_PAGE_SIZE:
+            raise RequestError(errno.EINVAL, f"mapping {mid} must be {region.map_length} "
+                               "bytes at a page-aligned address")
+        inode = os.fstat(region.memfd).st_ino
+        uffd = os.dup(conn.uffd)  # the job's own: the connection may go meanwhile
+
+        def register():
+            try:
+                if not maps_memfd(conn.pid, address, length, inode):
+                    raise RequestError(errno.EINVAL, f"{address:#x} is not where the client "
+                                       f"mapped region {region.rid}'s buffer")
+                core.uffd_register(uffd, address, length)
+            finally:
+                os.close(uffd)
+
+        def registered(_, error):
+            if conn.sock is None or mid not in conn.mappings:
+                return
+            self.resume(conn)
+            if error is not None:
+                code = errno.ETIMEDOUT if isinstance(error, TimeoutError) else (
+                    getattr(error, "errno", None) or errno.EIO)
+                self.refuse(conn, code, getattr(error, "strerror", None) or str(error))
+                return
+            mapping.address = address
+            self.monitor.set_ranges(conn.slot, conn.ranges())
+            self.reply(conn, Msg.REGISTERED, protocol.U64.pack(mid))
+
+        self.pause(conn)
+        self.offload.submit(conn.uid, register, registered, OFFLOAD_SECONDS,
+                            discard=lambda: os.close(uffd))
+
+    def on_unmap(self, conn, values, payload, fds):
+        (mid,) = values
+        mapping = self.clients.remove_mapping(conn, mid)
+        if mapping is None:
+            raise RequestError(errno.EINVAL, f"no mapping {mid} to unmap")
+        if mapping.address is not None:
+            self.monitor.set_ranges(conn.slot, conn.ranges())
+        self.forget(conn, mapping)
+        self.reply(conn, Msg.UNMAPPED, protocol.U64.pack(mid))
+
+    def forget(self, conn, mapping):
+        """A mapping is gone: the region goes too when it was the last."""
+        region = mapping.region
+        region.mappings -= 1
+        if region.mappings == 0:
+            drop = region.drop_message()
+            self.regions.release(region)
+            self.tell(drop, (), None)
+
+    def on_prefetch(self, conn, values, payload, fds):
+        mid, offset, length = values
+        mapping = conn.mappings.get(mid)
+        if mapping is None:
+            raise RequestError(errno.EINVAL, f"no mapping {mid} to prefetch")
+        region = mapping.region
+        first, end = region.pages_in(offset, length)
+        # No more than the buffer has room for below the high watermark:
+        # what a prefetch costs follows the buffer, not the file.
+        count = min(end - first, max(0, self.buffer.header.high - self.buffer.used))
+        if count:
+            # One message per filler: each fills the runs that fall to it.
+            self.tell(protocol.W_FILL.pack(W.PREFETCH, region.slot, region.gen,
+                                           prefetch_run(region.page_size), first, count),
+                      (), "filler")
+        self.reply(conn, Msg.PREFETCHING, protocol.U64.pack(count))
+
+    def on_stats(self, conn, values, payload, fds):
+        if len(payload) > protocol.MAX_SESSION:
+            raise ProtocolError("STATS payload is a session tag of at most "
+                                f"{protocol.MAX_SESSION} bytes")
+        session = payload.decode("utf-8", "replace")
+        viewer = None if self.privileged(conn.uid) else conn.uid
+        # One packet must hold the reply: long lists are cut, busiest first.
+        listed = LISTED
+        while True:
+            stats = server_stats(self.settings, self.buffer, self.clients, self.regions,
+                                 self.workers(), self.started, viewer, listed)
+            if session:
+                stats["session"] = self.clients.session_report(session, viewer)
+            body = protocol.stats_payload(stats)
+            if len(body) <= protocol.MAX_PAYLOAD or listed == 0:
+                break
+            listed //= 2
+        self.reply(conn, Msg.STATS_REPLY, body)
+
+    # -- for the arbiter ----------------------------------------------------------------
+
+    def state_messages(self, role):
+        """What a new worker must be told of the clients and regions there are."""
+        messages = []
+        if role == "filler":
+            messages += [(client_message(c), [c.uffd]) for c in self.clients.clients()]
+        messages += [r.message() for r in self.regions]
+        return messages
+
+    def wake_all(self):
+        """Wake every client thread waiting on a fault: those a dead filler
+        was to answer fault again, and its successor serves them."""
+        for conn in self.clients.clients():
+            for mapping in conn.mappings.values():
+                if mapping.address is not None:
+                    core.uffd_wake(conn.uffd, mapping.address, mapping.region.map_length)
+
+    def close(self):
+        for conn in self.clients:
+            self.drop(conn)
+        self.selector.unregister(self.offload)
+        self.offload.close()
+
+
+def client_message(conn):
+    return protocol.W_CLIENT.pack(W.ADD_CLIENT, conn.slot, conn.gen, 0)
+
+
+class OpenedFile:
+    """A client's file, checked and opened for the store off the main loop."""
+
+    def __init__(self, dev, ino, size, name, store_fd, mode):
+        self.dev, self.ino, self.size, self.name = dev, ino, size, name
+        self.store_fd, self.mode = store_fd, mode
+
+    def take_store(self):
+        fd, self.store_fd = self.store_fd, None
+        return fd
+
+    def close(self):
+        if self.store_fd is not None:
+            os.close(self.store_fd)
+            self.store_fd = None
+
+
+def open_for_map(fd, store_io):
+    """Check a descriptor a client sent with MAP and open its store; takes
+    over fd.  Runs in an offload thread: fstat may wait on a network file
+    system."""
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RequestError(errno.EINVAL, "only regular files can be mapped")
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        if flags & getattr(os, "O_PATH", 0) or (flags & os.O_ACCMODE) == os.O_WRONLY:
+            raise RequestError(errno.EBADF, "the file was not opened for reading")
+        if st.st_size == 0:
+            raise RequestError(errno.EINVAL, "cannot map an empty file")
+        try:
+            name = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            name = "?"
+    except BaseException:
+        os.close(fd)
+        raise
+    store_fd, mode = open_store(fd, store_io)
+    return OpenedFile(st.st_dev, st.st_ino, st.st_size, name, store_fd, mode)
+
+
+def supplementary_groups(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except OSError:
+        pass
+    return set()
+
+
+def maps_memfd(pid, address, length, inode):
+    """Does the process map [address, address+length) from that memfd inode?
+
+    When /proc tells us nothing (another user's process, no access) the
+    registration itself is the only check left."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                if start <= address < end:
+                    return (start == address and end >= address + length
+                            and int(fields[4]) == inode and int(fields[2], 16) == 0)
+    except OSError:
+        return True
+    return False

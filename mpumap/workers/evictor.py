@@ -1,0 +1,110 @@
+"""Evictor processes: keep the buffer's used pages between the watermarks,
+oldest fill first, and (evictor 0) size the buffer to the machine.
+
+A page is evicted by punching it out of its region's memfd (fallocate
+PUNCH_HOLE, which is what MADV_REMOVE does on a mapping): the kernel drops it
+from every client's page tables, and their next touch faults again.
+"""
+import heapq
+import os
+import selectors
+import time
+
+from mpumap.sizing import machine_limit
+from mpumap.workers.base import Worker
+
+RELEASE_BATCH = 16  # give pages back to waiting fillers this often
+IDLE_SECONDS = 1.0
+
+
+class Evictor(Worker):
+    """An evictor process.
+
+    Owns, besides what every worker holds: its share of the eviction work
+    (the pages whose index falls to it), its eventfd (fillers write it when
+    they want room), and for evictor 0 of an adaptive buffer the buffer's
+    limit, re-evaluated on a deadline whatever else it is doing.
+    """
+
+    role = "evictor"
+
+    def setup(self):
+        s = self.settings
+        self.wakeup = self.evict_fds[self.index]
+        self.adapts = s.adaptive and self.index == 0
+        self.next_adapt = time.monotonic() + s.adapt_interval
+        # Asleep, it still wakes this often to beat its heartbeat.
+        self.idle = min(IDLE_SECONDS, s.worker_timeout / 4)
+
+    def run(self):
+        selector = selectors.DefaultSelector()
+        selector.register(self.sock, selectors.EVENT_READ, self.receive)
+        selector.register(self.wakeup, selectors.EVENT_READ, self.evict_on_request)
+        while True:
+            timeout = self.idle
+            if self.adapts:
+                timeout = max(0.0, min(timeout, self.next_adapt - time.monotonic()))
+            for key, _ in selector.select(timeout):
+                key.data()
+            self.beat()
+            # On a deadline, not when the loop is idle: under steady faulting
+            # the evictors are woken more often than the interval, and the
+            # limit must follow the memory all the same.
+            if self.adapts and time.monotonic() >= self.next_adapt:
+                self.adapt()
+                self.next_adapt = time.monotonic() + self.settings.adapt_interval
+            self.evict()
+
+    def evict_on_request(self):
+        try:
+            os.eventfd_read(self.wakeup)
+        except BlockingIOError:
+            pass  # another evictor took this wakeup
+
+    def adapt(self):
+        s = self.settings
+        limit = machine_limit(self.buffer, s)
+        if limit != self.buffer.limit:
+            self.log.info("buffer limit %d -> %d pages", self.buffer.limit, limit)
+            self.buffer.set_limit(limit, s.high_water, s.low_water)
+
+    def evict(self):
+        """Bring used pages down to the low watermark once they reach the high
+        one, or once a filler asked; our share is the pages whose index falls
+        to this evictor."""
+        h = self.buffer.header
+        while True:
+            used = self.buffer.used
+            if used < h.high and not h.evict_wanted:
+                return
+            self.buffer.clear_evict_request()
+            excess = used - h.low
+            if excess <= 0:
+                return
+            share = -(-excess // self.settings.evictors)
+            if self.evict_oldest(share) == 0:
+                return
+            self.beat()
+
+    def evict_oldest(self, count):
+        candidates = []
+        evictors = self.settings.evictors
+        for region in self.regions.values():
+            for stamp, index in region.table.oldest(count, evictors, self.index):
+                candidates.append((stamp, index, region))
+        victims = heapq.nsmallest(count, candidates, key=lambda c: c[0])
+        evicted = pending = 0
+        page_size = self.settings.page_size
+        for _, index, region in victims:
+            if region.table.evict(index, self.pid, region.memfd, index * page_size, page_size):
+                pending += 1
+            if pending == RELEASE_BATCH:
+                evicted += self._give_back(pending)
+                pending = 0
+        return evicted + self._give_back(pending)
+
+    def _give_back(self, count):
+        if count:
+            self.buffer.release(count)
+            self.buffer.add("evictions", count)
+        return count
