@@ -1064,6 +1064,34 @@ int mpu_filler_run(struct mpu_filler *f, int sock, char *buf, int size,
     }
 }
 
+/* Between the runs of a long fill, the faults that wait on the socket are
+ * served first: a prefetch must not keep a client waiting for more than a
+ * run.  Returns 1 when another message waits at the head of the queue: the
+ * fill stops there, for the caller to take it, in order, and go on. */
+static int serve_waiting_faults(struct mpu_filler *f)
+{
+    char buf[sizeof(struct mpu_w_faults) + MPU_FAULTS_MAX * sizeof(struct mpu_fault)];
+    for (;;) {
+        struct mpu_w_faults head;
+        ssize_t n = recv(f->sock, &head, sizeof head, MSG_PEEK | MSG_DONTWAIT);
+        if (n < 0)
+            return 0;   /* nothing waits (or the caller's loop finds out) */
+        if (n < (ssize_t)sizeof head || head.kind != MPU_W_FAULTS)
+            return 1;
+        n = recv(f->sock, buf, sizeof buf, MSG_DONTWAIT);
+        if (n < (ssize_t)sizeof head)
+            return 0;
+        uint32_t count = (uint32_t)(((size_t)n - sizeof head) / sizeof(struct mpu_fault));
+        if (head.count < count)
+            count = head.count;
+        const struct mpu_fault *faults = (const struct mpu_fault *)(buf + sizeof head);
+        for (uint32_t i = 0; i < count; i++) {
+            serve_one(f, &faults[i]);
+            beat(f);
+        }
+    }
+}
+
 /* Fills the FREE pages of [first, first + count) that the buffer has room
  * for, in runs; stops when the buffer is full.  read_ahead: the monitor
  * asked (a scan), not a client: counted and marked as read-ahead. */
@@ -1093,26 +1121,31 @@ static void fill_span(struct mpu_filler *f, uint32_t region, uint64_t first, uin
     }
 }
 
-void mpu_filler_fill(struct mpu_filler *f, const struct mpu_w_fill *fill)
+int mpu_filler_fill(struct mpu_filler *f, struct mpu_w_fill *fill)
 {
     if (fill->region >= f->nregions || !f->regions[fill->region].table
         || f->regions[fill->region].gen != fill->gen)
-        return;
+        return 0;
     uint64_t started = mpu_now_ns();
     int read_ahead = fill->kind == MPU_W_READ_AHEAD;
-    uint64_t end = fill->first + fill->count;
+    int interrupted = 0;
     if (!fill->run) {
         fill_span(f, fill->region, fill->first, fill->count, read_ahead);
-    } else {
-        /* Our runs of the span, each to the filler of its number. */
-        for (uint64_t start = fill->first; start < end && start >= fill->first;
-             start += fill->run) {
-            if (mpu_filler_for(fill->region, start / fill->run, f->nfillers) != f->index)
-                continue;
-            uint64_t n = end - start < fill->run ? end - start : fill->run;
-            fill_span(f, fill->region, start, n, read_ahead);
+        fill->count = 0;
+    }
+    /* Our runs of the span, each to the filler of its number; fill->first
+     * and count move on with us, so that an interrupted fill goes on from
+     * where it stopped. */
+    while (fill->count && !interrupted) {
+        uint64_t n = fill->count < fill->run ? fill->count : fill->run;
+        if (mpu_filler_for(fill->region, fill->first / fill->run, f->nfillers) == f->index) {
+            fill_span(f, fill->region, fill->first, n, read_ahead);
             beat(f);
+            interrupted = serve_waiting_faults(f);
         }
+        fill->first += n;
+        fill->count -= n;
     }
     sleep_after_long_work(f, started);
+    return fill->count != 0;
 }

@@ -107,6 +107,7 @@ struct mpu_event {
 
 struct mpu_filler {
     struct mpu_header *h;
+    int sock;                  /* from the server: faults and everything else */
     const int *evict_fds;
     int nevict;
     uint32_t pid;
@@ -137,7 +138,10 @@ struct mpu_filler {
 int mpu_filler_run(struct mpu_filler *f, int sock, char *buf, int size,
                    int *fds, int *nfds, int maxfds);
 
-/* A prefetch or read-ahead message: fill this filler's share of it. */
-void mpu_filler_fill(struct mpu_filler *f, const struct mpu_w_fill *fill);
+/* A prefetch or read-ahead message: fill this filler's share of it.
+ * Faults that come meanwhile are served between runs; when another message
+ * waits, it stops and returns 1, with `fill` moved on to what is left (call
+ * it again once that message is taken); 0 once done. */
+int mpu_filler_fill(struct mpu_filler *f, struct mpu_w_fill *fill);
 
 #endif

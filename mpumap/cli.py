@@ -145,6 +145,9 @@ Examples:
 @click.option("--allow-gid", "allow_gids", multiple=True, type=_Setting("group", S.parse_group),
               help="Accept connections from these groups too (primary or supplementary); "
                    "repeatable.")
+@click.option("--worker-timeout", envvar="UMAP_WORKER_TIMEOUT", type=click.FloatRange(min=0.1),
+              default=30.0, show_default=True, show_envvar=True,
+              help="Seconds a worker may give no sign of life before it is replaced.")
 @click.option("--pidfile", type=click.Path(dir_okay=False, writable=True),
               help="Write the server's pid to this file while it runs.")
 @click.option("--log-level", envvar="UMAP_LOG_LEVEL", default="info", show_default=True,
@@ -154,7 +157,7 @@ Examples:
 def server_command(socket_path, page_size, buffer_size, fillers, evictors, high_water,
                    low_water, adapt_interval, memory_reserve, read_ahead, spin_us, store_io,
                    max_regions, max_client_mappings, cpus, socket_mode, socket_group,
-                   allow_uids, allow_gids, pidfile, log_level):
+                   allow_uids, allow_gids, worker_timeout, pidfile, log_level):
     try:
         buffer_pages = (None if buffer_size is None
                         else S.parse_buffer_pages(buffer_size, page_size))
@@ -166,7 +169,8 @@ def server_command(socket_path, page_size, buffer_size, fillers, evictors, high_
             store_io=store_io.lower(), max_regions=max_regions,
             max_client_mappings=max_client_mappings, socket_mode=socket_mode,
             socket_group=socket_group, allow_uids=tuple(allow_uids),
-            allow_gids=tuple(allow_gids), cpus=cpus or (), pidfile=pidfile)
+            allow_gids=tuple(allow_gids), cpus=cpus or (), pidfile=pidfile,
+            worker_timeout=worker_timeout)
     except S.SettingError as exc:
         raise click.UsageError(str(exc)) from None
     logging.basicConfig(level=log_level.upper(),

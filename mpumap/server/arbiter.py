@@ -54,6 +54,11 @@ class Arbiter:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD)
 
+    # The system calls supervision goes through (unit tests replace them).
+    fork = staticmethod(os.fork)
+    waitpid = staticmethod(os.waitpid)
+    kill = staticmethod(os.kill)
+
     def __init__(self, settings):
         self.settings = settings
         self.pid = os.getpid()
@@ -184,7 +189,7 @@ class Arbiter:
         # Keep the interpreter's pages shared with the child: nothing the
         # child's collector visits is copied for it.
         gc.freeze()
-        pid = os.fork()
+        pid = self.fork()
         if pid == 0:
             parent_sock.detach()
             worker.init_process(child_sock)  # never returns
@@ -250,7 +255,7 @@ class Arbiter:
     def reap(self):
         while self.workers:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status = self.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
@@ -311,7 +316,7 @@ class Arbiter:
             worker.hung = True
             self.buffer.add("hangs")
             try:
-                os.kill(worker.pid, signal.SIGKILL)
+                self.kill(worker.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
@@ -342,12 +347,12 @@ class Arbiter:
             log.info("stopping at once")
         for worker in self.workers.values():
             try:
-                os.kill(worker.pid, signal.SIGKILL)
+                self.kill(worker.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         while self.workers:
             try:
-                pid, _ = os.waitpid(-1, 0)
+                pid, _ = self.waitpid(-1, 0)
             except ChildProcessError:
                 break
             self.workers.pop(pid, None)

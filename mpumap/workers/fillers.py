@@ -11,6 +11,7 @@ The serving itself is the C core's (c/fastpath.c), once per batch of faults;
 this class keeps the C tables of clients and regions in step with the
 server's messages, and logs what the C side reports.
 """
+import collections
 import errno
 import logging
 import mmap
@@ -75,6 +76,7 @@ class Filler(Worker):
             slot.uffd = -1
         f = self.c = ffi.new("struct mpu_filler *")
         f.h = self.buffer.header
+        f.sock = self.sock.fileno()
         f.evict_fds = evict_fds
         f.nevict = len(self.evict_fds)
         f.pid = self.pid
@@ -91,6 +93,7 @@ class Filler(Worker):
         f.nregions = s.max_regions
         f.clients = self.client_slots
         f.nclients = lib.MPU_CLIENT_SLOTS
+        self.fills = collections.deque()  # prefetch and read-ahead, in order
         # Idle, the C loop wakes this often to beat its heartbeat.
         seconds = min(1.0, s.worker_timeout / 4)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
@@ -126,22 +129,40 @@ class Filler(Worker):
 
     def run(self):
         """Fault packets are served inside the C loop; it comes back to us for
-        everything else, and when it has something to log."""
+        everything else, and when it has something to log.  Fills (prefetch,
+        read-ahead) go on between messages: a fill stops for any message
+        that waits, and goes on once that is taken."""
         size = 1 << 16
         buf = ffi.new("char[]", size)
         fds = ffi.new("int[]", 16)
         nfds = ffi.new("int *")
         sock = self.sock.fileno()
         while True:
+            if self.fills:
+                if not lib.mpu_filler_fill(self.c, self.fills[0]):
+                    self.fills.popleft()
+                self.log_events()
+                if not self.waiting():
+                    continue
             n = lib.mpu_filler_run(self.c, sock, buf, size, fds, nfds, 16)
             if n == 0:
                 self.log_events()
             elif check_receive(n):
                 self.handle(ffi.buffer(buf, n)[:], list(fds[0:nfds[0]]))
 
+    def waiting(self):
+        """Whether a message waits on our socket."""
+        try:
+            return bool(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True  # the receive loop says what
+
     def fill(self, data):
-        lib.mpu_filler_fill(self.c, ffi.from_buffer("struct mpu_w_fill *", data))
-        self.log_events()
+        fill = ffi.new("struct mpu_w_fill *")
+        ffi.memmove(fill, data, ffi.sizeof(fill[0]))
+        self.fills.append(fill)
 
     def log_events(self):
         c = self.c

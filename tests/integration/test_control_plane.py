@@ -1,0 +1,116 @@
+"""The control plane never blocks: a stuck filler stalls nobody else and is
+replaced; a prefetch of any size leaves the main loop free."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+import mpumap
+from conftest import assert_clean
+from mpumap._core import lib
+from mpumap.testing import MiB, make_file
+
+pytestmark = pytest.mark.timeout(120)
+
+# Reads the given pages of a file through the server, each timed; prints the
+# slowest read and whether every byte was the file's.
+READ_PAGES = """
+import json, sys, time, mpumap
+sock, path, page, pages = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+data = open(path, "rb").read()
+slowest, right = 0.0, True
+with mpumap.connect(sock) as c, c.map(path) as m:
+    for p in pages:
+        t = time.monotonic()
+        got = m[p * page:(p + 1) * page]
+        slowest = max(slowest, time.monotonic() - t)
+        right = right and got == data[p * page:(p + 1) * page]
+print(json.dumps({"slowest": slowest, "right": right}))
+"""
+
+
+def worker_pid(server, role, index):
+    for w in server.stats()["workers"]:
+        if (w["role"], w["index"]) == (role, index):
+            return w["pid"]
+    return None
+
+
+def test_a_stopped_filler_stalls_nobody_else_and_is_replaced(start_server, readers, workdir):
+    page = 4096
+    path = make_file(os.path.join(workdir, "data.bin"), 8 * MiB, seed=81)
+    server = start_server("--page-size", page, "--buffer-size", "64M", "--fillers", 2,
+                          "--read-ahead", 0, "--worker-timeout", 2)
+    busy = readers.start(server.socket, path, order="random", seed=1, seconds=12)
+    readers.wait_ready(busy)
+    time.sleep(0.5)  # serving
+    stuck = worker_pid(server, "filler", 0)
+    os.kill(stuck, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        # The file is the server's first region: slot 0.  Pages filler 1 serves
+        # are answered while filler 0 is stopped.
+        theirs = [p for p in range(8 * MiB // page) if lib.mpu_filler_for(0, p, 2) == 1]
+        other = subprocess.run([sys.executable, "-c", READ_PAGES, server.socket, path,
+                                str(page), json.dumps(theirs[::7])],
+                               capture_output=True, text=True, timeout=60)
+        assert other.returncode == 0, other.stderr
+        result = json.loads(other.stdout)
+        assert result["right"]
+        assert result["slowest"] < 1.0, result  # it did not wait for filler 0
+        deadline = stopped + 2 + 3  # --worker-timeout, then a loop or two
+        while worker_pid(server, "filler", 0) in (stuck, None):
+            assert time.monotonic() < deadline, "the stopped filler was not replaced"
+            time.sleep(0.05)
+        replaced = time.monotonic() - stopped
+    finally:
+        try:
+            os.kill(stuck, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert not psutil.pid_exists(stuck) or psutil.Process(stuck).status() == "zombie"
+    stats = server.stats()["buffer"]
+    assert stats["hangs"] == 1 and stats["restarts"] >= 1
+    assert "gave no sign of life" in server.output()
+    assert_clean(readers.result(busy))  # its waits on filler 0 were answered too
+    print(f"replaced {replaced:.2f} s after SIGSTOP")
+
+    # Stopping the server does not wait for a stopped worker either.
+    os.kill(worker_pid(server, "filler", 1), signal.SIGSTOP)
+    workers = server.workers()
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(10)
+    took = time.monotonic() - started
+    assert took < 3.0, f"SIGTERM took {took:.2f} s"
+    gone, alive = psutil.wait_procs(workers, timeout=2)
+    assert not alive
+
+
+def test_a_terabyte_prefetch_leaves_the_main_loop_free(start_server, workdir):
+    huge = os.path.join(workdir, "huge.bin")
+    with open(huge, "wb") as f:
+        f.truncate(1 << 40)  # sparse: reads are zeros, fast
+    small = make_file(os.path.join(workdir, "small.bin"), MiB, seed=82)
+    server = start_server("--page-size", "4K", "--buffer-size", "256M", "--read-ahead", 0)
+    with mpumap.connect(server.socket) as a, a.map(huge) as m:
+        asked = m.prefetch()
+        # What a prefetch costs follows the buffer: never more than its room.
+        assert 0 < asked <= 256 * MiB // 4096
+        slowest = 0.0
+        with mpumap.connect(server.socket) as b:
+            for _ in range(20):
+                t = time.monotonic()
+                mpumap.server_stats(server.socket)
+                with b.map(small) as s:
+                    assert s[:4096] == open(small, "rb").read(4096)
+                slowest = max(slowest, time.monotonic() - t)
+        assert slowest < 0.1, f"a request waited {slowest * 1000:.0f} ms"
+        assert m[(1 << 40) - 4096:] == bytes(4096)
+    stats = server.stats()["buffer"]
+    assert stats["prefetch_fills"] > 0
