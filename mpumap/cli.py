@@ -1,5 +1,4 @@
 """Command-line entry points: mpumap-server, mpumap-client, mpumap."""
-import logging
 import os
 import sys
 
@@ -173,9 +172,10 @@ def server_command(socket_path, page_size, buffer_size, fillers, evictors, high_
             worker_timeout=worker_timeout)
     except S.SettingError as exc:
         raise click.UsageError(str(exc)) from None
-    logging.basicConfig(level=log_level.upper(),
-                        format="mpumap-server[%(process)d] %(name)s %(levelname)s %(message)s")
+    from mpumap import logs
     from mpumap.server import Arbiter
+
+    logs.configure(log_level)
 
     try:
         return Arbiter(settings).run()

@@ -68,15 +68,16 @@ def die_with_parent(parent_pid):
 
 
 def set_process_title(name, title):
-    """Name this process for ps and top: its comm (PR_SET_NAME, 15 bytes)
-    always, and its whole command line where setproctitle is installed (as
-    gunicorn does)."""
-    check(lib.mpu_set_name(name.encode()[:15]), "PR_SET_NAME")
+    """Name this process for ps and top: its whole command line where
+    setproctitle is installed (as gunicorn does), and its comm (PR_SET_NAME,
+    15 bytes) always, last, since setproctitle sets that too."""
     try:
         import setproctitle
     except ImportError:
-        return
-    setproctitle.setproctitle(title)
+        pass
+    else:
+        setproctitle.setproctitle(title)
+    check(lib.mpu_set_name(name.encode()[:15]), "PR_SET_NAME")
 
 
 def address_of(buffer):

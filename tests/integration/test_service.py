@@ -247,3 +247,23 @@ def test_cpus_pins_the_server(start_server, workdir):
     assert mpumap.server_stats(server.socket)["settings"]["cpus"] == [0]
     with mpumap.connect(server.socket) as client, client.map(path) as m:
         assert m[:] == open(path, "rb").read()
+
+
+def test_each_process_and_log_line_names_its_role(start_server, workdir):
+    path = make_file(os.path.join(workdir, "t.bin"), MiB, seed=48)
+    server = start_server("--buffer-size", 64, "--fillers", 2, "--log-level", "debug")
+    with mpumap.connect(server.socket) as client, client.map(path) as m:
+        assert m[:4096] == open(path, "rb").read(4096)
+    names = sorted(w.name() for w in server.workers())
+    assert names == ["mpumap-evictor0", "mpumap-filler0", "mpumap-filler1"]
+    try:
+        import setproctitle  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        titles = sorted(" ".join(w.cmdline()).strip() for w in server.workers())
+        assert titles[1] == f"mpumap-server: filler 0 [{server.socket}]", titles
+    server.stop()
+    whos = {line.split()[3] for line in server.output().splitlines() if "mpumap-server[" in line}
+    assert {"arbiter", "requests", "regions"} <= whos, whos
+    assert any(w.startswith("filler") or w.startswith("evictor") for w in whos), whos
