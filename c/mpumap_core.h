@@ -20,9 +20,6 @@
 #define MPU_PRESENT 2
 #define MPU_LEAVING 3
 
-/* Page flags. */
-#define MPU_READ_AHEAD 1
-
 /* How a userfaultfd was obtained (mpu_uffd_open's *how). */
 #define MPU_UFFD_SYSCALL 0
 #define MPU_UFFD_DEVICE 1
@@ -31,7 +28,7 @@
 /* One umap page's entry in a region's page table. */
 struct mpu_page {
     uint32_t state;     /* futex word: the state, and the pid that moved it there */
-    uint32_t flags;     /* MPU_READ_AHEAD: filled without a fault */
+    uint32_t flags;     /* MPU_READ_AHEAD (internal): filled without a fault */
     uint64_t stamp;     /* fill order, for oldest-first eviction */
 };
 

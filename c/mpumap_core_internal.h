@@ -10,6 +10,9 @@
 
 #include "mpumap_core.h"
 
+/* Page flags (struct mpu_page). */
+#define MPU_READ_AHEAD 1u
+
 #define MPU_FEATURE_POISON (1ull << 14)  /* UFFD_FEATURE_POISON */
 
 #define MPU_ANSWER_COPY 1
