@@ -40,12 +40,6 @@ class _Setting(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-SIZE = _Setting("size", S.parse_size)
-PAGE_SIZE = _Setting("size", S.parse_page_size)
-WORKERS = _Setting("count", lambda v: S.parse_count(v, "the number of workers"))
-PERCENT = _Setting("percent", lambda v: S.parse_count(v, "a watermark", 0, 100))
-
-
 SERVER_HELP = """Run the mpumap server: one per machine.
 
 Clients (mpumap.connect() in Python) map files through it.  Every umap page
@@ -63,120 +57,35 @@ Examples:
 """
 
 
+def settings_options(command):
+    """Apply a click option for every setting of S.SPECS.  Options default
+    to None (not given): Settings knows the defaults, shown here as text
+    (unless the help says it already)."""
+    for spec in reversed(S.SPECS):
+        help = spec.help or spec.summary
+        shown = False if "Default:" in help else spec.default_text.strip("`") or False
+        command = click.option(
+            spec.flag, spec.name, envvar=spec.variable, show_envvar=bool(spec.variable),
+            type=_Setting(spec.metavar or "value", spec.parse), metavar=spec.metavar,
+            multiple=spec.multiple, help=help, show_default=shown,
+        )(command)
+    return command
+
+
 @click.command("mpumap-server", help=SERVER_HELP,
                context_settings={"help_option_names": ["-h", "--help"],
                                  "max_content_width": 100})
-@click.option("--socket", "socket_path", envvar="MPUMAP_SOCKET", default=S.DEFAULT_SOCKET,
-              show_default=True, show_envvar=True, help="Unix socket to listen on.")
-@click.option("--page-size", envvar="UMAP_PAGESIZE", type=PAGE_SIZE,
-              default=str(S.DEFAULT_PAGE_SIZE), show_default=True, show_envvar=True,
-              help="Size of a umap page, the unit of filling and eviction: a multiple "
-                   "of the system page size (64K, 2M, ...).")
-@click.option("--buffer-size", envvar="UMAP_BUFSIZE", metavar="PAGES|SIZE",
-              show_envvar=True,
-              help="Buffer size: a number of umap pages (as UMAP_BUFSIZE), or a size "
-                   "such as 256M or 4G.  Default: follow the memory the machine can "
-                   "spare, re-evaluated every --adapt-interval seconds.")
-@click.option("--fillers", envvar="UMAP_PAGE_FILLERS", type=WORKERS,
-              default=str(S.DEFAULT_FILLERS), show_default=True, show_envvar=True,
-              help="Filler processes: they read pages from files and hand them to clients.")
-@click.option("--evictors", envvar="UMAP_PAGE_EVICTORS", type=WORKERS,
-              default=str(S.DEFAULT_EVICTORS), show_default=True, show_envvar=True,
-              help="Evictor processes: they keep the buffer between the watermarks.")
-@click.option("--high-water", envvar="UMAP_EVICT_HIGH_WATER_THRESHOLD", type=PERCENT,
-              default=str(S.DEFAULT_HIGH_WATER), show_default=True, show_envvar=True,
-              help="Start evicting when the buffer is this full (percent).")
-@click.option("--low-water", envvar="UMAP_EVICT_LOW_WATER_THRESHOLD", type=PERCENT,
-              default=str(S.DEFAULT_LOW_WATER), show_default=True, show_envvar=True,
-              help="Evict down to this fill level (percent).")
-@click.option("--adapt-interval", envvar="UMAP_BUFADAPT_FREQ",
-              type=click.FloatRange(min=0.1), default=S.DEFAULT_ADAPT_INTERVAL,
-              show_default=True, show_envvar=True,
-              help="Seconds between re-evaluations of an adaptive buffer's size.")
-@click.option("--memory-reserve", envvar="UMAP_MEMORY_RESERVE", type=SIZE, metavar="SIZE",
-              show_envvar=True,
-              help="Memory an adaptive buffer leaves to the rest of the machine.  "
-                   "Default: 10% of the RAM (or of the memory cgroup's limit, when "
-                   "smaller), at least 64M, at most 4G.")
-@click.option("--read-ahead", envvar="UMAP_READ_AHEAD", type=click.IntRange(0, S.MAX_READ_AHEAD),
-              show_envvar=True, metavar="PAGES",
-              help="Largest read-ahead window, in pages after the faulting one; 0: "
-                   "none.  Faults that follow one another through a file are a scan: "
-                   "windows of pages after them are read, in the background and "
-                   "growing from 4 pages, so that the client finds them there and "
-                   "the disk gets large reads.  Other faults read their page alone.  "
-                   "Default: 1 MiB of pages, at most a quarter of a fixed buffer.")
-@click.option("--spin", "spin_us", envvar="UMAP_SPIN_US", type=click.IntRange(0, S.MAX_SPIN_US),
-              default=S.DEFAULT_SPIN_US, show_default=True, show_envvar=True, metavar="USEC",
-              help="Microseconds the fault monitor and the fillers keep polling for "
-                   "their next work before they sleep, yielding the CPU meanwhile; 0: "
-                   "never.  Where waking a sleeping CPU is slow (virtual machines) this "
-                   "more than halves the time of a fault served from memory.  When work "
-                   "comes slower than that (faults that wait for the disk), they back "
-                   "off and sleep at once.")
-@click.option("--store-io", envvar="UMAP_STORE_IO", default=S.DEFAULT_STORE_IO,
-              show_default=True, show_envvar=True,
-              type=click.Choice(["direct", "drop", "cached"], case_sensitive=False),
-              help="How fillers read files: direct (O_DIRECT, no second copy in the page "
-                   "cache; 'drop' where the file system refuses it), drop (buffered, then "
-                   "dropped from the page cache), cached (buffered, left in the page cache).")
-@click.option("--max-regions", envvar="UMAP_MAX_REGIONS", type=click.IntRange(1, 1 << 20),
-              default=S.DEFAULT_MAX_REGIONS, show_default=True, show_envvar=True,
-              help="Files the server serves at once; a map past it is refused.")
-@click.option("--max-client-mappings", envvar="UMAP_MAX_CLIENT_MAPPINGS",
-              type=click.IntRange(1, 1 << 20), default=S.DEFAULT_MAX_CLIENT_MAPPINGS,
-              show_default=True, show_envvar=True,
-              help="Mappings one client may hold at once.")
-@click.option("--cpus", envvar="UMAP_CPUS", type=_Setting("cpus", S.parse_cpus),
-              show_envvar=True,
-              help="Run the server's monitor and workers on these CPUs only (0, 0-1, "
-                   "0,2-3): to keep it off the cores an application's ranks are "
-                   "pinned to, or to keep it near them.")
-@click.option("--socket-mode", envvar="UMAP_SOCKET_MODE", type=_Setting("mode", S.parse_mode),
-              default="0600", show_default=True, show_envvar=True,
-              help="Permissions of the socket: who may connect.  0600: the server's user "
-                   "(and root); 0660 with --socket-group: a group; 0666: everybody.")
-@click.option("--socket-group", envvar="UMAP_SOCKET_GROUP", type=_Setting("group", S.parse_group),
-              show_envvar=True, help="Group of the socket (a name or a gid).")
-@click.option("--allow-uid", "allow_uids", multiple=True, type=_Setting("user", S.parse_user),
-              help="Accept connections only from these users (and root and the server's "
-                   "own user); repeatable.  A name or a uid.")
-@click.option("--allow-gid", "allow_gids", multiple=True, type=_Setting("group", S.parse_group),
-              help="Accept connections from these groups too (primary or supplementary); "
-                   "repeatable.")
-@click.option("--worker-timeout", envvar="UMAP_WORKER_TIMEOUT", type=click.FloatRange(min=0.1),
-              default=30.0, show_default=True, show_envvar=True,
-              help="Seconds a worker may give no sign of life before it is replaced.")
-@click.option("--pidfile", type=click.Path(dir_okay=False, writable=True),
-              help="Write the server's pid to this file while it runs.")
-@click.option("--log-level", envvar="UMAP_LOG_LEVEL", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-              help="How much to log on stderr.")
+@settings_options
 @click.version_option(__version__, "-V", "--version", prog_name="mpumap")
-def server_command(socket_path, page_size, buffer_size, fillers, evictors, high_water,
-                   low_water, adapt_interval, memory_reserve, read_ahead, spin_us, store_io,
-                   max_regions, max_client_mappings, cpus, socket_mode, socket_group,
-                   allow_uids, allow_gids, worker_timeout, pidfile, log_level):
+def server_command(**options):
     try:
-        buffer_pages = (None if buffer_size is None
-                        else S.parse_buffer_pages(buffer_size, page_size))
-        settings = S.Settings(
-            socket=socket_path, page_size=page_size, buffer_pages=buffer_pages,
-            fillers=fillers, evictors=evictors, high_water=high_water,
-            low_water=low_water, adapt_interval=adapt_interval,
-            memory_reserve=memory_reserve, read_ahead=read_ahead, spin_us=spin_us,
-            store_io=store_io.lower(), max_regions=max_regions,
-            max_client_mappings=max_client_mappings, socket_mode=socket_mode,
-            socket_group=socket_group, allow_uids=tuple(allow_uids),
-            allow_gids=tuple(allow_gids), cpus=cpus or (), pidfile=pidfile,
-            worker_timeout=worker_timeout)
+        settings = S.Settings.from_options(options)
     except S.SettingError as exc:
         raise click.UsageError(str(exc)) from None
     from mpumap import logs
     from mpumap.server import Arbiter
 
-    logs.configure(log_level)
-
+    logs.configure(settings.log_level)
     try:
         return Arbiter(settings).run()
     except (RuntimeError, OSError) as exc:

@@ -5,7 +5,34 @@ import os
 
 import psutil
 
-from mpumap.settings import adaptive_limit
+
+
+def default_reserve(total_memory):
+    """Memory the adaptive buffer leaves to everything else: 10% of the
+    memory there is, at least 64 MiB (or a quarter, when that is less) and
+    at most 4 GiB."""
+    return max(min(64 << 20, total_memory // 4), min(4 << 30, total_memory // 10))
+
+
+def adaptive_limit(used_pages, page_size, available, total, cgroup, reserve, minimum):
+    """The buffer's size in pages when it follows the machine's free memory.
+
+    The kernel does not count the buffer's pages as available, so on the
+    machine the limit is what the buffer holds plus what is still available,
+    less the reserve.  In a memory cgroup (limit, usage) the buffer may use
+    the limit less everything else charged there, less the reserve: whether
+    the buffer's pages are charged to the cgroup or not (a page is charged to
+    the process whose fault allocated it), that keeps it under the limit.
+    reserve None is default_reserve() of the smaller of RAM and the cgroup.
+    """
+    held = used_pages * page_size
+    if reserve is None:
+        reserve = default_reserve(total if cgroup is None else min(total, cgroup[0]))
+    room = held + available - reserve
+    if cgroup is not None:
+        limit, usage = cgroup
+        room = min(room, limit - max(0, usage - held) - reserve)
+    return max(minimum, room // page_size)
 
 
 def cgroup_memory(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup"):
