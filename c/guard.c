@@ -23,6 +23,7 @@ struct range {
 };
 
 struct mpu_guard {
+    struct mpu_guard *next; /* in the registry of live guards */
     int sock;
     int uffd;
     int stopfd;             /* eventfd: written by mpu_guard_stop */
@@ -33,6 +34,73 @@ struct mpu_guard {
     size_t cap;
     int fell_back;          /* atomic */
 };
+
+/* ---- fork ---------------------------------------------------------------
+ *
+ * A forked child has none of the guarded ranges (they are MADV_DONTFORK),
+ * but the client's objects there still name their addresses: a close or a
+ * garbage collector in the child would munmap them, by then perhaps the
+ * child's own memory.  So in the child every guarded range gets a PROT_NONE
+ * placeholder at once, before anything else can take the addresses: a
+ * later munmap there removes only that, and a touch is a SIGSEGV, never a
+ * zero read as data.  The registry of live guards and their locks are held
+ * across the fork, so that the child finds every range list whole. */
+
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct mpu_guard *registry;
+
+static void before_fork(void)
+{
+    pthread_mutex_lock(&registry_lock);
+    for (struct mpu_guard *g = registry; g; g = g->next)
+        pthread_mutex_lock(&g->lock);
+}
+
+static void after_fork_parent(void)
+{
+    for (struct mpu_guard *g = registry; g; g = g->next)
+        pthread_mutex_unlock(&g->lock);
+    pthread_mutex_unlock(&registry_lock);
+}
+
+static void after_fork_child(void)
+{
+    for (struct mpu_guard *g = registry; g; g = g->next) {
+        for (size_t i = 0; i < g->count; i++)
+            mpu_sys_mmap((void *)(uintptr_t)g->ranges[i].addr, g->ranges[i].len, PROT_NONE,
+                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE,
+                         -1, 0);
+        pthread_mutex_unlock(&g->lock);
+    }
+    pthread_mutex_unlock(&registry_lock);
+}
+
+__attribute__((constructor)) static void setup_fork(void)
+{
+    pthread_atfork(before_fork, after_fork_parent, after_fork_child);
+}
+
+static void enlist(struct mpu_guard *g)
+{
+    pthread_mutex_lock(&registry_lock);
+    g->next = registry;
+    registry = g;
+    pthread_mutex_unlock(&registry_lock);
+}
+
+static void delist(struct mpu_guard *g)
+{
+    pthread_mutex_lock(&registry_lock);
+    for (struct mpu_guard **pp = &registry; *pp; pp = &(*pp)->next) {
+        if (*pp == g) {
+            *pp = g->next;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&registry_lock);
+}
+
+/* ---- the guard ------------------------------------------------------------ */
 
 /* Replaces one range with the file, in place; a range that cannot be mapped
  * from the file becomes inaccessible (a fault there is a SIGSEGV: a clear
@@ -134,6 +202,7 @@ struct mpu_guard *mpu_guard_start(int server_sock, int uffd)
         errno = err;
         return NULL;
     }
+    enlist(g);
     return g;
 }
 
@@ -210,6 +279,7 @@ void mpu_guard_stop(struct mpu_guard *g)
     if (!g)
         return;
     uint64_t one = 1;
+    delist(g);
     while (write(g->stopfd, &one, sizeof one) < 0 && errno == EINTR)
         ;
     pthread_join(g->thread, NULL);
@@ -219,6 +289,8 @@ void mpu_guard_stop(struct mpu_guard *g)
 
 void mpu_guard_abandon(struct mpu_guard *g)
 {
-    if (g)
+    if (g) {
+        delist(g);
         release(g);
+    }
 }

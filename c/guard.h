@@ -51,7 +51,9 @@ void mpu_guard_stop(struct mpu_guard *g);
 
 /* In a child forked while g was running: closes the guard's descriptors and
  * frees g without touching the parent's thread (which the child does not
- * have).  NULL is a no-op. */
+ * have).  The ranges are PROT_NONE placeholders in the child (a fork
+ * handler put them there): unmapping them there harms nothing.  NULL is a
+ * no-op. */
 void mpu_guard_abandon(struct mpu_guard *g);
 
 #endif

@@ -23,6 +23,8 @@
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <sys/un.h>
+#include <sys/time.h>
+#include <time.h>
 
 #include "umap/umap-client.h"
 #include "umap_client_internal.h"
@@ -42,6 +44,7 @@
 #define HEADER_SIZE MPU_HEADER_SIZE
 #define MAX_REPLY 8192          /* every reply this client asks for fits */
 #define WHY 512
+#define DEFAULT_TIMEOUT 10.0    /* seconds a request may wait; $MPUMAP_TIMEOUT */
 
 static const char *msg_name(int kind)
 {
@@ -76,6 +79,9 @@ static struct {
     struct mapping *maps;
     size_t count;       /* atomic: mappings in maps */
     int quiet;
+    double timeout;     /* seconds a request may wait */
+    int unfit;          /* a request timed out: its reply may come late, and
+                           would be taken for the next one's */
     /* WELCOME */
     uint64_t page_size, buffer_pages;
     uint32_t fillers, evictors, high_water, low_water, adaptive, max_events;
@@ -158,10 +164,27 @@ static void close_fds(const int *fds, int n)
  * exactly size payload bytes (copied to out) and nfd descriptors (the one
  * kept in *fd_out).  -1 with errno set and *why filled on failure; an ERROR
  * reply sets errno to the server's. */
+static int timed_out(char *why, const char *what)
+{
+    C.unfit = 1;
+    errno = ETIMEDOUT;
+    snprintf(why, WHY, "the server at %s %s within %g s ($MPUMAP_TIMEOUT)", C.path, what,
+             C.timeout);
+    return -1;
+}
+
 static int call(int kind, const void *payload, size_t len, int fd_send,
                 int expect, void *out, size_t size, int *fd_out, char *why)
 {
+    if (C.unfit) {
+        errno = ENOTCONN;
+        snprintf(why, WHY, "a request timed out before: this connection takes no more "
+                 "(close_umap_client, then init_umap_client)");
+        return -1;
+    }
     if (send_msg(kind, payload, len, fd_send) < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return timed_out(why, "took no request");
         snprintf(why, WHY, "lost the server at %s: %s", C.path, strerror(errno));
         return -1;
     }
@@ -179,6 +202,8 @@ static int call(int kind, const void *payload, size_t len, int fd_send,
     do
         n = recvmsg(C.sock, &mh, MSG_CMSG_CLOEXEC);
     while (n < 0 && errno == EINTR);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+        return timed_out(why, "did not answer");
     if (n < 0) {
         snprintf(why, WHY, "lost the server at %s: %s", C.path, strerror(errno));
         return -1;
@@ -277,6 +302,76 @@ static void disconnect(void)
         m->served = 0;
 }
 
+/* Seconds a request may wait for the server: $MPUMAP_TIMEOUT, else 10.
+ * Page faults are not requests: they wait. */
+static double request_timeout(void)
+{
+    const char *text = getenv("MPUMAP_TIMEOUT");
+    if (!text || !*text)
+        return DEFAULT_TIMEOUT;
+    char *end;
+    double seconds = strtod(text, &end);
+    if (*end || !(seconds > 0)) {
+        say("MPUMAP_TIMEOUT=%s is not a positive number of seconds: %g s it is", text,
+            DEFAULT_TIMEOUT);
+        return DEFAULT_TIMEOUT;
+    }
+    return seconds;
+}
+
+/* A connection to the server within the timeout: a full accept queue makes
+ * connect() wait, or fail with EAGAIN when it must not, so it is tried
+ * again until the deadline.  Sends and receives on it then give up after
+ * the timeout too (SO_SNDTIMEO, SO_RCVTIMEO). */
+static int open_socket(const struct sockaddr_un *sa, char *why)
+{
+    int sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (sock < 0) {
+        why_errno(why, "socket");
+        return -1;
+    }
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (;;) {
+        if (connect(sock, (const struct sockaddr *)sa, sizeof *sa) == 0)
+            break;
+        int err = errno;
+        if (err == EINTR)
+            continue;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        double waited = (double)(now.tv_sec - start.tv_sec)
+                        + (double)(now.tv_nsec - start.tv_nsec) / 1e9;
+        if (err == EAGAIN && waited < C.timeout) {
+            struct timespec pause = { 0, 10 * 1000 * 1000 };
+            nanosleep(&pause, NULL);
+            continue;
+        }
+        close(sock);
+        if (err == EAGAIN) {
+            errno = ETIMEDOUT;
+            snprintf(why, WHY, "the mpumap server at %s accepts no connection (waited %g s, "
+                     "$MPUMAP_TIMEOUT)", C.path, C.timeout);
+        } else {
+            errno = err;
+            snprintf(why, WHY, "no mpumap server at %s: %s", C.path, strerror(err));
+        }
+        return -1;
+    }
+    struct timeval tv = { .tv_sec = (time_t)C.timeout,
+                          .tv_usec = (suseconds_t)((C.timeout - (double)(time_t)C.timeout) * 1e6) };
+    int flags = fcntl(sock, F_GETFL);
+    if (flags < 0 || fcntl(sock, F_SETFL, flags & ~O_NONBLOCK) < 0
+        || setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) < 0
+        || setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) < 0) {
+        why_errno(why, "setting the socket's timeouts");
+        int err = errno;
+        close(sock);
+        errno = err;
+        return -1;
+    }
+    return sock;
+}
+
 static int connect_locked(const char *sock_path, char *why)
 {
     if (connected() && !server_lost())
@@ -297,22 +392,10 @@ static int connect_locked(const char *sock_path, char *why)
 
     struct sockaddr_un sa = { .sun_family = AF_UNIX };
     strcpy(sa.sun_path, C.path);
-    int sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
-    if (sock < 0) {
-        why_errno(why, "socket");
+    C.timeout = request_timeout();
+    int sock = open_socket(&sa, why);
+    if (sock < 0)
         return -1;
-    }
-    int r;
-    do
-        r = connect(sock, (struct sockaddr *)&sa, sizeof sa);
-    while (r < 0 && errno == EINTR);
-    if (r < 0) {
-        int err = errno;
-        close(sock);
-        errno = err;
-        snprintf(why, WHY, "no mpumap server at %s: %s", C.path, strerror(err));
-        return -1;
-    }
 
     /* Our own userfaultfd, kept for as long as any mapping lives. */
     int how;
@@ -335,6 +418,7 @@ static int connect_locked(const char *sock_path, char *why)
 
     C.sock = sock;
     C.uffd = uffd;
+    C.unfit = 0;
     /* HELLO: u32 flags, then the launcher's session tag, if there is one,
      * so that `mpumap-client run --stats` counts this process too. */
     unsigned char hello[4 + MPU_MAX_SESSION] = { 0 };
@@ -379,7 +463,7 @@ fail:
 
 static void release(uint64_t id)
 {
-    if (!connected() || server_lost())
+    if (!connected() || server_lost() || C.unfit)
         return;
     uint64_t body = htole64(id), out;
     char why[WHY];

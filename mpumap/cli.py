@@ -134,8 +134,8 @@ def top_command(socket_path, interval, once, as_json):
     except BrokenPipeError:  # the reader of our output went away: fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except OSError as exc:
-        click.echo(f"mpumap top: {exc.strerror or exc}", err=True)
+    except (OSError, ValueError) as exc:
+        click.echo(f"mpumap top: {getattr(exc, 'strerror', None) or exc}", err=True)
         return 1
 
 
@@ -149,8 +149,8 @@ def stats_command(socket_path):
 
     try:
         click.echo(json.dumps(mpumap.server_stats(socket_path), indent=2))
-    except mpumap.ServerUnavailable as exc:
-        click.echo(f"mpumap: {exc.strerror}", err=True)
+    except (OSError, ValueError) as exc:
+        click.echo(f"mpumap: {getattr(exc, 'strerror', None) or exc}", err=True)
         return 1
 
 
@@ -211,8 +211,8 @@ def info_command(socket_path):
         with mpumap.connect(socket_path) as client:
             for name, value in client.settings._asdict().items():
                 click.echo(f"{name:18} {value}")
-    except mpumap.ServerUnavailable as exc:
-        click.echo(f"mpumap-client: {exc.strerror}", err=True)
+    except (OSError, ValueError) as exc:
+        click.echo(f"mpumap-client: {getattr(exc, 'strerror', None) or exc}", err=True)
         return 1
 
 

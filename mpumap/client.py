@@ -8,6 +8,7 @@ A Mapping is an ``mmap.mmap`` of the region's shared buffer, read-only: it
 offers the buffer protocol, so memoryview and numpy use it without a copy.
 Its pages are filled by the server on first touch.
 """
+import builtins
 import collections
 import errno
 import json
@@ -17,10 +18,12 @@ import os
 import socket
 import stat
 import threading
+import time
 import weakref
 
 from mpumap import core, protocol
 from mpumap._core import ffi, lib
+from mpumap.errors import MpumapError, ServerUnavailable, TimeoutError, error
 from mpumap.protocol import Msg
 from mpumap.settings import socket_path as resolve_socket_path
 
@@ -31,44 +34,119 @@ PAGE = mmap.PAGESIZE
 ServerSettings = collections.namedtuple("ServerSettings", protocol.WELCOME.fields)
 
 
-class MpumapError(OSError):
-    """The server refused a request, or could not be reached."""
+DEFAULT_TIMEOUT = 10.0
 
 
-class ServerUnavailable(MpumapError, ConnectionError):
-    """No server answers on the socket."""
-
-
-def connect(socket_path=None):
-    """Connect to the server on socket_path (else $MPUMAP_SOCKET, else the
-    default) and return a Client."""
-    return Client(socket_path)
-
-
-def _open_socket(path):
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+def request_timeout(explicit=None):
+    """Seconds a request may wait for the server: `explicit`, else
+    $MPUMAP_TIMEOUT, else 10.  Page faults are not requests: they wait."""
+    if explicit is not None:
+        value, source = explicit, "timeout"
+    elif os.environ.get("MPUMAP_TIMEOUT"):
+        value, source = os.environ["MPUMAP_TIMEOUT"], "MPUMAP_TIMEOUT"
+    else:
+        return DEFAULT_TIMEOUT
     try:
-        sock.connect(path)
-    except OSError as exc:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{source} must be a positive number of seconds, not {value!r}")
+    return seconds
+
+
+def connect(socket_path=None, timeout=None):
+    """Connect to the server on socket_path (else $MPUMAP_SOCKET, else the
+    default) and return a Client.  Its requests give up after `timeout`
+    seconds (else $MPUMAP_TIMEOUT, else 10) with mpumap.TimeoutError."""
+    return Client(socket_path, timeout)
+
+
+def _open_socket(path, timeout):
+    """A connection to the server, made within `timeout` seconds: a full
+    accept queue makes a Unix socket's connect wait, or fail at once with
+    EAGAIN when it must not wait, so it is tried again until the deadline."""
+    deadline = time.monotonic() + timeout
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    sock.setblocking(False)
+    try:
+        while True:
+            try:
+                sock.connect(path)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(errno.ETIMEDOUT, f"the mpumap server at {path} accepts "
+                                       f"no connection (waited {timeout:g} s)") from None
+                time.sleep(0.01)
+            except OSError as exc:
+                raise ServerUnavailable(exc.errno, f"no mpumap server at {path}: "
+                                        f"{exc.strerror}") from None
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+    except BaseException:
         sock.close()
-        raise ServerUnavailable(exc.errno, f"no mpumap server at {path}: {exc.strerror}") from None
+        raise
     return sock
 
 
-def server_stats(socket_path=None, session=None):
+def _exchange(sock, path, timeout, kind, payload=b"", fds=()):
+    """Send a request and read its reply, each within the socket's timeout;
+    returns (data, fds) of the reply, b'' if the server closed."""
+    try:
+        protocol.send(sock, kind, payload, fds)
+    except builtins.TimeoutError:
+        raise TimeoutError(errno.ETIMEDOUT, f"the server at {path} took no request "
+                           f"in {timeout:g} s") from None
+    except OSError as exc:
+        # A server that refuses us says why, then closes: read that.
+        sent = exc
+    else:
+        sent = None
+    try:
+        data, rfds = protocol.receive(sock)
+    except builtins.TimeoutError:
+        raise TimeoutError(errno.ETIMEDOUT, f"the server at {path} did not answer in "
+                           f"{timeout:g} s") from None
+    except OSError as exc:
+        sent = sent or exc
+        data, rfds = b"", []
+    if not data and sent is not None:
+        raise ServerUnavailable(sent.errno, f"lost the server at {path}: "
+                                f"{sent.strerror}") from None
+    if not data:
+        raise ServerUnavailable(errno.ECONNRESET, f"the server at {path} closed the "
+                                "connection")
+    return data, rfds
+
+
+def _reply(data, rfds, expect):
+    """Check a reply; an ERROR reply becomes the exception for its errno."""
+    try:
+        kind, payload, values = protocol.unpack(data, len(rfds))
+    except protocol.ProtocolError as exc:
+        protocol.close_all(rfds)
+        raise MpumapError(errno.EPROTO, f"bad reply from the server: {exc}") from None
+    if kind == Msg.ERROR:
+        protocol.close_all(rfds)
+        raise error(*protocol.parse_error(payload))
+    if expect is not None and kind != expect:
+        protocol.close_all(rfds)
+        raise MpumapError(errno.EPROTO, f"expected {expect.name}, got {kind.name}")
+    return payload, values
+
+
+def server_stats(socket_path=None, session=None, timeout=None):
     """The server's status, asked without mapping anything (and so without a
     userfaultfd): settings, buffer counters, workers, clients, regions; with
-    a session tag, also what the clients of that session used."""
+    a session tag, also what the clients of that session used.  A user who
+    is neither root nor the server's user sees their own clients and regions
+    only."""
     path = resolve_socket_path(socket_path)
-    with _open_socket(path) as sock:
-        protocol.send(sock, Msg.STATS, (session or "").encode()[:protocol.MAX_SESSION])
-        data, fds = protocol.receive(sock)
-    protocol.close_all(fds)
-    if not data:
-        raise MpumapError(errno.ECONNRESET, f"the server at {path} closed the connection")
-    kind, payload, _ = protocol.unpack(data, len(fds))
-    if kind != Msg.STATS_REPLY:
-        raise MpumapError(errno.EPROTO, f"expected STATS_REPLY, got {kind.name}")
+    timeout = request_timeout(timeout)
+    with _open_socket(path, timeout) as sock:
+        data, fds = _exchange(sock, path, timeout, Msg.STATS,
+                              (session or "").encode()[:protocol.MAX_SESSION])
+    payload, _ = _reply(data, fds, Msg.STATS_REPLY)
     return json.loads(payload)
 
 
@@ -86,14 +164,26 @@ os.register_at_fork(after_in_child=_forget_guards_in_child)
 
 
 class Client:
-    def __init__(self, socket_path=None):
+    """A connection to the server, and the mappings made through it.
+
+    Owns the socket, this process's userfaultfd (kept open for as long as
+    any mapping lives) and the fallback guard thread.  One request at a time
+    (a lock), each within `timeout` seconds; a request that timed out leaves
+    the connection unfit for more (its reply could still come, and be taken
+    for the next one's), though its mappings stay readable.
+    """
+
+    def __init__(self, socket_path=None, timeout=None):
         self.socket_path = resolve_socket_path(socket_path)
+        self.timeout = request_timeout(timeout)
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._mappings = {}
         self._guard = None
         self._uffd = None
-        self._sock = _open_socket(self.socket_path)
+        self._unfit = None  # why requests may no longer be made
+        self._sock = _open_socket(self.socket_path, self.timeout)
+        self._sock.settimeout(self.timeout)
         # We keep our userfaultfd open for as long as any mapping lives: were
         # the server's copy the last one, its death would unregister our
         # ranges and the kernel would fill their holes with zeros.
@@ -129,40 +219,21 @@ class Client:
 
     def _call(self, kind, payload=b"", fds=(), expect=None):
         if self._sock is None:
-            raise MpumapError(errno.ENOTCONN, "the client is closed")
+            raise ServerUnavailable(errno.ENOTCONN, "the client is closed")
         if os.getpid() != self._pid:
             raise MpumapError(errno.ECHILD, "this client belongs to process "
                               f"{self._pid}: connect again in the child")
         with self._lock:
+            if self._unfit:
+                raise ServerUnavailable(errno.ENOTCONN, f"{self._unfit}: this connection "
+                                        "takes no more requests; connect again")
             try:
-                protocol.send(self._sock, kind, payload, fds)
-            except OSError as exc:
-                # A server that refuses us says why, then closes: read that.
-                sent = exc
-            else:
-                sent = None
-            try:
-                data, rfds = protocol.receive(self._sock)
-            except OSError as exc:
-                sent = sent or exc
-                data, rfds = b"", []
-            if not data and sent is not None:
-                raise MpumapError(sent.errno, f"lost the server at {self.socket_path}: "
-                                  f"{sent.strerror}") from None
-        if not data:
-            raise MpumapError(errno.ECONNRESET, f"the server at {self.socket_path} closed "
-                              "the connection")
-        try:
-            rkind, payload, values = protocol.unpack(data, len(rfds))
-        except protocol.ProtocolError as exc:
-            protocol.close_all(rfds)
-            raise MpumapError(errno.EPROTO, f"bad reply from the server: {exc}") from None
-        if rkind == Msg.ERROR:
-            code, message = protocol.parse_error(payload)
-            raise OSError(code, message)
-        if expect is not None and rkind != expect:
-            protocol.close_all(rfds)
-            raise MpumapError(errno.EPROTO, f"expected {expect.name}, got {rkind.name}")
+                data, rfds = _exchange(self._sock, self.socket_path, self.timeout, kind,
+                                       payload, fds)
+            except TimeoutError as exc:
+                self._unfit = f"a request timed out ({exc.strerror})"
+                raise
+        payload, values = _reply(data, rfds, expect)
         return rfds, values, payload
 
     def map(self, path):
@@ -188,16 +259,16 @@ class Client:
         rfds, values, _ = self._call(Msg.MAP, protocol.U32.pack(0), [fd], expect=Msg.MAPPED)
         mid, rid, size, length = values
         (memfd,) = rfds
-        try:
-            m = Mapping(memfd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        except BaseException:
-            os.close(memfd)
-            self._release(mid)
-            raise
-        os.close(memfd)
-        m._attach(self, mid, rid, path, fd)
+        # From here on the server holds a mapping for us: whatever fails
+        # gives it back (and undoes what was done here), in reverse order.
+        m = None
         guarded = False
         try:
+            try:
+                m = Mapping(memfd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            finally:
+                os.close(memfd)
+            m._attach(self, mid, rid, path, fd)
             # A forked child must not inherit this range: nothing would watch
             # its faults, and a read there would plant a zero page in the
             # buffer that every other client then sees.
@@ -211,8 +282,10 @@ class Client:
         except BaseException:
             if guarded:
                 self._unguard(m.address)
-            mmap.mmap.close(m)
-            os.close(m._file_fd)
+            if m is not None:
+                mmap.mmap.close(m)
+                if getattr(m, "_file_fd", None) is not None:
+                    os.close(m._file_fd)
             self._release(mid)
             raise
         self._mappings[mid] = m
@@ -294,6 +367,7 @@ class Mapping(mmap.mmap):
 
     def _attach(self, client, mid, rid, path, file_fd):
         self._client = client
+        self._file_fd = None
         self._file_fd = os.dup(file_fd)  # for the guard, while the mapping lives
         self.mapping_id = mid
         self.region_id = rid

@@ -28,8 +28,8 @@ def launch(command, socket_path=None, env_extra=None):
     path = resolve_socket_path(socket_path)
     try:
         mpumap.server_stats(path)
-    except OSError as exc:
-        raise LaunchError(str(exc.strerror or exc), 1) from None
+    except (OSError, ValueError) as exc:
+        raise LaunchError(str(getattr(exc, "strerror", None) or exc), 1) from None
     session = f"run-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     env = {**os.environ, "MPUMAP_SOCKET": path, "MPUMAP_SESSION": session,
            **(env_extra or {})}
@@ -63,7 +63,7 @@ def session_report(socket_path, session):
     """One line on what a session's clients used, or None if the server is gone."""
     try:
         report = mpumap.server_stats(socket_path, session)["session"]
-    except OSError:
+    except (OSError, ValueError):
         return None
     served = report["copies"] + report["wakes"]
     return (f"mpumap: {report['clients']} client(s) of the command: {report['faults']} faults, "

@@ -441,3 +441,29 @@ def test_program_reads_on_when_the_server_is_killed(start_server, programs, work
     assert elapsed < 30
     lost = [line for line in err.splitlines() if "lost the server" in line]
     assert len(lost) == 1 and "1 mapping(s) now read their file directly" in lost[0], err
+
+
+def test_the_c_library_gives_up_with_etimedout(start_server, programs, workdir):
+    """Against a stopped server, client_umap fails with ETIMEDOUT after
+    $MPUMAP_TIMEOUT, the connection takes no more requests, and
+    client_uunmap(NULL) is EINVAL."""
+    path = make_file(os.path.join(workdir, "c.bin"), MiB, seed=93)
+    server = start_server("--buffer-size", 64)
+    exe = programs.build(os.path.join(SOURCES, "probe.c"))
+    proc = programs.start([exe, "stopped", server.socket, path],
+                          {**clean_env(), "MPUMAP_TIMEOUT": "2"},
+                          stdin=subprocess.PIPE)
+    before = [proc.stdout.readline(), proc.stdout.readline()]
+    assert before == ["init_errno=0\n", "ready=1\n"], before
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        out, err = proc.communicate("go\n", timeout=30)
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    v = values(out)
+    assert v["map_null"] == 1 and v["map_errno"] == errno.ETIMEDOUT
+    assert 2 * 1000 - 100 <= v["map_ms"] < (2 + 1) * 1000
+    assert v["again_null"] == 1 and v["again_errno"] == errno.ENOTCONN
+    assert v["uunmap_null"] == -1 and v["uunmap_null_errno"] == errno.EINVAL
+    assert v["alive"] == 1
+    assert "did not answer within" in err

@@ -3,6 +3,8 @@ untrusted clients."""
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 
 import psutil
@@ -160,6 +162,74 @@ def test_a_forked_child_gets_no_silent_zeros(start_server, workdir):
         assert "connect again in the child" in here.recv()
         p.join(30)
         assert m[:] == want  # the parent reads on, right
+
+
+# In a forked child: take fresh memory of the mapping's size (the kernel
+# tends to put it where the parent's mapping was), fill it, then close the
+# client and let the collector free the Mapping: the child's memory must be
+# untouched.  Exit status 0: intact; 3: changed; a signal: it was unmapped.
+CLOSE_IN_CHILD = """
+import gc, mmap, os, sys, mpumap
+sock, path = sys.argv[1:3]
+want = open(path, "rb").read()
+client = mpumap.connect(sock)
+m = client.map(path)
+assert m[:] == want
+where = m.address
+pid = os.fork()
+if pid == 0:
+    mine = [mmap.mmap(-1, len(m)) for _ in range(4)]
+    for k, x in enumerate(mine):
+        x[:] = bytes([k + 1]) * len(x)
+    client.close()
+    del m
+    gc.collect()
+    intact = all(x[:] == bytes([k + 1]) * len(x) for k, x in enumerate(mine))
+    os._exit(0 if intact else 3)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status), m[:] == want, flush=True)
+m.close()
+client.close()
+"""
+
+
+def test_closing_in_a_forked_child_touches_nothing(start_server, workdir):
+    path = make_file(os.path.join(workdir, "f.bin"), MiB, seed=57)
+    server = start_server("--page-size", "64K", "--buffer-size", "16M")
+    proc = subprocess.run([sys.executable, "-c", CLOSE_IN_CHILD, server.socket, path],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["0", "True"], proc.stdout + proc.stderr
+
+
+# A failure after the server said MAPPED (here: no descriptor left to keep
+# the file by) must give the mapping back: the server forgets the region.
+MAP_FAILS_LATE = """
+import errno, os, sys, mpumap
+sock, path = sys.argv[1:3]
+client = mpumap.connect(sock)
+real_dup = os.dup
+os.dup = lambda fd: (_ for _ in ()).throw(OSError(errno.EMFILE, "no descriptors left"))
+try:
+    client.map(path)
+except OSError as exc:
+    print("refused", exc.errno == errno.EMFILE, flush=True)
+os.dup = real_dup
+stats = mpumap.server_stats(sock)
+print("regions", stats["regions_total"], flush=True)
+with client.map(path) as m:
+    print("again", m[:] == open(path, "rb").read(), flush=True)
+client.close()
+"""
+
+
+def test_a_map_that_fails_late_gives_its_region_back(start_server, workdir):
+    path = make_file(os.path.join(workdir, "g.bin"), MiB, seed=58)
+    server = start_server("--buffer-size", 64)
+    proc = subprocess.run([sys.executable, "-c", MAP_FAILS_LATE, server.socket, path],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["refused True", "regions 0", "again True"], proc.stdout
 
 
 def test_socket_access(start_server, readers, workdir):

@@ -5,6 +5,8 @@
  *     probe nosrv SOCKET FILE            no server: init fails, client_umap NULL
  *     probe files SOCKET MISSING GOOD    a missing file, then a good one, and misuse
  *     probe nobody SOCKET SECRET PUBLIC  as uid/gid 65534: EACCES, then a readable file
+ *     probe stopped SOCKET FILE          connects, says "ready", waits for a line on stdin
+ *                                        (the server is stopped meanwhile), then maps
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -18,6 +20,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 
 #include <umap/umap-client.h>
 
@@ -112,7 +115,9 @@ int main(int argc, char **argv)
             int inherited = 0;
             maps = fopen("/proc/self/maps", "r");
             while (maps && fgets(line, sizeof line, maps))
-                inherited |= (const unsigned char *)strtoul(line, NULL, 16) == mapped;
+                /* (a PROT_NONE placeholder keeps the address: not the buffer) */
+                inherited |= (const unsigned char *)strtoul(line, NULL, 16) == mapped
+                             && strstr(line, "memfd:mpumap:");
             printf("child_inherited=%d\n", inherited);
             try_map("child_before_init", argv[4], NULL);    /* ENOTCONN */
             init_umap_client(sock);
@@ -150,6 +155,23 @@ int main(int argc, char **argv)
         try_map("closed", argv[4], NULL);               /* ENOTCONN */
         init_umap_client(sock);                         /* and back */
         try_map("reconnected", argv[4], NULL);
+        close_umap_client();
+    } else if (strcmp(mode, "stopped") == 0) {
+        printf("ready=1\n");
+        fflush(stdout);
+        char line[16];
+        if (!fgets(line, sizeof line, stdin))
+            return 1;
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        try_map("map", argv[3], NULL);                  /* ETIMEDOUT */
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        printf("map_ms=%ld\n", (long)((t1.tv_sec - t0.tv_sec) * 1000
+                                      + (t1.tv_nsec - t0.tv_nsec) / 1000000));
+        try_map("again", argv[3], NULL);                /* ENOTCONN: unfit */
+        errno = 0;
+        int r = client_uunmap(NULL);
+        printf("uunmap_null=%d\nuunmap_null_errno=%d\n", r, errno);
         close_umap_client();
     } else if (strcmp(mode, "nobody") == 0 && argc == 5) {
         try_map("secret", argv[3], NULL);
