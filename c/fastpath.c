@@ -836,13 +836,13 @@ static int copy(struct mpu_filler *f, struct mpu_region_slot *r, uint32_t region
  * once per shrink: the first filler to see the file end before what the
  * table last knew walks the pages between (only the parts of the table
  * that hold data); others find that walk done. */
-static void drop_past_end(struct mpu_filler *f, struct mpu_region_slot *r, uint64_t end_page)
+static int drop_past_end(struct mpu_filler *f, struct mpu_region_slot *r, uint64_t end_page)
 {
     struct mpu_table *t = r->table;
     uint64_t known = __atomic_load_n(&t->covered, __ATOMIC_SEQ_CST);
     do {
         if (end_page >= known)
-            return;
+            return 0;
     } while (!__atomic_compare_exchange_n(&t->covered, &known, end_page, 0,
                                           __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
     uint32_t dropped = 0;
@@ -855,6 +855,7 @@ static void drop_past_end(struct mpu_filler *f, struct mpu_region_slot *r, uint6
     }
     if (dropped)
         mpu_release(f->h, dropped);
+    return 1;
 }
 
 /* The file shrank (or cannot be read): as with a mapped file, the client
@@ -884,10 +885,14 @@ static void past_the_end(struct mpu_filler *f, struct mpu_region_slot *r, uint32
     /* From the first page the file no longer holds whole: the one its end
      * falls in has bytes past the end too. */
     struct stat st;
-    uint64_t end_page = page + 1;
-    if (fstat(r->store_fd, &st) == 0)
-        end_page = (uint64_t)st.st_size / f->page_size;
-    drop_past_end(f, r, end_page);
+    uint64_t end_page = page + 1, end = page * f->page_size + got;
+    if (fstat(r->store_fd, &st) == 0) {
+        end = (uint64_t)st.st_size;
+        end_page = end / f->page_size;
+    }
+    /* Said once per shrink, not once per fault past the end. */
+    if (drop_past_end(f, r, end_page))
+        event(f, MPU_EV_SHRANK, region, page, 0, end);
 }
 
 /* The slots a fault names, if they still hold the client and region it was
@@ -957,8 +962,6 @@ static void serve_one(struct mpu_filler *f, const struct mpu_fault *fault)
     if (whole == 0) {
         if (got < 0)
             event(f, MPU_EV_STORE_FAILED, fault->region, page, -got, 0);
-        else
-            event(f, MPU_EV_SHRANK, fault->region, page, 0, page * f->page_size + got);
         abandon(f, r, page + 1, ahead);
         past_the_end(f, r, fault->region, uffd, page, address, len, got < 0 ? 0 : got);
     } else {

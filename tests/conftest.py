@@ -115,12 +115,20 @@ class Readers:
     def __init__(self):
         self.procs = []
 
-    def start(self, socket_path, *files, **options):
+    def start(self, socket_path, *files, cgroup=None, **options):
+        """A reader; options are its flags (value "" for a bare flag);
+        cgroup: the cgroup.procs file it joins before it starts."""
         args = [sys.executable, READER, socket_path, *files]
         for key, value in options.items():
             flag = f"--{key.replace('_', '-')}"
             args += [flag] if value == "" else [flag, str(value)]
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+        def join_cgroup():
+            with open(cgroup, "w") as f:
+                f.write(str(os.getpid()))
+
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=join_cgroup if cgroup else None)
         self.procs.append(proc)
         return proc
 
@@ -169,3 +177,88 @@ def assert_clean(result):
     assert "error" not in result, result
     assert result["mismatch_count"] == 0, result["mismatches"]
 
+
+
+class MemoryCgroup:
+    """A fresh child of this process's memory cgroup (v1, or v2 where the
+    memory controller is on), removed at the end; processes join it through
+    `procs`."""
+
+    def __init__(self):
+        import uuid
+
+        self.v2 = False
+        base = None
+        try:
+            with open("/proc/self/cgroup") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            pytest.skip("no /proc/self/cgroup")
+        for line in lines:
+            _, controllers, path = line.split(":", 2)
+            if "memory" in controllers.split(","):
+                base = os.path.join("/sys/fs/cgroup/memory", path.lstrip("/"))
+                break
+        else:
+            for line in lines:
+                _, controllers, path = line.split(":", 2)
+                folder = os.path.join("/sys/fs/cgroup", path.lstrip("/"))
+                if controllers == "" and "memory" in self._read(folder, "cgroup.controllers"):
+                    base, self.v2 = folder, True
+        if base is None:
+            pytest.skip("no memory cgroup controller here (v1 or v2)")
+        self.path = os.path.join(base, f"mpumap-test-{uuid.uuid4().hex[:8]}")
+        try:
+            if self.v2:
+                with open(os.path.join(base, "cgroup.subtree_control"), "w") as f:
+                    f.write("+memory")
+            os.mkdir(self.path)
+        except OSError as exc:
+            pytest.skip(f"cannot create a memory cgroup ({exc.strerror})")
+        self.procs = os.path.join(self.path, "cgroup.procs")
+
+    @staticmethod
+    def _read(folder, name):
+        try:
+            with open(os.path.join(folder, name)) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def set_limit(self, size):
+        name = "memory.max" if self.v2 else "memory.limit_in_bytes"
+        with open(os.path.join(self.path, name), "w") as f:
+            f.write(str(size))
+
+    def usage(self):
+        return int(self._read(self.path, "memory.current" if self.v2 else
+                              "memory.usage_in_bytes"))
+
+    def pids(self):
+        return {int(p) for p in self._read(self.path, "cgroup.procs").split()}
+
+    def oom_kills(self):
+        text = self._read(self.path, "memory.events" if self.v2 else "memory.oom_control")
+        for line in text.splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+        return 0
+
+    def remove(self):
+        parent = os.path.dirname(self.path)
+        for _ in range(100):
+            try:
+                for pid in self.pids():
+                    with open(os.path.join(parent, "cgroup.procs"), "w") as out:
+                        out.write(str(pid))
+                os.rmdir(self.path)
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+@pytest.fixture
+def cgroup():
+    group = MemoryCgroup()
+    yield group
+    group.remove()

@@ -345,6 +345,7 @@ class Arbiter:
             time.sleep(0.01)
         if self.stop_at_once():
             log.info("stopping at once")
+            self.exit_status = 1
         for worker in self.workers.values():
             try:
                 self.kill(worker.pid, signal.SIGKILL)

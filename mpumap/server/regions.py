@@ -53,7 +53,7 @@ class RegionTable:
             raise
         self._regions[key] = region
         self.per_user[region.uid] += 1
-        log.info("region %d: %s, %d bytes, %d pages (uid %d)", rid, name, size,
+        log.debug("region %d: %s, %d bytes, %d pages (uid %d)", rid, name, size,
                  region.npages, region.uid)
         return region
 
@@ -68,7 +68,7 @@ class RegionTable:
         region.table.release_all(self.buffer)
         region.close()
         self._free_slots.append(region.slot)
-        log.info("region %d released", region.rid)
+        log.debug("region %d released", region.rid)
 
     def recover(self, pid):
         """Free the pages a dead worker held FILLING or LEAVING."""

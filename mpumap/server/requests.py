@@ -182,7 +182,7 @@ class RequestHandler:
         if conn.sock is None or conn.sock.fileno() < 0:
             return
         if conn.is_client:
-            log.info("%s disconnected", conn)
+            log.debug("%s disconnected", conn)
         if not conn.busy:
             self.selector.unregister(conn.sock)
         for mid in list(conn.mappings):
@@ -215,7 +215,7 @@ class RequestHandler:
             protocol.send(conn.sock, kind, payload, fds)
         except OSError as exc:
             # Gone, or not reading its replies: either way it is done.
-            log.info("%s: dropped (%s)", conn, exc)
+            log.debug("%s: dropped (%s)", conn, exc)
             self.drop(conn)
 
     def refuse(self, conn, code, message):
@@ -271,7 +271,7 @@ class RequestHandler:
         except BaseException:
             self.clients.unmake_client(conn)
             raise
-        log.info("%s connected", conn)
+        log.debug("%s connected", conn)
         s = self.settings
         welcome = protocol.WELCOME.pack(
             SYSTEM_PAGE_SIZE, s.page_size, self.buffer.limit, s.fillers, s.evictors,

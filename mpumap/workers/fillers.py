@@ -18,6 +18,7 @@ import mmap
 import os
 import socket
 import struct
+import time
 
 from mpumap import core
 from mpumap._core import ffi, lib
@@ -25,6 +26,7 @@ from mpumap.store import MODE_CODES, open_cache_reader
 from mpumap.workers.base import Worker, check_receive
 
 PREFETCH_RUN_BYTES = 1 << 20  # one store read for prefetching covers this much
+QUIET_SECONDS = 10.0  # one log line per kind of event and region this often
 
 EVENTS = {
     lib.MPU_EV_STUCK: (logging.WARNING, "page {page} of {name} is still {state} after 1 s"),
@@ -94,6 +96,7 @@ class Filler(Worker):
         f.clients = self.client_slots
         f.nclients = lib.MPU_CLIENT_SLOTS
         self.fills = collections.deque()  # prefetch and read-ahead, in order
+        self._quiet = {}  # (event, region slot) -> (when to speak again, not said)
         # Idle, the C loop wakes this often to beat its heartbeat.
         seconds = min(1.0, s.worker_timeout / 4)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
@@ -165,10 +168,23 @@ class Filler(Worker):
         self.fills.append(fill)
 
     def log_events(self):
+        """Log what the C side reported: each kind of event once per
+        QUIET_SECONDS and region at most, with a count of the rest, so that
+        a client that faults on a broken file again and again cannot fill
+        the log."""
         c = self.c
+        now = time.monotonic()
         for event in c.events[0:c.nevents]:
+            key = (event.code, event.region)
+            until, quiet = self._quiet.get(key, (0.0, 0))
+            if now < until:
+                self._quiet[key] = (until, quiet + 1)
+                continue
+            self._quiet[key] = (now + QUIET_SECONDS, 0)
             level, text = EVENTS.get(event.code, (logging.ERROR, "event {code}"))
             region = self.regions.get(event.region)
+            if quiet:
+                text += f" (and {quiet} more like it)"
             self.log.log(level, text.format(
                 code=event.code, page=event.page, value=event.value,
                 name=region.name if region else f"region slot {event.region}",

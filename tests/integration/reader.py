@@ -45,6 +45,8 @@ def main():
                    help="go on with more rounds until this much time has passed")
     p.add_argument("--stop", help="... or until this file exists (checked between rounds)")
     p.add_argument("--drop-uid", type=int, help="become this user before connecting")
+    p.add_argument("--latency", action="store_true",
+                   help="time each read; report percentiles, and how long connect and map took")
     args = p.parse_args()
 
     if args.drop_uid is not None:
@@ -52,6 +54,7 @@ def main():
         os.setgid(args.drop_uid)
         os.setuid(args.drop_uid)
 
+    began = time.monotonic()
     try:
         client = mpumap.connect(args.socket)
     except OSError as exc:
@@ -75,12 +78,14 @@ def main():
         for m in mappings:
             m.prefetch()
     read = Direct(chunk).pread if args.direct else os.pread
-    print(json.dumps({"ready": os.getpid(), "uffd": client.uffd_kind}), flush=True)
+    print(json.dumps({"ready": os.getpid(), "uffd": client.uffd_kind,
+                      "setup_seconds": time.monotonic() - began}), flush=True)
     if args.go:
         while not os.path.exists(args.go):
             time.sleep(0.001)
 
     rng = random.Random(args.seed)
+    times = []
     mismatches = []
     pages = 0
     started = time.monotonic()
@@ -100,7 +105,10 @@ def main():
             if args.order == "random":
                 rng.shuffle(offsets)
             for off in offsets:
+                t = time.monotonic()
                 got = m[off:off + chunk]
+                if args.latency:
+                    times.append(time.monotonic() - t)
                 want = read(fd, chunk, off)
                 pages += 1
                 if got != want:
@@ -116,6 +124,10 @@ def main():
         "sizes": [len(m) for m in mappings],
         "seconds": elapsed,
     }
+    if times:
+        times.sort()
+        result["latency"] = {q: times[min(len(times) - 1, int(f * len(times)))]
+                             for q, f in (("p50", 0.5), ("p99", 0.99), ("max", 1.0))}
     for m in mappings:
         m.close()
     client.close()

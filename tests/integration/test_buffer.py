@@ -4,7 +4,6 @@ import errno
 import os
 import subprocess
 import time
-import uuid
 
 import pytest
 
@@ -240,63 +239,13 @@ def test_past_the_limits_a_clean_refusal(start_server, workdir):
             m.close()
 
 
-def memory_cgroup():
-    """A fresh child of this process's v1 memory cgroup, or skip."""
-    try:
-        with open("/proc/self/cgroup") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        pytest.skip("no /proc/self/cgroup")
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            base = os.path.join("/sys/fs/cgroup/memory", path.lstrip("/"))
-            break
-    else:
-        pytest.skip("no v1 memory cgroup controller here")
-    folder = os.path.join(base, f"mpumap-test-{uuid.uuid4().hex[:8]}")
-    try:
-        os.mkdir(folder)
-    except OSError as exc:
-        pytest.skip(f"cannot create a memory cgroup ({exc.strerror})")
-    return folder
-
-
-@pytest.fixture
-def cgroup():
-    folder = memory_cgroup()
-    yield folder
-    parent = os.path.dirname(folder)
-    for _ in range(100):
-        try:
-            with open(os.path.join(folder, "cgroup.procs")) as f:
-                for pid in f.read().split():
-                    with open(os.path.join(parent, "cgroup.procs"), "w") as out:
-                        out.write(pid)
-            os.rmdir(folder)
-            return
-        except OSError:
-            time.sleep(0.1)
-
-
 def test_adaptive_size_follows_a_memory_cgroup(cgroup, start_server, readers, workdir):
-    def write(name, value):
-        with open(os.path.join(cgroup, name), "w") as f:
-            f.write(str(value))
-
-    def read(name):
-        with open(os.path.join(cgroup, name)) as f:
-            return f.read()
-
-    write("memory.limit_in_bytes", 1024 * MiB)
-    env = dict(os.environ)
-    procs_file = os.path.join(cgroup, "cgroup.procs")
-    # The server joins the cgroup before it starts (its workers follow).
-    env["MPUMAP_TEST_CGROUP"] = procs_file
+    cgroup.set_limit(1024 * MiB)
     page = 64 << 10
+    # The server joins the cgroup before it starts (its workers follow).
     server = start_server("--page-size", "64K", "--adapt-interval", "0.5",
-                          "--memory-reserve", "64M", env=env, cgroup=procs_file)
-    assert str(server.proc.pid) in read("cgroup.procs").split()
+                          "--memory-reserve", "64M", cgroup=cgroup.procs)
+    assert server.proc.pid in cgroup.pids()
     limit = server.stats()["buffer"]["limit"]
     assert limit * page <= 1024 * MiB - 64 * MiB
     assert limit * page > 512 * MiB
@@ -310,7 +259,7 @@ def test_adaptive_size_follows_a_memory_cgroup(cgroup, start_server, readers, wo
         assert all(p.poll() is None for p in procs), "readers finished too soon"
         time.sleep(0.05)
 
-    write("memory.limit_in_bytes", 256 * MiB)
+    cgroup.set_limit(256 * MiB)
     lowered = time.monotonic()
     while True:
         b = server.stats()["buffer"]
@@ -320,5 +269,5 @@ def test_adaptive_size_follows_a_memory_cgroup(cgroup, start_server, readers, wo
         time.sleep(0.05)
     for p in procs:
         assert_clean(readers.result(p))
-    assert "oom_kill 0" in read("memory.oom_control")
+    assert cgroup.oom_kills() == 0
     assert server.proc.poll() is None

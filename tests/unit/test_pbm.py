@@ -111,3 +111,32 @@ def test_counters_are_exact_across_processes():
         assert snap["used"] == 0 and 1 <= snap["peak_used"] <= 4
     finally:
         buf.close()
+
+
+def test_system_page_arithmetic_at_64k():
+    """Kernels with 64 KiB system pages (arm64, ppc64le): the C side's sizes
+    follow the page it is given (sysconf at run time), not 4 KiB."""
+    from mpumap._core import lib
+
+    big = 64 << 10
+    assert lib.mpu_round_up(1, big) == big
+    assert lib.mpu_round_up(big, big) == big
+    assert lib.mpu_round_up(big + 1, big) == 2 * big
+    assert lib.mpu_system_pages(0, big) == 0
+    assert lib.mpu_system_pages(4096, big) == 1
+    assert lib.mpu_system_pages(3 * big + 1, big) == 4
+    assert lib.mpu_system_pages(3 * big + 1, 4096) == 3 * 16 + 1
+
+
+def test_no_c_source_assumes_a_4k_page():
+    import re
+
+    folder = os.path.join(os.path.dirname(__file__), "..", "..", "c")
+    page_like = re.compile(r"\b(4096u?|4095|0x1000|0xfff)\b", re.IGNORECASE)
+    allowed = ("MPU_CLIENT_SLOTS", "path[4096]")  # a count and a buffer, not pages
+    for name in sorted(os.listdir(folder)):
+        if name.endswith((".c", ".h")):
+            with open(os.path.join(folder, name)) as f:
+                for number, line in enumerate(f, 1):
+                    if page_like.search(line) and not any(a in line for a in allowed):
+                        raise AssertionError(f"c/{name}:{number} {line.strip()}")

@@ -1,0 +1,68 @@
+"""The request handler's bookkeeping when a step fails half-way, on real
+sockets and a real userfaultfd, with a fault monitor that refuses."""
+import errno
+import os
+import selectors
+import socket
+
+import pytest
+
+from mpumap import core, protocol
+from mpumap import settings as S
+from mpumap._core import lib
+from mpumap.pbm import PageBuffer
+from mpumap.protocol import Msg
+from mpumap.server.clients import ClientTable
+from mpumap.server.regions import RegionTable
+from mpumap.server.requests import RequestHandler
+
+
+class RefusingMonitor:
+    """A fault monitor whose epoll set is full (ENOSPC: max_user_watches)."""
+
+    def watch(self, slot, gen, uffd):
+        raise OSError(errno.ENOSPC, "watching the userfaultfd: No space left on device")
+
+    def forget(self, slot):
+        raise AssertionError("nothing was watched")
+
+
+@pytest.fixture
+def handler():
+    settings = S.Settings(buffer_pages=64, fillers=1)
+    buffer = PageBuffer.create(64, 90, 70)
+    selector = selectors.DefaultSelector()
+    told = []
+    h = RequestHandler(settings, buffer, selector, ClientTable(buffer),
+                       RegionTable(settings.max_regions, buffer), RefusingMonitor(),
+                       lambda data, fds, role, then=None: told.append(data) or
+                       (then and then()), lambda: [], 0.0)
+    h.told = told
+    yield h
+    h.close()
+    buffer.close()
+
+
+def test_a_hello_that_fails_half_way_leaves_nothing_behind(handler):
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    theirs.setblocking(False)
+    handler.accept(theirs)
+    (conn,) = list(handler.clients)
+    uffd, _ = core.uffd_open()
+    try:
+        protocol.send(ours, Msg.HELLO, protocol.U32.pack(0), [uffd])
+        handler.readable(conn)
+        data, fds = protocol.receive(ours)
+        kind, payload, _ = protocol.unpack(data, len(fds))
+        assert kind == Msg.ERROR
+        assert protocol.parse_error(payload)[0] == errno.ENOSPC
+        # No slot held, no descriptor kept, no worker told; the server goes on.
+        assert conn.uffd is None and conn.slot is None
+        assert handler.clients.slots_left == lib.MPU_CLIENT_SLOTS
+        assert not handler.clients.clients_per_user
+        assert handler.told == []
+        ours.close()
+        handler.readable(conn)  # the client leaves: dropped without a word
+        assert len(handler.clients) == 0
+    finally:
+        os.close(uffd)
