@@ -108,7 +108,10 @@ class Arbiter:
                      "adaptive" if s.adaptive else "fixed", s.fillers, s.evictors)
             while not self.stopping:
                 for key, mask in self.selector.select(self.timeout()):
-                    key.data(mask)
+                    try:
+                        key.data(mask)
+                    except Exception:  # a bug must cost one event, not the server
+                        log.exception("handling an event")
                 self.handle_signals()
                 self.housekeeping()
         finally:

@@ -3,6 +3,7 @@ import errno
 import fcntl
 import logging
 import os
+import resource
 import socket
 import time
 
@@ -128,8 +129,10 @@ class Listener:
 
     def _pause(self, exc):
         if not self._refused:
-            log.error("accept: %s: no more connections for now (%d descriptors open); "
-                      "trying again in a while", exc.strerror, len(os.listdir("/proc/self/fd")))
+            # (Counting the open descriptors would need one more.)
+            limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            log.error("accept: %s: no more connections for now (the limit is %d descriptors); "
+                      "trying again in a while", exc.strerror, limit)
         self._refused += 1
         self._backoff = min(BACKOFF_MOST, max(BACKOFF_FIRST, 2 * self._backoff))
         self.paused_until = time.monotonic() + self._backoff

@@ -310,3 +310,35 @@ def test_a_growing_program_in_the_cgroup_is_not_oom_killed(cgroup, start_server,
         grower.stdin.close()
         grower.wait(10)
         grower.stdout.close()
+
+
+def test_out_of_descriptors_accept_backs_off_and_logs_once(start_server):
+    server = start_server("--buffer-size", 64)
+    ps = psutil.Process(server.proc.pid)
+    room = len(os.listdir(f"/proc/{ps.pid}/fd")) + 8
+    ps.rlimit(psutil.RLIMIT_NOFILE, (room, room))  # a server that runs out soon
+    import socket
+
+    silent = []
+    for _ in range(100):  # root's own: no quota; they never speak
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.connect(server.socket)
+        silent.append(s)
+    time.sleep(0.5)
+    cpu = sum(ps.cpu_times()[:2])
+    time.sleep(2)
+    spent = sum(ps.cpu_times()[:2]) - cpu
+    assert spent < 0.3, f"the main loop spun: {spent:.2f} s of CPU in 2 s"
+    for s in silent:
+        s.close()
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            mpumap.server_stats(server.socket, timeout=1)
+            break
+        except OSError:
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.1)
+    log = server.output()
+    assert len([line for line in log.splitlines() if "accept:" in line]) == 1, log
+    assert "accepting again" in log
