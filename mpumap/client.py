@@ -25,7 +25,6 @@ from mpumap import core, protocol
 from mpumap._core import ffi, lib
 from mpumap.errors import MpumapError, ServerUnavailable, TimeoutError, error
 from mpumap.protocol import Msg
-from mpumap.settings import socket_path as resolve_socket_path
 
 log = logging.getLogger("mpumap.client")
 PAGE = mmap.PAGESIZE
@@ -141,7 +140,7 @@ def server_stats(socket_path=None, session=None, timeout=None):
     a session tag, also what the clients of that session used.  A user who
     is neither root nor the server's user sees their own clients and regions
     only."""
-    path = resolve_socket_path(socket_path)
+    path = protocol.socket_path(socket_path)
     timeout = request_timeout(timeout)
     with _open_socket(path, timeout) as sock:
         data, fds = _exchange(sock, path, timeout, Msg.STATS,
@@ -174,7 +173,7 @@ class Client:
     """
 
     def __init__(self, socket_path=None, timeout=None):
-        self.socket_path = resolve_socket_path(socket_path)
+        self.socket_path = protocol.socket_path(socket_path)
         self.timeout = request_timeout(timeout)
         self._lock = threading.Lock()
         self._pid = os.getpid()

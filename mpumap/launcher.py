@@ -7,7 +7,7 @@ import sys
 import uuid
 
 import mpumap
-from mpumap.settings import socket_path as resolve_socket_path
+from mpumap.protocol import socket_path as resolve_socket_path
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
              signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT)

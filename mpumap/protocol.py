@@ -18,6 +18,7 @@ import struct
 
 from mpumap._core import ffi, lib
 
+DEFAULT_SOCKET = "/tmp/mpumap.sock"
 MAGIC = b"MPUM"
 VERSION = lib.MPU_PROTOCOL_VERSION
 HEADER = struct.Struct("<4sHHI")  # magic, version, type, payload length
@@ -27,6 +28,11 @@ MAX_SESSION = lib.MPU_MAX_SESSION
 
 _CODES = {"uint8_t": "B", "uint16_t": "H", "uint32_t": "I", "uint64_t": "Q",
           "int32_t": "i", "int64_t": "q"}
+
+
+def socket_path(explicit=None):
+    """The server's socket: explicit, else $MPUMAP_SOCKET, else the default."""
+    return explicit or os.environ.get("MPUMAP_SOCKET") or DEFAULT_SOCKET
 
 
 class Layout:

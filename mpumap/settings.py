@@ -18,9 +18,9 @@ import sys
 from typing import Any, Callable
 
 from mpumap._core import lib
+from mpumap.protocol import DEFAULT_SOCKET, socket_path  # noqa: F401  (mpumap-server's too)
 
 SYSTEM_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-DEFAULT_SOCKET = "/tmp/mpumap.sock"
 DEFAULT_READ_AHEAD_BYTES = 1 << 20
 MAX_WORKERS = lib.MPU_MAX_WORKERS
 MAX_READ_AHEAD = 1024
@@ -36,11 +36,6 @@ class SettingError(ValueError):
     """A setting's value is not acceptable; the message says why."""
 
 
-def socket_path(explicit=None):
-    """--socket, else MPUMAP_SOCKET, else the default."""
-    return explicit or os.environ.get("MPUMAP_SOCKET") or DEFAULT_SOCKET
-
-
 # ---- parsers: text -> value, or SettingError -------------------------------
 
 
@@ -50,6 +45,13 @@ def parse_size(text):
     if not match:
         raise SettingError(f"{text!r} is not a size (try 65536, 64K, 256M or 2G)")
     return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+def parse_socket(text):
+    """A Unix socket's path: not empty, and short enough for sun_path."""
+    if not text or len(os.fsencode(text)) > 107:
+        raise SettingError(f"a socket path must be 1 to 107 bytes long, not {len(text)}")
+    return text
 
 
 def parse_page_size(text):
@@ -196,7 +198,7 @@ class Spec:
 
 
 SPECS = (
-    Spec("socket", "--socket", "MPUMAP_SOCKET", str, default=DEFAULT_SOCKET,
+    Spec("socket", "--socket", "MPUMAP_SOCKET", parse_socket, default=DEFAULT_SOCKET,
          metavar="PATH", shown_default=f"`{DEFAULT_SOCKET}`",
          summary="the Unix socket (clients read the same variable)",
          help="Unix socket to listen on."),
