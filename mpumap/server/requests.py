@@ -302,10 +302,8 @@ class RequestHandler:
             return
         self.resume(conn)
         if error is not None:
-            code = getattr(error, "errno", None) or errno.EIO
-            if isinstance(error, TimeoutError):
-                code = errno.ETIMEDOUT
-            self.refuse(conn, code, f"opening the file: {getattr(error, 'strerror', None) or error}")
+            code, text = failure(error)
+            self.refuse(conn, code, f"opening the file: {text}")
             return
         key = (opened.dev, opened.ino, conn.uid)
         region = self.regions.get(key)
@@ -383,9 +381,7 @@ class RequestHandler:
                 return
             self.resume(conn)
             if error is not None:
-                code = errno.ETIMEDOUT if isinstance(error, TimeoutError) else (
-                    getattr(error, "errno", None) or errno.EIO)
-                self.refuse(conn, code, getattr(error, "strerror", None) or str(error))
+                self.refuse(conn, *failure(error))
                 return
             mapping.address = address
             self.monitor.set_ranges(conn.slot, conn.ranges())
@@ -473,6 +469,14 @@ class RequestHandler:
             self.drop(conn)
         self.selector.unregister(self.offload)
         self.offload.close()
+
+
+def failure(error):
+    """(errno, text) for a step that failed off the main loop."""
+    if isinstance(error, TimeoutError):
+        return errno.ETIMEDOUT, str(error)
+    code = getattr(error, "errno", None) or errno.EIO
+    return code, getattr(error, "strerror", None) or str(error)
 
 
 def client_message(conn):

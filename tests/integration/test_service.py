@@ -102,7 +102,8 @@ def test_top_without_a_server(workdir):
     out = subprocess.run(tool("mpumap") + ["top", "--socket", sock, "--once"],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 1
-    assert out.stderr.strip() == f"mpumap top: no mpumap server at {sock}: No such file or directory"
+    assert out.stderr.strip() == (f"mpumap top: no mpumap server at {sock}: "
+                                  "No such file or directory")
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
@@ -188,7 +189,8 @@ def test_after_sigkill_no_worker_survives_and_a_new_server_starts(start_server, 
 
 def test_a_second_server_on_a_live_socket_is_refused(start_server):
     server = start_server("--buffer-size", 64)
-    proc = subprocess.run(tool("mpumap-server") + ["--socket", server.socket, "--buffer-size", "64"],
+    proc = subprocess.run(tool("mpumap-server") + ["--socket", server.socket,
+                                                   "--buffer-size", "64"],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1
     assert "already running" in proc.stderr
