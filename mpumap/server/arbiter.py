@@ -69,6 +69,7 @@ class Arbiter:
         self.by_slot = {}  # (role, index) -> Worker
         self.quick_deaths = collections.Counter()
         self.stopping = False
+        self.stop_now = False
         self.exit_status = 0
         self.listener = self.monitor = self.handler = None
         raise_descriptor_limit()
@@ -173,13 +174,14 @@ class Arbiter:
                 self.reap()
             elif self.stopping:
                 self.exit_status = 1
+                self.stop_now = True
             else:
                 log.info("%s: stopping", signal.Signals(signum).name)
                 self.stopping = True
 
     def stop_at_once(self):
-        """A second stop signal came while stopping."""
-        return any(sig != signal.SIGCHLD for sig in self.signals)
+        """A second stop signal came while stopping (handled, or queued)."""
+        return self.stop_now or any(sig != signal.SIGCHLD for sig in self.signals)
 
     # -- workers ------------------------------------------------------------------
 

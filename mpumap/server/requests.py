@@ -126,7 +126,7 @@ class RequestHandler:
             return
         log.debug("connection from pid %d, uid %d, gid %d", conn.pid, conn.uid, conn.gid)
         self.clients.add(conn)
-        self.selector.register(sock, selectors.EVENT_READ, lambda mask: self.readable(conn))
+        self.listen(conn)
 
     def readable(self, conn):
         try:
@@ -183,8 +183,10 @@ class RequestHandler:
             return
         if conn.is_client:
             log.debug("%s disconnected", conn)
-        if not conn.busy:
+        try:
             self.selector.unregister(conn.sock)
+        except KeyError:
+            pass  # busy, or never watched
         for mid in list(conn.mappings):
             self.forget(conn, self.clients.remove_mapping(conn, mid))
         if conn.is_client:
@@ -203,8 +205,19 @@ class RequestHandler:
     def resume(self, conn):
         conn.busy = False
         if conn.sock is not None:
+            self.listen(conn)
+
+    def listen(self, conn):
+        """Read a connection's requests as they come; one the server cannot
+        watch (epoll out of room: max_user_watches) is closed, not the
+        server."""
+        try:
             self.selector.register(conn.sock, selectors.EVENT_READ,
                                    lambda mask: self.readable(conn))
+        except OSError as exc:
+            self.say_once("watch", conn.uid, "%s: cannot watch its connection: %s",
+                          conn, exc.strerror)
+            self.drop(conn)
 
     # -- replies -------------------------------------------------------------------
 

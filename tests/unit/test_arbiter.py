@@ -157,3 +157,4 @@ def test_signals_wait_in_a_queue_and_sigchld_counts_once(arbiter):
     assert arbiter.stop_at_once()
     arbiter.handle_signals()
     assert arbiter.exit_status == 1  # a second signal while stopping
+    assert arbiter.stop_at_once()  # even once it was handled

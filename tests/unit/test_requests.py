@@ -66,3 +66,29 @@ def test_a_hello_that_fails_half_way_leaves_nothing_behind(handler):
         assert len(handler.clients) == 0
     finally:
         os.close(uffd)
+
+
+class FullSelector(selectors.DefaultSelector):
+    """An epoll set with no room for more (max_user_watches reached)."""
+
+    def register(self, fileobj, events, data=None):
+        if isinstance(fileobj, socket.socket):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().register(fileobj, events, data)
+
+
+def test_a_connection_the_server_cannot_watch_is_closed_not_the_server():
+    settings = S.Settings(buffer_pages=64, fillers=1)
+    buffer = PageBuffer.create(64, 90, 70)
+    h = RequestHandler(settings, buffer, FullSelector(), ClientTable(buffer),
+                       RegionTable(settings.max_regions, buffer), RefusingMonitor(),
+                       lambda *args: None, lambda: [], 0.0)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        h.accept(theirs)
+        assert len(h.clients) == 0 and theirs.fileno() == -1
+        assert ours.recv(16) == b""  # closed: it knows at once
+    finally:
+        ours.close()
+        h.close()
+        buffer.close()
