@@ -173,6 +173,8 @@ static int timed_out(char *why, const char *what)
     return -1;
 }
 
+static void release(uint64_t id);
+
 static int call(int kind, const void *payload, size_t len, int fd_send,
                 int expect, void *out, size_t size, int *fd_out, char *why)
 {
@@ -224,8 +226,7 @@ static int call(int kind, const void *payload, size_t len, int fd_send,
     }
     uint16_t version, type;
     uint32_t length;
-    if (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC) || n < HEADER_SIZE
-        || memcmp(buf, "MPUM", 4) != 0) {
+    if (mh.msg_flags & MSG_TRUNC || n < HEADER_SIZE || memcmp(buf, "MPUM", 4) != 0) {
         close_fds(fds, nfds);
         errno = EPROTO;
         snprintf(why, WHY, "bad reply from the server (not an mpumap message)");
@@ -256,8 +257,21 @@ static int call(int kind, const void *payload, size_t len, int fd_send,
         errno = code > 0 ? code : EIO;
         return -1;
     }
+    if (mh.msg_flags & MSG_CTRUNC && type == MPU_MSG_MAPPED
+        && length == sizeof(struct mpu_mapped)) {
+        /* The region's memfd found no descriptor free here (RLIMIT_NOFILE);
+         * the server holds the mapping all the same: give it back. */
+        struct mpu_mapped mapped;
+        memcpy(&mapped, buf + HEADER_SIZE, sizeof mapped);
+        close_fds(fds, nfds);
+        release(le64toh(mapped.mapping_id));
+        errno = EMFILE;
+        snprintf(why, WHY, "the server's descriptor found no room here: %s",
+                 strerror(EMFILE));
+        return -1;
+    }
     int want_fds = fd_out ? 1 : 0;
-    if (type != expect || length != size || nfds != want_fds) {
+    if (mh.msg_flags & MSG_CTRUNC || type != expect || length != size || nfds != want_fds) {
         close_fds(fds, nfds);
         errno = EPROTO;
         snprintf(why, WHY, "bad reply from the server: %s with %u bytes and %d "

@@ -149,17 +149,37 @@ def server_stats(socket_path=None, session=None, timeout=None):
     return json.loads(payload)
 
 
+# A fork waits while a mapping is set up or taken down: between its mmap and
+# MADV_DONTFORK a child would inherit a range no userfaultfd watches, where a
+# read plants a zero page in the buffer every client sees; between the guard
+# letting go of a range and its munmap, the child would get no placeholder
+# there (see c/guard.c).  Only local calls run under it, never a request.
+_FORK_LOCK = threading.Lock()
 _LIVE_CLIENTS = weakref.WeakSet()
 
 
-def _forget_guards_in_child():
-    # A forked child has none of the parent's mappings (MADV_DONTFORK) and no
-    # guard thread; let go of the guards' descriptors without touching them.
+def _after_fork_in_child():
+    _FORK_LOCK.release()
+    # A forked child has none of the parent's mappings (MADV_DONTFORK; the
+    # guard's fork handler left placeholders there) and no guard thread: let
+    # go of the guards' descriptors without touching anything else.
     for client in list(_LIVE_CLIENTS):
         client._abandon_guard()
 
 
-os.register_at_fork(after_in_child=_forget_guards_in_child)
+os.register_at_fork(before=_FORK_LOCK.acquire, after_in_parent=_FORK_LOCK.release,
+                    after_in_child=_after_fork_in_child)
+
+
+def _forsaken(guard, uffd):
+    """What a Client dropped without close() must still do, before its
+    socket's own finalizer closes the descriptor: stop the guard that polls
+    it.  Left running, the guard would keep the connection open (closing a
+    descriptor does not wake a poll on it) and, once the server went, map
+    files over ranges that are no longer the client's.  (weakref callbacks
+    run before the socket's finalizer.)"""
+    lib.mpu_guard_stop(guard)
+    os.close(uffd)
 
 
 class Client:
@@ -208,6 +228,7 @@ class Client:
         except BaseException:
             self._close_descriptors()
             raise
+        self._forsaken = weakref.finalize(self, _forsaken, self._guard, self._uffd)
         _LIVE_CLIENTS.add(self)
         self.settings = ServerSettings(*values)
         if self.uffd_kind == "user-mode-only":
@@ -232,8 +253,24 @@ class Client:
             except TimeoutError as exc:
                 self._unfit = f"a request timed out ({exc.strerror})"
                 raise
+            except protocol.DescriptorsLost as exc:
+                self._give_back(exc.data)
+                raise MpumapError(errno.EMFILE, "a descriptor the server sent found no room "
+                                  "in this process (its RLIMIT_NOFILE)") from None
         payload, values = _reply(data, rfds, expect)
         return rfds, values, payload
+
+    def _give_back(self, data):
+        """A MAPPED whose memfd found no descriptor here: the server holds
+        the mapping all the same, so say UNMAP.  (Under the request lock.)"""
+        try:
+            kind, _, values = protocol.unpack(data, 1)
+            if kind != Msg.MAPPED:
+                return
+            _exchange(self._sock, self.socket_path, self.timeout, Msg.UNMAP,
+                      protocol.U64.pack(values[0]))
+        except (OSError, protocol.ProtocolError) as exc:
+            log.debug("giving back a mapping: %s", exc)
 
     def map(self, path):
         """Map a file read-only through the server; returns a Mapping.
@@ -263,35 +300,42 @@ class Client:
         m = None
         guarded = False
         try:
-            try:
-                m = Mapping(memfd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-            finally:
-                os.close(memfd)
-            m._attach(self, mid, rid, path, fd)
-            # A forked child must not inherit this range: nothing would watch
-            # its faults, and a read there would plant a zero page in the
-            # buffer that every other client then sees.
-            m.madvise(mmap.MADV_DONTFORK)
-            # Guarded before it is registered: no registered range is ever
-            # without its way back to the file.
-            self._guard_mapping(m)
-            guarded = True
+            with _FORK_LOCK:
+                try:
+                    m = Mapping(memfd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+                finally:
+                    os.close(memfd)
+                m._attach(self, mid, rid, path, fd)
+                # A forked child must not inherit this range: nothing would
+                # watch its faults, and a read there would plant a zero page
+                # in the buffer that every other client then sees.
+                m.madvise(mmap.MADV_DONTFORK)
+                # Guarded before it is registered: no registered range is
+                # ever without its way back to the file.
+                self._guard_mapping(m)
+                guarded = True
             self._call(Msg.REGISTER, protocol.SPAN.pack(mid, m.address, length),
                        expect=Msg.REGISTERED)
         except BaseException:
-            if guarded:
-                self._unguard(m.address)
-            if m is not None:
-                mmap.mmap.close(m)
-                if getattr(m, "_file_fd", None) is not None:
-                    os.close(m._file_fd)
+            with _FORK_LOCK:
+                if guarded:
+                    self._unguard(m.address)
+                if m is not None:
+                    mmap.mmap.close(m)
+            if m is not None and getattr(m, "_file_fd", None) is not None:
+                os.close(m._file_fd)
             self._release(mid)
             raise
         self._mappings[mid] = m
         return m
 
     def _release(self, mid):
+        """Tell the server mapping mid is unmapped here.  Nothing is said
+        where nobody can be told (a closed client, a forked child): the
+        server lets go of a connection's mappings when it closes."""
         self._mappings.pop(mid, None)
+        if self._sock is None or os.getpid() != self._pid:
+            return
         try:
             self._call(Msg.UNMAP, protocol.U64.pack(mid), expect=Msg.UNMAPPED)
         except OSError as exc:
@@ -309,8 +353,10 @@ class Client:
         everything open, while a memoryview or array still uses a mapping."""
         if self._sock is None:
             return
+        # The server hears nothing of each: closing the connection lets go of
+        # them all there, and a close must not wait for a server.
         for m in list(self._mappings.values()):
-            m.close()
+            m._close(tell=False)
         self._close_descriptors()
 
     def _guard_mapping(self, m):
@@ -330,11 +376,14 @@ class Client:
 
     def _abandon_guard(self):
         if self._guard is not None and os.getpid() != self._pid:
+            self._forsaken.detach()
             lib.mpu_guard_abandon(self._guard)
             self._guard = None
 
     def _close_descriptors(self):
         if self._guard is not None:
+            if hasattr(self, "_forsaken"):
+                self._forsaken.detach()
             lib.mpu_guard_stop(self._guard)
             self._guard = None
         if self._sock is not None:
@@ -392,6 +441,9 @@ class Mapping(mmap.mmap):
 
     def close(self):
         """Unmap.  Raises BufferError while views of it are alive."""
+        self._close(tell=True)
+
+    def _close(self, tell):
         if self.closed:
             return
         client = getattr(self, "_client", None)
@@ -399,19 +451,23 @@ class Mapping(mmap.mmap):
         # over an address that may be someone else's by then) and takes it
         # back if the unmap is refused.  The server hears of it last: while
         # the range exists, its faults must be served.
-        if client is not None:
-            client._unguard(self.address)
-        try:
-            super().close()
-        except BufferError:
+        with _FORK_LOCK:
             if client is not None:
-                client._guard_mapping(self)
-            raise BufferError(
-                f"cannot unmap {self.path}: a memoryview or numpy array still "
-                "points into it; delete those first") from None
+                client._unguard(self.address)
+            try:
+                super().close()
+            except BufferError:
+                if client is not None:
+                    client._guard_mapping(self)
+                raise BufferError(
+                    f"cannot unmap {self.path}: a memoryview or numpy array still "
+                    "points into it; delete those first") from None
         os.close(self._file_fd)
-        if client is not None and not client.closed:
-            client._release(self.mapping_id)
+        if client is not None:
+            if tell:
+                client._release(self.mapping_id)
+            else:
+                client._mappings.pop(self.mapping_id, None)
 
     def __exit__(self, *exc):
         self.close()

@@ -108,6 +108,15 @@ class ProtocolError(Exception):
     """A message that does not follow the protocol; the text says how."""
 
 
+class DescriptorsLost(ProtocolError):
+    """A whole message whose descriptors found no room here (RLIMIT_NOFILE):
+    `data` is the message, so that what it gave can be given back."""
+
+    def __init__(self, data):
+        super().__init__("no descriptor free for what the message carries")
+        self.data = data
+
+
 def pack(kind, payload=b""):
     return HEADER.pack(MAGIC, VERSION, kind, len(payload)) + payload
 
@@ -170,9 +179,12 @@ def receive(sock):
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             usable = len(cdata) - len(cdata) % 4
             fds.extend(struct.unpack(f"{usable // 4}i", cdata[:usable]))
-    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+    if flags & socket.MSG_TRUNC:
         close_all(fds)
-        raise ProtocolError("message too large, or too many descriptors")
+        raise ProtocolError("message too large")
+    if flags & socket.MSG_CTRUNC:
+        close_all(fds)
+        raise DescriptorsLost(data)
     return data, fds
 
 

@@ -1,4 +1,5 @@
 """The answers to clients' requests, and the connections they come on."""
+import collections
 import errno
 import fcntl
 import itertools
@@ -21,7 +22,7 @@ from mpumap.workers.fillers import prefetch_run
 log = logging.getLogger("mpumap.requests")
 
 HANDSHAKE_SECONDS = 5.0  # to say HELLO (or ask STATS) after connecting
-OFFLOAD_SECONDS = 10.0  # for a store to open, a range to register
+OFFLOAD_SECONDS = 8.0  # for a store to open, a range to register (below the clients' 10)
 QUIET_SECONDS = 60.0  # one log line per kind of refusal and user this often
 
 
@@ -65,6 +66,7 @@ class RequestHandler:
         self.selector.register(self.offload, selectors.EVENT_READ,
                                lambda mask: self.offload.finished())
         self.announcing = {}  # rid -> replies that wait until its workers know it
+        self.maps_under_way = collections.Counter()  # uid -> maps whose file is opening
         self._quiet = {}  # (what, uid) -> (when to speak again, refusals not logged)
         self.handlers = {
             Msg.HELLO: self.on_hello,
@@ -92,11 +94,11 @@ class RequestHandler:
             return True
         return bool(set(s.allow_gids) & supplementary_groups(conn.pid))
 
-    def quota(self, conn, counter, limit, what, flag):
+    def quota(self, conn, count, limit, what, flag):
         """Refuse (EDQUOT) a user who has `limit` of something already."""
-        if self.privileged(conn.uid) or counter[conn.uid] < limit:
+        if self.privileged(conn.uid) or count < limit:
             return
-        raise RequestError(errno.EDQUOT, f"uid {conn.uid} has {counter[conn.uid]} {what} "
+        raise RequestError(errno.EDQUOT, f"uid {conn.uid} has {count} {what} "
                            f"already, the most one user may ({flag})")
 
     # -- connections -------------------------------------------------------------
@@ -271,8 +273,8 @@ class RequestHandler:
                                 f"{4 + protocol.MAX_SESSION}")
         if not core.is_uffd(fds[0]):
             raise RequestError(errno.EINVAL, "the descriptor sent with HELLO is not a userfaultfd")
-        self.quota(conn, self.clients.clients_per_user, self.settings.max_user_clients,
-                   "clients", "--max-user-clients")
+        self.quota(conn, self.clients.clients_per_user[conn.uid],
+                   self.settings.max_user_clients, "clients", "--max-user-clients")
         if not self.clients.slots_left:
             raise RequestError(errno.EUSERS, f"the server serves {lib.MPU_CLIENT_SLOTS} "
                                "clients already")
@@ -298,10 +300,13 @@ class RequestHandler:
         if len(conn.mappings) >= s.max_client_mappings:
             raise RequestError(errno.EMFILE, f"this client has {len(conn.mappings)} mappings "
                                "already, the most the server allows (--max-client-mappings)")
-        self.quota(conn, self.clients.mappings_per_user, s.max_user_mappings, "mappings",
-                   "--max-user-mappings")
+        # Maps under way count too: each of a user's connections may have one
+        # waiting for its file, and all would pass a check of what is mapped.
+        mappings = self.clients.mappings_per_user[conn.uid] + self.maps_under_way[conn.uid]
+        self.quota(conn, mappings, s.max_user_mappings, "mappings", "--max-user-mappings")
         client_fd = fds.pop()
         self.pause(conn)
+        self.maps_under_way[conn.uid] += 1
         self.offload.submit(conn.uid, lambda: open_for_map(client_fd, s.store_io),
                             lambda opened, error: self.mapped(conn, opened, error),
                             OFFLOAD_SECONDS, abandon=lambda opened: opened.close(),
@@ -309,6 +314,9 @@ class RequestHandler:
 
     def mapped(self, conn, opened, error):
         """A map's file, opened off the main loop: find or make its region."""
+        self.maps_under_way[conn.uid] -= 1
+        if self.maps_under_way[conn.uid] <= 0:
+            del self.maps_under_way[conn.uid]
         if conn.sock is None:
             if opened:
                 opened.close()
@@ -351,7 +359,7 @@ class RequestHandler:
         if self.regions.full:
             raise RequestError(errno.ENFILE, f"the server serves {len(self.regions)} regions "
                                "already, the most it may (--max-regions)")
-        self.quota(conn, self.regions.per_user, s.max_user_regions, "regions",
+        self.quota(conn, self.regions.per_user[conn.uid], s.max_user_regions, "regions",
                    "--max-user-regions")
         region = self.regions.create(key, next(self.ids), opened.size, s.page_size,
                                      opened.take_store(), opened.mode, opened.name)

