@@ -1,6 +1,8 @@
 """How big an adaptive buffer may be: the machine's available memory and the
 memory cgroup the server runs in.  The arbiter asks once at start, evictor 0
-every --adapt-interval seconds."""
+every --adapt-interval seconds, and in between whenever the memory left
+went down by a quarter of the reserve."""
+import functools
 import os
 
 import psutil
@@ -45,11 +47,25 @@ def cgroup_memory(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup"):
     """
     try:
         with open(proc_cgroup) as f:
-            lines = f.read().splitlines()
+            text = f.read()
     except OSError:
         return None
     found = []
-    for line in lines:
+    for limit_file, usage_file in _cgroup_files(text, root):
+        limit = _read_number(limit_file)
+        usage = _read_number(usage_file)
+        if limit is not None and usage is not None and limit < 1 << 60:
+            found.append((limit - usage, limit, usage))
+    return min(found)[1:] if found else None
+
+
+@functools.lru_cache(maxsize=8)
+def _cgroup_files(text, root):
+    """The (limit, usage) files of every memory cgroup on the way from this
+    process's cgroups (as /proc/self/cgroup says them) to the root: looked
+    for once, then only read (evictor 0 asks ten times a second)."""
+    files = []
+    for line in text.splitlines():
         _, controllers, path = line.split(":", 2)
         if controllers == "":
             base, limit_file, usage_file = root, "memory.max", "memory.current"
@@ -61,11 +77,10 @@ def cgroup_memory(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup"):
         parts = [p for p in path.split("/") if p]
         for depth in range(len(parts), -1, -1):
             folder = os.path.join(base, *parts[:depth])
-            limit = _read_number(os.path.join(folder, limit_file))
-            usage = _read_number(os.path.join(folder, usage_file))
-            if limit is not None and usage is not None and limit < 1 << 60:
-                found.append((limit - usage, limit, usage))
-    return min(found)[1:] if found else None
+            if os.path.exists(os.path.join(folder, limit_file)):
+                files.append((os.path.join(folder, limit_file),
+                              os.path.join(folder, usage_file)))
+    return tuple(files)
 
 
 def _read_number(path):
@@ -79,13 +94,25 @@ def _read_number(path):
 
 def machine_limit(buffer, settings):
     """The adaptive buffer's size in pages, now."""
+    return sizing_now(buffer, settings)[0]
+
+
+def sizing_now(buffer, settings):
+    """(the adaptive buffer's size, the memory it leaves to the rest), both
+    in pages, now."""
     memory = psutil.virtual_memory()
-    return adaptive_limit(
+    cgroup = cgroup_memory()
+    reserve = settings.memory_reserve
+    if reserve is None:
+        reserve = default_reserve(memory.total if cgroup is None
+                                  else min(memory.total, cgroup[0]))
+    limit = adaptive_limit(
         used_pages=buffer.used,
         page_size=settings.page_size,
         available=memory.available,
         total=memory.total,
-        cgroup=cgroup_memory(),
-        reserve=settings.memory_reserve,
+        cgroup=cgroup,
+        reserve=reserve,
         minimum=settings.min_buffer_pages,
     )
+    return limit, reserve // settings.page_size

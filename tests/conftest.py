@@ -234,6 +234,11 @@ class MemoryCgroup:
         return int(self._read(self.path, "memory.current" if self.v2 else
                               "memory.usage_in_bytes"))
 
+    def peak(self):
+        """The most the cgroup was charged since it was made (0: unknown)."""
+        text = self._read(self.path, "memory.peak" if self.v2 else "memory.max_usage_in_bytes")
+        return int(text) if text.strip().isdigit() else 0
+
     def pids(self):
         return {int(p) for p in self._read(self.path, "cgroup.procs").split()}
 

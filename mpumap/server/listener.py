@@ -14,6 +14,10 @@ BACKLOG = 128
 # wait before trying again, longer each time.
 BACKOFF_FIRST = 0.05
 BACKOFF_MOST = 1.0
+# A user who holds connections until they are closed as silent, and opens
+# more at once, brings a spell without descriptors every few seconds: the
+# log hears of one spell a minute at most.
+SPELL_LOG_SECONDS = 60.0
 
 
 class ServerRunning(RuntimeError):
@@ -29,7 +33,8 @@ class Listener:
     a server that died (nobody answers it) is taken over.
 
     While accept() fails for lack of descriptors the listener is paused
-    (`paused_until`), so that the main loop neither spins nor logs every try.
+    (`paused_until`), so that the main loop neither spins nor logs every try;
+    such spells are logged once a minute at most.
     """
 
     def __init__(self, path, mode, group=None):
@@ -37,7 +42,10 @@ class Listener:
         self.lock_path = path + ".lock"
         self.paused_until = 0.0
         self._backoff = 0.0
-        self._refused = 0
+        self._refused = 0  # tries that failed in this spell
+        self._spell_logged = False
+        self._unlogged_spells = 0
+        self._log_again = 0.0  # when the next spell may be logged
         self._lock = self._take_lock()
         try:
             self.sock = self._bind(mode, group)
@@ -114,28 +122,36 @@ class Listener:
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                self._pause(exc)
-            else:
-                log.error("accept: %s", exc)
+            # Out of descriptors or memory (or anything else): the socket
+            # stays readable, and trying again at once would spin.
+            self._pause(exc)
             return None
         if self._refused:
-            log.warning("accepting again, after %d tries failed for lack of descriptors",
-                        self._refused)
+            if self._spell_logged:
+                log.warning("accepting again, after %d tries failed", self._refused)
             self._refused = 0
             self._backoff = 0.0
         sock.setblocking(False)
         return sock
 
     def _pause(self, exc):
-        if not self._refused:
-            # (Counting the open descriptors would need one more.)
-            limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-            log.error("accept: %s: no more connections for now (the limit is %d descriptors); "
-                      "trying again in a while", exc.strerror, limit)
+        now = time.monotonic()
+        if not self._refused:  # a spell begins
+            self._spell_logged = now >= self._log_again
+            if self._spell_logged:
+                more = (f" ({self._unlogged_spells} more spells like it since the last "
+                        "one logged)" if self._unlogged_spells else "")
+                # (Counting the descriptors open would take one.)
+                log.error("accept: %s: no more connections for now (the limit is %d "
+                          "descriptors); trying again in a while%s", exc.strerror,
+                          resource.getrlimit(resource.RLIMIT_NOFILE)[0], more)
+                self._log_again = now + SPELL_LOG_SECONDS
+                self._unlogged_spells = 0
+            else:
+                self._unlogged_spells += 1
         self._refused += 1
         self._backoff = min(BACKOFF_MOST, max(BACKOFF_FIRST, 2 * self._backoff))
-        self.paused_until = time.monotonic() + self._backoff
+        self.paused_until = now + self._backoff
 
     def close(self):
         """Remove the socket and the lock file (the lock still held, so that

@@ -10,11 +10,16 @@ import os
 import selectors
 import time
 
-from mpumap.sizing import machine_limit
+from mpumap.sizing import sizing_now
 from mpumap.workers.base import Worker
 
 RELEASE_BATCH = 16  # give pages back to waiting fillers this often
 IDLE_SECONDS = 1.0
+# Between re-sizings, an adaptive buffer's evictor looks this often whether
+# the memory left to it went down by more than a quarter of the reserve: a
+# program beside it that grows fast (256 MiB/s) would eat the reserve, and
+# then the cgroup's OOM killer would come, before the next interval.
+WATCH_SECONDS = 0.05
 
 
 class Evictor(Worker):
@@ -23,7 +28,9 @@ class Evictor(Worker):
     Owns, besides what every worker holds: its share of the eviction work
     (the pages whose index falls to it), its eventfd (fillers write it when
     they want room), and for evictor 0 of an adaptive buffer the buffer's
-    limit, re-evaluated on a deadline whatever else it is doing.
+    limit, re-evaluated on a deadline whatever else it is doing, and
+    lowered at once when the memory left to it went down by more than a
+    quarter of the reserve.
     """
 
     role = "evictor"
@@ -33,6 +40,7 @@ class Evictor(Worker):
         self.wakeup = self.evict_fds[self.index]
         self.adapts = s.adaptive and self.index == 0
         self.next_adapt = time.monotonic() + s.adapt_interval
+        self.next_watch = time.monotonic() + WATCH_SECONDS
         # Asleep, it still wakes this often to beat its heartbeat.
         self.idle = min(IDLE_SECONDS, s.worker_timeout / 4)
 
@@ -43,16 +51,23 @@ class Evictor(Worker):
         while True:
             timeout = self.idle
             if self.adapts:
-                timeout = max(0.0, min(timeout, self.next_adapt - time.monotonic()))
+                timeout = max(0.0, min(timeout, self.next_adapt - time.monotonic(),
+                                       self.next_watch - time.monotonic()))
             for key, _ in selector.select(timeout):
                 key.data()
             self.beat()
-            # On a deadline, not when the loop is idle: under steady faulting
+            # On deadlines, not when the loop is idle: under steady faulting
             # the evictors are woken more often than the interval, and the
             # limit must follow the memory all the same.
-            if self.adapts and time.monotonic() >= self.next_adapt:
+            now = time.monotonic()
+            if self.adapts and now >= self.next_adapt:
                 self.adapt()
-                self.next_adapt = time.monotonic() + self.settings.adapt_interval
+                self.next_adapt = now + self.settings.adapt_interval
+                self.next_watch = now + WATCH_SECONDS
+            elif self.adapts and now >= self.next_watch:
+                if self.buffer.used:  # (an empty buffer has nothing to give back)
+                    self.adapt(shrink_only=True)
+                self.next_watch = now + WATCH_SECONDS
             self.evict()
 
     def evict_on_request(self):
@@ -61,9 +76,15 @@ class Evictor(Worker):
         except BlockingIOError:
             pass  # another evictor took this wakeup
 
-    def adapt(self):
+    def adapt(self, shrink_only=False):
+        """Size the buffer to the memory there is; between intervals
+        (shrink_only), only when it must shrink by more than a quarter of the
+        reserve: smaller moves wait for the interval, so that the limit (and
+        with it the watermarks) does not jitter with every reading."""
         s = self.settings
-        limit = machine_limit(self.buffer, s)
+        limit, reserve = sizing_now(self.buffer, s)
+        if shrink_only and self.buffer.limit - limit <= reserve // 4:
+            return
         if limit != self.buffer.limit:
             self.log.info("buffer limit %d -> %d pages", self.buffer.limit, limit)
             self.buffer.set_limit(limit, s.high_water, s.low_water)
