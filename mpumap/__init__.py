@@ -9,7 +9,7 @@ from mpumap.client import (  # noqa: E402
     connect,
     server_stats,
 )
-from mpumap.errors import (  # noqa: E402
+from mpumap.errors import (  # noqa: E402, F401  (the builtin-named ones: see __all__)
     FileExistsError,
     FileNotFoundError,
     MpumapError,
@@ -18,16 +18,14 @@ from mpumap.errors import (  # noqa: E402
     TimeoutError,
 )
 
+# Not the classes named after builtins (mpumap.PermissionError, ...): a
+# `from mpumap import *` must not shadow the builtins in the caller's module.
 __all__ = [
     "Client",
-    "FileExistsError",
-    "FileNotFoundError",
     "Mapping",
     "MpumapError",
-    "PermissionError",
     "ServerSettings",
     "ServerUnavailable",
-    "TimeoutError",
     "connect",
     "server_stats",
     "__version__",

@@ -253,6 +253,11 @@ class Client:
             except TimeoutError as exc:
                 self._unfit = f"a request timed out ({exc.strerror})"
                 raise
+            except (KeyboardInterrupt, SystemExit) as exc:
+                # Its reply may yet come, and would be taken for the next
+                # request's: as after a timeout.
+                self._unfit = f"a request was interrupted ({type(exc).__name__})"
+                raise
             except protocol.DescriptorsLost as exc:
                 self._give_back(exc.data)
                 raise MpumapError(errno.EMFILE, "a descriptor the server sent found no room "

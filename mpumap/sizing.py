@@ -68,7 +68,13 @@ def _cgroup_files(text, root):
     for line in text.splitlines():
         _, controllers, path = line.split(":", 2)
         if controllers == "":
-            base, limit_file, usage_file = root, "memory.max", "memory.current"
+            # v2: mounted at the root, or beside v1 ("hybrid") at unified/
+            base = root
+            unified = os.path.join(root, "unified")
+            if (not os.path.exists(os.path.join(root, "cgroup.controllers"))
+                    and os.path.exists(os.path.join(unified, "cgroup.controllers"))):
+                base = unified
+            limit_file, usage_file = "memory.max", "memory.current"
         elif "memory" in controllers.split(","):
             base, limit_file, usage_file = (
                 os.path.join(root, "memory"), "memory.limit_in_bytes", "memory.usage_in_bytes")

@@ -127,8 +127,11 @@ class Readers:
             with open(cgroup, "w") as f:
                 f.write(str(os.getpid()))
 
+        # Unbuffered: wait_ready reads one line, and communicate() in
+        # result reads the descriptor; a buffer between would keep lines
+        # from it.
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                preexec_fn=join_cgroup if cgroup else None)
+                                bufsize=0, preexec_fn=join_cgroup if cgroup else None)
         self.procs.append(proc)
         return proc
 

@@ -34,6 +34,7 @@ STOP_GRACE_SECONDS = 2.0  # for workers to finish what they were given (stop: < 
 QUICK_DEATH_SECONDS = 1.0
 MAX_QUICK_DEATHS = 5
 LOOP_SECONDS = 1.0  # the main loop wakes at least this often
+ACCEPTS_PER_PASS = 32
 
 
 class Arbiter:
@@ -138,10 +139,14 @@ class Arbiter:
             self.selector.register(self.listener, selectors.EVENT_READ, self.on_listener)
 
     def on_listener(self, mask):
-        sock = self.listener.accept()
-        if sock is not None:
+        # Several at a time (a flood must not cost a pass of the loop per
+        # connection), but a bounded number: requests come in between.
+        for _ in range(ACCEPTS_PER_PASS):
+            sock = self.listener.accept()
+            if sock is None:
+                break
             self.handler.accept(sock)
-        elif self.listener.paused_until > time.monotonic():
+        if self.listener.paused_until > time.monotonic():
             self.selector.unregister(self.listener)
 
     # -- signals ------------------------------------------------------------------

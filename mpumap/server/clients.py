@@ -75,8 +75,9 @@ class ClientTable:
     them) and the per-client counter slots of the buffer segment.  Slots are
     reused oldest-freed first, so that fillers are long done with a slot
     before it serves another client; a freed slot's counts go to its
-    session's totals when it is taken again.  Keeps the totals of the last
-    SESSIONS_KEPT session tags (what `mpumap-client run --stats` asks for).
+    session's totals when it is taken again.  Keeps the totals of each
+    user's last SESSIONS_KEPT session tags (what `mpumap-client run --stats`
+    asks for): one user's many tags never push out another's.
 
     Invariants: `per_user` counts open connections by uid, `clients_per_user`
     those that hold a slot, `mappings_per_user` their mappings.
@@ -86,8 +87,8 @@ class ClientTable:
         self.buffer = buffer
         self._connections = {}  # cid -> Connection
         self._free_slots = collections.deque(range(lib.MPU_CLIENT_SLOTS))
-        self._retired = {}  # slot -> the session of the client that held it
-        self._sessions = collections.OrderedDict()  # session -> totals
+        self._retired = {}  # slot -> (session, uid) of the client that held it
+        self._sessions = {}  # uid -> OrderedDict(session -> totals), oldest first
         self.per_user = collections.Counter()
         self.clients_per_user = collections.Counter()
         self.mappings_per_user = collections.Counter()
@@ -119,8 +120,12 @@ class ClientTable:
                 totals[name] += value
         self.buffer.reset_client(slot)
         conn.uffd, conn.slot, conn.session = uffd, slot, session
-        self._totals((session, conn.uid))["clients"] += 1
         self.clients_per_user[conn.uid] += 1
+
+    def welcomed(self, conn):
+        """A client is in: its session counts it (not before: a HELLO that
+        fails half-way is nobody's client)."""
+        self._totals((conn.session, conn.uid))["clients"] += 1
 
     def add_mapping(self, conn, mapping):
         conn.mappings[mapping.mid] = mapping
@@ -154,11 +159,15 @@ class ClientTable:
         conn.slot = None
 
     def _totals(self, key):
-        totals = self._sessions.get(key)
+        """The totals of (session, uid).  Each user's own last SESSIONS_KEPT
+        sessions are kept: one user's many tags never push out another's."""
+        session, uid = key
+        mine = self._sessions.setdefault(uid, collections.OrderedDict())
+        totals = mine.get(session)
         if totals is None:
-            totals = self._sessions[key] = _zero_totals()
-            while len(self._sessions) > SESSIONS_KEPT:
-                self._sessions.popitem(last=False)
+            totals = mine[session] = _zero_totals()
+            while len(mine) > SESSIONS_KEPT:
+                mine.popitem(last=False)
         return totals
 
     def session_report(self, session, uid=None):
@@ -168,8 +177,9 @@ class ClientTable:
             return key[0] == session and (uid is None or key[1] == uid)
 
         report = _zero_totals()
-        for key, totals in self._sessions.items():
-            if ours(key):
+        for owner, sessions in self._sessions.items():
+            totals = sessions.get(session)
+            if totals is not None and ours((session, owner)):
                 for name, value in totals.items():
                     report[name] += value
         here = [c for c in self._connections.values()

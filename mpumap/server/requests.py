@@ -286,6 +286,7 @@ class RequestHandler:
         except BaseException:
             self.clients.unmake_client(conn)
             raise
+        self.clients.welcomed(conn)
         log.debug("%s connected", conn)
         s = self.settings
         welcome = protocol.WELCOME.pack(

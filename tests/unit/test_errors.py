@@ -37,3 +37,11 @@ def test_the_timeout_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("MPUMAP_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="MPUMAP_TIMEOUT"):
         request_timeout()
+
+
+def test_a_star_import_shadows_no_builtin():
+    scope = {}
+    exec("from mpumap import *", scope)
+    assert not {"PermissionError", "FileNotFoundError", "FileExistsError",
+                "TimeoutError"} & set(scope)
+    assert "MpumapError" in scope and "ServerUnavailable" in scope

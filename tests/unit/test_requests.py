@@ -92,3 +92,35 @@ def test_a_connection_the_server_cannot_watch_is_closed_not_the_server():
         ours.close()
         h.close()
         buffer.close()
+
+
+def test_a_failed_hello_counts_in_no_session(handler):
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    theirs.setblocking(False)
+    handler.accept(theirs)
+    (conn,) = list(handler.clients)
+    uffd, _ = core.uffd_open()
+    try:
+        protocol.send(ours, Msg.HELLO, protocol.U32.pack(0) + b"job-7", [uffd])
+        handler.readable(conn)
+        assert protocol.receive(ours)[0]
+        assert handler.clients.session_report("job-7")["clients"] == 0
+    finally:
+        ours.close()
+        os.close(uffd)
+
+
+def test_one_users_session_tags_do_not_push_out_anothers():
+    from mpumap.server.clients import SESSIONS_KEPT, ClientTable
+
+    buffer = PageBuffer.create(64, 90, 70)
+    try:
+        table = ClientTable(buffer)
+        table._totals(("root-job", 0))["clients"] += 1
+        for i in range(SESSIONS_KEPT + 50):
+            table._totals((f"junk-{i}", 65534))["clients"] += 1
+        assert table.session_report("root-job")["clients"] == 1
+        assert table.session_report("root-job", uid=65534)["clients"] == 0
+        assert table.session_report("junk-0")["clients"] == 0  # its own oldest went
+    finally:
+        buffer.close()
