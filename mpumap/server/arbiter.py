@@ -124,8 +124,9 @@ class Arbiter:
         """Until the main loop must look at the clock again."""
         now = time.monotonic()
         wake = [now + min(LOOP_SECONDS, self.settings.worker_timeout / 4)]
-        if self.handler is not None and self.handler.next_deadline() is not None:
-            wake.append(self.handler.next_deadline())
+        deadline = self.handler.next_deadline() if self.handler is not None else None
+        if deadline is not None:
+            wake.append(deadline)
         if self.listener.paused_until > now:
             wake.append(self.listener.paused_until)
         return max(0.0, min(wake) - now)
@@ -206,7 +207,8 @@ class Arbiter:
         gc.unfreeze()
         child_sock.close()
         worker.pid = pid
-        worker.channel = Channel(parent_sock, self._backlog_changed)
+        worker.channel = Channel(parent_sock,
+                                 lambda waiting: self._backlog_changed(worker, waiting))
         worker.restarted = restarted
         self.workers[pid] = worker
         self.by_slot[role, index] = worker
@@ -238,17 +240,15 @@ class Arbiter:
         for worker in targets:
             worker.channel.post(data, fds, done.done)
 
-    def _backlog_changed(self, channel, waiting):
-        """A channel has (or no longer has) messages waiting for room."""
-        for worker in self.workers.values():
-            if worker.channel is channel:
-                events = selectors.EVENT_READ | (selectors.EVENT_WRITE if waiting else 0)
-                try:
-                    self.selector.modify(channel.sock, events,
-                                         lambda mask, w=worker: self.on_worker(w, mask))
-                except (KeyError, ValueError):
-                    pass  # being reaped
-                return
+    def _backlog_changed(self, worker, waiting):
+        """A worker's channel has (or no longer has) messages waiting for
+        room: watch its socket for writing too (or no longer)."""
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if waiting else 0)
+        try:
+            key = self.selector.get_key(worker.channel.sock)
+            self.selector.modify(key.fileobj, events, key.data)
+        except (KeyError, ValueError):
+            pass  # being reaped
 
     def on_worker(self, worker, mask):
         if mask & selectors.EVENT_WRITE:

@@ -32,7 +32,7 @@ class Channel:
         sock.setblocking(False)
         self.sock = sock
         self._backlog = collections.deque()  # (data, fds, sent)
-        self._on_backlog = on_backlog  # (channel, waiting: bool)
+        self._on_backlog = on_backlog  # (waiting: bool)
 
     def fileno(self):
         return self.sock.fileno()
@@ -50,7 +50,7 @@ class Channel:
             return
         self._backlog.append((data, [os.dup(fd) for fd in fds], sent))
         if len(self._backlog) == 1:
-            self._on_backlog(self, True)
+            self._on_backlog(True)
 
     def flush(self):
         """Send what waits, as far as the socket takes it (when writable)."""
@@ -62,7 +62,7 @@ class Channel:
             _close(fds)
             if sent:
                 sent()
-        self._on_backlog(self, False)
+        self._on_backlog(False)
 
     def _send(self, data, fds):
         """True once the message left (or can never leave: the worker is
@@ -83,7 +83,7 @@ class Channel:
         """Close the socket; what still waits is dropped (its callbacks run)."""
         backlog, self._backlog = self._backlog, collections.deque()
         if backlog:
-            self._on_backlog(self, False)
+            self._on_backlog(False)
         for _, fds, sent in backlog:
             _close(fds)
             if sent:
