@@ -368,17 +368,6 @@ uint64_t mpu_table_recover(struct mpu_header *h, struct mpu_table *t, int fd,
     return freed;
 }
 
-uint64_t mpu_table_count(struct mpu_table *t, int fd, uint32_t state)
-{
-    uint64_t n = 0;
-    for (uint64_t i = 0; i < t->npages;) {
-        for (uint64_t stop = mpu_table_next_run(fd, &i, t->npages); i < stop; i++)
-            if (STATE(mpu_load32(&t->pages[i].state)) == state)
-                n++;
-    }
-    return n;
-}
-
 /* The max oldest PRESENT pages among those with i % stride == phase, kept in
  * a max-heap on the stamp so that each page costs O(log max). */
 static void sift_down(uint64_t *idx, uint64_t *stamp, uint64_t n, uint64_t i)

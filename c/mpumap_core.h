@@ -129,7 +129,6 @@ int mpu_page_evict(struct mpu_table *t, struct mpu_page *page, uint32_t owner,
  * (or -1): they skip the holes of a sparse table, which hold FREE pages
  * only, so that a large file costs what it holds, not what it is. */
 uint64_t mpu_table_release(struct mpu_header *h, struct mpu_table *t, int fd);
-uint64_t mpu_table_count(struct mpu_table *t, int fd, uint32_t state);
 uint64_t mpu_table_recover(struct mpu_header *h, struct mpu_table *t, int fd,
                            uint32_t owner, int memfd, uint64_t page_size);
 uint64_t mpu_table_oldest(struct mpu_table *t, int fd, uint64_t stride,

@@ -258,9 +258,6 @@ class PageTable:
         n = lib.mpu_table_oldest(self.table, self.fd, stride, phase, count, idx, stamps)
         return list(zip(ffi.unpack(stamps, n), ffi.unpack(idx, n)))
 
-    def count(self, state):
-        return lib.mpu_table_count(self.table, self.fd, state)
-
     def recover(self, buffer, owner, memfd, page_size):
         """Free the pages a dead worker held FILLING or LEAVING."""
         return lib.mpu_table_recover(buffer.header, self.table, self.fd, owner, memfd,

@@ -46,7 +46,7 @@ def test_oldest_pages_first_and_release_of_a_dead_region():
             table.end_fill(buf, index, True)
         assert [i for _, i in sorted(table.oldest(2))] == [5, 2]
         assert [i for _, i in sorted(table.oldest(10, stride=2, phase=0))] == [2, 8]
-        assert table.count(core.PRESENT) == 4
+        assert table.present == 4
         # a fill that ends after the region was released gives its page back
         assert table.begin_fill(3, 1, 10) == core.FREE
         assert buf.reserve([], 10)
