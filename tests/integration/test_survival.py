@@ -223,13 +223,19 @@ client.close()
 """
 
 
-def test_a_map_that_fails_late_gives_its_region_back(start_server, workdir):
-    path = make_file(os.path.join(workdir, "g.bin"), MiB, seed=58)
+def refused_then_mapped(program, start_server, path):
+    """Run a client program that makes a map fail after the server's
+    MAPPED, checks the server forgot the region, then maps again."""
     server = start_server("--buffer-size", 64)
-    proc = subprocess.run([sys.executable, "-c", MAP_FAILS_LATE, server.socket, path],
+    proc = subprocess.run([sys.executable, "-c", program, server.socket, path],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["refused True", "regions 0", "again True"], proc.stdout
+
+
+def test_a_map_that_fails_late_gives_its_region_back(start_server, workdir):
+    path = make_file(os.path.join(workdir, "g.bin"), MiB, seed=58)
+    refused_then_mapped(MAP_FAILS_LATE, start_server, path)
 
 
 # A MAPPED whose memfd finds no descriptor free in the client (its limit
@@ -256,11 +262,7 @@ client.close()
 
 def test_a_memfd_with_no_room_gives_its_mapping_back(start_server, workdir):
     path = make_file(os.path.join(workdir, "h.bin"), MiB, seed=59)
-    server = start_server("--buffer-size", 64)
-    proc = subprocess.run([sys.executable, "-c", NO_ROOM_FOR_THE_MEMFD, server.socket, path],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == ["refused True", "regions 0", "again True"], proc.stdout
+    refused_then_mapped(NO_ROOM_FOR_THE_MEMFD, start_server, path)
 
 
 # A Client dropped without close() lets go of its connection: the server

@@ -43,15 +43,21 @@ def handler():
     buffer.close()
 
 
-def test_a_hello_that_fails_half_way_leaves_nothing_behind(handler):
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+def hello(handler, ours, theirs, uffd, session=b""):
+    """A connection says HELLO to the handler; its connection."""
     theirs.setblocking(False)
     handler.accept(theirs)
     (conn,) = list(handler.clients)
+    protocol.send(ours, Msg.HELLO, protocol.U32.pack(0) + session, [uffd])
+    handler.readable(conn)
+    return conn
+
+
+def test_a_hello_that_fails_half_way_leaves_nothing_behind(handler):
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     uffd, _ = core.uffd_open()
     try:
-        protocol.send(ours, Msg.HELLO, protocol.U32.pack(0), [uffd])
-        handler.readable(conn)
+        conn = hello(handler, ours, theirs, uffd)
         data, fds = protocol.receive(ours)
         kind, payload, _ = protocol.unpack(data, len(fds))
         assert kind == Msg.ERROR
@@ -96,13 +102,9 @@ def test_a_connection_the_server_cannot_watch_is_closed_not_the_server():
 
 def test_a_failed_hello_counts_in_no_session(handler):
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    theirs.setblocking(False)
-    handler.accept(theirs)
-    (conn,) = list(handler.clients)
     uffd, _ = core.uffd_open()
     try:
-        protocol.send(ours, Msg.HELLO, protocol.U32.pack(0) + b"job-7", [uffd])
-        handler.readable(conn)
+        hello(handler, ours, theirs, uffd, b"job-7")
         assert protocol.receive(ours)[0]
         assert handler.clients.session_report("job-7")["clients"] == 0
     finally:
