@@ -979,6 +979,21 @@ static void serve_one(struct mpu_filler *f, const struct mpu_fault *fault)
         mpu_release(f->h, 1);
 }
 
+/* Serves the faults of a W_FAULTS packet of n bytes (its header first). */
+static void serve_packet(struct mpu_filler *f, const char *packet, size_t n)
+{
+    struct mpu_w_faults head;
+    memcpy(&head, packet, sizeof head);
+    uint32_t count = (uint32_t)((n - sizeof head) / sizeof(struct mpu_fault));
+    if (head.count < count)
+        count = head.count;
+    const struct mpu_fault *faults = (const struct mpu_fault *)(packet + sizeof head);
+    for (uint32_t i = 0; i < count; i++) {
+        serve_one(f, &faults[i]);
+        beat(f);
+    }
+}
+
 struct recvmsg_args {
     int sock;
     struct msghdr *msg;
@@ -1052,15 +1067,8 @@ int mpu_filler_run(struct mpu_filler *f, int sock, char *buf, int size,
         memcpy(&head, buf, sizeof head);
         if (head.kind != MPU_W_FAULTS)
             return (int)n;
-        uint32_t count = (uint32_t)(((size_t)n - sizeof head) / sizeof(struct mpu_fault));
-        if (head.count < count)
-            count = head.count;
         uint64_t started = mpu_now_ns();
-        const struct mpu_fault *faults = (const struct mpu_fault *)(buf + sizeof head);
-        for (uint32_t i = 0; i < count; i++) {
-            serve_one(f, &faults[i]);
-            beat(f);
-        }
+        serve_packet(f, buf, (size_t)n);
         sleep_after_long_work(f, started);
         if (f->nevents || f->lost)
             return 0;
@@ -1084,14 +1092,7 @@ static int serve_waiting_faults(struct mpu_filler *f)
         n = recv(f->sock, buf, sizeof buf, MSG_DONTWAIT);
         if (n < (ssize_t)sizeof head)
             return 0;
-        uint32_t count = (uint32_t)(((size_t)n - sizeof head) / sizeof(struct mpu_fault));
-        if (head.count < count)
-            count = head.count;
-        const struct mpu_fault *faults = (const struct mpu_fault *)(buf + sizeof head);
-        for (uint32_t i = 0; i < count; i++) {
-            serve_one(f, &faults[i]);
-            beat(f);
-        }
+        serve_packet(f, buf, (size_t)n);
     }
 }
 
