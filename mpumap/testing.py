@@ -1,5 +1,5 @@
 """What the tests and the scripts (demo, benchmarks) both need: data files,
-mpumap's own commands, a server to run.
+mpumap's own commands, a server to run, a memory cgroup.
 
 Not part of the client API; it is in the package so that both find it
 without path tricks."""
@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 MiB = 1 << 20
 
@@ -83,3 +84,93 @@ def running_server(*args, log=None):
                 proc.kill()
                 proc.wait()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+class NoCgroup(Exception):
+    """No memory cgroup can be made here; the text says why."""
+
+
+class MemoryCgroup:
+    """A fresh child of this process's memory cgroup (v1, or v2 where the
+    memory controller is on), removed at the end; processes join it through
+    `procs`."""
+
+    def __init__(self):
+        self.v2 = False
+        base = None
+        try:
+            with open("/proc/self/cgroup") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            raise NoCgroup("no /proc/self/cgroup") from None
+        for line in lines:
+            _, controllers, path = line.split(":", 2)
+            if "memory" in controllers.split(","):
+                base = os.path.join("/sys/fs/cgroup/memory", path.lstrip("/"))
+                break
+        else:
+            for line in lines:
+                _, controllers, path = line.split(":", 2)
+                folder = os.path.join("/sys/fs/cgroup", path.lstrip("/"))
+                if controllers == "" and "memory" in self._read(folder, "cgroup.controllers"):
+                    base, self.v2 = folder, True
+        if base is None:
+            raise NoCgroup("no memory cgroup controller here (v1 or v2)")
+        self.path = os.path.join(base, f"mpumap-{uuid.uuid4().hex[:8]}")
+        try:
+            if self.v2:
+                with open(os.path.join(base, "cgroup.subtree_control"), "w") as f:
+                    f.write("+memory")
+            os.mkdir(self.path)
+        except OSError as exc:
+            raise NoCgroup(f"cannot create a memory cgroup ({exc.strerror})") from None
+        self.procs = os.path.join(self.path, "cgroup.procs")
+
+    def join(self):
+        """For preexec_fn: the starting process joins the cgroup."""
+        with open(self.procs, "w") as f:
+            f.write(str(os.getpid()))
+
+    @staticmethod
+    def _read(folder, name):
+        try:
+            with open(os.path.join(folder, name)) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def set_limit(self, size):
+        name = "memory.max" if self.v2 else "memory.limit_in_bytes"
+        with open(os.path.join(self.path, name), "w") as f:
+            f.write(str(size))
+
+    def usage(self):
+        return int(self._read(self.path, "memory.current" if self.v2 else
+                              "memory.usage_in_bytes"))
+
+    def peak(self):
+        """The most the cgroup was charged since it was made (0: unknown)."""
+        text = self._read(self.path, "memory.peak" if self.v2 else "memory.max_usage_in_bytes")
+        return int(text) if text.strip().isdigit() else 0
+
+    def pids(self):
+        return {int(p) for p in self._read(self.path, "cgroup.procs").split()}
+
+    def oom_kills(self):
+        text = self._read(self.path, "memory.events" if self.v2 else "memory.oom_control")
+        for line in text.splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+        return 0
+
+    def remove(self):
+        parent = os.path.dirname(self.path)
+        for _ in range(100):
+            try:
+                for pid in self.pids():
+                    with open(os.path.join(parent, "cgroup.procs"), "w") as out:
+                        out.write(str(pid))
+                os.rmdir(self.path)
+                return
+            except OSError:
+                time.sleep(0.1)

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 import mpumap
-from mpumap.testing import command
+from mpumap.testing import MemoryCgroup, NoCgroup, command
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 READER = os.path.join(HERE, "integration", "reader.py")
@@ -182,91 +182,11 @@ def assert_clean(result):
 
 
 
-class MemoryCgroup:
-    """A fresh child of this process's memory cgroup (v1, or v2 where the
-    memory controller is on), removed at the end; processes join it through
-    `procs`."""
-
-    def __init__(self):
-        import uuid
-
-        self.v2 = False
-        base = None
-        try:
-            with open("/proc/self/cgroup") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            pytest.skip("no /proc/self/cgroup")
-        for line in lines:
-            _, controllers, path = line.split(":", 2)
-            if "memory" in controllers.split(","):
-                base = os.path.join("/sys/fs/cgroup/memory", path.lstrip("/"))
-                break
-        else:
-            for line in lines:
-                _, controllers, path = line.split(":", 2)
-                folder = os.path.join("/sys/fs/cgroup", path.lstrip("/"))
-                if controllers == "" and "memory" in self._read(folder, "cgroup.controllers"):
-                    base, self.v2 = folder, True
-        if base is None:
-            pytest.skip("no memory cgroup controller here (v1 or v2)")
-        self.path = os.path.join(base, f"mpumap-test-{uuid.uuid4().hex[:8]}")
-        try:
-            if self.v2:
-                with open(os.path.join(base, "cgroup.subtree_control"), "w") as f:
-                    f.write("+memory")
-            os.mkdir(self.path)
-        except OSError as exc:
-            pytest.skip(f"cannot create a memory cgroup ({exc.strerror})")
-        self.procs = os.path.join(self.path, "cgroup.procs")
-
-    @staticmethod
-    def _read(folder, name):
-        try:
-            with open(os.path.join(folder, name)) as f:
-                return f.read()
-        except OSError:
-            return ""
-
-    def set_limit(self, size):
-        name = "memory.max" if self.v2 else "memory.limit_in_bytes"
-        with open(os.path.join(self.path, name), "w") as f:
-            f.write(str(size))
-
-    def usage(self):
-        return int(self._read(self.path, "memory.current" if self.v2 else
-                              "memory.usage_in_bytes"))
-
-    def peak(self):
-        """The most the cgroup was charged since it was made (0: unknown)."""
-        text = self._read(self.path, "memory.peak" if self.v2 else "memory.max_usage_in_bytes")
-        return int(text) if text.strip().isdigit() else 0
-
-    def pids(self):
-        return {int(p) for p in self._read(self.path, "cgroup.procs").split()}
-
-    def oom_kills(self):
-        text = self._read(self.path, "memory.events" if self.v2 else "memory.oom_control")
-        for line in text.splitlines():
-            if line.startswith("oom_kill "):
-                return int(line.split()[1])
-        return 0
-
-    def remove(self):
-        parent = os.path.dirname(self.path)
-        for _ in range(100):
-            try:
-                for pid in self.pids():
-                    with open(os.path.join(parent, "cgroup.procs"), "w") as out:
-                        out.write(str(pid))
-                os.rmdir(self.path)
-                return
-            except OSError:
-                time.sleep(0.1)
-
-
 @pytest.fixture
 def cgroup():
-    group = MemoryCgroup()
+    try:
+        group = MemoryCgroup()
+    except NoCgroup as exc:
+        pytest.skip(str(exc))
     yield group
     group.remove()
