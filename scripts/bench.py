@@ -7,9 +7,12 @@ every byte it can see against the file.
 Each row prints GB/s (bytes the touches cover, over the slowest client's
 time), faults per second and µs per fault (from the server's count for those
 clients; the kernel's minor and major faults for mmap), the server's CPU time
-per fault, and the ratio mpumap/mmap.  Rows whose store reads with O_DIRECT
-also print the time of one such read of a umap page at a random place, timed
-alone: the floor of a fault that goes to the disk.  Clients are written in
+per fault, and the ratio mpumap/mmap; where the buffer is smaller than the
+file, "@budget" is the kernel's mmap again with its clients in a memory
+cgroup of the buffer's size (the same memory budget; root only).  Rows
+whose store reads with O_DIRECT also print the time of one such read of a
+umap page at a random place, timed alone: the floor of a fault that goes to
+the disk.  Clients are written in
 Python (numpy's gather does the touching) or in C (scripts/bench_client.c,
 built against libmpumapclient).
 
@@ -22,6 +25,7 @@ import json
 import mmap
 import os
 import random
+import select
 import shutil
 import subprocess
 import sys
@@ -33,7 +37,8 @@ import psutil
 
 import mpumap
 from mpumap.settings import parse_size
-from mpumap.testing import drop_from_page_cache, make_file, running_server
+from mpumap.testing import (MemoryCgroup, NoCgroup, drop_from_page_cache, make_file,
+                            running_server)
 
 TOUCH = 4096  # one byte per 4 KiB page, as MP-UMap's benchmarks do
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -104,9 +109,12 @@ def client_faults(sock, pids):
 
 
 def run_clients(language, kind, sock, path, order, clients, folder, c_binary,
-                server=None, pin=None):
-    """Run the clients; returns their results, with the faults each took while
-    touching, and the server's CPU seconds meanwhile."""
+                server=None, pin=None, cgroup=None, timeout=1800):
+    """Run the clients (in a memory cgroup, if given); returns their
+    results, with the faults each took while touching, and the server's CPU
+    seconds meanwhile.  Clients still at it after `timeout` seconds are
+    killed, and subprocess.TimeoutExpired raised."""
+    deadline = time.monotonic() + timeout
     go = os.path.join(folder, f"go-{kind}-{time.monotonic_ns()}")
     env = {**os.environ, "MPUMAP_SOCKET": sock or ""}
     commands = [([c_binary, kind, path, order, str(i), go] if language == "c" else
@@ -114,7 +122,8 @@ def run_clients(language, kind, sock, path, order, clients, folder, c_binary,
                   str(i), go]) for i in range(clients)]
     if pin:
         commands = [["taskset", "-c", pin, *cmd] for cmd in commands]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env,
+                              preexec_fn=cgroup.join if cgroup else None)
              for cmd in commands]
     pids = [p.pid for p in procs]
     for proc in procs:
@@ -125,6 +134,11 @@ def run_clients(language, kind, sock, path, order, clients, folder, c_binary,
     open(go, "w").close()
     results = []
     for proc in procs:
+        if not select.select([proc.stdout], [], [], max(0, deadline - time.monotonic()))[0]:
+            for p in procs:
+                p.kill()
+                p.communicate()
+            raise subprocess.TimeoutExpired(commands[0], timeout)
         line = proc.stdout.readline()
         if not line:
             raise SystemExit(f"a {language} {kind} client failed while touching its pages")
@@ -135,7 +149,7 @@ def run_clients(language, kind, sock, path, order, clients, folder, c_binary,
         result["faults"] = after - before
     open(go + "-check", "w").close()
     for proc, result in zip(procs, results):
-        out, _ = proc.communicate(timeout=1800)
+        out, _ = proc.communicate(timeout=max(1, deadline - time.monotonic()))
         if proc.returncode:
             raise SystemExit(f"a {language} {kind} client found wrong bytes or failed "
                              f"({proc.returncode})")
@@ -215,8 +229,43 @@ def measure(path, size, case, fillers, folder, c_binary, pin=None):
                              pin=pin)
     row["mmap"] = summary(results, touched, clients)
     row["ratio"] = row["mpumap"]["gbps"] / row["mmap"]["gbps"]
+    row["mmap_budget"] = mmap_in_budget(path, size, buffer, cache, language, order, clients,
+                                        folder, c_binary, pin, touched,
+                                        max(60.0, 10 * row["mpumap"]["seconds"]))
     row["disk_read_us"] = disk_read_us(path, page_size) if store_io == "direct" else None
     return row
+
+
+def mmap_in_budget(path, size, buffer, cache, language, order, clients, folder, c_binary,
+                   pin, touched, give_up):
+    """The kernel's mmap with the memory mpumap had: its clients in a memory
+    cgroup limited to the buffer's size, the page cache they fill charged
+    there (warm: filled by a reader in the cgroup, up to what fits).  None
+    where the buffer holds the whole file (no budget to keep), or where no
+    cgroup can be made (not root, no memory controller).  Squeezed so, the
+    kernel may thrash (re-read what it read ahead before the client got to
+    it): a run that takes ten times mpumap's, or a minute at least, is
+    stopped and reported as such ("gbps" None)."""
+    if buffer >= size:
+        return None
+    try:
+        group = MemoryCgroup()
+    except NoCgroup:
+        return None
+    try:
+        group.set_limit(buffer)
+        drop_from_page_cache(path)
+        if cache == "warm":
+            subprocess.run(["cat", path], stdout=subprocess.DEVNULL, check=True,
+                           preexec_fn=group.join)
+        try:
+            results, _ = run_clients(language, "mmap", None, path, order, clients, folder,
+                                     c_binary, pin=pin, cgroup=group, timeout=give_up)
+        except subprocess.TimeoutExpired:
+            return {"gbps": None, "seconds": give_up, "ok": True}
+        return summary(results, touched, clients)
+    finally:
+        group.remove()
 
 
 def median_row(rows):
@@ -228,21 +277,30 @@ def median_row(rows):
     return row
 
 
+def budget_text(b):
+    if b is None:
+        return "-"
+    if b["gbps"] is None:
+        return f">{b['seconds']:.0f}s"
+    return f"{b['gbps']:.3f}"
+
+
 def print_table(rows):
     head = (f"{'client':7}{'order':7}{'cache':6}{'io':7}{'ra':>5}{'cl':>3}{'page':>6}"
-            f"{'buffer':>8}  {'mpumap GB/s':>11}{'mmap GB/s':>10}{'ratio':>7}  "
+            f"{'buffer':>8}  {'mpumap GB/s':>11}{'mmap GB/s':>10}{'ratio':>7}{'@budget':>9}  "
             f"{'mpumap f/s':>11}{'mmap f/s':>10}{'us/fault':>9}{'srv us/f':>9}{'disk us':>8}  ok")
     print(head)
     print("-" * len(head))
     for r in rows:
-        u, k = r["mpumap"], r["mmap"]
+        u, k, b = r["mpumap"], r["mmap"], r["mmap_budget"]
         print(f"{r['client']:7}{r['order']:7}{r['cache']:6}{r['store_io']:7}"
               f"{r['read_ahead']:>5}{r['clients']:>3}{r['page_size'] >> 10:>5}K"
               f"{r['buffer'] >> 20:>7}M  {u['gbps']:>11.3f}{k['gbps']:>10.3f}{r['ratio']:>7.2f}"
+              f"{budget_text(b):>9}"
               f"  {u['faults_per_s']:>11.0f}{k['faults_per_s']:>10.0f}{u['us_per_fault']:>9.1f}"
               f"{u['server_cpu_us_per_fault']:>9.1f}"
               f"{'-' if r['disk_read_us'] is None else format(r['disk_read_us'], '.1f'):>8}"
-              f"  {'yes' if u['ok'] and k['ok'] else 'NO'}",
+              f"  {'yes' if u['ok'] and k['ok'] and (b is None or b['ok']) else 'NO'}",
               flush=True)
 
 
