@@ -54,7 +54,7 @@ ffibuilder.set_source(
     "mpumap._core",
     "".join(f'#include "{name}"\n' for name in HEADERS),
     # Paths are relative to the project root, where setup.py runs.
-    sources=["c/mpumap_core.c", "c/guard.c", "c/fastpath.c"],
+    sources=["c/mpumap_core.c", "c/pbm.c", "c/guard.c", "c/fastpath.c"],
     include_dirs=["c"],
     depends=[f"c/{name}" for name in HEADERS]
     + ["c/mpumap_core_internal.h", "c/mpu_sys.h", "c/build_core.py"],

@@ -734,43 +734,45 @@ static uint64_t whole_pages(struct mpu_filler *f, struct mpu_region_slot *r,
     return npages;
 }
 
-/* Claims up to count FREE pages from start on (a buffer page each), stopping
- * at the first that is not FREE or when the buffer is full: for read-ahead,
- * full up to the limit, calling the evictors past the high watermark; for
- * prefetch, full at the high watermark (mpu_try_reserve).  *full tells the
+static uint32_t slot_of(const struct mpu_filler *f, const struct mpu_region_slot *r)
+{
+    return (uint32_t)(r - f->regions);
+}
+
+/* Claims up to count FREE pages from start on (their descriptors into
+ * `into`), stopping at the first that is not FREE or when the buffer has no
+ * room (MPU_CLAIM_AHEAD, MPU_CLAIM_PREFETCH say when).  *full tells the
  * latter when nothing was claimed. */
 static uint64_t claim_run(struct mpu_filler *f, struct mpu_region_slot *r,
-                          uint64_t start, uint64_t count, int read_ahead, int *full)
+                          uint64_t start, uint64_t count, int read_ahead, int *full,
+                          uint32_t *into)
 {
     uint64_t n = 0;
     *full = 0;
     for (uint64_t page = start; page < r->npages && n < count; page++, n++) {
-        if (!mpu_try_reserve(f->h, 1, read_ahead ? f->evict_fds : NULL, f->nevict)) {
+        int state = mpu_page_claim(f->h, slot_of(f, r), r->gen, page, f->pid,
+                                   read_ahead ? MPU_CLAIM_AHEAD : MPU_CLAIM_PREFETCH, 0,
+                                   f->evict_fds, f->nevict, &into[n], NULL);
+        if (state == -EAGAIN)
             *full = n == 0;
+        if (state != MPU_FREE)
             break;
-        }
-        if (mpu_page_begin_fill(&r->table->pages[page], f->pid, 0) != MPU_FREE) {
-            mpu_release(f->h, 1);
-            break;
-        }
     }
     return n;
 }
 
-static void abandon(struct mpu_filler *f, struct mpu_region_slot *r, uint64_t first,
-                    uint64_t count)
+static void abandon(struct mpu_filler *f, const uint32_t *descs, uint64_t count)
 {
-    for (uint64_t page = first; page < first + count; page++)
-        mpu_page_end_fill(f->h, r->table, &r->table->pages[page], 0, 0);
-    if (count)
-        mpu_release(f->h, (uint32_t)count);
+    for (uint64_t k = 0; k < count; k++)
+        mpu_page_filled(f->h, descs[k], 0, 0);
 }
 
-/* Writes claimed pages [first, first+count) from the chunk (the first at
- * chunk page `slot`) into the memfd, PRESENT; failures go back to FREE.
- * Returns the pages written. */
+/* Writes claimed pages [first, first+count) (descriptors in descs) from the
+ * chunk (the first at chunk page `slot`) into the memfd, PRESENT; failures
+ * go back to FREE.  Returns the pages written. */
 static uint64_t write_run(struct mpu_filler *f, struct mpu_region_slot *r, uint32_t region,
-                          uint64_t first, uint64_t count, uint64_t slot, uint32_t flags)
+                          uint64_t first, uint64_t count, uint64_t slot, uint32_t flags,
+                          const uint32_t *descs)
 {
     uint64_t done = 0;
     for (uint64_t k = 0; k < count; k++) {
@@ -781,11 +783,8 @@ static uint64_t write_run(struct mpu_filler *f, struct mpu_region_slot *r, uint3
         int ok = n == (ssize_t)len;
         if (!ok)
             event(f, MPU_EV_WRITE_FAILED, region, page, n < 0 ? errno : EIO, 0);
-        mpu_page_end_fill(f->h, r->table, &r->table->pages[page], ok, flags);
-        if (ok)
-            done++;
-        else
-            mpu_release(f->h, 1);
+        mpu_page_filled(f->h, descs[k], ok, flags);
+        done += ok;
     }
     return done;
 }
@@ -834,27 +833,20 @@ static int copy(struct mpu_filler *f, struct mpu_region_slot *r, uint32_t region
 
 /* Pages the buffer holds past the end of a file that shrank are dropped,
  * once per shrink: the first filler to see the file end before what the
- * table last knew walks the pages between (only the parts of the table
- * that hold data); others find that walk done. */
+ * region's record last knew walks the descriptors (the pages in use, not
+ * those of the file); others find that walk done. */
 static int drop_past_end(struct mpu_filler *f, struct mpu_region_slot *r, uint64_t end_page)
 {
-    struct mpu_table *t = r->table;
-    uint64_t known = __atomic_load_n(&t->covered, __ATOMIC_SEQ_CST);
+    struct mpu_region_info *info = &mpu_regions(f->h)[slot_of(f, r)];
+    uint64_t known = __atomic_load_n(&info->covered, __ATOMIC_SEQ_CST);
     do {
-        if (end_page >= known)
+        if (end_page >= known || info->gen != r->gen)
             return 0;
-    } while (!__atomic_compare_exchange_n(&t->covered, &known, end_page, 0,
+    } while (!__atomic_compare_exchange_n(&info->covered, &known, end_page, 0,
                                           __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
-    uint32_t dropped = 0;
-    for (uint64_t i = end_page; i < known;) {
-        for (uint64_t stop = mpu_table_next_run(r->table_fd, &i, known); i < stop; i++)
-            if (mpu_page_evict(t, &t->pages[i], f->pid, r->memfd, i * f->page_size,
-                               f->page_size) == 1)
-                dropped++;
-        beat(f);
-    }
-    if (dropped)
-        mpu_release(f->h, dropped);
+    mpu_region_evict_from(f->h, slot_of(f, r), r->gen, end_page, f->pid, r->memfd,
+                          f->page_size);
+    beat(f);
     return 1;
 }
 
@@ -908,7 +900,7 @@ static int resolve(struct mpu_filler *f, const struct mpu_fault *fault,
         mpu_add64(&f->h->stale_faults, 1);
         return 0;
     }
-    if (!(*r)->table || (*r)->gen != fault->region_gen || fault->page >= (*r)->npages) {
+    if (!(*r)->live || (*r)->gen != fault->region_gen || fault->page >= (*r)->npages) {
         /* The client's own: woken, its thread retries and finds out. */
         mpu_add64(&f->h->stale_faults, 1);
         mpu_uffd_wake((*c)->uffd, fault->address, f->page_size);
@@ -926,21 +918,27 @@ static void serve_one(struct mpu_filler *f, const struct mpu_fault *fault)
     int uffd = c->uffd;
     uint64_t page = fault->page, address = fault->address;
     uint64_t len = fill_length(f, r, page);
-    struct mpu_page *entry = &r->table->pages[page];
+    uint32_t entry, flags = 0;
     mpu_add64(&f->h->queue_ns, (int64_t)(mpu_now_ns() - fault->read_at));
 
-    /* A page in FILLING always holds a buffer page, so that whoever frees it
-     * (we, or the supervisor after our death) gives one back: the buffer
-     * page comes first. */
-    while (mpu_reserve(f->h, f->evict_fds, f->nevict, WAIT_MS) == -ETIMEDOUT) {
-        beat(f);
-        event(f, MPU_EV_NO_ROOM, fault->region, page, 0, WAIT_MS);
-    }
     for (;;) {
-        int state = mpu_page_begin_fill(entry, f->pid, WAIT_MS);
+        int state = mpu_page_claim(f->h, fault->region, fault->region_gen, page, f->pid,
+                                   MPU_CLAIM_FAULT, WAIT_MS, f->evict_fds, f->nevict,
+                                   &entry, &flags);
+        if (state == -EAGAIN) {
+            beat(f);
+            event(f, MPU_EV_NO_ROOM, fault->region, page, 0, WAIT_MS);
+            continue;
+        }
+        if (state < 0) {
+            /* The region went (or, against every count, no descriptor was
+             * left): woken, the client's thread retries and finds out. */
+            mpu_add64(&f->h->stale_faults, 1);
+            wake(f, uffd, fault->region, page, address, len);
+            return;
+        }
         if (state == MPU_PRESENT) {
-            mpu_release(f->h, 1);
-            if (mpu_page_take_flags(entry) & MPU_READ_AHEAD)
+            if (flags & MPU_READ_AHEAD)
                 mpu_add64(&f->h->readahead_hits, 1);
             if (wake(f, uffd, fault->region, page, address, len))
                 mpu_account(f->h, fault->client, fault->read_at, 0, MPU_ANSWER_WAKE);
@@ -953,30 +951,29 @@ static void serve_one(struct mpu_filler *f, const struct mpu_fault *fault)
     }
 
     int full;
+    uint32_t *ahead_descs = f->descs + 1;
     uint64_t ahead = claim_run(f, r, page + 1,
                                fault->ahead < f->read_ahead ? fault->ahead : f->read_ahead, 1,
-                               &full);
+                               &full, ahead_descs);
     int present = 0;
     int64_t got = read_run(f, r, page, 1 + ahead);
     uint64_t whole = got < 0 ? 0 : whole_pages(f, r, page, 1 + ahead, (uint64_t)got);
     if (whole == 0) {
         if (got < 0)
             event(f, MPU_EV_STORE_FAILED, fault->region, page, -got, 0);
-        abandon(f, r, page + 1, ahead);
+        abandon(f, ahead_descs, ahead);
         past_the_end(f, r, fault->region, uffd, page, address, len, got < 0 ? 0 : got);
     } else {
         /* The pages ahead go in first: woken, the client goes on to them. */
         uint64_t written = write_run(f, r, fault->region, page + 1, whole - 1, 1,
-                                     MPU_READ_AHEAD);
+                                     MPU_READ_AHEAD, ahead_descs);
         mpu_add64(&f->h->readahead_fills, (int64_t)written);
-        abandon(f, r, page + whole, ahead + 1 - whole);
+        abandon(f, ahead_descs + (whole - 1), ahead + 1 - whole);
         present = copy(f, r, fault->region, uffd, page, address, len, 0) == 0;
         if (present)
             mpu_account(f->h, fault->client, fault->read_at, len, MPU_ANSWER_COPY);
     }
-    mpu_page_end_fill(f->h, r->table, entry, present, 0);
-    if (!present)
-        mpu_release(f->h, 1);
+    mpu_page_filled(f->h, entry, present, 0);
 }
 
 /* Serves the faults of a W_FAULTS packet of n bytes (its header first). */
@@ -1109,7 +1106,7 @@ static void fill_span(struct mpu_filler *f, uint32_t region, uint64_t first, uin
     while (page < end) {
         int full;
         uint64_t want = end - page < f->max_run ? end - page : f->max_run;
-        uint64_t run = claim_run(f, r, page, want, read_ahead, &full);
+        uint64_t run = claim_run(f, r, page, want, read_ahead, &full, f->descs);
         if (full)
             break;  /* more would only push out what is there */
         if (!run) {
@@ -1118,16 +1115,16 @@ static void fill_span(struct mpu_filler *f, uint32_t region, uint64_t first, uin
         }
         int64_t got = read_run(f, r, page, run);
         uint64_t whole = got < 0 ? 0 : whole_pages(f, r, page, run, (uint64_t)got);
-        uint64_t written = write_run(f, r, region, page, whole, 0, flags);
+        uint64_t written = write_run(f, r, region, page, whole, 0, flags, f->descs);
         mpu_add64(counter, (int64_t)written);
-        abandon(f, r, page + whole, run - whole);
+        abandon(f, f->descs + whole, run - whole);
         page += run;
     }
 }
 
 int mpu_filler_fill(struct mpu_filler *f, struct mpu_w_fill *fill)
 {
-    if (fill->region >= f->nregions || !f->regions[fill->region].table
+    if (fill->region >= f->nregions || !f->regions[fill->region].live
         || f->regions[fill->region].gen != fill->gen)
         return 0;
     uint64_t started = mpu_now_ns();

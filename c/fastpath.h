@@ -66,19 +66,6 @@ int mpu_monitor_stop(struct mpu_monitor *m);
 #define MPU_STORE_DROP 1
 #define MPU_STORE_CACHED 2
 
-struct mpu_region_slot {
-    struct mpu_table *table;   /* NULL: no region in this slot */
-    int table_fd;
-    int memfd;
-    int store_fd;
-    int store_mode;
-    int cache_fd;              /* buffered, for a direct store; else -1 */
-    uint32_t gen;
-    uint64_t npages;
-    uint64_t size;             /* of the file when the region was made */
-    uint64_t map_length;       /* what clients map: size in whole system pages */
-};
-
 struct mpu_client_slot {
     int uffd;                  /* -1: no client in this slot */
     uint32_t gen;
@@ -119,6 +106,7 @@ struct mpu_filler {
     uint64_t read_ahead;
     struct mpu_spinner spinner;
     char *chunk;               /* page aligned, max_run pages */
+    uint32_t *descs;           /* max_run: the descriptors of a run being filled */
     uint64_t max_run;
     struct mpu_region_slot *regions;
     uint32_t nregions;

@@ -70,7 +70,7 @@ struct mpu_span {
 /* Every message to a worker starts with a u32 kind. */
 #define MPU_W_ADD_CLIENT 2          /* struct mpu_w_client; fds: userfaultfd */
 #define MPU_W_DROP_CLIENT 3         /* struct mpu_w_client */
-#define MPU_W_ADD_REGION 4          /* struct mpu_w_region; fds: memfd, store, table */
+#define MPU_W_ADD_REGION 4          /* struct mpu_w_region; fds: memfd, store */
 #define MPU_W_DROP_REGION 5         /* struct mpu_w_region */
 #define MPU_W_FAULTS 6              /* struct mpu_w_faults, then struct mpu_fault[] */
 #define MPU_W_PREFETCH 7            /* struct mpu_w_fill: a client asked */

@@ -25,23 +25,48 @@
 #define MPU_UFFD_DEVICE 1
 #define MPU_UFFD_USER_ONLY 2
 
-/* One umap page's entry in a region's page table. */
-struct mpu_page {
+/* The page buffer manager (PBM) keeps a descriptor for each page in use
+ * (FILLING, PRESENT or LEAVING), not one for each page of the data: a page
+ * with no descriptor is FREE.  Descriptors live in the buffer segment, after
+ * the header and the regions' records, found from (region, page) through a
+ * hash index; PRESENT ones also sit in a FIFO, oldest fill first, from which
+ * evictors take their victims.  See c/pbm.c. */
+struct mpu_desc {
     uint32_t state;     /* futex word: the state, and the pid that moved it there */
     uint32_t flags;     /* MPU_READ_AHEAD (internal): filled without a fault */
-    uint64_t stamp;     /* fill order, for oldest-first eviction */
+    uint32_t region;    /* slot */
+    uint32_t gen;       /* the region's generation */
+    uint64_t page;      /* umap page in the region */
+    uint64_t stamp;     /* fill order */
+    uint32_t chain;     /* the next in its index bucket, or on the free list
+                           (descriptor + 1; 0 ends) */
+    uint32_t older;     /* the FIFO of PRESENT pages: towards its head ... */
+    uint32_t newer;     /* ... and towards its tail (descriptor + 1) */
+    uint32_t pad;
 };
 
-/* The head of a region's page table segment; pages follow it. */
-struct mpu_table {
-    uint32_t magic;
-    uint32_t dead;      /* set once the region is released */
+/* A region as the PBM knows it, by slot. */
+struct mpu_region_info {
+    uint32_t gen;       /* whose slot it is: 0, nobody's */
+    uint32_t dead;      /* released: its pages go back as they come free */
     uint64_t npages;
     uint64_t present;   /* pages PRESENT now */
     uint64_t covered;   /* pages the file covers, as far as the fillers know:
                            npages, until one finds it shorter */
-    uint64_t reserved[4];
-    struct mpu_page pages[];
+};
+
+/* What a process knows of a region to work on its pages: filled in by
+ * Python from the server's messages, read by the C loops. */
+struct mpu_region_slot {
+    uint32_t live;             /* 0: no region in this slot */
+    uint32_t gen;
+    int memfd;
+    int store_fd;
+    int store_mode;            /* MPU_STORE_* (fastpath.h) */
+    int cache_fd;              /* buffered, for a direct store; else -1 */
+    uint64_t npages;
+    uint64_t size;             /* of the file when the region was made */
+    uint64_t map_length;       /* what clients map: size in whole system pages */
 };
 
 /* Fault-service latency histogram: 0..7 us exactly, then 8 buckets an
@@ -98,11 +123,28 @@ struct mpu_header {
     uint64_t stale_faults;  /* faults for a client or region that had gone */
     uint64_t events_lost;   /* fillers' events past what their log queue holds */
     uint64_t hangs;         /* workers killed for giving no sign of life */
-    uint64_t spare[4];
+    uint64_t present;       /* pages PRESENT now, in every region */
+    uint64_t spare[3];
     uint64_t latency[MPU_LATENCY_BUCKETS];
     /* CLOCK_MONOTONIC ns of each worker's last sign of life. */
     uint64_t heartbeat[MPU_WORKER_SLOTS];
     struct mpu_client_stats clients[MPU_CLIENT_SLOTS];
+    /* The page directory, which follows in the segment (c/pbm.c): guarded
+     * by one robust, process-shared mutex, so that whoever finds its owner
+     * dead rebuilds the index, free list and FIFO from the descriptors. */
+    uint64_t lock[8];       /* a pthread_mutex_t */
+    uint32_t capacity;      /* descriptors: the largest limit the buffer may have */
+    uint32_t max_regions;   /* region slots */
+    uint32_t top;           /* descriptors handed out so far: those below are in
+                               use or on the free list, those above untouched */
+    uint32_t free_head;     /* descriptor + 1; 0: take the one at top */
+    uint32_t fifo_head;     /* the oldest PRESENT page (descriptor + 1) */
+    uint32_t fifo_tail;     /* the newest */
+    uint32_t nbuckets;      /* of the index now: a power of two, about the limit */
+    uint32_t max_buckets;   /* room for buckets: a power of two, >= capacity */
+    uint64_t regions_at;    /* byte offsets in the segment */
+    uint64_t descs_at;
+    uint64_t buckets_at;
 };
 
 int mpu_uffd_open(int flags, int *how);
@@ -119,25 +161,64 @@ uint64_t mpu_add64(uint64_t *word, int64_t delta);
 /* A worker's sign of life: its heartbeat word is now. */
 void mpu_beat(struct mpu_header *h, uint32_t worker);
 
-int mpu_page_begin_fill(struct mpu_page *page, uint32_t owner, int timeout_ms);
-void mpu_page_end_fill(struct mpu_header *h, struct mpu_table *t,
-                       struct mpu_page *page, int present, uint32_t flags);
-int mpu_page_evict(struct mpu_table *t, struct mpu_page *page, uint32_t owner,
-                   int memfd, uint64_t offset, uint64_t len);
+/* ---- the page directory (c/pbm.c) ---- */
 
-/* The table functions that visit many pages take the table's descriptor
- * (or -1): they skip the holes of a sparse table, which hold FREE pages
- * only, so that a large file costs what it holds, not what it is. */
-uint64_t mpu_table_release(struct mpu_header *h, struct mpu_table *t, int fd);
-uint64_t mpu_table_recover(struct mpu_header *h, struct mpu_table *t, int fd,
-                           uint32_t owner, int memfd, uint64_t page_size);
-uint64_t mpu_table_oldest(struct mpu_table *t, int fd, uint64_t stride,
-                          uint64_t phase, uint64_t max, uint64_t *idx_out,
-                          uint64_t *stamp_out);
+/* The segment's size for a buffer of at most `capacity` pages. */
+uint64_t mpu_pbm_size(uint32_t capacity, uint32_t max_regions);
+int mpu_pbm_init(struct mpu_header *h, uint32_t capacity, uint32_t max_regions);
+/* Sizes the index to a new limit: whose buckets are no longer used go back
+ * to the system. */
+int mpu_pbm_fit_index(struct mpu_header *h, uint32_t limit);
+/* The heartbeat a process beats while it waits for the directory (-1:
+ * none). */
+void mpu_pbm_set_worker(int32_t worker);
 
-int mpu_reserve(struct mpu_header *h, const int *evict_fds, int nfds,
-                int timeout_ms);
-void mpu_release(struct mpu_header *h, uint32_t count);
+int mpu_region_open(struct mpu_header *h, uint32_t slot, uint32_t gen, uint64_t npages);
+/* The region is gone: no new page of it is claimed, its PRESENT pages go
+ * back to the buffer now (returned: how many), the others as they finish. */
+int64_t mpu_region_release(struct mpu_header *h, uint32_t slot, uint32_t gen);
+uint64_t mpu_region_present(struct mpu_header *h, uint32_t slot);
+
+/* How a claim takes a buffer page for a new descriptor: a fault waits for
+ * room (timeout_ms), calling the evictors; read-ahead takes room up to the
+ * limit without waiting, calling them past the high watermark (a scan goes
+ * on, and what it read first goes first); a prefetch takes what is free
+ * below the high watermark only, so that it never pushes out what is
+ * there. */
+#define MPU_CLAIM_FAULT 0
+#define MPU_CLAIM_AHEAD 1
+#define MPU_CLAIM_PREFETCH 2
+
+/* A page's descriptor, or a new one that the caller now fills, with a
+ * buffer page for it (`used` counts descriptors in use, nothing else):
+ * returns MPU_FREE when the caller owns *desc FILLING, MPU_PRESENT when the
+ * page is there (its flags taken into *flags), the state it kept (FILLING,
+ * LEAVING) when a wait of timeout_ms for it ran out, -EAGAIN when there was
+ * no room (in time), -ESTALE when the region is gone, -ENOSPC when no
+ * descriptor is left (never, while the limit is within the capacity). */
+int mpu_page_claim(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t page,
+                   uint32_t owner, int how, int timeout_ms, const int *evict_fds,
+                   int nevict, uint32_t *desc, uint32_t *flags);
+/* The end of a fill: PRESENT (at the FIFO's tail), or FREE with its buffer
+ * page given back (also when its region was released meanwhile). */
+void mpu_page_filled(struct mpu_header *h, uint32_t desc, int present, uint32_t flags);
+/* A page's state: MPU_FREE when it has no descriptor. */
+int mpu_page_state(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t page);
+
+/* Up to max of the oldest PRESENT pages punched out of their memfds and
+ * FREE, the buffer pages given back: how many (or -errno of a punch that
+ * failed).  Stops at a page of a live region it has no memfd for. */
+int64_t mpu_pbm_evict(struct mpu_header *h, uint32_t max, uint32_t owner,
+                      const struct mpu_region_slot *regions, uint32_t nregions,
+                      uint64_t page_size);
+/* The directory's invariants hold: the pages in use (or -1000 - which one
+ * failed).  For tests; it takes the lock for a walk over every descriptor. */
+int mpu_pbm_check(struct mpu_header *h);
+/* A worker died: the pages it held FILLING go back to FREE, those it held
+ * LEAVING are punched out (again) and FREE.  Each held a buffer page. */
+uint64_t mpu_pbm_recover(struct mpu_header *h, uint32_t owner,
+                         const struct mpu_region_slot *regions, uint32_t nregions,
+                         uint64_t page_size);
 
 /* Sizes in system pages, whatever the system page is (4 KiB, 64 KiB). */
 uint64_t mpu_round_up(uint64_t n, uint64_t multiple);

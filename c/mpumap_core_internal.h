@@ -10,7 +10,11 @@
 
 #include "mpumap_core.h"
 
-/* Page flags (struct mpu_page). */
+/* A page's state word: the state, and the pid that moved it there. */
+#define MPU_STATE(word) ((word) & 3u)
+#define MPU_OWNED(state, owner) ((state) | ((owner) << 2))
+
+/* Page flags (struct mpu_desc). */
 #define MPU_READ_AHEAD 1u
 
 #define MPU_FEATURE_POISON (1ull << 14)  /* UFFD_FEATURE_POISON */
@@ -24,20 +28,26 @@ int mpu_uffd_read_faults(int fd, uint64_t *addrs, int max);
 
 int mpu_futex_wait(uint32_t *word, uint32_t expected, int timeout_ms);
 
-uint32_t mpu_page_take_flags(struct mpu_page *page);
-
-/* Up to count pages of room without waiting; see mpumap_core.c. */
-int mpu_try_reserve(struct mpu_header *h, uint32_t count, const int *evict_fds, int nfds);
-
 int mpu_punch(int fd, uint64_t offset, uint64_t len);
 
 uint64_t mpu_now_ns(void);
 void mpu_account(struct mpu_header *h, uint32_t slot, uint64_t since_ns,
                  uint64_t bytes, int answer);
 
-/* The pages [*first, end) whose table entries hold data, a run at a time:
- * returns the end of the next run at or after *first (moving *first to its
- * start), or end when there is none.  fd -1: all of it, at once. */
-uint64_t mpu_table_next_run(int fd, uint64_t *first, uint64_t end);
+/* Pages of a region from `first` on that are PRESENT: punched out and FREE
+ * (a file that shrank).  Returns how many. */
+uint64_t mpu_region_evict_from(struct mpu_header *h, uint32_t slot, uint32_t gen,
+                               uint64_t first, uint32_t owner, int memfd, uint64_t page_size);
+
+/* Where the directory's parts are in the segment. */
+static inline struct mpu_desc *mpu_descs(struct mpu_header *h)
+{
+    return (struct mpu_desc *)((char *)h + h->descs_at);
+}
+
+static inline struct mpu_region_info *mpu_regions(struct mpu_header *h)
+{
+    return (struct mpu_region_info *)((char *)h + h->regions_at);
+}
 
 #endif

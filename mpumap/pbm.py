@@ -1,25 +1,36 @@
-"""The page buffer manager: shared page-state tables, accounting, counters.
+"""The page buffer manager: the shared buffer segment, the page directory in
+it, accounting and counters.
 
-Two kinds of shared segment, each a memfd that the server creates and hands to
-its workers:
+One segment per server (a memfd the server creates; workers inherit it when
+they are forked) holds:
 
-* the *buffer* segment (one per server): how many umap pages the buffer holds
-  now (``used``), may hold (``limit``), the watermarks, the counters, and
-  each worker's heartbeat;
-* a *page table* per region: one entry per umap page, whose state word is
-  both the page's state and its lock.  Transitions are compare-and-swap steps
-  in the C core (FREE -> FILLING -> PRESENT -> LEAVING -> FREE), and waiters
-  sleep on that word with a futex.
+* the *header*: how many umap pages the buffer holds now (``used``), may
+  hold (``limit``), the watermarks, the counters and each worker's
+  heartbeat;
+* a record per region slot: its generation, whether it was released, how
+  many of its pages are PRESENT;
+* the *page directory*: a descriptor for each page in use (FILLING, PRESENT
+  or LEAVING), found from (region, page) through a hash index, and the FIFO
+  of PRESENT pages in fill order that evictors take victims from.  A page
+  with no descriptor is FREE.  Each descriptor's state word is the page's
+  state and its lock (the C core moves it by compare-and-swap, waiters
+  sleep on it with a futex); see c/pbm.c.
+
+What the segment costs in memory follows the buffer: it is sized for the
+largest buffer the server may have, and only what is written takes memory.
 """
+import errno
 import mmap
 import os
 
 from mpumap import core
 from mpumap._core import ffi, lib
+from mpumap.store import MODE_CODES
 
 BUFFER_MAGIC = 0x4D50424D  # "MPBM"
-TABLE_MAGIC = 0x4D505442  # "MPTB"
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
+# Descriptors are numbered in 31 bits (and the limit is a u32).
+MAX_CAPACITY = (1 << 31) - 1
 
 COUNTERS = (
     "faults",
@@ -58,21 +69,38 @@ def _shared_segment(name, size, fd=None):
 
 
 class PageBuffer:
-    """The buffer segment: accounting, counters and heartbeats, shared by the
-    server and its workers (a memfd each maps; the server creates it, workers
-    inherit it when they are forked)."""
+    """The buffer segment: accounting, counters, heartbeats and the page
+    directory, shared by the server and its workers.
 
-    SIZE = ffi.sizeof("struct mpu_header")
+    Invariants (kept by the C core): ``used`` counts the buffer pages taken
+    for pages FILLING, PRESENT or LEAVING, and is never below the number of
+    descriptors in use; the limit never exceeds ``capacity``, the number of
+    descriptors there is room for.
+    """
 
     def __init__(self, fd, segment):
         self.fd = fd
         self._segment = segment
         self._ref = core.pointer_to(segment)
         self.header = ffi.cast("struct mpu_header *", self._ref)
+        self.regions = ffi.cast("struct mpu_region_info *",
+                                self._ref + self.header.regions_at) \
+            if self.header.regions_at else None
 
     @classmethod
-    def create(cls, limit, high_percent, low_percent):
-        fd, segment = _shared_segment("mpumap-buffer", cls.SIZE)
+    def create(cls, limit, high_percent, low_percent, capacity=None, max_regions=64):
+        """A new segment for a buffer of `limit` pages now and at most
+        `capacity` (by default, the limit), with `max_regions` region slots."""
+        capacity = max(1, min(int(limit if capacity is None else capacity), MAX_CAPACITY))
+        fd, segment = _shared_segment("mpumap-buffer", lib.mpu_pbm_size(capacity, max_regions))
+        header = ffi.cast("struct mpu_header *", core.pointer_to(segment))
+        try:
+            core.check(lib.mpu_pbm_init(header, capacity, max_regions),
+                       "setting up the page directory")
+        except BaseException:
+            segment.close()
+            os.close(fd)
+            raise
         buf = cls(fd, segment)
         buf.header.magic = BUFFER_MAGIC
         buf.header.version = LAYOUT_VERSION
@@ -81,11 +109,15 @@ class PageBuffer:
 
     @classmethod
     def attach(cls, fd):
-        fd, segment = _shared_segment(None, cls.SIZE, fd)
+        fd, segment = _shared_segment(None, os.fstat(fd).st_size, fd)
         buf = cls(fd, segment)
         if buf.header.magic != BUFFER_MAGIC or buf.header.version != LAYOUT_VERSION:
             raise ValueError("not an mpumap buffer segment of this version")
         return buf
+
+    @property
+    def capacity(self):
+        return self.header.capacity
 
     def set_limit(self, limit, high_percent, low_percent):
         """Set the buffer's size in pages and the watermarks derived from it.
@@ -93,7 +125,7 @@ class PageBuffer:
         The high mark is at least one page below the limit when the limit
         allows, so that evictors start before fillers have to wait.
         """
-        limit = max(1, int(limit))
+        limit = max(1, min(int(limit), self.capacity))
         high = max(1, min(limit, limit * high_percent // 100))
         low = min(high - 1, limit * low_percent // 100) if high > 1 else 0
         h = self.header
@@ -102,6 +134,7 @@ class PageBuffer:
         h.limit = limit
         # Fillers waiting for room re-check against the new limit.
         lib.mpu_futex_wake(ffi.addressof(h, "used"), 2**31 - 1)
+        core.check(lib.mpu_pbm_fit_index(h, limit), "sizing the page index")
 
     @property
     def used(self):
@@ -125,17 +158,6 @@ class PageBuffer:
         """CLOCK_MONOTONIC ns (time.monotonic_ns()) of a worker's last sign
         of life."""
         return lib.mpu_load64(self.header.heartbeat + worker_slot)
-
-    def reserve(self, evict_fds, timeout_ms):
-        """Take a page of the buffer; False when none came free in time."""
-        ret = lib.mpu_reserve(self.header, evict_fds, len(evict_fds), timeout_ms)
-        if ret == -core.ETIMEDOUT:
-            return False
-        core.check(ret, "reserving a buffer page")
-        return True
-
-    def release(self, count=1):
-        lib.mpu_release(self.header, count)
 
     def client_counters(self, slot):
         c = self.header.clients[slot]
@@ -161,11 +183,58 @@ class PageBuffer:
             high=h.high,
             low=h.low,
             peak_used=h.peak_used,
+            present=self.counter("present"),
+            descriptors=h.top,
         )
         return snap
 
+    # -- regions and pages -------------------------------------------------------
+
+    def open_region(self, slot, gen, npages):
+        core.check(lib.mpu_region_open(self.header, slot, gen, npages), "opening a region")
+
+    def release_region(self, slot, gen):
+        """The region is gone: its PRESENT pages go back to the buffer now
+        (how many), the others as their fills and evictions end."""
+        return core.check(lib.mpu_region_release(self.header, slot, gen), "releasing a region")
+
+    def region_present(self, slot):
+        """Pages of the region in `slot` PRESENT now (a counter)."""
+        return lib.mpu_region_present(self.header, slot)
+
+    def claim(self, slot, gen, page, owner, timeout_ms, how=lib.MPU_CLAIM_FAULT,
+              evict_fds=()):
+        """(state, descriptor): FREE when the caller now fills the page (with
+        a buffer page for it), PRESENT when it is there, FILLING or LEAVING
+        when still so after timeout_ms; None for the state when the buffer
+        had no room (in time, for a fault)."""
+        desc = ffi.new("uint32_t *")
+        fds = ffi.new("int[]", list(evict_fds) or [-1])
+        state = lib.mpu_page_claim(self.header, slot, gen, page, owner, how, timeout_ms,
+                                   fds, len(evict_fds), desc, ffi.NULL)
+        if state == -errno.EAGAIN:
+            return None, 0
+        return core.check(state, "claiming a page"), desc[0]
+
+    def filled(self, desc, present, flags=0):
+        """The end of a fill: PRESENT, or FREE and its buffer page back."""
+        lib.mpu_page_filled(self.header, desc, present, flags)
+
+    def page_state(self, slot, gen, page):
+        return lib.mpu_page_state(self.header, slot, gen, page)
+
+    def evict(self, count, owner, slots, page_size):
+        """Up to count of the oldest PRESENT pages punched out and FREE: how
+        many.  `slots` (RegionSlots) gives their memfds."""
+        return core.check(lib.mpu_pbm_evict(self.header, count, owner, slots.array, len(slots),
+                                            page_size), "evicting pages")
+
+    def recover(self, owner, slots, page_size):
+        """Free the pages a dead worker held FILLING or LEAVING."""
+        return lib.mpu_pbm_recover(self.header, owner, slots.array, len(slots), page_size)
+
     def close(self):
-        self.header = None
+        self.header = self.regions = None
         ffi.release(self._ref)
         self._segment.close()
         os.close(self.fd)
@@ -193,82 +262,33 @@ def percentile_us(buckets, fraction):
     return bucket_floor_us(len(buckets))
 
 
-class PageTable:
-    """One region's page states, shared by the server and its workers (a
-    memfd each maps).  The table is sparse: its entries for pages never
-    filled are holes that cost no memory, and the C walks over it skip them.
-    """
+class RegionSlots:
+    """What one process tells the C side of the regions it holds, by slot: a
+    struct mpu_region_slot array.  An entry is live from ``set`` until
+    ``clear``, and must be cleared before the region's descriptors close."""
 
-    def __init__(self, fd, segment, npages):
-        self.fd = fd
-        self.npages = npages
-        self._segment = segment
-        self._ref = core.pointer_to(segment)
-        self.table = ffi.cast("struct mpu_table *", self._ref)
-        self.pages = self.table.pages
+    def __init__(self, count):
+        self.array = ffi.new("struct mpu_region_slot[]", count)
 
-    @staticmethod
-    def segment_size(npages):
-        return ffi.sizeof("struct mpu_table") + npages * ffi.sizeof("struct mpu_page")
+    def __len__(self):
+        return len(self.array)
 
-    @classmethod
-    def create(cls, npages):
-        fd, segment = _shared_segment("mpumap-table", cls.segment_size(npages))
-        table = cls(fd, segment, npages)
-        table.table.magic = TABLE_MAGIC
-        table.table.npages = npages
-        table.table.covered = npages
-        return table
+    def __getitem__(self, slot):
+        return self.array[slot]
 
-    @classmethod
-    def attach(cls, fd, npages):
-        fd, segment = _shared_segment(None, cls.segment_size(npages), fd)
-        table = cls(fd, segment, npages)
-        if table.table.magic != TABLE_MAGIC or table.table.npages != npages:
-            raise ValueError("not an mpumap page table of this size")
-        return table
+    def set(self, region, cache_fd=None):
+        c = self.array[region.slot]
+        c.memfd = region.memfd
+        c.store_fd = region.store_fd
+        c.store_mode = MODE_CODES[region.store_mode]  # store.MODES is MPU_STORE_*'s order
+        c.cache_fd = -1 if cache_fd is None else cache_fd
+        c.gen = region.gen
+        c.npages = region.npages
+        c.size = region.size
+        c.map_length = region.map_length
+        c.live = 1
 
-    def state(self, index):
-        return lib.mpu_load32(ffi.addressof(self.pages[index], "state")) & 3
-
-    @property
-    def present(self):
-        """Pages PRESENT now (a counter: no walk over the table)."""
-        return lib.mpu_load64(ffi.addressof(self.table, "present"))
-
-    def begin_fill(self, index, owner, timeout_ms):
-        """FREE: the caller now fills the page; PRESENT: it is there already;
-        FILLING or LEAVING: still so after waiting timeout_ms."""
-        return lib.mpu_page_begin_fill(self.pages + index, owner, timeout_ms)
-
-    def end_fill(self, buffer, index, present, flags=0):
-        lib.mpu_page_end_fill(buffer.header, self.table, self.pages + index, present, flags)
-
-    def evict(self, index, owner, memfd, offset, length):
-        """True when the page was PRESENT and is now FREE."""
-        return bool(core.check(
-            lib.mpu_page_evict(self.table, self.pages + index, owner, memfd, offset, length),
-            "evicting a page",
-        ))
-
-    def oldest(self, count, stride=1, phase=0):
-        """Up to count (stamp, index) pairs of the oldest PRESENT pages."""
-        idx = ffi.new("uint64_t[]", count)
-        stamps = ffi.new("uint64_t[]", count)
-        n = lib.mpu_table_oldest(self.table, self.fd, stride, phase, count, idx, stamps)
-        return list(zip(ffi.unpack(stamps, n), ffi.unpack(idx, n)))
-
-    def recover(self, buffer, owner, memfd, page_size):
-        """Free the pages a dead worker held FILLING or LEAVING."""
-        return lib.mpu_table_recover(buffer.header, self.table, self.fd, owner, memfd,
-                                     page_size)
-
-    def release_all(self, buffer):
-        """Mark the region dead and give its PRESENT pages back to the buffer."""
-        return lib.mpu_table_release(buffer.header, self.table, self.fd)
-
-    def close(self):
-        self.table = self.pages = None
-        ffi.release(self._ref)
-        self._segment.close()
-        os.close(self.fd)
+    def clear(self, slot):
+        c = self.array[slot]
+        c.live = 0
+        c.memfd = c.store_fd = c.cache_fd = -1

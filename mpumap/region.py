@@ -9,7 +9,6 @@ descriptors of the same three things, and closes them when the region goes.
 import os
 
 from mpumap import protocol
-from mpumap.pbm import PageTable
 from mpumap.protocol import W
 from mpumap.settings import SYSTEM_PAGE_SIZE
 from mpumap.store import MODE_CODES, MODES
@@ -23,8 +22,8 @@ class Region:
     """One store object (a file, by device, inode and user) with its buffer.
 
     Owns, in each process that holds it: the buffer memfd (the pages clients
-    map), the store descriptor (what fillers read), and the page table (a
-    shared segment of page states).  ``slot`` names it to the C side (an index
+    map) and the store descriptor (what fillers read).  Its pages' states are
+    the page directory's (pbm), found by slot and generation.  ``slot`` names it to the C side (an index
     into the fillers' tables, reused once the region is gone); ``rid`` is
     unique for the server's life and is the slot's generation: a message that
     names the slot with another rid is about a region that is gone.  The
@@ -32,7 +31,7 @@ class Region:
     mappings refer to it.
     """
 
-    def __init__(self, rid, slot, size, page_size, memfd, store_fd, store_mode, table, name):
+    def __init__(self, rid, slot, size, page_size, memfd, store_fd, store_mode, name):
         self.rid = rid
         self.name = name
         self.slot = slot
@@ -45,26 +44,24 @@ class Region:
         self.memfd = memfd
         self.store_fd = store_fd
         self.store_mode = store_mode
-        self.table = table
         self.key = None
         self.mappings = 0
 
     @classmethod
     def create(cls, key, rid, slot, size, page_size, store_fd, store_mode, name):
         """A new region over a store descriptor (which it takes over): a
-        fresh memfd sized to whole umap pages and a fresh page table."""
-        memfd = table = None
+        fresh memfd sized to whole umap pages."""
+        memfd = None
         try:
             memfd = os.memfd_create(f"mpumap:{os.path.basename(name)}"[:200], os.MFD_CLOEXEC)
             npages = -(-size // page_size)
             os.ftruncate(memfd, npages * page_size)
-            table = PageTable.create(npages)
         except BaseException:
             if memfd is not None:
                 os.close(memfd)
             os.close(store_fd)
             raise
-        region = cls(rid, slot, size, page_size, memfd, store_fd, store_mode, table, name)
+        region = cls(rid, slot, size, page_size, memfd, store_fd, store_mode, name)
         region.key = key
         return region
 
@@ -72,7 +69,7 @@ class Region:
         """What tells a worker about this region: (data, descriptors)."""
         data = protocol.W_REGION.pack(W.ADD_REGION, self.slot, self.gen,
                                       MODE_CODES[self.store_mode], self.size, self.npages)
-        return data, [self.memfd, self.store_fd, self.table.fd]
+        return data, [self.memfd, self.store_fd]
 
     def drop_message(self):
         return protocol.W_REGION.pack(W.DROP_REGION, self.slot, self.gen, 0, 0, 0)
@@ -81,17 +78,16 @@ class Region:
     def attach(cls, data, fds, page_size):
         """A worker's region, from the server's message (and its fds)."""
         _, slot, gen, mode, size, npages = protocol.W_REGION.unpack(data)
-        memfd, store_fd, table_fd = fds
         try:
-            table = PageTable.attach(table_fd, npages)
-        except BaseException:
+            memfd, store_fd = fds
+        except ValueError:
             protocol.close_all(fds)
-            raise
+            raise ValueError(f"a region comes with 2 descriptors, not {len(fds)}") from None
         try:
             name = os.readlink(f"/proc/self/fd/{store_fd}")
         except OSError:
             name = f"region {gen}"
-        return cls(gen, slot, size, page_size, memfd, store_fd, MODES[mode], table, name)
+        return cls(gen, slot, size, page_size, memfd, store_fd, MODES[mode], name)
 
     @property
     def gen(self):
@@ -101,10 +97,6 @@ class Region:
     @property
     def uid(self):
         return self.key[2]
-
-    @property
-    def present(self):
-        return self.table.present
 
     def buffer_bytes(self):
         """What the region's buffer holds in memory now."""
@@ -117,6 +109,5 @@ class Region:
         return first, max(first, end)
 
     def close(self):
-        self.table.close()
         os.close(self.memfd)
         os.close(self.store_fd)

@@ -98,6 +98,15 @@ def _read_number(path):
     return None if text == "max" else int(text)
 
 
+def buffer_capacity(settings):
+    """The most pages the buffer may ever hold: its fixed size, or for an
+    adaptive buffer the machine's memory (the limit never passes what is
+    there).  The page directory has a descriptor's room for each."""
+    if not settings.adaptive:
+        return settings.buffer_pages
+    return max(psutil.virtual_memory().total // settings.page_size, settings.min_buffer_pages)
+
+
 def machine_limit(buffer, settings):
     """The adaptive buffer's size in pages, now."""
     return sizing_now(buffer, settings)[0]

@@ -24,7 +24,7 @@ from mpumap.server.listener import Listener
 from mpumap.server.monitor import FaultMonitor
 from mpumap.server.regions import RegionTable
 from mpumap.server.requests import RequestHandler
-from mpumap.sizing import machine_limit
+from mpumap.sizing import buffer_capacity, machine_limit
 from mpumap.workers import ROLES
 
 log = logging.getLogger("mpumap.arbiter")
@@ -76,12 +76,14 @@ class Arbiter:
         raise_descriptor_limit()
         self.evict_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
                           for _ in range(settings.evictors)]
-        self.buffer = PageBuffer.create(1, settings.high_water, settings.low_water)
+        self.buffer = PageBuffer.create(1, settings.high_water, settings.low_water,
+                                        capacity=buffer_capacity(settings),
+                                        max_regions=settings.max_regions)
         limit = settings.buffer_pages if not settings.adaptive else machine_limit(
             self.buffer, settings)
         self.buffer.set_limit(limit, settings.high_water, settings.low_water)
         self.clients = ClientTable(self.buffer)
-        self.regions = RegionTable(settings.max_regions, self.buffer)
+        self.regions = RegionTable(settings.max_regions, self.buffer, settings.page_size)
 
     # -- life cycle ---------------------------------------------------------------
 

@@ -3,6 +3,7 @@ slots, for whom."""
 import collections
 import logging
 
+from mpumap.pbm import RegionSlots
 from mpumap.region import Region
 
 log = logging.getLogger("mpumap.regions")
@@ -11,8 +12,8 @@ log = logging.getLogger("mpumap.regions")
 class RegionTable:
     """Every region the server serves.
 
-    Owns the regions, and through them their memfds, store descriptors and
-    page tables, keyed by (device, inode, uid): users never share a region
+    Owns the regions, and through them their memfds and store descriptors,
+    keyed by (device, inode, uid): users never share a region
     (a client could plant bytes in one it maps, see DESIGN.md).  Owns the
     free region slots, reused oldest-freed first, so that a message that
     outlived a slot's region (the slot's generation tells them apart in any
@@ -23,9 +24,11 @@ class RegionTable:
     `per_user[uid]` counts the regions keyed with that uid.
     """
 
-    def __init__(self, max_regions, buffer):
+    def __init__(self, max_regions, buffer, page_size):
         self.buffer = buffer
+        self.page_size = page_size
         self._regions = {}  # key -> Region
+        self.slots = RegionSlots(max_regions)  # what the C side sees of them
         self._free_slots = collections.deque(range(max_regions))
         self.per_user = collections.Counter()
 
@@ -51,6 +54,8 @@ class RegionTable:
         except BaseException:
             self._free_slots.appendleft(slot)
             raise
+        self.buffer.open_region(slot, region.gen, region.npages)
+        self.slots.set(region)
         self._regions[key] = region
         self.per_user[region.uid] += 1
         log.debug("region %d: %s, %d bytes, %d pages (uid %d)", rid, name, size,
@@ -65,12 +70,16 @@ class RegionTable:
         self.per_user[region.uid] -= 1
         if not self.per_user[region.uid]:
             del self.per_user[region.uid]
-        region.table.release_all(self.buffer)
+        self.buffer.release_region(region.slot, region.gen)
+        self.slots.clear(region.slot)
         region.close()
         self._free_slots.append(region.slot)
         log.debug("region %d released", region.rid)
 
     def recover(self, pid):
         """Free the pages a dead worker held FILLING or LEAVING."""
-        return sum(r.table.recover(self.buffer, pid, r.memfd, r.page_size)
-                   for r in self._regions.values())
+        return self.buffer.recover(pid, self.slots, self.page_size)
+
+    def present(self, region):
+        """Pages of the region PRESENT now."""
+        return self.buffer.region_present(region.slot)

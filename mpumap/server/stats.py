@@ -20,7 +20,7 @@ def server_stats(settings, buffer, clients, regions, workers, started, viewer=No
 
     shown_regions = [r for r in regions if visible(r.uid)]
     region_rows = [{"id": r.rid, "file": r.name, "size": r.size, "pages": r.npages,
-                    "present": r.present, "mappings": r.mappings, "uid": r.uid,
+                    "present": regions.present(r), "mappings": r.mappings, "uid": r.uid,
                     "store_io": r.store_mode, "buffer_bytes": r.buffer_bytes()}
                    for r in shown_regions]
     region_rows.sort(key=lambda r: -r["present"])

@@ -99,6 +99,7 @@ class Worker:
                                    f"mpumap-server: {self.role} {self.index} "
                                    f"[{self.settings.socket}]")
             self.beat()
+            lib.mpu_pbm_set_worker(self.heartbeat_slot)
             self.setup()
             self.run()
             status = 0

@@ -5,15 +5,14 @@ A page is evicted by punching it out of its region's memfd (fallocate
 PUNCH_HOLE, which is what MADV_REMOVE does on a mapping): the kernel drops it
 from every client's page tables, and their next touch faults again.
 """
-import heapq
 import os
 import selectors
 import time
 
+from mpumap.pbm import RegionSlots
 from mpumap.sizing import sizing_now
 from mpumap.workers.base import Worker
 
-RELEASE_BATCH = 16  # give pages back to waiting fillers this often
 IDLE_SECONDS = 1.0
 # Between re-sizings, an adaptive buffer's evictor looks this often whether
 # the memory left to it went down by more than a quarter of the reserve: a
@@ -25,8 +24,8 @@ WATCH_SECONDS = 0.05
 class Evictor(Worker):
     """An evictor process.
 
-    Owns, besides what every worker holds: its share of the eviction work
-    (the pages whose index falls to it), its eventfd (fillers write it when
+    Owns, besides what every worker holds: the memfds of the regions, as
+    the C side sees them (RegionSlots), its eventfd (fillers write it when
     they want room), and for evictor 0 of an adaptive buffer the buffer's
     limit, re-evaluated on a deadline whatever else it is doing, and
     lowered at once when the memory left to it went down by more than a
@@ -38,6 +37,7 @@ class Evictor(Worker):
     def setup(self):
         s = self.settings
         self.wakeup = self.evict_fds[self.index]
+        self.region_slots = RegionSlots(s.max_regions)
         self.adapts = s.adaptive and self.index == 0
         self.next_adapt = time.monotonic() + s.adapt_interval
         self.next_watch = time.monotonic() + WATCH_SECONDS
@@ -89,10 +89,17 @@ class Evictor(Worker):
             self.log.info("buffer limit %d -> %d pages", self.buffer.limit, limit)
             self.buffer.set_limit(limit, s.high_water, s.low_water)
 
+    def region_added(self, region):
+        self.region_slots.set(region)
+
+    def region_dropped(self, region):
+        self.region_slots.clear(region.slot)
+
     def evict(self):
         """Bring used pages down to the low watermark once they reach the high
-        one, or once a filler asked; our share is the pages whose index falls
-        to this evictor."""
+        one, or once a filler asked.  Victims come from the head of the
+        shared FIFO of PRESENT pages, oldest fill first, however many
+        evictors take from it; each takes its share of the excess."""
         h = self.buffer.header
         while True:
             used = self.buffer.used
@@ -103,29 +110,9 @@ class Evictor(Worker):
             if excess <= 0:
                 return
             share = -(-excess // self.settings.evictors)
-            if self.evict_oldest(share) == 0:
+            # 0: nothing to take, or the oldest page is of a region whose
+            # message waits on our socket: the loop reads it first.
+            if self.buffer.evict(share, self.pid, self.region_slots,
+                                 self.settings.page_size) == 0:
                 return
             self.beat()
-
-    def evict_oldest(self, count):
-        candidates = []
-        evictors = self.settings.evictors
-        for region in self.regions.values():
-            for stamp, index in region.table.oldest(count, evictors, self.index):
-                candidates.append((stamp, index, region))
-        victims = heapq.nsmallest(count, candidates, key=lambda c: c[0])
-        evicted = pending = 0
-        page_size = self.settings.page_size
-        for _, index, region in victims:
-            if region.table.evict(index, self.pid, region.memfd, index * page_size, page_size):
-                pending += 1
-            if pending == RELEASE_BATCH:
-                evicted += self._give_back(pending)
-                pending = 0
-        return evicted + self._give_back(pending)
-
-    def _give_back(self, count):
-        if count:
-            self.buffer.release(count)
-            self.buffer.add("evictions", count)
-        return count

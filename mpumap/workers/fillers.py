@@ -22,7 +22,8 @@ import time
 
 from mpumap import core
 from mpumap._core import ffi, lib
-from mpumap.store import MODE_CODES, open_cache_reader
+from mpumap.pbm import RegionSlots
+from mpumap.store import open_cache_reader
 from mpumap.workers.base import Worker, check_receive
 
 PREFETCH_RUN_BYTES = 1 << 20  # one store read for prefetching covers this much
@@ -69,11 +70,12 @@ class Filler(Worker):
         max_run = max(1 + s.read_ahead, run)
         # Page aligned, as UFFDIO_COPY and O_DIRECT want it.
         self.chunk = mmap.mmap(-1, max_run * s.page_size)
+        self.region_slots = RegionSlots(s.max_regions)
         self._keep = [core.pointer_to(self.chunk),
                       ffi.new("int[]", self.evict_fds or [-1]),
-                      ffi.new("struct mpu_region_slot[]", s.max_regions),
+                      ffi.new("uint32_t[]", max_run),
                       ffi.new("struct mpu_client_slot[]", lib.MPU_CLIENT_SLOTS)]
-        chunk, evict_fds, self.region_slots, self.client_slots = self._keep
+        chunk, evict_fds, descs, self.client_slots = self._keep
         for slot in self.client_slots:
             slot.uffd = -1
         f = self.c = ffi.new("struct mpu_filler *")
@@ -90,8 +92,9 @@ class Filler(Worker):
         f.read_ahead = s.read_ahead
         f.spinner.spin_ns = s.spin_us * 1000
         f.chunk = ffi.cast("char *", chunk)
+        f.descs = descs
         f.max_run = max_run
-        f.regions = self.region_slots
+        f.regions = self.region_slots.array
         f.nregions = s.max_regions
         f.clients = self.client_slots
         f.nclients = lib.MPU_CLIENT_SLOTS
@@ -103,23 +106,11 @@ class Filler(Worker):
                              struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
 
     def region_added(self, region):
-        c = self.region_slots[region.slot]
         region.cache_fd = open_cache_reader(region.store_fd, region.store_mode)
-        c.table_fd = region.table.fd
-        c.memfd = region.memfd
-        c.store_fd = region.store_fd
-        c.store_mode = MODE_CODES[region.store_mode]  # store.MODES is MPU_STORE_*'s order
-        c.cache_fd = -1 if region.cache_fd is None else region.cache_fd
-        c.gen = region.gen
-        c.npages = region.npages
-        c.size = region.size
-        c.map_length = region.map_length
-        c.table = region.table.table
+        self.region_slots.set(region, region.cache_fd)
 
     def region_dropped(self, region):
-        c = self.region_slots[region.slot]
-        c.table = ffi.NULL
-        c.cache_fd = -1
+        self.region_slots.clear(region.slot)
         if region.cache_fd is not None:
             os.close(region.cache_fd)
 

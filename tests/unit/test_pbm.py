@@ -1,78 +1,192 @@
 """The C core's page states, buffer accounting and counters, in this process
 (and forked ones) on real shared memory."""
+import errno
 import os
+import random
+import signal
+import time
+
+import pytest
 
 from mpumap import core
-from mpumap.pbm import PageBuffer, PageTable
+from mpumap._core import lib
+from mpumap.pbm import PageBuffer, RegionSlots
+
+
+PAGE = 4096
+
+
+class FakeRegion:
+    """What RegionSlots reads of a region: a memfd of npages pages."""
+
+    def __init__(self, slot, gen, npages):
+        self.slot, self.gen, self.npages = slot, gen, npages
+        self.size = self.map_length = npages * PAGE
+        self.memfd = os.memfd_create("t")
+        os.ftruncate(self.memfd, self.size)
+        self.store_fd, self.store_mode = -1, "direct"
+
+    def close(self):
+        os.close(self.memfd)
+
+
+def fill(buf, region, page, owner=1):
+    """A filler's steps for one page: claim (and room), write, PRESENT."""
+    state, desc = buf.claim(region.slot, region.gen, page, owner, 100)
+    assert state == core.FREE
+    os.pwrite(region.memfd, bytes([page % 251 + 1]) * PAGE, page * PAGE)
+    buf.filled(desc, True)
+    return desc
 
 
 def test_page_states_and_accounting():
     buf = PageBuffer.create(8, 90, 70)
-    table = PageTable.create(4)
+    region = FakeRegion(0, 7, 4)
+    slots = RegionSlots(64)
     try:
+        buf.open_region(0, 7, 4)
+        slots.set(region)
         assert (buf.limit, buf.header.high, buf.header.low) == (8, 7, 5)
-        assert table.begin_fill(0, 42, 10) == core.FREE
-        assert table.state(0) == core.FILLING
+        assert buf.page_state(0, 7, 0) == core.FREE  # no descriptor: FREE
+        state, desc = buf.claim(0, 7, 0, 42, 10)
+        assert state == core.FREE and buf.page_state(0, 7, 0) == core.FILLING
         # a second filler waiting for FILLING times out with the state it saw
-        assert table.begin_fill(0, 43, 10) == core.FILLING
-        assert buf.reserve([], 10)
-        table.end_fill(buf, 0, True)
-        assert table.state(0) == core.PRESENT
-        assert table.begin_fill(0, 43, 10) == core.PRESENT
+        assert buf.claim(0, 7, 0, 43, 10)[0] == core.FILLING
+        os.pwrite(region.memfd, b"z" * PAGE, 0)
+        buf.filled(desc, True)
+        assert buf.page_state(0, 7, 0) == core.PRESENT
+        assert buf.claim(0, 7, 0, 43, 10) == (core.PRESENT, desc)
         assert buf.snapshot()["fills"] == 1 and buf.used == 1
+        assert buf.region_present(0) == 1 and buf.snapshot()["present"] == 1
+        # another generation of the slot is another region: gone, here
+        with pytest.raises(OSError) as stale:
+            buf.claim(0, 8, 0, 43, 10)
+        assert stale.value.errno == errno.ESTALE
 
-        fd = os.memfd_create("t")
-        os.ftruncate(fd, 4 * 4096)
-        os.pwrite(fd, b"z" * 4096, 0)
-        assert table.evict(0, 44, fd, 0, 4096)
-        assert table.state(0) == core.FREE
-        assert os.pread(fd, 4, 0) == b"\0\0\0\0"  # the page was punched out
-        assert not table.evict(0, 44, fd, 0, 4096)  # not PRESENT: nothing to do
-        buf.release()
-        assert buf.used == 0
-        os.close(fd)
+        assert buf.evict(4, 44, slots, PAGE) == 1
+        assert buf.page_state(0, 7, 0) == core.FREE
+        assert os.pread(region.memfd, 4, 0) == b"\0\0\0\0"  # punched out
+        assert buf.used == 0 and buf.region_present(0) == 0
+        assert buf.evict(4, 44, slots, PAGE) == 0  # nothing PRESENT
+        assert buf.snapshot()["evictions"] == 1
+        assert lib.mpu_pbm_check(buf.header) == 0
     finally:
-        table.close()
+        region.close()
         buf.close()
 
 
-def test_oldest_pages_first_and_release_of_a_dead_region():
+def test_oldest_fill_first_and_release_of_a_dead_region():
     buf = PageBuffer.create(100, 90, 70)
-    table = PageTable.create(10)
+    region = FakeRegion(3, 1, 10)
+    slots = RegionSlots(64)
     try:
-        for index in (5, 2, 8, 1):
-            assert table.begin_fill(index, 1, 10) == core.FREE
-            assert buf.reserve([], 10)
-            table.end_fill(buf, index, True)
-        assert [i for _, i in sorted(table.oldest(2))] == [5, 2]
-        assert [i for _, i in sorted(table.oldest(10, stride=2, phase=0))] == [2, 8]
-        assert table.present == 4
+        buf.open_region(3, 1, 10)
+        slots.set(region)
+        for page in (5, 2, 8, 1):
+            fill(buf, region, page)
+        assert buf.evict(2, 9, slots, PAGE) == 2
+        assert [buf.page_state(3, 1, p) for p in (5, 2, 8, 1)] == [
+            core.FREE, core.FREE, core.PRESENT, core.PRESENT]
+        assert buf.region_present(3) == 2
         # a fill that ends after the region was released gives its page back
-        assert table.begin_fill(3, 1, 10) == core.FREE
-        assert buf.reserve([], 10)
-        assert table.release_all(buf) == 4
+        state, desc = buf.claim(3, 1, 3, 1, 10)
+        assert state == core.FREE
+        assert buf.release_region(3, 1) == 2
         assert buf.used == 1
-        table.end_fill(buf, 3, True)
-        assert table.state(3) == core.FREE
-        assert buf.used == 0
+        buf.filled(desc, True)
+        assert buf.used == 0 and buf.page_state(3, 1, 3) == core.FREE
+        assert lib.mpu_pbm_check(buf.header) == 0
     finally:
-        table.close()
+        region.close()
+        buf.close()
+
+
+def test_metadata_follows_the_buffer_not_the_data():
+    """A thousand pages through a buffer of 16, at page numbers past 2**32:
+    descriptors are reused, never more than the buffer holds."""
+    buf = PageBuffer.create(16, 90, 50)
+    region = FakeRegion(1, 5, 1)
+    slots = RegionSlots(64)
+    try:
+        buf.open_region(1, 5, 1 << 40)
+        slots.set(region)
+        base = (1 << 32) + 7
+        for k in range(1000):
+            if buf.used >= buf.header.high:
+                buf.evict(buf.used - buf.header.low, 2, slots, PAGE)
+            state, desc = buf.claim(1, 5, base + k, 1, 10)
+            assert state == core.FREE
+            buf.filled(desc, True)
+        assert buf.snapshot()["descriptors"] <= 16
+        assert buf.page_state(1, 5, base + 999) == core.PRESENT
+        assert buf.page_state(1, 5, base) == core.FREE
+        assert buf.page_state(1, 5, (base + 999) & 0xFFFFFFFF) == core.FREE
+        assert lib.mpu_pbm_check(buf.header) == buf.used
+    finally:
+        region.close()
+        buf.close()
+
+
+def test_a_worker_killed_inside_the_directory_leaves_it_whole():
+    """Workers SIGKILLed at random while they claim, fill and evict: whoever
+    takes the lock next finds its owner dead and rebuilds the index, the
+    free list and the FIFO from the descriptors; the supervisor's recovery
+    then frees what the dead held."""
+    buf = PageBuffer.create(64, 90, 50)
+    region = FakeRegion(2, 3, 256)
+    slots = RegionSlots(64)
+    rng = random.Random(5)
+    try:
+        buf.open_region(2, 3, 256)
+        slots.set(region)
+        for round_ in range(40):
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    me = os.getpid()
+                    while True:
+                        page = rng.randrange(256)
+                        if buf.used >= buf.header.high:
+                            buf.evict(8, me, slots, PAGE)
+                        state, desc = buf.claim(2, 3, page, me, 0)
+                        if state == core.FREE:
+                            buf.filled(desc, True)
+                finally:
+                    os._exit(0)
+            time.sleep(rng.uniform(0.001, 0.02))
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            buf.recover(pid, slots, PAGE)
+            assert lib.mpu_pbm_check(buf.header) >= 0, round_
+        assert lib.mpu_pbm_check(buf.header) == buf.used  # no buffer page lost
+        for page in range(256):
+            assert buf.page_state(2, 3, page) in (core.FREE, core.PRESENT)
+    finally:
+        region.close()
         buf.close()
 
 
 def test_full_buffer_waits_and_wakes_the_evictors():
     buf = PageBuffer.create(2, 90, 50)
+    region = FakeRegion(0, 1, 8)
     ev = os.eventfd(0, os.EFD_NONBLOCK)
     try:
-        assert buf.reserve([ev], 10) and buf.reserve([ev], 10)
-        assert not buf.reserve([ev], 50)  # full: times out
+        buf.open_region(0, 1, 8)
+        first = buf.claim(0, 1, 0, 1, 10, evict_fds=[ev])
+        assert first[0] == core.FREE and buf.claim(0, 1, 1, 1, 10)[0] == core.FREE
+        assert buf.claim(0, 1, 2, 1, 50, evict_fds=[ev]) == (None, 0)  # full: times out
         assert os.eventfd_read(ev) >= 1  # and asked the evictors to run
         assert buf.snapshot()["full_waits"] == 1
-        buf.release()
-        assert buf.reserve([ev], 10)
+        # neither read-ahead nor prefetch waits; prefetch stops at the high mark
+        assert buf.claim(0, 1, 2, 1, 0, lib.MPU_CLAIM_AHEAD)[0] is None
+        buf.filled(first[1], False)  # not filled: FREE, its buffer page back
+        assert buf.used == 1
+        assert buf.claim(0, 1, 2, 1, 0, lib.MPU_CLAIM_PREFETCH)[0] is None
+        assert buf.claim(0, 1, 2, 1, 10, evict_fds=[ev])[0] == core.FREE
         assert buf.snapshot()["peak_used"] == 2
     finally:
         os.close(ev)
+        region.close()
         buf.close()
 
 
@@ -92,23 +206,26 @@ def test_userfaultfd_is_recognised():
 def test_counters_are_exact_across_processes():
     buf = PageBuffer.create(1000, 90, 70)
     try:
+        buf.open_region(0, 1, 1 << 20)
         pids = []
-        for _ in range(4):
+        for child in range(4):
             pid = os.fork()
             if pid == 0:
                 try:
-                    for _ in range(20000):
+                    for k in range(5000):
                         buf.add("fills")
-                        if buf.reserve([], 1000):
-                            buf.release()
+                        state, desc = buf.claim(0, 1, child << 16 | k, os.getpid(), 1000)
+                        if state == core.FREE:
+                            buf.filled(desc, False)
                 finally:
                     os._exit(0)
             pids.append(pid)
         for pid in pids:
             assert os.waitpid(pid, 0)[1] == 0
         snap = buf.snapshot()
-        assert snap["fills"] == 80000
+        assert snap["fills"] == 20000
         assert snap["used"] == 0 and 1 <= snap["peak_used"] <= 4
+        assert lib.mpu_pbm_check(buf.header) == 0
     finally:
         buf.close()
 

@@ -34,7 +34,7 @@ def handler():
     selector = selectors.DefaultSelector()
     told = []
     h = RequestHandler(settings, buffer, selector, ClientTable(buffer),
-                       RegionTable(settings.max_regions, buffer), RefusingMonitor(),
+                       RegionTable(settings.max_regions, buffer, settings.page_size), RefusingMonitor(),
                        lambda data, fds, role, then=None: told.append(data) or
                        (then and then()), lambda: [], 0.0)
     h.told = told
@@ -87,7 +87,7 @@ def test_a_connection_the_server_cannot_watch_is_closed_not_the_server():
     settings = S.Settings(buffer_pages=64, fillers=1)
     buffer = PageBuffer.create(64, 90, 70)
     h = RequestHandler(settings, buffer, FullSelector(), ClientTable(buffer),
-                       RegionTable(settings.max_regions, buffer), RefusingMonitor(),
+                       RegionTable(settings.max_regions, buffer, settings.page_size), RefusingMonitor(),
                        lambda *args: None, lambda: [], 0.0)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:

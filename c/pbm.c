@@ -1,0 +1,706 @@
+/*
+ * The page directory: a descriptor per page in use, found through a hash
+ * index, and the FIFO of PRESENT pages that evictors take victims from.
+ * See struct mpu_desc and struct mpu_header in mpumap_core.h.
+ *
+ * What the directory costs follows the buffer, not the data: the segment is
+ * sized for the largest buffer the server may have, but a memfd costs only
+ * the pages written, and descriptors are handed out from the free list
+ * before any new one is touched, so the memory in use is that of the most
+ * pages the buffer held at once.  The index's buckets follow the limit.
+ *
+ * One lock guards the index, the free list, the FIFO, `used` (the buffer
+ * pages taken: the descriptors in use, exactly) and the counts of PRESENT
+ * pages; it is held for a few pointer moves, never across a system call
+ * that waits.  Page states stay what they were, one 32-bit word each
+ * with its owner's pid, and waiters sleep on that word, outside the lock.
+ *
+ * The lock is a robust, process-shared mutex: a worker killed while it held
+ * it leaves the next taker EOWNERDEAD, and that taker rebuilds the index,
+ * the free list and the FIFO from the descriptors, which are the truth (a
+ * descriptor is in use exactly when its state is not FREE), `used` too: a
+ * buffer page is never lost with a worker.  Pages the dead
+ * worker held FILLING or LEAVING are the supervisor's to take back
+ * (mpu_pbm_recover), as before.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "mpumap_core_internal.h"
+
+#define MIN_BUCKETS 1024u
+#define LOCK_WAIT_NS 200000000L  /* between heartbeats while waiting for the lock */
+#define NONE 0u                  /* a descriptor link that ends */
+
+static __thread int32_t beating = -1;
+
+void mpu_pbm_set_worker(int32_t worker)
+{
+    beating = worker;
+}
+
+static uint32_t *buckets(struct mpu_header *h)
+{
+    return (uint32_t *)((char *)h + h->buckets_at);
+}
+
+static uint64_t align(uint64_t n, uint64_t to)
+{
+    return (n + to - 1) / to * to;
+}
+
+static uint32_t pow2_at_least(uint64_t n)
+{
+    uint64_t p = MIN_BUCKETS;
+    while (p < n && p < (1ull << 31))
+        p <<= 1;
+    return (uint32_t)p;
+}
+
+/* The segment: the header, the regions' records, the descriptors, the
+ * buckets; each part starts on a system page, so that one part's pages can
+ * be given back without touching another's. */
+static void layout(uint32_t capacity, uint32_t max_regions, uint64_t *regions_at,
+                   uint64_t *descs_at, uint64_t *buckets_at, uint64_t *size)
+{
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    *regions_at = align(sizeof(struct mpu_header), page);
+    *descs_at = align(*regions_at + (uint64_t)max_regions * sizeof(struct mpu_region_info), page);
+    *buckets_at = align(*descs_at + (uint64_t)capacity * sizeof(struct mpu_desc), page);
+    *size = align(*buckets_at + (uint64_t)pow2_at_least(capacity) * sizeof(uint32_t), page);
+}
+
+uint64_t mpu_pbm_size(uint32_t capacity, uint32_t max_regions)
+{
+    uint64_t a, b, c, size;
+    layout(capacity, max_regions, &a, &b, &c, &size);
+    return size;
+}
+
+int mpu_pbm_init(struct mpu_header *h, uint32_t capacity, uint32_t max_regions)
+{
+    if (capacity == 0 || capacity >= (1u << 31) || max_regions == 0)
+        return -EINVAL;
+    uint64_t size;
+    layout(capacity, max_regions, &h->regions_at, &h->descs_at, &h->buckets_at, &size);
+    h->capacity = capacity;
+    h->max_regions = max_regions;
+    h->max_buckets = pow2_at_least(capacity);
+    h->nbuckets = MIN_BUCKETS < h->max_buckets ? MIN_BUCKETS : h->max_buckets;
+    _Static_assert(sizeof(pthread_mutex_t) <= sizeof h->lock, "room for the lock");
+    pthread_mutexattr_t attr;
+    int err = pthread_mutexattr_init(&attr);
+    if (!err)
+        err = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+    if (!err)
+        err = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+    if (!err)
+        err = pthread_mutex_init((pthread_mutex_t *)h->lock, &attr);
+    pthread_mutexattr_destroy(&attr);
+    return -err;
+}
+
+/* ---- the index, the free list, the FIFO (under the lock) ---------------------- */
+
+static uint32_t bucket_of(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t page)
+{
+    uint64_t x = page * 0x9E3779B97F4A7C15ull ^ ((uint64_t)region << 32 | gen);
+    x ^= x >> 31;
+    x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 29;
+    return (uint32_t)x & (h->nbuckets - 1);
+}
+
+static uint32_t lookup(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t page)
+{
+    struct mpu_desc *d = mpu_descs(h);
+    for (uint32_t i = buckets(h)[bucket_of(h, region, gen, page)]; i != NONE; i = d[i - 1].chain)
+        if (d[i - 1].page == page && d[i - 1].region == region && d[i - 1].gen == gen)
+            return i;
+    return NONE;
+}
+
+static void link_index(struct mpu_header *h, uint32_t i)
+{
+    struct mpu_desc *d = &mpu_descs(h)[i - 1];
+    uint32_t *b = &buckets(h)[bucket_of(h, d->region, d->gen, d->page)];
+    d->chain = *b;
+    *b = i;
+}
+
+static void unlink_index(struct mpu_header *h, uint32_t i)
+{
+    struct mpu_desc *descs = mpu_descs(h), *d = &descs[i - 1];
+    uint32_t *at = &buckets(h)[bucket_of(h, d->region, d->gen, d->page)];
+    while (*at != NONE && *at != i)
+        at = &descs[*at - 1].chain;
+    if (*at == i)
+        *at = d->chain;
+}
+
+static uint32_t take_free(struct mpu_header *h)
+{
+    uint32_t i = h->free_head;
+    if (i != NONE) {
+        h->free_head = mpu_descs(h)[i - 1].chain;
+        return i;
+    }
+    if (h->top >= h->capacity)
+        return NONE;
+    return ++h->top;
+}
+
+/* The descriptor leaves the index (where it must be) and is FREE; its
+ * buffer page is given back (see wake_room). */
+static void put_free(struct mpu_header *h, uint32_t i)
+{
+    struct mpu_desc *d = &mpu_descs(h)[i - 1];
+    unlink_index(h, i);
+    __atomic_store_n(&d->state, MPU_FREE, __ATOMIC_SEQ_CST);
+    d->chain = h->free_head;
+    h->free_head = i;
+    __atomic_sub_fetch(&h->used, 1, __ATOMIC_SEQ_CST);
+}
+
+/* After pages were freed, outside the lock: fillers waiting for room
+ * look again. */
+static void wake_room(struct mpu_header *h)
+{
+    if (__atomic_load_n(&h->waiters, __ATOMIC_SEQ_CST))
+        mpu_futex_wake(&h->used, INT_MAX);
+}
+
+static void fifo_push(struct mpu_header *h, uint32_t i)
+{
+    struct mpu_desc *descs = mpu_descs(h), *d = &descs[i - 1];
+    d->newer = NONE;
+    d->older = h->fifo_tail;
+    if (h->fifo_tail != NONE)
+        descs[h->fifo_tail - 1].newer = i;
+    else
+        h->fifo_head = i;
+    h->fifo_tail = i;
+}
+
+static void fifo_remove(struct mpu_header *h, uint32_t i)
+{
+    struct mpu_desc *descs = mpu_descs(h), *d = &descs[i - 1];
+    if (d->older != NONE)
+        descs[d->older - 1].newer = d->newer;
+    else
+        h->fifo_head = d->newer;
+    if (d->newer != NONE)
+        descs[d->newer - 1].older = d->older;
+    else
+        h->fifo_tail = d->older;
+    d->older = d->newer = NONE;
+}
+
+static void count_present(struct mpu_header *h, uint32_t region, int64_t n)
+{
+    mpu_add64(&h->present, n);
+    if (region < h->max_regions)
+        mpu_add64(&mpu_regions(h)[region].present, n);
+}
+
+/* ---- rebuilding from the descriptors --------------------------------------- */
+
+static void rebuild_index(struct mpu_header *h)
+{
+    struct mpu_desc *d = mpu_descs(h);
+    memset(buckets(h), 0, (size_t)h->nbuckets * sizeof(uint32_t));
+    for (uint32_t i = 1; i <= h->top; i++)
+        if (MPU_STATE(__atomic_load_n(&d[i - 1].state, __ATOMIC_SEQ_CST)) != MPU_FREE)
+            link_index(h, i);
+}
+
+static struct mpu_desc *sorting;
+
+static int by_stamp(const void *a, const void *b)
+{
+    uint64_t x = sorting[*(const uint32_t *)a - 1].stamp;
+    uint64_t y = sorting[*(const uint32_t *)b - 1].stamp;
+    return x < y ? -1 : x > y;
+}
+
+/* The lock's owner died holding it: whatever it was changing may be half
+ * done.  The descriptors say what is in use; everything else follows. */
+static void rebuild(struct mpu_header *h)
+{
+    struct mpu_desc *d = mpu_descs(h);
+    rebuild_index(h);
+    h->free_head = NONE;
+    for (uint32_t i = h->top; i >= 1; i--)
+        if (MPU_STATE(__atomic_load_n(&d[i - 1].state, __ATOMIC_SEQ_CST)) == MPU_FREE) {
+            d[i - 1].chain = h->free_head;
+            h->free_head = i;
+        }
+    /* The FIFO: PRESENT pages in fill order; their counts anew. */
+    h->fifo_head = h->fifo_tail = NONE;
+    uint32_t *present = malloc(((size_t)h->top + 1) * sizeof *present);
+    uint32_t n = 0;
+    for (uint32_t i = 1; i <= h->top; i++) {
+        if (d[i - 1].region < h->max_regions)
+            mpu_regions(h)[d[i - 1].region].present = 0;
+        if (MPU_STATE(d[i - 1].state) == MPU_PRESENT) {
+            if (present)
+                present[n] = i;
+            n++;
+        }
+    }
+    if (present) {
+        sorting = d;
+        qsort(present, n, sizeof *present, by_stamp);
+        for (uint32_t k = 0; k < n; k++)
+            fifo_push(h, present[k]);
+        free(present);
+    } else {  /* no memory to sort: in descriptor order, then */
+        for (uint32_t i = 1; i <= h->top; i++)
+            if (MPU_STATE(d[i - 1].state) == MPU_PRESENT)
+                fifo_push(h, i);
+    }
+    h->present = 0;
+    uint32_t in_use = 0;
+    for (uint32_t i = 1; i <= h->top; i++) {
+        uint32_t state = MPU_STATE(d[i - 1].state);
+        in_use += state != MPU_FREE;
+        if (state == MPU_PRESENT)
+            count_present(h, d[i - 1].region, 1);
+    }
+    __atomic_store_n(&h->used, in_use, __ATOMIC_SEQ_CST);
+}
+
+/* ---- the lock ---------------------------------------------------------------- */
+
+static void lock(struct mpu_header *h)
+{
+    pthread_mutex_t *m = (pthread_mutex_t *)h->lock;
+    int err = pthread_mutex_trylock(m);
+    while (err == EBUSY || err == ETIMEDOUT) {
+        /* Held long: a worker stopped or dying with it.  Ours goes on
+         * beating, so that only the one that holds it is found hung. */
+        if (beating >= 0)
+            mpu_beat(h, (uint32_t)beating);
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_nsec += LOCK_WAIT_NS;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        err = pthread_mutex_timedlock(m, &until);
+    }
+    if (err == EOWNERDEAD) {
+        rebuild(h);
+        pthread_mutex_consistent(m);
+    }
+    /* Any other error would be a bug in this file (EDEADLK): there is no
+     * way on without the lock, and none that keeps the data safe. */
+    else if (err)
+        abort();
+}
+
+static void unlock(struct mpu_header *h)
+{
+    pthread_mutex_unlock((pthread_mutex_t *)h->lock);
+}
+
+/* ---- the index follows the limit ---------------------------------------------- */
+
+int mpu_pbm_fit_index(struct mpu_header *h, uint32_t limit)
+{
+    uint32_t want = pow2_at_least(limit);
+    if (want > h->max_buckets)
+        want = h->max_buckets;
+    int err = 0;
+    lock(h);
+    uint32_t had = h->nbuckets;
+    /* A factor of four of slack each way: a limit that wobbles does not
+     * rebuild the index each time. */
+    if (want > had || (uint64_t)want * 4 < had) {
+        h->nbuckets = want;
+        rebuild_index(h);
+    }
+    if ((uint64_t)want * 4 < had) {  /* the buckets no longer used go back */
+        uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+        char *from = (char *)(buckets(h) + want), *to = (char *)(buckets(h) + had);
+        char *start = (char *)(uintptr_t)align((uint64_t)(uintptr_t)from, page);
+        if (to > start && madvise(start, (size_t)(to - start), MADV_REMOVE) < 0)
+            err = -errno;
+    }
+    unlock(h);
+    return err;
+}
+
+/* ---- regions ---------------------------------------------------------------------- */
+
+int mpu_region_open(struct mpu_header *h, uint32_t slot, uint32_t gen, uint64_t npages)
+{
+    if (slot >= h->max_regions || gen == 0)
+        return -EINVAL;
+    struct mpu_region_info *r = &mpu_regions(h)[slot];
+    lock(h);
+    r->gen = gen;
+    r->dead = 0;
+    r->npages = npages;
+    r->present = 0;
+    r->covered = npages;
+    unlock(h);
+    return 0;
+}
+
+static int region_live(struct mpu_header *h, uint32_t slot, uint32_t gen)
+{
+    return slot < h->max_regions && mpu_regions(h)[slot].gen == gen
+        && !mpu_regions(h)[slot].dead;
+}
+
+uint64_t mpu_region_present(struct mpu_header *h, uint32_t slot)
+{
+    return slot < h->max_regions ? mpu_load64(&mpu_regions(h)[slot].present) : 0;
+}
+
+int64_t mpu_region_release(struct mpu_header *h, uint32_t slot, uint32_t gen)
+{
+    if (slot >= h->max_regions)
+        return -EINVAL;
+    lock(h);
+    if (mpu_regions(h)[slot].gen == gen)
+        mpu_regions(h)[slot].dead = 1;
+    uint32_t top = h->top;
+    unlock(h);
+    /* Once dead, no page of it is claimed again: one walk over the
+     * descriptors finds every PRESENT one.  FILLING and LEAVING ones come
+     * back as their fills and evictions end (mpu_page_filled, evict). */
+    struct mpu_desc *d = mpu_descs(h);
+    uint32_t freed = 0;
+    for (uint32_t i = 1; i <= top; i++) {
+        if (d[i - 1].region != slot || d[i - 1].gen != gen)
+            continue;
+        lock(h);
+        if (d[i - 1].region == slot && d[i - 1].gen == gen
+            && __atomic_load_n(&d[i - 1].state, __ATOMIC_SEQ_CST) == MPU_PRESENT) {
+            fifo_remove(h, i);
+            count_present(h, slot, -1);
+            put_free(h, i);
+            freed++;
+        }
+        unlock(h);
+    }
+    wake_room(h);
+    return freed;
+}
+
+/* ---- room in the buffer ---------------------------------------------------------- */
+
+static void signal_evictors(const int *fds, int nfds)
+{
+    uint64_t one = 1;
+    for (int i = 0; i < nfds; i++)
+        if (write(fds[i], &one, sizeof one) < 0) {
+            /* a full eventfd counter already says "run" */
+        }
+}
+
+static void raise_peak(struct mpu_header *h, uint64_t value)
+{
+    uint64_t peak = __atomic_load_n(&h->peak_used, __ATOMIC_SEQ_CST);
+    while (value > peak
+           && !__atomic_compare_exchange_n(&h->peak_used, &peak, value, 0,
+                                           __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+        ;
+}
+
+/* Under the lock: takes a buffer page for a new descriptor if `how` allows
+ * one now.  1: taken; 0: no room (*used says what it saw).  *call: the
+ * evictors should run (past the high watermark, the first to get there
+ * calls them). */
+static int take_room(struct mpu_header *h, int how, uint32_t *used, int *call)
+{
+    uint32_t high = __atomic_load_n(&h->high, __ATOMIC_SEQ_CST);
+    uint32_t limit = __atomic_load_n(&h->limit, __ATOMIC_SEQ_CST);
+    if (how == MPU_CLAIM_PREFETCH && high < limit)
+        limit = high;  /* (high passes limit for a moment while it grows) */
+    *used = __atomic_load_n(&h->used, __ATOMIC_SEQ_CST);
+    if (*used >= limit)
+        return 0;
+    __atomic_store_n(&h->used, *used + 1, __ATOMIC_SEQ_CST);
+    raise_peak(h, *used + 1);
+    *call = how != MPU_CLAIM_PREFETCH && *used + 1 >= high
+        && __atomic_exchange_n(&h->evict_wanted, 1, __ATOMIC_SEQ_CST) == 0;
+    return 1;
+}
+
+/* ---- pages ------------------------------------------------------------------------ */
+
+int mpu_page_claim(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t page,
+                   uint32_t owner, int how, int timeout_ms, const int *evict_fds,
+                   int nevict, uint32_t *desc, uint32_t *flags)
+{
+    struct mpu_desc *descs = mpu_descs(h);
+    int waited_for_room = 0;
+    for (;;) {
+        lock(h);
+        if (!region_live(h, region, gen)) {
+            unlock(h);
+            return -ESTALE;
+        }
+        uint32_t i = lookup(h, region, gen, page);
+        if (i == NONE) {
+            uint32_t used;
+            int call = 0;
+            if (!take_room(h, how, &used, &call)) {
+                unlock(h);
+                if (how != MPU_CLAIM_FAULT)
+                    return -EAGAIN;
+                /* Full: the evictors are called, and we sleep until pages
+                 * are given back (wake_room) or the limit moves. */
+                if (!waited_for_room++)
+                    mpu_add64(&h->full_waits, 1);
+                __atomic_store_n(&h->evict_wanted, 1, __ATOMIC_SEQ_CST);
+                signal_evictors(evict_fds, nevict);
+                /* Counted before sleeping, so that wake_room knows to wake
+                 * us; a page given back before the wait changes `used`, and
+                 * the wait returns at once. */
+                __atomic_add_fetch(&h->waiters, 1, __ATOMIC_SEQ_CST);
+                int err = mpu_futex_wait(&h->used, used, timeout_ms);
+                __atomic_sub_fetch(&h->waiters, 1, __ATOMIC_SEQ_CST);
+                if (err == -ETIMEDOUT)
+                    return -EAGAIN;
+                continue;
+            }
+            i = take_free(h);
+            if (i == NONE) {
+                __atomic_sub_fetch(&h->used, 1, __ATOMIC_SEQ_CST);
+                unlock(h);
+                return -ENOSPC;
+            }
+            struct mpu_desc *d = &descs[i - 1];
+            d->region = region;
+            d->gen = gen;
+            d->page = page;
+            d->flags = 0;
+            d->stamp = 0;
+            d->older = d->newer = NONE;
+            __atomic_store_n(&d->state, MPU_OWNED(MPU_FILLING, owner), __ATOMIC_SEQ_CST);
+            link_index(h, i);
+            unlock(h);
+            if (call)
+                signal_evictors(evict_fds, nevict);
+            *desc = i;
+            return MPU_FREE;
+        }
+        struct mpu_desc *d = &descs[i - 1];
+        uint32_t word = __atomic_load_n(&d->state, __ATOMIC_SEQ_CST);
+        if (MPU_STATE(word) == MPU_PRESENT) {
+            uint32_t taken = __atomic_exchange_n(&d->flags, 0, __ATOMIC_SEQ_CST);
+            unlock(h);
+            if (flags)
+                *flags = taken;
+            *desc = i;
+            return MPU_PRESENT;
+        }
+        unlock(h);
+        if (timeout_ms == 0)
+            return (int)MPU_STATE(word);
+        /* Woken, the descriptor may be another page's by now: look again. */
+        if (mpu_futex_wait(&d->state, word, timeout_ms) == -ETIMEDOUT)
+            return (int)MPU_STATE(word);
+    }
+}
+
+void mpu_page_filled(struct mpu_header *h, uint32_t desc, int present, uint32_t flags)
+{
+    struct mpu_desc *d = &mpu_descs(h)[desc - 1];
+    lock(h);
+    if (present && region_live(h, d->region, d->gen)) {
+        d->stamp = mpu_add64(&h->clock, 1);
+        d->flags = flags;
+        __atomic_store_n(&d->state, MPU_PRESENT, __ATOMIC_SEQ_CST);
+        /* At the FIFO's tail only now, after the fault it was filled for
+         * was answered: no evictor takes it before its reader had it. */
+        fifo_push(h, desc);
+        count_present(h, d->region, 1);
+        mpu_add64(&h->fills, 1);
+    } else {
+        put_free(h, desc);  /* (or its region went while we filled it) */
+    }
+    unlock(h);
+    mpu_futex_wake(&d->state, INT_MAX);
+    wake_room(h);
+}
+
+int mpu_page_state(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t page)
+{
+    lock(h);
+    uint32_t i = lookup(h, region, gen, page);
+    int state = i == NONE ? MPU_FREE
+                          : (int)MPU_STATE(__atomic_load_n(&mpu_descs(h)[i - 1].state,
+                                                           __ATOMIC_SEQ_CST));
+    unlock(h);
+    return state;
+}
+
+/* The page is PRESENT and ours to take out: LEAVING, out of the FIFO. */
+static void take_leaving(struct mpu_header *h, uint32_t i, uint32_t owner)
+{
+    struct mpu_desc *d = &mpu_descs(h)[i - 1];
+    __atomic_store_n(&d->state, MPU_OWNED(MPU_LEAVING, owner), __ATOMIC_SEQ_CST);
+    fifo_remove(h, i);
+    count_present(h, d->region, -1);
+}
+
+/* Punches a LEAVING page out of its memfd and frees it; a punch that fails
+ * puts it back, PRESENT, at the FIFO's tail.  0 or -errno. */
+static int punch_out(struct mpu_header *h, uint32_t i, int memfd, uint64_t page_size)
+{
+    struct mpu_desc *d = &mpu_descs(h)[i - 1];
+    int err = memfd >= 0 ? mpu_punch(memfd, d->page * page_size, page_size) : 0;
+    lock(h);
+    if (err) {
+        __atomic_store_n(&d->state, MPU_PRESENT, __ATOMIC_SEQ_CST);
+        fifo_push(h, i);
+        count_present(h, d->region, 1);
+    } else {
+        put_free(h, i);
+    }
+    unlock(h);
+    mpu_futex_wake(&d->state, INT_MAX);
+    return err;
+}
+
+int64_t mpu_pbm_evict(struct mpu_header *h, uint32_t max, uint32_t owner,
+                      const struct mpu_region_slot *regions, uint32_t nregions,
+                      uint64_t page_size)
+{
+    struct mpu_desc *descs = mpu_descs(h);
+    uint32_t evicted = 0;
+    int err = 0;
+    while (evicted < max) {
+        lock(h);
+        uint32_t i = h->fifo_head;
+        if (i == NONE) {
+            unlock(h);
+            break;
+        }
+        struct mpu_desc *d = &descs[i - 1];
+        const struct mpu_region_slot *r = d->region < nregions ? &regions[d->region] : NULL;
+        int known = r && r->live && r->gen == d->gen;
+        if (!known && region_live(h, d->region, d->gen)) {
+            unlock(h);  /* a region we have not heard of yet: its message waits */
+            break;
+        }
+        take_leaving(h, i, owner);
+        unlock(h);
+        /* (A region that is gone needs no punch: its memfd goes with it.) */
+        err = punch_out(h, i, known ? r->memfd : -1, page_size);
+        if (err)
+            break;
+        /* Each page given back at once: a filler waiting for room goes on. */
+        wake_room(h);
+        evicted++;
+    }
+    mpu_add64(&h->evictions, evicted);
+    return evicted ? (int64_t)evicted : err;
+}
+
+uint64_t mpu_region_evict_from(struct mpu_header *h, uint32_t slot, uint32_t gen,
+                               uint64_t first, uint32_t owner, int memfd, uint64_t page_size)
+{
+    struct mpu_desc *d = mpu_descs(h);
+    uint32_t top = __atomic_load_n(&h->top, __ATOMIC_SEQ_CST);
+    uint32_t dropped = 0;
+    for (uint32_t i = 1; i <= top; i++) {
+        if (d[i - 1].region != slot || d[i - 1].gen != gen || d[i - 1].page < first)
+            continue;
+        lock(h);
+        int mine = d[i - 1].region == slot && d[i - 1].gen == gen && d[i - 1].page >= first
+            && __atomic_load_n(&d[i - 1].state, __ATOMIC_SEQ_CST) == MPU_PRESENT;
+        if (mine)
+            take_leaving(h, i, owner);
+        unlock(h);
+        if (mine && punch_out(h, i, memfd, page_size) == 0)
+            dropped++;
+    }
+    wake_room(h);
+    mpu_add64(&h->evictions, dropped);
+    return dropped;
+}
+
+uint64_t mpu_pbm_recover(struct mpu_header *h, uint32_t owner,
+                         const struct mpu_region_slot *regions, uint32_t nregions,
+                         uint64_t page_size)
+{
+    struct mpu_desc *descs = mpu_descs(h);
+    uint32_t top = __atomic_load_n(&h->top, __ATOMIC_SEQ_CST);
+    uint32_t freed = 0;
+    for (uint32_t i = 1; i <= top; i++) {
+        struct mpu_desc *d = &descs[i - 1];
+        uint32_t word = __atomic_load_n(&d->state, __ATOMIC_SEQ_CST);
+        uint32_t state = MPU_STATE(word);
+        if ((state != MPU_FILLING && state != MPU_LEAVING) || word >> 2 != owner)
+            continue;
+        /* A LEAVING page may be half punched: punched again.  (Its memfd may
+         * be gone with its region: nothing to punch then.) */
+        const struct mpu_region_slot *r = d->region < nregions ? &regions[d->region] : NULL;
+        if (state == MPU_LEAVING && r && r->live && r->gen == d->gen)
+            mpu_punch(r->memfd, d->page * page_size, page_size);
+        lock(h);
+        int ours = __atomic_load_n(&d->state, __ATOMIC_SEQ_CST) == word;
+        if (ours)
+            put_free(h, i);
+        unlock(h);
+        if (ours) {
+            mpu_futex_wake(&d->state, INT_MAX);
+            freed++;
+        }
+    }
+    wake_room(h);
+    return freed;
+}
+
+/* ---- checking ----------------------------------------------------------------- */
+
+int mpu_pbm_check(struct mpu_header *h)
+{
+    struct mpu_desc *d = mpu_descs(h);
+    int bad = 0;
+    lock(h);
+    uint32_t in_use = 0, present = 0, free_count = 0, queued = 0;
+    for (uint32_t i = 1; i <= h->top && !bad; i++) {
+        uint32_t state = MPU_STATE(d[i - 1].state);
+        if (state == MPU_FREE)
+            continue;
+        in_use++;
+        present += state == MPU_PRESENT;
+        if (lookup(h, d[i - 1].region, d[i - 1].gen, d[i - 1].page) != i)
+            bad = 1;  /* a page in use that the index does not find */
+    }
+    for (uint32_t i = h->free_head; i != NONE && !bad; i = d[i - 1].chain)
+        if (++free_count > h->top || MPU_STATE(d[i - 1].state) != MPU_FREE)
+            bad = 2;  /* the free list loops, or holds a page in use */
+    if (!bad && in_use + free_count != h->top)
+        bad = 3;  /* a descriptor neither in use nor free */
+    uint64_t stamp = 0;
+    for (uint32_t i = h->fifo_head; i != NONE && !bad; i = d[i - 1].newer) {
+        if (++queued > present || MPU_STATE(d[i - 1].state) != MPU_PRESENT
+            || d[i - 1].stamp < stamp)
+            bad = 4;  /* the FIFO loops, holds what is not PRESENT, or is out of order */
+        stamp = d[i - 1].stamp;
+    }
+    if (!bad && queued != present)
+        bad = 5;  /* a PRESENT page no evictor would find */
+    if (!bad && h->present != present)
+        bad = 6;
+    if (!bad && h->used != in_use)
+        bad = 7;  /* a buffer page taken with no page, or a page without one */
+    unlock(h);
+    return bad ? -(1000 + bad) : (int)in_use;
+}
