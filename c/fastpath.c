@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -644,7 +645,7 @@ static int in_page_cache(struct mpu_filler *f, struct mpu_region_slot *r, uint64
     } stat;
     if (syscall(SYS_cachestat, r->store_fd, &range, &stat, 0) < 0) {
         if (errno != EINTR && errno != EAGAIN)
-            r->cache_fd = -1;  /* ENOSYS, EPERM: the Python side still closes it */
+            r->no_cache = 1;  /* ENOSYS, EPERM */
         return 0;
     }
     return stat.nr_cache >= mpu_system_pages(len, f->system_page);
@@ -660,11 +661,35 @@ static int in_page_cache(struct mpu_filler *f, struct mpu_region_slot *r, uint64
  * race.  (Not for drop: the pages the kernel read ahead for it would look
  * like another's, and stay.)  Returns the bytes copied, a whole number of
  * system pages unless the file ends there. */
+/* The store's file opened again, buffered, through /proc/self/fd: the same
+ * inode.  Only once the page cache holds something to read, so that a
+ * region read from a cold disk costs a filler no descriptor for it.  Never
+ * waits for a lease (O_NONBLOCK, cleared once open); its reads start no
+ * read-ahead into the cache (POSIX_FADV_RANDOM). */
+static int cache_reader(struct mpu_region_slot *r)
+{
+    if (r->cache_fd >= 0 || r->no_cache)
+        return r->cache_fd;
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", r->store_fd);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd >= 0 && (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) < 0
+                    || posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM) != 0)) {
+        close(fd);
+        fd = -1;
+    }
+    if (fd < 0)
+        r->no_cache = 1;
+    return r->cache_fd = fd;
+}
+
 static uint64_t read_from_page_cache(struct mpu_filler *f, struct mpu_region_slot *r,
                                      uint64_t offset, uint64_t want)
 {
-    int fd = r->cache_fd;
-    if (r->store_mode != MPU_STORE_DIRECT || fd < 0 || !in_page_cache(f, r, offset, want))
+    if (r->store_mode != MPU_STORE_DIRECT || r->no_cache || !in_page_cache(f, r, offset, want))
+        return 0;
+    int fd = cache_reader(r);
+    if (fd < 0)
         return 0;
     uint64_t got = 0;
     while (got < want) {

@@ -63,7 +63,13 @@ struct mpu_region_slot {
     int memfd;
     int store_fd;
     int store_mode;            /* MPU_STORE_* (fastpath.h) */
-    int cache_fd;              /* buffered, for a direct store; else -1 */
+    int cache_fd;              /* a buffered reader beside a direct store, opened
+                                  by the filler when the page cache first holds
+                                  what it reads (-1: none yet); whoever clears
+                                  the slot closes it */
+    uint32_t no_cache;         /* the page cache is not asked: cachestat or
+                                  the reopen was refused */
+    uint32_t pad;
     uint64_t npages;
     uint64_t size;             /* of the file when the region was made */
     uint64_t map_length;       /* what clients map: size in whole system pages */

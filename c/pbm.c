@@ -528,11 +528,12 @@ void mpu_page_filled(struct mpu_header *h, uint32_t desc, int present, uint32_t 
          * was answered: no evictor takes it before its reader had it. */
         fifo_push(h, desc);
         count_present(h, d->region, 1);
-        mpu_add64(&h->fills, 1);
     } else {
         put_free(h, desc);  /* (or its region went while we filled it) */
     }
     unlock(h);
+    if (present)
+        mpu_add64(&h->fills, 1);  /* (whether its region is still there or not) */
     mpu_futex_wake(&d->state, INT_MAX);
     wake_room(h);
 }

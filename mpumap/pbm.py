@@ -119,6 +119,11 @@ class PageBuffer:
     def capacity(self):
         return self.header.capacity
 
+    def segment_bytes(self):
+        """What the segment holds in memory now: the header, the regions'
+        records, the descriptors and buckets written so far."""
+        return os.fstat(self.fd).st_blocks * 512
+
     def set_limit(self, limit, high_percent, low_percent):
         """Set the buffer's size in pages and the watermarks derived from it.
 
@@ -265,7 +270,8 @@ def percentile_us(buckets, fraction):
 class RegionSlots:
     """What one process tells the C side of the regions it holds, by slot: a
     struct mpu_region_slot array.  An entry is live from ``set`` until
-    ``clear``, and must be cleared before the region's descriptors close."""
+    ``clear``, and must be cleared before the region's descriptors close.
+    Owns the buffered reader the C side may open beside a direct store."""
 
     def __init__(self, count):
         self.array = ffi.new("struct mpu_region_slot[]", count)
@@ -276,12 +282,13 @@ class RegionSlots:
     def __getitem__(self, slot):
         return self.array[slot]
 
-    def set(self, region, cache_fd=None):
+    def set(self, region):
         c = self.array[region.slot]
         c.memfd = region.memfd
         c.store_fd = region.store_fd
         c.store_mode = MODE_CODES[region.store_mode]  # store.MODES is MPU_STORE_*'s order
-        c.cache_fd = -1 if cache_fd is None else cache_fd
+        c.cache_fd = -1
+        c.no_cache = 0
         c.gen = region.gen
         c.npages = region.npages
         c.size = region.size
@@ -289,6 +296,9 @@ class RegionSlots:
         c.live = 1
 
     def clear(self, slot):
+        """Forget a region; closes the buffered reader a filler opened for it."""
         c = self.array[slot]
         c.live = 0
+        if c.cache_fd >= 0:
+            os.close(c.cache_fd)
         c.memfd = c.store_fd = c.cache_fd = -1

@@ -108,6 +108,14 @@ class Region:
         end = min(self.npages, -(-min(offset + length, self.size) // self.page_size))
         return first, max(first, end)
 
+    def drop_store(self):
+        """Close the store descriptor in a process that never reads the
+        store (an evictor): a descriptor per region is what bounds how
+        many regions a process can hold (RLIMIT_NOFILE)."""
+        if self.store_fd >= 0:
+            os.close(self.store_fd)
+            self.store_fd = -1
+
     def close(self):
         os.close(self.memfd)
-        os.close(self.store_fd)
+        self.drop_store()

@@ -50,22 +50,3 @@ def open_store(client_fd, mode):
         os.close(client_fd)
         return fd, DIRECT
     return client_fd, mode
-
-
-def open_cache_reader(store_fd, mode):
-    """A buffered descriptor beside a direct store, for the pages the kernel's
-    page cache holds anyway (the C core asks cachestat first); None for the
-    other modes, or where the reopen fails."""
-    if mode != DIRECT:
-        return None
-    try:
-        fd = reopen(store_fd, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        # Its reads must not start read-ahead into the cache.
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd

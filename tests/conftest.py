@@ -4,6 +4,7 @@ Every server gets its own short socket path (Unix socket paths are limited to
 108 bytes) and is stopped, with its workers, when the test ends."""
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -190,3 +191,63 @@ def cgroup():
         pytest.skip(str(exc))
     yield group
     group.remove()
+
+
+# -- native programs ---------------------------------------------------------
+
+def config(*flags):
+    out = subprocess.run(command("mpumap-client") + ["config", *flags], check=True,
+                         capture_output=True, text=True, timeout=30).stdout
+    return shlex.split(out)
+
+
+def clean_env(**extra):
+    """The environment without anything that would find the library for us."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_LIBRARY_PATH", "LD_PRELOAD", "MPUMAP_SOCKET",
+                        "MPUMAP_PRELOAD_MAP")}
+    env.update(extra)
+    return env
+
+
+class Programs:
+    """Compiles test programs into the test's folder and runs them; kills
+    whatever is still running when the test ends."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.procs = []
+
+    def build(self, source, name=None, flags=None):
+        name = name or os.path.splitext(os.path.basename(source))[0]
+        out = os.path.join(self.folder, name)
+        if flags is None:
+            flags = config("--cflags", "--libs")
+        result = subprocess.run(["cc", "-O2", "-Wall", "-o", out, source, *flags, "-pthread"],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return out
+
+    def start(self, args, env, stdin=subprocess.DEVNULL):
+        proc = subprocess.Popen(args, env=env, stdin=stdin, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        self.procs.append(proc)
+        return proc
+
+    def run(self, args, env, timeout=120):
+        proc = self.start(args, env)
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err
+
+    def cleanup(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+
+
+@pytest.fixture
+def programs(workdir):
+    p = Programs(workdir)
+    yield p
+    p.cleanup()

@@ -90,6 +90,7 @@ class Evictor(Worker):
             self.buffer.set_limit(limit, s.high_water, s.low_water)
 
     def region_added(self, region):
+        region.drop_store()
         self.region_slots.set(region)
 
     def region_dropped(self, region):

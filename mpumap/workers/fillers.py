@@ -15,7 +15,6 @@ import collections
 import errno
 import logging
 import mmap
-import os
 import socket
 import struct
 import time
@@ -23,7 +22,6 @@ import time
 from mpumap import core
 from mpumap._core import ffi, lib
 from mpumap.pbm import RegionSlots
-from mpumap.store import open_cache_reader
 from mpumap.workers.base import Worker, check_receive
 
 PREFETCH_RUN_BYTES = 1 << 20  # one store read for prefetching covers this much
@@ -57,7 +55,7 @@ class Filler(Worker):
 
     Owns, besides what every worker holds: the C filler state (struct
     mpu_filler) with its tables of region and client slots, a page-aligned
-    chunk to read into, and a buffered reader beside each direct store.
+    chunk to read into.
     The C tables point at the descriptors of the regions and clients dicts:
     an entry is cleared before its descriptors are closed.
     """
@@ -106,13 +104,10 @@ class Filler(Worker):
                              struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
 
     def region_added(self, region):
-        region.cache_fd = open_cache_reader(region.store_fd, region.store_mode)
-        self.region_slots.set(region, region.cache_fd)
+        self.region_slots.set(region)
 
     def region_dropped(self, region):
         self.region_slots.clear(region.slot)
-        if region.cache_fd is not None:
-            os.close(region.cache_fd)
 
     def client_added(self, slot, gen, uffd):
         self.client_slots[slot].gen = gen
