@@ -212,10 +212,15 @@ static void count_present(struct mpu_header *h, uint32_t region, int64_t n)
 
 /* ---- rebuilding from the descriptors --------------------------------------- */
 
-static void rebuild_index(struct mpu_header *h)
+/* Links every descriptor in use into the buckets anew.  Buckets from
+ * `written` on hold nothing (never written, or given back), so only those
+ * before are cleared: a large index costs memory as it is used. */
+static void rebuild_index(struct mpu_header *h, uint32_t written)
 {
     struct mpu_desc *d = mpu_descs(h);
-    memset(buckets(h), 0, (size_t)h->nbuckets * sizeof(uint32_t));
+    if (written > h->nbuckets)
+        written = h->nbuckets;
+    memset(buckets(h), 0, (size_t)written * sizeof(uint32_t));
     for (uint32_t i = 1; i <= h->top; i++)
         if (MPU_STATE(__atomic_load_n(&d[i - 1].state, __ATOMIC_SEQ_CST)) != MPU_FREE)
             link_index(h, i);
@@ -235,7 +240,7 @@ static int by_stamp(const void *a, const void *b)
 static void rebuild(struct mpu_header *h)
 {
     struct mpu_desc *d = mpu_descs(h);
-    rebuild_index(h);
+    rebuild_index(h, h->nbuckets);
     h->free_head = NONE;
     for (uint32_t i = h->top; i >= 1; i--)
         if (MPU_STATE(__atomic_load_n(&d[i - 1].state, __ATOMIC_SEQ_CST)) == MPU_FREE) {
@@ -326,7 +331,7 @@ int mpu_pbm_fit_index(struct mpu_header *h, uint32_t limit)
      * rebuild the index each time. */
     if (want > had || (uint64_t)want * 4 < had) {
         h->nbuckets = want;
-        rebuild_index(h);
+        rebuild_index(h, had);
     }
     if ((uint64_t)want * 4 < had) {  /* the buckets no longer used go back */
         uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);

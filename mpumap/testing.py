@@ -1,5 +1,6 @@
 """What the tests and the scripts (demo, benchmarks) both need: data files,
-mpumap's own commands, a server to run, a memory cgroup.
+mpumap's own commands, a server to run, a C client to build, a memory
+cgroup.
 
 Not part of the client API; it is in the package so that both find it
 without path tricks."""
@@ -84,6 +85,20 @@ def running_server(*args, log=None):
                 proc.kill()
                 proc.wait()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def build_c_program(source, folder):
+    """Compile a C client program against libmpumapclient into folder; the
+    path of the binary."""
+    from mpumap import native
+
+    binary = os.path.join(folder, os.path.splitext(os.path.basename(source))[0])
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise SystemExit("no C compiler: run scripts/setup-system.sh")
+    subprocess.run([cc, "-O2", "-o", binary, source, *native.cflags(), *native.libs()],
+                   check=True)
+    return binary
 
 
 class NoCgroup(Exception):

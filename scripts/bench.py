@@ -26,7 +26,6 @@ import mmap
 import os
 import random
 import select
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,8 +36,8 @@ import psutil
 
 import mpumap
 from mpumap.settings import parse_size
-from mpumap.testing import (MemoryCgroup, NoCgroup, drop_from_page_cache, make_file,
-                            running_server)
+from mpumap.testing import (MemoryCgroup, NoCgroup, build_c_program, drop_from_page_cache,
+                            make_file, running_server)
 
 TOUCH = 4096  # one byte per 4 KiB page, as MP-UMap's benchmarks do
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -84,15 +83,7 @@ def python_client(kind, socket_path, path, order, seed, go):
 
 
 def build_c_client(folder):
-    from mpumap import native
-
-    binary = os.path.join(folder, "bench_client")
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise SystemExit("no C compiler: run scripts/setup-system.sh, or use --client python")
-    subprocess.run([cc, "-O2", "-o", binary, os.path.join(HERE, "bench_client.c"),
-                    *native.cflags(), *native.libs()], check=True)
-    return binary
+    return build_c_program(os.path.join(HERE, "bench_client.c"), folder)
 
 
 def kernel_faults(pid):

@@ -21,7 +21,8 @@ from mpumap.settings import parse_size
 from mpumap.testing import drop_from_page_cache, make_file, running_server
 
 MiB = 1 << 20
-READER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "reader.py")
+READER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "integration",
+                      "reader.py")
 
 
 def page_cache_bytes(path):
@@ -55,7 +56,8 @@ def main():
             while any(r.poll() is None for r in readers):
                 procs = [server] + server.children()
                 uss = sum(q.memory_full_info().uss for q in procs)
-                memfd = mpumap.server_stats(sock)["buffer"]["memfd_bytes"]
+                b = mpumap.server_stats(sock)["buffer"]
+                memfd = b["memfd_bytes"] + b["segment_bytes"]
                 peak_uss, peak_memfd = max(peak_uss, uss), max(peak_memfd, memfd)
                 peak_total = max(peak_total, uss + memfd)
                 peak_cache = max(peak_cache, page_cache_bytes(path))
@@ -69,7 +71,7 @@ def main():
           f"pages through a {buffer / MiB:.0f} MiB buffer in {seconds:.1f} s "
           f"({samples} samples)")
     print(f"  server memory peak: {peak_total / MiB:.1f} MiB = processes' USS "
-          f"{peak_uss / MiB:.1f} MiB + memfds {peak_memfd / MiB:.1f} MiB "
+          f"{peak_uss / MiB:.1f} MiB + shared memory {peak_memfd / MiB:.1f} MiB "
           f"(bound: buffer + 32 MiB = {(buffer + 32 * MiB) / MiB:.0f} MiB)")
     print(f"  file in the page cache, peak: {peak_cache / MiB:.1f} MiB (bound: 16 MiB)")
     print(f"  buffer: peak {stats['peak_used']} of {stats['limit']} pages, "
