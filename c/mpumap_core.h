@@ -1,6 +1,6 @@
 /*
  * The C core of mpumap: userfaultfd, futexes and atomics on the shared page
- * buffer manager (PBM): the buffer segment and the regions' page tables.
+ * buffer manager (PBM): the buffer segment and its page directory.
  * Everything here is small and does one system call or one atomic step;
  * policy lives in Python.
  *

@@ -215,7 +215,7 @@ class W(enum.IntEnum):
 
     ADD_CLIENT = lib.MPU_W_ADD_CLIENT  # W_CLIENT; fds: [userfaultfd]
     DROP_CLIENT = lib.MPU_W_DROP_CLIENT  # W_CLIENT
-    ADD_REGION = lib.MPU_W_ADD_REGION  # W_REGION; fds: [memfd, store, page table]
+    ADD_REGION = lib.MPU_W_ADD_REGION  # W_REGION; fds: [memfd, store]
     DROP_REGION = lib.MPU_W_DROP_REGION  # W_REGION
     FAULTS = lib.MPU_W_FAULTS  # from the monitor thread to the fillers' C loop only
     PREFETCH = lib.MPU_W_PREFETCH  # W_FILL: a client asked

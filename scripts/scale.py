@@ -118,7 +118,7 @@ def status_times(sock, runs=5):
         started = time.perf_counter()
         mpumap.server_stats(sock)
         requests.append(time.perf_counter() - started)
-    return sorted(commands)[runs // 2], sorted(requests)[runs // 2]
+    return median(commands), median(requests)
 
 
 def read_line(proc, timeout):
@@ -135,32 +135,36 @@ def read_line(proc, timeout):
     return line
 
 
-def run_clients(binary, sock, paths, faults, folder, checks=()):
+def run_clients(binary, sock, paths, faults, checks=()):
     """One scale_client per path, all at once: their results, once every
-    one has touched and checked (and still maps its file)."""
-    go, done = os.path.join(folder, "go"), os.path.join(folder, "done")
-    for flag in (go, done):
-        if os.path.exists(flag):
-            os.unlink(flag)
+    one has touched and checked (and still maps its file), and what ends
+    them (the count of those that failed)."""
     env = {**os.environ, "MPUMAP_SOCKET": sock}
     procs = []
     for k, path in enumerate(paths):
-        args = [binary, path, str(faults), str(k + 1), go, done]
+        args = [binary, path, str(faults), str(k + 1)]
         if checks:
             args.append(",".join(map(str, checks)))
-        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+        procs.append(subprocess.Popen(args, env=env, stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
     for proc in procs:
         assert read_line(proc, 120).strip() == "ready"
-    open(go, "w").close()
+    say(procs, "go")
     results = [json.loads(read_line(proc, 3600)) for proc in procs]
     for proc, result in zip(procs, results):
         result.update(json.loads(read_line(proc, 3600)))
-    return procs, results, lambda: finish(procs, done)
+    return results, lambda: finish(procs)
 
 
-def finish(procs, done):
-    open(done, "w").close()
+def say(procs, word):
+    for proc in procs:
+        proc.stdin.write(word + "\n")
+        proc.stdin.flush()
+
+
+def finish(procs):
+    say(procs, "done")
     bad = 0
     for proc in procs:
         proc.wait(120)
@@ -170,31 +174,39 @@ def finish(procs, done):
 
 def sizes_section(args, binary, folder):
     print(f"\n1. Random 4 KiB faults, {args.faults} per file, through one "
-          f"{human(args.buffer)} buffer")
-    header = (f"{'file':>6} {'us/fault':>9} {'shared MiB':>11} {'USS MiB':>8} "
-              f"{'top --once s':>13} {'STATS s':>8} {'bytes':>6}")
-    print(header)
-    rows = []
+          f"{human(args.buffer)} buffer; median of {args.runs} runs, sizes taking turns")
+    print(f"{'file':>6} {'us/fault':>9} {'shared MiB':>11} {'USS MiB':>8} "
+          f"{'top --once s':>13} {'STATS s':>8} {'bytes':>6}")
+    files = [sparse_file(folder, size, seed=n) for n, size in enumerate(args.sizes)]
+    runs = {size: [] for size in args.sizes}
     with running_server("--page-size", "4K", "--buffer-size", human(args.buffer),
                         "--read-ahead", 0) as (sock, proc):
-        for n, size in enumerate(args.sizes):
-            path, offsets = sparse_file(folder, size, seed=n)
-            try:
+        for _ in range(args.runs):
+            for size, (path, offsets) in zip(args.sizes, files):
                 with Sampler(sock, proc.pid) as sampler:
-                    procs, results, end = run_clients(binary, sock, [path], args.faults,
-                                                      folder, offsets)
+                    results, end = run_clients(binary, sock, [path], args.faults, offsets)
                     top, stats = status_times(sock)
                     bad = end()
-            finally:
-                os.unlink(path)
-            r = results[0]
-            row = {"size": size, "us_per_fault": r["seconds"] * 1e6 / r["faults"],
-                   "peak_shared": sampler.peak_shared, "peak_uss": sampler.peak_uss,
-                   "top_seconds": top, "stats_seconds": stats, "ok": r["ok"] and not bad}
-            rows.append(row)
-            print(f"{human(size):>6} {row['us_per_fault']:9.1f} "
-                  f"{row['peak_shared'] / MiB:11.1f} {row['peak_uss'] / MiB:8.1f} "
-                  f"{top:13.3f} {stats:8.4f} {'right' if row['ok'] else 'WRONG':>6}")
+                r = results[0]
+                runs[size].append({"us_per_fault": r["seconds"] * 1e6 / r["faults"],
+                                   "peak_shared": sampler.peak_shared,
+                                   "peak_uss": sampler.peak_uss, "top_seconds": top,
+                                   "stats_seconds": stats, "ok": r["ok"] and not bad})
+    for path, _ in files:
+        os.unlink(path)
+    rows = []
+    for size in args.sizes:
+        taken = runs[size]
+        row = {key: median([t[key] for t in taken])
+               for key in ("us_per_fault", "top_seconds", "stats_seconds")}
+        row.update(size=size, peak_shared=max(t["peak_shared"] for t in taken),
+                   peak_uss=max(t["peak_uss"] for t in taken),
+                   ok=all(t["ok"] for t in taken))
+        rows.append(row)
+        print(f"{human(size):>6} {row['us_per_fault']:9.1f} "
+              f"{row['peak_shared'] / MiB:11.1f} {row['peak_uss'] / MiB:8.1f} "
+              f"{row['top_seconds']:13.3f} {row['stats_seconds']:8.4f} "
+              f"{'right' if row['ok'] else 'WRONG':>6}")
     first, last = rows[0], rows[-1]
     ratio = last["us_per_fault"] / first["us_per_fault"]
     most = max(r["peak_shared"] + r["peak_uss"] for r in rows)
@@ -202,6 +214,11 @@ def sizes_section(args, binary, folder):
           f"{ratio:.2f} (target <= 1.2); server memory at most {most / MiB:.1f} MiB "
           f"(target <= buffer + 32 MiB = {(args.buffer + 32 * MiB) / MiB:.0f} MiB)")
     return rows
+
+
+def median(values):
+    values = sorted(values)
+    return values[len(values) // 2]
 
 
 def clients_section(args, binary, folder):
@@ -220,8 +237,7 @@ def clients_section(args, binary, folder):
                         "--max-user-connections", 2 * count + 32) as (sock, proc):
         server = psutil.Process(proc.pid)
         fds0, uss0 = server.num_fds(), server_uss(server)
-        procs, results, end = run_clients(binary, sock, [big] * count, args.client_faults,
-                                          folder)
+        results, end = run_clients(binary, sock, [big] * count, args.client_faults)
         fds1, uss1 = server.num_fds(), server_uss(server)
         clients_seen = mpumap.server_stats(sock)["clients_total"]
         top, stats = status_times(sock, runs=3)
@@ -289,6 +305,7 @@ def main():
     p.add_argument("--sizes", default="1G,4T", help="sparse file sizes (1G,4T)")
     p.add_argument("--buffer", default="32M", help="the buffer (32M)")
     p.add_argument("--faults", type=int, default=20000, help="random faults per file (20000)")
+    p.add_argument("--runs", type=int, default=3, help="runs of each size; the median (3)")
     p.add_argument("--clients", type=int, default=128, help="clients at once (128; 0: skip)")
     p.add_argument("--client-faults", type=int, default=500,
                    help="random pages each client reads (500)")
