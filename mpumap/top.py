@@ -118,7 +118,8 @@ def build_snapshot(before, now):
                    "low_pages": b1["low"], "high_water": settings["high_water"],
                    "low_water": settings["low_water"],
                    "mode": "adaptive" if settings["adaptive"] else "fixed",
-                   "peak_pages": b1["peak_used"], "memfd_bytes": b1["memfd_bytes"]},
+                   "peak_pages": b1["peak_used"], "present_pages": b1["present"],
+                   "memfd_bytes": b1["memfd_bytes"], "segment_bytes": b1["segment_bytes"]},
         "rates": rates,
         "latency": {"p50_us": percentile_us(buckets, 0.5),
                     "p99_us": percentile_us(buckets, 0.99)},
@@ -157,7 +158,7 @@ def render(snap, width=100, height=None):
         f"buffer   {b['used_pages']}/{b['limit_pages']} pages of {_size(page)} "
         f"({_size(b['used_pages'] * page)} of {_size(b['limit_pages'] * page)}, {b['mode']}), "
         f"watermarks {b['low_water']}%/{b['high_water']}%, peak {b['peak_pages']}, "
-        f"memfds {_size(b['memfd_bytes'])}",
+        f"memfds {_size(b['memfd_bytes'])}, shared segment {_size(b['segment_bytes'])}",
         f"rates/s  faults {r['faults']:.0f}  fills {r['fills']:.0f}  copies {r['copies']:.0f}  "
         f"wakes {r['wakes']:.0f}  evictions {r['evictions']:.0f}  read-ahead "
         f"{r['readahead_fills']:.0f}  store {r['store_mb_s']:.1f} MB/s "

@@ -357,6 +357,10 @@ def test_soak(start_server, readers, workdir):
     memory = [m for m, _ in second_half]
     assert max(memory) - min(memory) < 6 * MiB, [m // MiB for m in memory]
     assert max(memory) < 6400 * 1024 + 32 * MiB
-    assert len({f for _, f in second_half}) == 1, [f for _, f in samples]
+    # No growth: a leak grows with the faults (thousands a second).  A few
+    # descriptors come and go: a filler opens a buffered reader beside a
+    # region's direct store once it finds pages in the page cache.
+    fds = [f for _, f in second_half]
+    assert max(fds) - min(fds) <= 8, [f for _, f in samples]
     stats = server.stats()["buffer"]
     assert stats["peak_used"] <= 100 and stats["evictions"] > 0
