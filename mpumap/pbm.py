@@ -83,9 +83,6 @@ class PageBuffer:
         self._segment = segment
         self._ref = core.pointer_to(segment)
         self.header = ffi.cast("struct mpu_header *", self._ref)
-        self.regions = ffi.cast("struct mpu_region_info *",
-                                self._ref + self.header.regions_at) \
-            if self.header.regions_at else None
 
     @classmethod
     def create(cls, limit, high_percent, low_percent, capacity=None, max_regions=64):
@@ -117,7 +114,12 @@ class PageBuffer:
 
     @property
     def capacity(self):
+        """Descriptors there is room for: the largest limit the buffer may have."""
         return self.header.capacity
+
+    @property
+    def max_regions(self):
+        return self.header.max_regions
 
     def segment_bytes(self):
         """What the segment holds in memory now: the header, the regions'
@@ -239,7 +241,7 @@ class PageBuffer:
         return lib.mpu_pbm_recover(self.header, owner, slots.array, len(slots), page_size)
 
     def close(self):
-        self.header = self.regions = None
+        self.header = None
         ffi.release(self._ref)
         self._segment.close()
         os.close(self.fd)
@@ -278,9 +280,6 @@ class RegionSlots:
 
     def __len__(self):
         return len(self.array)
-
-    def __getitem__(self, slot):
-        return self.array[slot]
 
     def set(self, region):
         c = self.array[region.slot]

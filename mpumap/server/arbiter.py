@@ -83,7 +83,7 @@ class Arbiter:
             self.buffer, settings)
         self.buffer.set_limit(limit, settings.high_water, settings.low_water)
         self.clients = ClientTable(self.buffer)
-        self.regions = RegionTable(settings.max_regions, self.buffer, settings.page_size)
+        self.regions = RegionTable(self.buffer, settings.page_size)
 
     # -- life cycle ---------------------------------------------------------------
 

@@ -24,12 +24,12 @@ class RegionTable:
     `per_user[uid]` counts the regions keyed with that uid.
     """
 
-    def __init__(self, max_regions, buffer, page_size):
+    def __init__(self, buffer, page_size):
         self.buffer = buffer
         self.page_size = page_size
         self._regions = {}  # key -> Region
-        self.slots = RegionSlots(max_regions)  # what the C side sees of them
-        self._free_slots = collections.deque(range(max_regions))
+        self.slots = RegionSlots(buffer.max_regions)  # what the C side sees of them
+        self._free_slots = collections.deque(range(buffer.max_regions))
         self.per_user = collections.Counter()
 
     def __len__(self):

@@ -37,7 +37,7 @@ class Evictor(Worker):
     def setup(self):
         s = self.settings
         self.wakeup = self.evict_fds[self.index]
-        self.region_slots = RegionSlots(s.max_regions)
+        self.region_slots = RegionSlots(self.buffer.max_regions)
         self.adapts = s.adaptive and self.index == 0
         self.next_adapt = time.monotonic() + s.adapt_interval
         self.next_watch = time.monotonic() + WATCH_SECONDS

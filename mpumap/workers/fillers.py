@@ -68,7 +68,7 @@ class Filler(Worker):
         max_run = max(1 + s.read_ahead, run)
         # Page aligned, as UFFDIO_COPY and O_DIRECT want it.
         self.chunk = mmap.mmap(-1, max_run * s.page_size)
-        self.region_slots = RegionSlots(s.max_regions)
+        self.region_slots = RegionSlots(self.buffer.max_regions)
         self._keep = [core.pointer_to(self.chunk),
                       ffi.new("int[]", self.evict_fds or [-1]),
                       ffi.new("uint32_t[]", max_run),
@@ -93,7 +93,7 @@ class Filler(Worker):
         f.descs = descs
         f.max_run = max_run
         f.regions = self.region_slots.array
-        f.nregions = s.max_regions
+        f.nregions = len(self.region_slots)
         f.clients = self.client_slots
         f.nclients = lib.MPU_CLIENT_SLOTS
         self.fills = collections.deque()  # prefetch and read-ahead, in order

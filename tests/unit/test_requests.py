@@ -30,11 +30,11 @@ class RefusingMonitor:
 @pytest.fixture
 def handler():
     settings = S.Settings(buffer_pages=64, fillers=1)
-    buffer = PageBuffer.create(64, 90, 70)
+    buffer = PageBuffer.create(64, 90, 70, max_regions=settings.max_regions)
     selector = selectors.DefaultSelector()
     told = []
     h = RequestHandler(settings, buffer, selector, ClientTable(buffer),
-                       RegionTable(settings.max_regions, buffer, settings.page_size), RefusingMonitor(),
+                       RegionTable(buffer, settings.page_size), RefusingMonitor(),
                        lambda data, fds, role, then=None: told.append(data) or
                        (then and then()), lambda: [], 0.0)
     h.told = told
@@ -85,9 +85,9 @@ class FullSelector(selectors.DefaultSelector):
 
 def test_a_connection_the_server_cannot_watch_is_closed_not_the_server():
     settings = S.Settings(buffer_pages=64, fillers=1)
-    buffer = PageBuffer.create(64, 90, 70)
+    buffer = PageBuffer.create(64, 90, 70, max_regions=settings.max_regions)
     h = RequestHandler(settings, buffer, FullSelector(), ClientTable(buffer),
-                       RegionTable(settings.max_regions, buffer, settings.page_size), RefusingMonitor(),
+                       RegionTable(buffer, settings.page_size), RefusingMonitor(),
                        lambda *args: None, lambda: [], 0.0)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
