@@ -92,8 +92,10 @@ def test_what_the_page_cache_holds_is_copied_from_there(start_server, readers, w
     # locked at that moment is read from the disk too: RWF_NOWAIT does not
     # wait (one run in five here missed a few pages of 256).
     assert 0.9 * (size // 2) <= buffer["cache_bytes"] <= size // 2
-    # Nothing was added to the cache, and nothing taken out.
-    assert size // 2 <= page_cache_bytes(path) <= size // 2 + 4 * 4096
+    # Nothing was added to the cache, and nothing taken out (but for a few
+    # pages the kernel may reclaim meanwhile: one run of the whole suite in
+    # five lost 11 of 4,098 while other tests filled the page cache).
+    assert size // 2 - 32 * 4096 <= page_cache_bytes(path) <= size // 2 + 4 * 4096
 
 
 def faults_for_read(start_server, readers, path, read_ahead=None, order="seq"):
