@@ -17,11 +17,10 @@
  *
  * The lock is a robust, process-shared mutex: a worker killed while it held
  * it leaves the next taker EOWNERDEAD, and that taker rebuilds the index,
- * the free list and the FIFO from the descriptors, which are the truth (a
- * descriptor is in use exactly when its state is not FREE), `used` too: a
- * buffer page is never lost with a worker.  Pages the dead
- * worker held FILLING or LEAVING are the supervisor's to take back
- * (mpu_pbm_recover), as before.
+ * the free list, the FIFO and `used` from the descriptors, which are the
+ * truth (a descriptor is in use exactly when its state is not FREE): no
+ * buffer page is lost with a worker.  Pages the dead worker held FILLING or
+ * LEAVING are the supervisor's to take back (mpu_pbm_recover), as before.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -226,6 +225,8 @@ static void rebuild_index(struct mpu_header *h, uint32_t written)
             link_index(h, i);
 }
 
+/* qsort has no argument for its comparison: only the lock's holder sorts,
+ * one at a time across every process, so a static will do. */
 static struct mpu_desc *sorting;
 
 static int by_stamp(const void *a, const void *b)
