@@ -34,6 +34,7 @@ import time
 import psutil
 
 import mpumap
+from mpumap.server.arbiter import REGION_DESCRIPTORS
 from mpumap.settings import parse_size
 from mpumap.testing import build_c_program, command, make_file, running_server
 
@@ -256,7 +257,7 @@ def clients_section(args, binary, folder):
 def regions_section(args, folder):
     # The server raises its soft limit to the hard one.
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    fit = (hard - 256) // 2
+    fit = (hard - 256) // REGION_DESCRIPTORS
     count = min(args.regions, fit)
     print(f"\n3. {count} regions mapped at once"
           + (f" ({args.regions} asked; RLIMIT_NOFILE {hard} holds {fit})"

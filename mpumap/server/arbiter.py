@@ -73,7 +73,7 @@ class Arbiter:
         self.stop_now = False
         self.exit_status = 0
         self.listener = self.monitor = self.handler = None
-        raise_descriptor_limit()
+        raise_descriptor_limit(settings.max_regions)
         self.evict_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
                           for _ in range(settings.evictors)]
         self.buffer = PageBuffer.create(1, settings.high_water, settings.low_water,
@@ -382,9 +382,20 @@ class Arbiter:
         log.info("stopped")
 
 
-def raise_descriptor_limit():
-    """Every region costs the server and each worker a few descriptors: take
-    all the descriptors the hard limit allows."""
+# Descriptors a region holds in the server (its memfd and its file) and in
+# a filler (the same two, and a buffered reader once the page cache has some).
+REGION_DESCRIPTORS = 2
+
+
+def raise_descriptor_limit(max_regions):
+    """Every region costs the server and each worker descriptors: take all
+    the descriptors the hard limit allows, and say so when that is too few
+    for --max-regions (a map past the limit is refused, cleanly)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    needed = REGION_DESCRIPTORS * max_regions + 256
+    if hard < needed:
+        log.warning("RLIMIT_NOFILE is %d: about %d regions fit, not --max-regions %d; "
+                    "raise it to %d (ulimit -Hn, LimitNOFILE=) to serve them all",
+                    hard, (hard - 256) // REGION_DESCRIPTORS, max_regions, needed)
