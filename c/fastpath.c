@@ -79,6 +79,7 @@ struct stream {
 struct range {              /* a client mapping, sorted by start */
     struct mpu_client_range r;
     uint32_t clock;         /* faults seen, for the streams' `seen` */
+    uint64_t around;        /* the last window read around a fault, + 1 (0: none) */
     struct stream streams[STREAMS];
 };
 
@@ -132,13 +133,12 @@ static struct stream *stream_of(struct range *r, uint64_t page, int *fresh)
  * filler reads after its page; *background the first page of the background
  * window (0: none) and *window its size. */
 static uint64_t read_ahead_of(struct range *r, uint64_t page, uint64_t most,
-                              uint64_t *background, uint64_t *window)
+                              uint64_t *background, uint64_t *window, int *fresh)
 {
-    int fresh;
-    struct stream *s = stream_of(r, page, &fresh);
+    struct stream *s = stream_of(r, page, fresh);
     uint64_t ahead = 0;
     *background = 0;
-    if (fresh || page == s->last_page)
+    if (*fresh || page == s->last_page)
         return 0;  /* a new stream, or another thread on the same page */
     s->last_page = page;
     uint64_t w = s->window ? 2 * (uint64_t)s->window : 4;
@@ -287,20 +287,43 @@ static int post(struct mpu_monitor *m, int index, const void *packet, uint32_t n
 
 /* ---- monitor: draining a client ---------------------------------------------- */
 
-static void post_read_ahead(struct mpu_monitor *m, uint32_t region, uint32_t gen,
-                            uint64_t first, uint64_t window)
+static void post_read_ahead(struct mpu_monitor *m, uint32_t kind, uint32_t region,
+                            uint32_t gen, uint64_t first, uint64_t window)
 {
-    struct mpu_w_fill fill = { .kind = MPU_W_READ_AHEAD, .region = region, .gen = gen,
+    struct mpu_w_fill fill = { .kind = kind, .region = region, .gen = gen,
                                .first = first, .count = window };
     /* By window: their first pages may be a multiple of the fillers apart. */
     int to = (int)mpu_filler_for(region, first / window, (uint32_t)m->nfillers);
     post(m, to, &fill, sizeof fill);  /* a window it cannot queue is not read ahead */
 }
 
-struct window {             /* a read-ahead window to ask for */
+struct window {             /* a read-ahead or read-around window to ask for */
     uint64_t first, count;
     uint32_t region, gen;
+    uint32_t kind;          /* MPU_W_READ_AHEAD, MPU_W_READ_AROUND */
 };
+
+/* Read-around, as the kernel's mmap does it but only while the buffer has
+ * room: a fault that starts no scan also asks for the aligned window of
+ * 1 + most pages around it, when the buffer is at least two such windows
+ * below its high watermark.  A data set that fits is then read in large
+ * reads whatever the order; in a full buffer a random fault reads its page
+ * alone, and what is read around never pushes a page out (the fillers claim
+ * it as they claim a prefetch).  Returns the window's first page + 1, or 0. */
+static uint64_t read_around_of(struct mpu_monitor *m, struct range *r, uint64_t page,
+                               uint64_t most)
+{
+    uint64_t w = most + 1;
+    uint32_t used = __atomic_load_n(&m->h->used, __ATOMIC_RELAXED);
+    uint32_t high = __atomic_load_n(&m->h->high, __ATOMIC_RELAXED);
+    if (w < 2 || (uint64_t)used + 2 * w > high)
+        return 0;
+    uint64_t first = page / w * w;
+    if (r->around == first + 1)
+        return 0;  /* asked for already: another fault in the window */
+    r->around = first + 1;
+    return first + 1;
+}
 
 /* Reads what the client's userfaultfd has, finds each fault's region and
  * page, and sends each filler its faults in one packet.  A fault outside
@@ -345,10 +368,16 @@ static int drain(struct mpu_monitor *m, uint32_t slot, struct monitored *c)
             };
             if (m->read_ahead) {
                 uint64_t first, window;
-                fault->ahead = (uint32_t)read_ahead_of(r, index, m->read_ahead, &first, &window);
+                int fresh;
+                fault->ahead = (uint32_t)read_ahead_of(r, index, m->read_ahead, &first, &window,
+                                                       &fresh);
                 if (first)
                     aheads[naheads++] = (struct window){ first, window, r->r.region,
-                                                         r->r.region_gen };
+                                                         r->r.region_gen, MPU_W_READ_AHEAD };
+                else if (fresh && (first = read_around_of(m, r, index, m->read_ahead)))
+                    aheads[naheads++] = (struct window){ first - 1, m->read_ahead + 1,
+                                                         r->r.region, r->r.region_gen,
+                                                         MPU_W_READ_AROUND };
             }
         }
         for (int to = 0; to < m->nfillers; to++) {
@@ -369,8 +398,8 @@ static int drain(struct mpu_monitor *m, uint32_t slot, struct monitored *c)
         }
         /* After the faults: a filler serves what a client waits for first. */
         for (int k = 0; k < naheads; k++)
-            post_read_ahead(m, aheads[k].region, aheads[k].gen, aheads[k].first,
-                            aheads[k].count);
+            post_read_ahead(m, aheads[k].kind, aheads[k].region, aheads[k].gen,
+                            aheads[k].first, aheads[k].count);
         total += n;
         if (n < MPU_FAULTS_MAX)
             break;
@@ -539,6 +568,7 @@ int mpu_monitor_set_ranges(struct mpu_monitor *m, uint32_t slot,
             if (old[j].r.end == copy[i].r.end && old[j].r.region == copy[i].r.region
                 && old[j].r.region_gen == copy[i].r.region_gen) {
                 copy[i].clock = old[j].clock;
+                copy[i].around = old[j].around;
                 memcpy(copy[i].streams, old[j].streams, sizeof copy[i].streams);
             }
             i++, j++;
@@ -766,17 +796,16 @@ static uint32_t slot_of(const struct mpu_filler *f, const struct mpu_region_slot
 
 /* Claims up to count FREE pages from start on (their descriptors into
  * `into`), stopping at the first that is not FREE or when the buffer has no
- * room (MPU_CLAIM_AHEAD, MPU_CLAIM_PREFETCH say when).  *full tells the
- * latter when nothing was claimed. */
+ * room (`how`: MPU_CLAIM_AHEAD, MPU_CLAIM_PREFETCH say when).  *full tells
+ * the latter when nothing was claimed. */
 static uint64_t claim_run(struct mpu_filler *f, struct mpu_region_slot *r,
-                          uint64_t start, uint64_t count, int read_ahead, int *full,
+                          uint64_t start, uint64_t count, int how, int *full,
                           uint32_t *into)
 {
     uint64_t n = 0;
     *full = 0;
     for (uint64_t page = start; page < r->npages && n < count; page++, n++) {
-        int state = mpu_page_claim(f->h, slot_of(f, r), r->gen, page, f->pid,
-                                   read_ahead ? MPU_CLAIM_AHEAD : MPU_CLAIM_PREFETCH, 0,
+        int state = mpu_page_claim(f->h, slot_of(f, r), r->gen, page, f->pid, how, 0,
                                    f->evict_fds, f->nevict, &into[n], NULL);
         if (state == -EAGAIN)
             *full = n == 0;
@@ -978,8 +1007,8 @@ static void serve_one(struct mpu_filler *f, const struct mpu_fault *fault)
     int full;
     uint32_t *ahead_descs = f->descs + 1;
     uint64_t ahead = claim_run(f, r, page + 1,
-                               fault->ahead < f->read_ahead ? fault->ahead : f->read_ahead, 1,
-                               &full, ahead_descs);
+                               fault->ahead < f->read_ahead ? fault->ahead : f->read_ahead,
+                               MPU_CLAIM_AHEAD, &full, ahead_descs);
     int present = 0;
     int64_t got = read_run(f, r, page, 1 + ahead);
     uint64_t whole = got < 0 ? 0 : whole_pages(f, r, page, 1 + ahead, (uint64_t)got);
@@ -1119,19 +1148,25 @@ static int serve_waiting_faults(struct mpu_filler *f)
 }
 
 /* Fills the FREE pages of [first, first + count) that the buffer has room
- * for, in runs; stops when the buffer is full.  read_ahead: the monitor
- * asked (a scan), not a client: counted and marked as read-ahead. */
+ * for, in runs; stops when the buffer is full.  `kind` says who asked: a
+ * client (MPU_W_PREFETCH), or the monitor, for a scan (MPU_W_READ_AHEAD:
+ * room up to the limit) or around a fault (MPU_W_READ_AROUND: room below
+ * the high watermark, as a prefetch); what the monitor asked for is marked
+ * as read ahead.  Each kind has its counter. */
 static void fill_span(struct mpu_filler *f, uint32_t region, uint64_t first, uint64_t count,
-                      int read_ahead)
+                      uint32_t kind)
 {
     struct mpu_region_slot *r = &f->regions[region];
-    uint32_t flags = read_ahead ? MPU_READ_AHEAD : 0;
-    uint64_t *counter = read_ahead ? &f->h->readahead_fills : &f->h->prefetch_fills;
+    uint32_t flags = kind == MPU_W_PREFETCH ? 0 : MPU_READ_AHEAD;
+    int how = kind == MPU_W_READ_AHEAD ? MPU_CLAIM_AHEAD : MPU_CLAIM_PREFETCH;
+    uint64_t *counter = kind == MPU_W_READ_AHEAD ? &f->h->readahead_fills
+                        : kind == MPU_W_READ_AROUND ? &f->h->readaround_fills
+                        : &f->h->prefetch_fills;
     uint64_t page = first, end = first + count < r->npages ? first + count : r->npages;
     while (page < end) {
         int full;
         uint64_t want = end - page < f->max_run ? end - page : f->max_run;
-        uint64_t run = claim_run(f, r, page, want, read_ahead, &full, f->descs);
+        uint64_t run = claim_run(f, r, page, want, how, &full, f->descs);
         if (full)
             break;  /* more would only push out what is there */
         if (!run) {
@@ -1153,10 +1188,9 @@ int mpu_filler_fill(struct mpu_filler *f, struct mpu_w_fill *fill)
         || f->regions[fill->region].gen != fill->gen)
         return 0;
     uint64_t started = mpu_now_ns();
-    int read_ahead = fill->kind == MPU_W_READ_AHEAD;
     int interrupted = 0;
     if (!fill->run) {
-        fill_span(f, fill->region, fill->first, fill->count, read_ahead);
+        fill_span(f, fill->region, fill->first, fill->count, fill->kind);
         fill->count = 0;
     }
     /* Our runs of the span, each to the filler of its number; fill->first
@@ -1165,7 +1199,7 @@ int mpu_filler_fill(struct mpu_filler *f, struct mpu_w_fill *fill)
     while (fill->count && !interrupted) {
         uint64_t n = fill->count < fill->run ? fill->count : fill->run;
         if (mpu_filler_for(fill->region, fill->first / fill->run, f->nfillers) == f->index) {
-            fill_span(f, fill->region, fill->first, n, read_ahead);
+            fill_span(f, fill->region, fill->first, n, fill->kind);
             beat(f);
             interrupted = serve_waiting_faults(f);
         }

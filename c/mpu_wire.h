@@ -75,6 +75,7 @@ struct mpu_span {
 #define MPU_W_FAULTS 6              /* struct mpu_w_faults, then struct mpu_fault[] */
 #define MPU_W_PREFETCH 7            /* struct mpu_w_fill: a client asked */
 #define MPU_W_READ_AHEAD 8          /* struct mpu_w_fill: the monitor saw a scan */
+#define MPU_W_READ_AROUND 9         /* struct mpu_w_fill: a fault, and the buffer has room */
 
 /* Clients and regions are named by their slots (small numbers, reused) and
  * generations (unique ids): a message that outlived its slot's owner is

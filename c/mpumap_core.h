@@ -130,7 +130,8 @@ struct mpu_header {
     uint64_t events_lost;   /* fillers' events past what their log queue holds */
     uint64_t hangs;         /* workers killed for giving no sign of life */
     uint64_t present;       /* pages PRESENT now, in every region */
-    uint64_t spare[3];
+    uint64_t readaround_fills;  /* pages filled around a fault while there was room */
+    uint64_t spare[2];
     uint64_t latency[MPU_LATENCY_BUCKETS];
     /* CLOCK_MONOTONIC ns of each worker's last sign of life. */
     uint64_t heartbeat[MPU_WORKER_SLOTS];

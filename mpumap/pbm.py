@@ -43,6 +43,7 @@ COUNTERS = (
     "full_waits",
     "restarts",
     "readahead_fills",
+    "readaround_fills",
     "readahead_hits",
     "prefetch_fills",
     "monitor_ns",

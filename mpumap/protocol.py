@@ -220,6 +220,7 @@ class W(enum.IntEnum):
     FAULTS = lib.MPU_W_FAULTS  # from the monitor thread to the fillers' C loop only
     PREFETCH = lib.MPU_W_PREFETCH  # W_FILL: a client asked
     READ_AHEAD = lib.MPU_W_READ_AHEAD  # W_FILL: the monitor saw a scan
+    READ_AROUND = lib.MPU_W_READ_AROUND  # W_FILL: a fault, and the buffer had room
 
 
 W_CLIENT = Layout("struct mpu_w_client", "=")

@@ -172,8 +172,10 @@ def readers():
 
 
 def pages_served(stats):
-    """Pages the server gave clients: on their faults, or read ahead of them."""
-    return stats["buffer"]["faults"] + stats["buffer"]["readahead_fills"]
+    """Pages the server gave clients: on their faults, or read ahead of them
+    (or around them)."""
+    b = stats["buffer"]
+    return b["faults"] + b["readahead_fills"] + b["readaround_fills"]
 
 
 def assert_clean(result):

@@ -219,13 +219,15 @@ def test_read_ahead_follows_each_threads_scan(start_server, programs, workdir):
     assert fields(out)["wrong"] == "0"
     buffer = server.stats()["buffer"]
     pages = (32 * MiB + 4321) // 4096 + 1
-    assert buffer["readahead_fills"] > pages * 0.9
+    # (The first faults, while the buffer has room, also read around them.)
+    assert buffer["readahead_fills"] + buffer["readaround_fills"] > pages * 0.9
     assert buffer["faults"] < pages / 16, buffer["faults"]
 
 
 def test_threads_on_the_same_random_pages_read_nothing_ahead(start_server, programs, workdir):
     """Four threads fault on the same pages at once, in random order: each
-    page's faults are one fault each, not a scan."""
+    page's faults are one fault each, not a scan (the buffer, which holds
+    the file, reads around them instead)."""
     path = make_file(os.path.join(workdir, "same.bin"), 8 * MiB, seed=84)
     server = start_server("--page-size", "4K", "--buffer-size", "64M")
     exe = programs.build(os.path.join(SOURCES, "striped_reader.c"), flags=[])
@@ -234,7 +236,7 @@ def test_threads_on_the_same_random_pages_read_nothing_ahead(start_server, progr
     assert code == 0, (out, err)
     assert fields(out)["wrong"] == "0"
     buffer = server.stats()["buffer"]
-    assert buffer["faults"] > 8 * MiB // 4096
+    assert pages_served(server.stats()) >= 8 * MiB // 4096
     assert buffer["readahead_fills"] < 8 * MiB // 4096 * 0.05, buffer
 
 
