@@ -133,12 +133,14 @@ static struct stream *stream_of(struct range *r, uint64_t page, int *fresh)
  * filler reads after its page; *background the first page of the background
  * window (0: none) and *window its size. */
 static uint64_t read_ahead_of(struct range *r, uint64_t page, uint64_t most,
-                              uint64_t *background, uint64_t *window, int *fresh)
+                              uint64_t *background, uint64_t *window, struct stream **started)
 {
-    struct stream *s = stream_of(r, page, fresh);
+    int fresh;
+    struct stream *s = stream_of(r, page, &fresh);
+    *started = fresh ? s : NULL;
     uint64_t ahead = 0;
     *background = 0;
-    if (*fresh || page == s->last_page)
+    if (fresh || page == s->last_page)
         return 0;  /* a new stream, or another thread on the same page */
     s->last_page = page;
     uint64_t w = s->window ? 2 * (uint64_t)s->window : 4;
@@ -304,14 +306,17 @@ struct window {             /* a read-ahead or read-around window to ask for */
 };
 
 /* Read-around, as the kernel's mmap does it but only while the buffer has
- * room: a fault that starts no scan also asks for the aligned window of
- * 1 + most pages around it, when the buffer is at least two such windows
- * below its high watermark.  A data set that fits is then read in large
- * reads whatever the order; in a full buffer a random fault reads its page
- * alone, and what is read around never pushes a page out (the fillers claim
- * it as they claim a prefetch).  Returns the window's first page + 1, or 0. */
-static uint64_t read_around_of(struct mpu_monitor *m, struct range *r, uint64_t page,
-                               uint64_t most)
+ * room: a fault that starts a stream (no scan yet) also asks for the
+ * aligned window of 1 + most pages around it, when the buffer is at least
+ * two such windows below its high watermark.  A data set that fits is then
+ * read in large reads whatever the order; in a full buffer a random fault
+ * reads its page alone, and what is read around never pushes a page out
+ * (the fillers claim it as they claim a prefetch).  The stream the fault
+ * started reaches to the window's end: a scan's next fault, after it, goes
+ * on as a scan (read ahead) instead of starting afresh.  Returns the
+ * window's first page + 1, or 0. */
+static uint64_t read_around_of(struct mpu_monitor *m, struct range *r, struct stream *s,
+                               uint64_t page, uint64_t most)
 {
     uint64_t w = most + 1;
     uint32_t used = __atomic_load_n(&m->h->used, __ATOMIC_RELAXED);
@@ -322,6 +327,7 @@ static uint64_t read_around_of(struct mpu_monitor *m, struct range *r, uint64_t 
     if (r->around == first + 1)
         return 0;  /* asked for already: another fault in the window */
     r->around = first + 1;
+    s->ahead_end = first + w;
     return first + 1;
 }
 
@@ -368,13 +374,14 @@ static int drain(struct mpu_monitor *m, uint32_t slot, struct monitored *c)
             };
             if (m->read_ahead) {
                 uint64_t first, window;
-                int fresh;
+                struct stream *started;
                 fault->ahead = (uint32_t)read_ahead_of(r, index, m->read_ahead, &first, &window,
-                                                       &fresh);
+                                                       &started);
                 if (first)
                     aheads[naheads++] = (struct window){ first, window, r->r.region,
                                                          r->r.region_gen, MPU_W_READ_AHEAD };
-                else if (fresh && (first = read_around_of(m, r, index, m->read_ahead)))
+                else if (started
+                         && (first = read_around_of(m, r, started, index, m->read_ahead)))
                     aheads[naheads++] = (struct window){ first - 1, m->read_ahead + 1,
                                                          r->r.region, r->r.region_gen,
                                                          MPU_W_READ_AROUND };
