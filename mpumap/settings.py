@@ -243,13 +243,14 @@ SPECS = (
     Spec("read_ahead", "--read-ahead", "UMAP_READ_AHEAD",
          _count("read-ahead", 0, MAX_READ_AHEAD), metavar="PAGES",
          shown_default="1 MiB of pages (255 at 4K), at most a quarter of a fixed buffer",
-         summary="largest read-ahead window, in pages; 0: none. Only scans read ahead "
-                 "(see below)",
+         summary="largest read-ahead window, in pages; 0: none. Scans read ahead, other "
+                 "faults around them while the buffer has room (see below)",
          help="Largest read-ahead window, in pages after the faulting one; 0: none.  Faults "
               "that follow one another through a file are a scan: windows of pages after "
               "them are read, in the background and growing from 4 pages, so that the "
               "client finds them there and the disk gets large reads.  Other faults read "
-              "their page alone.  Default: 1 MiB of pages, at most a quarter of a fixed "
+              "their page, and while the buffer has room the window around it, as a "
+              "prefetch (never pushing a page out).  Default: 1 MiB of pages, at most a quarter of a fixed "
               "buffer."),
     Spec("spin_us", "--spin", "UMAP_SPIN_US", _count("--spin", 0, MAX_SPIN_US), default=100,
          metavar="USEC",
