@@ -190,6 +190,9 @@ struct mpu_monitor {
     struct outbox *out;     /* one per filler */
     char *scratch;          /* a fault packet per filler */
     struct mpu_spinner spinner;
+    uint64_t evictions_seen;   /* the evictions counter at the last look ... */
+    uint64_t looked_ns;        /* ... and when that was */
+    int churning;              /* the evictors ran since the look before */
     int epfd;
     int stopfd;
     pthread_t thread;
@@ -308,26 +311,34 @@ struct window {             /* a read-ahead or read-around window to ask for */
 /* Read-around, as the kernel's mmap does it but only while the buffer has
  * room: a fault that starts a stream (no scan yet) also asks for the
  * aligned window of 1 + most pages around it, when the buffer is at least
- * two such windows below its high watermark.  A data set that fits is then
- * read in large reads whatever the order; in a full buffer a random fault
- * reads its page alone, and what is read around never pushes a page out
- * (the fillers claim it as they claim a prefetch).  The stream the fault
- * started reaches to the window's end: a scan's next fault, after it, goes
- * on as a scan (read ahead) instead of starting afresh.  Returns the
- * window's first page + 1, or 0. */
-static uint64_t read_around_of(struct mpu_monitor *m, struct range *r, struct stream *s,
-                               uint64_t page, uint64_t most)
+ * two such windows below its high watermark and the evictors have not run
+ * within the last CHURN_NS (room they just made is not room: read around
+ * there, a random fault would read 1 + most pages to use one).  A data set
+ * that fits is then read in large reads whatever the order; in a full
+ * buffer a random fault reads its page alone, and what is read around never
+ * pushes a page out (the fillers claim it as they claim a prefetch).
+ * Returns the window's first page + 1, or 0. */
+#define CHURN_NS 500000000ull
+static uint64_t read_around_of(struct mpu_monitor *m, struct range *r, uint64_t page,
+                               uint64_t most)
 {
     uint64_t w = most + 1;
     uint32_t used = __atomic_load_n(&m->h->used, __ATOMIC_RELAXED);
     uint32_t high = __atomic_load_n(&m->h->high, __ATOMIC_RELAXED);
-    if (w < 2 || (uint64_t)used + 2 * w > high)
+    uint64_t now = mpu_now_ns(), evictions = mpu_load64(&m->h->evictions);
+    if (evictions != m->evictions_seen) {
+        m->evictions_seen = evictions;
+        m->looked_ns = now;
+        m->churning = 1;
+    } else if (now - m->looked_ns > CHURN_NS) {
+        m->churning = 0;
+    }
+    if (w < 2 || m->churning || (uint64_t)used + 2 * w > high)
         return 0;
     uint64_t first = page / w * w;
     if (r->around == first + 1)
         return 0;  /* asked for already: another fault in the window */
     r->around = first + 1;
-    s->ahead_end = first + w;
     return first + 1;
 }
 
@@ -380,8 +391,19 @@ static int drain(struct mpu_monitor *m, uint32_t slot, struct monitored *c)
                 if (first)
                     aheads[naheads++] = (struct window){ first, window, r->r.region,
                                                          r->r.region_gen, MPU_W_READ_AHEAD };
-                else if (started
-                         && (first = read_around_of(m, r, started, index, m->read_ahead)))
+                else if (started && r->around && index == r->around - 1 + m->read_ahead + 1) {
+                    /* The page just past the last window read around: a
+                     * scan went through it.  Go on as one, read ahead in
+                     * full windows, rather than read around again. */
+                    started->last_page = index - 1;
+                    started->ahead_end = index;
+                    started->window = (uint32_t)(m->read_ahead + 1);
+                    fault->ahead = (uint32_t)read_ahead_of(r, index, m->read_ahead, &first,
+                                                           &window, &started);
+                    if (first)
+                        aheads[naheads++] = (struct window){ first, window, r->r.region,
+                                                             r->r.region_gen, MPU_W_READ_AHEAD };
+                } else if (started && (first = read_around_of(m, r, index, m->read_ahead)))
                     aheads[naheads++] = (struct window){ first - 1, m->read_ahead + 1,
                                                          r->r.region, r->r.region_gen,
                                                          MPU_W_READ_AROUND };
