@@ -40,13 +40,29 @@ def open_store(client_fd, mode):
 
     Takes ownership of client_fd.  For O_DIRECT the file is reopened: the
     same inode the client proved it may read.  Where that is refused (tmpfs
-    and friends refuse O_DIRECT; a lease), the client's own descriptor is
-    read, buffered, and its pages dropped from the page cache."""
+    and friends refuse O_DIRECT; a lease), it is read buffered and its pages
+    dropped from the page cache.  A dropping store reads through a
+    description of its own where it can, told POSIX_FADV_RANDOM: the
+    kernel's read-ahead would put pages in the cache past what the store
+    reads, and drops, and the advice must not touch the client's reads."""
     if mode == DIRECT:
         try:
             fd = reopen(client_fd, os.O_RDONLY | os.O_DIRECT)
         except OSError:
+            mode = DROP
+        else:
+            os.close(client_fd)
+            return fd, DIRECT
+    if mode == DROP:
+        try:
+            fd = reopen(client_fd, os.O_RDONLY)
+        except OSError:
+            return client_fd, DROP
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        except OSError:
+            os.close(fd)
             return client_fd, DROP
         os.close(client_fd)
-        return fd, DIRECT
+        return fd, DROP
     return client_fd, mode
