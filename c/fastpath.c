@@ -384,29 +384,26 @@ static int drain(struct mpu_monitor *m, uint32_t slot, struct monitored *c)
                 .read_at = now,
             };
             if (m->read_ahead) {
-                uint64_t first, window;
+                uint64_t first, window, full = m->read_ahead + 1;
                 struct stream *started;
                 fault->ahead = (uint32_t)read_ahead_of(r, index, m->read_ahead, &first, &window,
                                                        &started);
-                if (first)
-                    aheads[naheads++] = (struct window){ first, window, r->r.region,
-                                                         r->r.region_gen, MPU_W_READ_AHEAD };
-                else if (started && r->around && index == r->around - 1 + m->read_ahead + 1) {
+                if (started && r->around && index == r->around - 1 + full) {
                     /* The page just past the last window read around: a
                      * scan went through it.  Go on as one, read ahead in
                      * full windows, rather than read around again. */
                     started->last_page = index - 1;
                     started->ahead_end = index;
-                    started->window = (uint32_t)(m->read_ahead + 1);
+                    started->window = (uint32_t)full;
                     fault->ahead = (uint32_t)read_ahead_of(r, index, m->read_ahead, &first,
                                                            &window, &started);
-                    if (first)
-                        aheads[naheads++] = (struct window){ first, window, r->r.region,
-                                                             r->r.region_gen, MPU_W_READ_AHEAD };
-                } else if (started && (first = read_around_of(m, r, index, m->read_ahead)))
-                    aheads[naheads++] = (struct window){ first - 1, m->read_ahead + 1,
-                                                         r->r.region, r->r.region_gen,
-                                                         MPU_W_READ_AROUND };
+                }
+                if (first)
+                    aheads[naheads++] = (struct window){ first, window, r->r.region,
+                                                         r->r.region_gen, MPU_W_READ_AHEAD };
+                else if (started && (first = read_around_of(m, r, index, m->read_ahead)))
+                    aheads[naheads++] = (struct window){ first - 1, full, r->r.region,
+                                                         r->r.region_gen, MPU_W_READ_AROUND };
             }
         }
         for (int to = 0; to < m->nfillers; to++) {
@@ -710,16 +707,6 @@ static int in_page_cache(struct mpu_filler *f, struct mpu_region_slot *r, uint64
     return stat.nr_cache >= mpu_system_pages(len, f->system_page);
 }
 
-/* For a direct store, pages another process keeps in the page cache are
- * copied from there: a disk read costs 30 to 50 times more, and taking them
- * adds nothing to the memory in use.  Only when cachestat says the whole run
- * is there: a buffered read that misses starts reading the missing pages
- * into the cache even with RWF_NOWAIT.  RWF_NOWAIT still, so that a page
- * evicted since we looked costs a short read (what follows is read with
- * O_DIRECT) and not a wait; its pages may then land in the cache, a rare
- * race.  (Not for drop: the pages the kernel read ahead for it would look
- * like another's, and stay.)  Returns the bytes copied, a whole number of
- * system pages unless the file ends there. */
 /* The store's file opened again, buffered, through /proc/self/fd: the same
  * inode.  Only once the page cache holds something to read, so that a
  * region read from a cold disk costs a filler no descriptor for it.  Never
@@ -742,6 +729,16 @@ static int cache_reader(struct mpu_region_slot *r)
     return r->cache_fd = fd;
 }
 
+/* For a direct store, pages another process keeps in the page cache are
+ * copied from there: a disk read costs 30 to 50 times more, and taking them
+ * adds nothing to the memory in use.  Only when cachestat says the whole run
+ * is there: a buffered read that misses starts reading the missing pages
+ * into the cache even with RWF_NOWAIT.  RWF_NOWAIT still, so that a page
+ * evicted since we looked costs a short read (what follows is read with
+ * O_DIRECT) and not a wait; its pages may then land in the cache, a rare
+ * race.  (Not for drop: the pages the kernel read ahead for it would look
+ * like another's, and stay.)  Returns the bytes copied, a whole number of
+ * system pages unless the file ends there. */
 static uint64_t read_from_page_cache(struct mpu_filler *f, struct mpu_region_slot *r,
                                      uint64_t offset, uint64_t want)
 {
