@@ -18,11 +18,11 @@ def server_stats(settings, buffer, clients, regions, workers, started, viewer=No
     def visible(uid):
         return viewer is None or uid == viewer
 
-    shown_regions = [r for r in regions if visible(r.uid)]
+    held = {r: r.buffer_bytes() for r in regions}  # an fstat each: once
     region_rows = [{"id": r.rid, "file": r.name, "size": r.size, "pages": r.npages,
                     "present": regions.present(r), "mappings": r.mappings, "uid": r.uid,
-                    "store_io": r.store_mode, "buffer_bytes": r.buffer_bytes()}
-                   for r in shown_regions]
+                    "store_io": r.store_mode, "buffer_bytes": held[r]}
+                   for r in held if visible(r.uid)]
     region_rows.sort(key=lambda r: -r["present"])
     shown_clients = sorted((c for c in clients.clients() if visible(c.uid)),
                            key=lambda c: -len(c.mappings))
@@ -32,7 +32,7 @@ def server_stats(settings, buffer, clients, regions, workers, started, viewer=No
         "started": started,
         "settings": settings.public(),
         "buffer": {**buffer.snapshot(),
-                   "memfd_bytes": sum(r.buffer_bytes() for r in regions),
+                   "memfd_bytes": sum(held.values()),
                    "segment_bytes": buffer.segment_bytes()},
         "workers": [{"role": w.role, "index": w.index, "pid": w.pid} for w in workers],
         "clients_total": len(clients.clients()),
