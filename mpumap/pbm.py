@@ -12,9 +12,10 @@ they are forked) holds:
 * the *page directory*: a descriptor for each page in use (FILLING, PRESENT
   or LEAVING), found from (region, page) through a hash index, and the FIFO
   of PRESENT pages in fill order that evictors take victims from.  A page
-  with no descriptor is FREE.  Each descriptor's state word is the page's
-  state and its lock (the C core moves it by compare-and-swap, waiters
-  sleep on it with a futex); see c/pbm.c.
+  with no descriptor is FREE.  Each descriptor's state word holds the
+  page's state and the pid that moved it there, and waiters sleep on it
+  with a futex; the C core moves it under the directory's robust mutex,
+  with the index and the FIFO; see c/pbm.c.
 
 What the segment costs in memory follows the buffer: it is sized for the
 largest buffer the server may have, and only what is written takes memory.
@@ -73,10 +74,10 @@ class PageBuffer:
     """The buffer segment: accounting, counters, heartbeats and the page
     directory, shared by the server and its workers.
 
-    Invariants (kept by the C core): ``used`` counts the buffer pages taken
-    for pages FILLING, PRESENT or LEAVING, and is never below the number of
-    descriptors in use; the limit never exceeds ``capacity``, the number of
-    descriptors there is room for.
+    Invariants (kept by the C core): ``used`` is the number of descriptors
+    in use, pages FILLING, PRESENT or LEAVING (the buffer pages taken); the
+    limit never exceeds ``capacity``, the number of descriptors there is
+    room for.
     """
 
     def __init__(self, fd, segment):
@@ -90,16 +91,13 @@ class PageBuffer:
         """A new segment for a buffer of `limit` pages now and at most
         `capacity` (by default, the limit), with `max_regions` region slots."""
         capacity = max(1, min(int(limit if capacity is None else capacity), MAX_CAPACITY))
-        fd, segment = _shared_segment("mpumap-buffer", lib.mpu_pbm_size(capacity, max_regions))
-        header = ffi.cast("struct mpu_header *", core.pointer_to(segment))
+        buf = cls(*_shared_segment("mpumap-buffer", lib.mpu_pbm_size(capacity, max_regions)))
         try:
-            core.check(lib.mpu_pbm_init(header, capacity, max_regions),
+            core.check(lib.mpu_pbm_init(buf.header, capacity, max_regions),
                        "setting up the page directory")
         except BaseException:
-            segment.close()
-            os.close(fd)
+            buf.close()
             raise
-        buf = cls(fd, segment)
         buf.header.magic = BUFFER_MAGIC
         buf.header.version = LAYOUT_VERSION
         buf.set_limit(limit, high_percent, low_percent)

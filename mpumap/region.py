@@ -23,12 +23,12 @@ class Region:
 
     Owns, in each process that holds it: the buffer memfd (the pages clients
     map) and the store descriptor (what fillers read).  Its pages' states are
-    the page directory's (pbm), found by slot and generation.  ``slot`` names it to the C side (an index
-    into the fillers' tables, reused once the region is gone); ``rid`` is
-    unique for the server's life and is the slot's generation: a message that
-    names the slot with another rid is about a region that is gone.  The
-    server also keeps its key (device, inode, uid) and how many client
-    mappings refer to it.
+    the page directory's (pbm), found by slot and generation.  ``slot``
+    names it to the C side (an index into the fillers' tables, reused once
+    the region is gone); ``rid`` is unique for the server's life and is the
+    slot's generation: a message that names the slot with another rid is
+    about a region that is gone.  The server also keeps its key (device,
+    inode, uid) and how many client mappings refer to it.
     """
 
     def __init__(self, rid, slot, size, page_size, memfd, store_fd, store_mode, name):
