@@ -383,15 +383,17 @@ static int drain(struct mpu_monitor *m, uint32_t slot, struct monitored *c)
                 .page = index, .address = r->r.start + index * m->page_size,
                 .read_at = now,
             };
-            if (m->read_ahead) {
+            if (m->read_ahead && r->r.advice != MPU_ADVICE_RANDOM) {
                 uint64_t first, window, full = m->read_ahead + 1;
                 struct stream *started;
                 fault->ahead = (uint32_t)read_ahead_of(r, index, m->read_ahead, &first, &window,
                                                        &started);
-                if (started && r->around && index == r->around - 1 + full) {
-                    /* The page just past the last window read around: a
-                     * scan went through it.  Go on as one, read ahead in
-                     * full windows, rather than read around again. */
+                if (started && (r->r.advice == MPU_ADVICE_SEQUENTIAL
+                                || (r->around && index == r->around - 1 + full))) {
+                    /* Advised sequential, or the page just past the last
+                     * window read around (a scan went through it): go on
+                     * as a scan, read ahead in full windows, rather than
+                     * read around. */
                     started->last_page = index - 1;
                     started->ahead_end = index;
                     started->window = (uint32_t)full;

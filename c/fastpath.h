@@ -33,6 +33,8 @@ struct mpu_client_range {
     uint64_t end;
     uint32_t region;        /* slot */
     uint32_t region_gen;
+    uint32_t advice;        /* MPU_ADVICE_NORMAL, _RANDOM or _SEQUENTIAL */
+    uint32_t pad;
 };
 
 /* The monitor sleeps in epoll on every client's userfaultfd and drains

@@ -34,6 +34,8 @@
 #define MPU_MSG_STATS_REPLY 10      /* JSON */
 #define MPU_MSG_PREFETCH 11         /* struct mpu_span: mapping id, offset, length */
 #define MPU_MSG_PREFETCHING 12      /* u64 umap pages asked for */
+#define MPU_MSG_ADVISE 13           /* struct mpu_advice */
+#define MPU_MSG_ADVISED 14          /* u64 umap pages asked for (WILLNEED), else 0 */
 #define MPU_MSG_ERROR 15            /* i32 errno, then a UTF-8 message */
 
 /* WELCOME: the server's settings, as a client needs them. */
@@ -63,6 +65,23 @@ struct mpu_span {
     uint64_t mapping_id;
     uint64_t start;
     uint64_t length;
+};
+
+/* ADVISE: what a program knows of its access to a mapping, in madvise's
+ * words and numbers.  NORMAL, RANDOM and SEQUENTIAL hold for the whole
+ * mapping (offset 0, length 0 or the mapping's); WILLNEED is a prefetch of
+ * the span. */
+#define MPU_ADVICE_NORMAL 0         /* read ahead on scans, around while there is room */
+#define MPU_ADVICE_RANDOM 1         /* each fault reads its own page */
+#define MPU_ADVICE_SEQUENTIAL 2     /* every fault reads ahead, full windows at once */
+#define MPU_ADVICE_WILLNEED 3       /* fill the span now */
+
+struct mpu_advice {
+    uint64_t mapping_id;
+    uint64_t start;
+    uint64_t length;
+    uint32_t advice;                /* MPU_ADVICE_* */
+    uint32_t pad;
 };
 
 /* ---- the server and its workers --------------------------------------------- */

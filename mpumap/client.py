@@ -24,7 +24,7 @@ import weakref
 from mpumap import core, protocol
 from mpumap._core import ffi, lib
 from mpumap.errors import MpumapError, ServerUnavailable, TimeoutError, error
-from mpumap.protocol import Msg
+from mpumap.protocol import Advice, Msg
 
 log = logging.getLogger("mpumap.client")
 PAGE = mmap.PAGESIZE
@@ -432,17 +432,48 @@ class Mapping(mmap.mmap):
         use (all of it by default) and return at once, with the number of
         umap pages asked for.  Pages already there, and pages the buffer has
         no room for, are left as they are."""
-        if self.closed:
-            raise ValueError("prefetch on a closed mapping")
-        if length is None:
-            length = len(self) - offset
-        if offset < 0 or length < 0 or offset + length > len(self):
-            raise ValueError(f"prefetch range {offset}+{length} is outside the mapping "
-                             f"({len(self)} bytes)")
+        offset, length = self._span("prefetch", offset, length)
         _, (pages,), _ = self._client._call(
             Msg.PREFETCH, protocol.SPAN.pack(self.mapping_id, offset, length),
             expect=Msg.PREFETCHING)
         return pages
+
+    def advise(self, advice, offset=0, length=None):
+        """Tell the server how this mapping will be read, in madvise's words
+        (``mmap.MADV_*``): ``MADV_RANDOM``, each fault reads its own page;
+        ``MADV_SEQUENTIAL``, every fault reads ahead in full windows;
+        ``MADV_NORMAL``, back to following scans and reading around while
+        the buffer has room.  These hold for the whole mapping.
+        ``MADV_WILLNEED`` is ``prefetch(offset, length)``.  Returns the umap
+        pages asked for (0 but for WILLNEED)."""
+        if self.closed:
+            raise ValueError("advise on a closed mapping")
+        try:
+            advice = Advice(advice)
+        except ValueError:
+            raise ValueError(f"advice {advice!r} is none of mmap.MADV_NORMAL, MADV_RANDOM, "
+                             "MADV_SEQUENTIAL, MADV_WILLNEED") from None
+        if advice == Advice.WILLNEED:
+            offset, length = self._span("advise", offset, length)
+        elif offset != 0 or length not in (None, 0, len(self)):
+            raise ValueError(f"{advice.name} advice holds for the whole mapping: "
+                             "give no offset or length")
+        else:
+            length = len(self)
+        _, (pages,), _ = self._client._call(
+            Msg.ADVISE, protocol.ADVICE.pack(self.mapping_id, offset, length, advice, 0),
+            expect=Msg.ADVISED)
+        return pages
+
+    def _span(self, what, offset, length):
+        if self.closed:
+            raise ValueError(f"{what} on a closed mapping")
+        if length is None:
+            length = len(self) - offset
+        if offset < 0 or length < 0 or offset + length > len(self):
+            raise ValueError(f"{what} range {offset}+{length} is outside the mapping "
+                             f"({len(self)} bytes)")
+        return offset, length
 
     def close(self):
         """Unmap.  Raises BufferError while views of it are alive."""

@@ -66,6 +66,7 @@ ERROR_HEAD = struct.Struct("<i")
 WELCOME = Layout("struct mpu_welcome", "<")
 MAPPED = Layout("struct mpu_mapped", "<")
 SPAN = Layout("struct mpu_span", "<")  # REGISTER and PREFETCH
+ADVICE = Layout("struct mpu_advice", "<")
 
 
 class Msg(enum.IntEnum):
@@ -83,7 +84,18 @@ class Msg(enum.IntEnum):
     STATS_REPLY = lib.MPU_MSG_STATS_REPLY
     PREFETCH = lib.MPU_MSG_PREFETCH
     PREFETCHING = lib.MPU_MSG_PREFETCHING
+    ADVISE = lib.MPU_MSG_ADVISE
+    ADVISED = lib.MPU_MSG_ADVISED
     ERROR = lib.MPU_MSG_ERROR
+
+
+class Advice(enum.IntEnum):
+    """ADVISE's words: madvise's, with madvise's numbers (mmap.MADV_*)."""
+
+    NORMAL = lib.MPU_ADVICE_NORMAL
+    RANDOM = lib.MPU_ADVICE_RANDOM
+    SEQUENTIAL = lib.MPU_ADVICE_SEQUENTIAL
+    WILLNEED = lib.MPU_ADVICE_WILLNEED
 
 
 # What each message must carry: (payload struct or None for free-form, fds)
@@ -100,6 +112,8 @@ SHAPES = {
     Msg.STATS_REPLY: (None, 0),
     Msg.PREFETCH: (SPAN, 0),
     Msg.PREFETCHING: (U64, 0),
+    Msg.ADVISE: (ADVICE, 0),
+    Msg.ADVISED: (U64, 0),
     Msg.ERROR: (None, 0),
 }
 

@@ -14,14 +14,16 @@ _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid (native order)
 
 class ClientMapping:
     """A client's mapping of a region, as the server keeps it: a reference
-    to the region, and once registered, where the client mapped it."""
+    to the region, once registered where the client mapped it, and what
+    the client advised of its access (protocol.Advice)."""
 
-    __slots__ = ("mid", "region", "address")
+    __slots__ = ("mid", "region", "address", "advice")
 
     def __init__(self, mid, region):
         self.mid = mid
         self.region = region
         self.address = None
+        self.advice = 0  # Advice.NORMAL
 
 
 class Connection:
@@ -64,7 +66,8 @@ class Connection:
 
     def ranges(self):
         """The registered mappings, as the fault monitor wants them."""
-        return sorted((m.address, m.address + m.region.map_length, m.region.slot, m.region.gen)
+        return sorted((m.address, m.address + m.region.map_length, m.region.slot, m.region.gen,
+                       m.advice)
                       for m in self.mappings.values() if m.address is not None)
 
 

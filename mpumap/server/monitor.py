@@ -42,11 +42,12 @@ class FaultMonitor:
                    "watching the userfaultfd")
 
     def set_ranges(self, slot, ranges):
-        """A client's mappings: (start, end, region slot, region generation)
-        sorted by start."""
+        """A client's mappings: (start, end, region slot, region generation,
+        advice) sorted by start."""
         c = ffi.new("struct mpu_client_range[]", max(1, len(ranges)))
-        for entry, (start, end, region, gen) in zip(c, ranges):
+        for entry, (start, end, region, gen, advice) in zip(c, ranges):
             entry.start, entry.end, entry.region, entry.region_gen = start, end, region, gen
+            entry.advice = advice
         core.check(lib.mpu_monitor_set_ranges(self.c, slot, c, len(ranges)),
                    "setting a client's ranges")
 

@@ -11,7 +11,7 @@ import time
 
 from mpumap import core, protocol
 from mpumap._core import lib
-from mpumap.protocol import Msg, ProtocolError, W
+from mpumap.protocol import Advice, Msg, ProtocolError, W
 from mpumap.server.clients import ClientMapping, Connection
 from mpumap.server.offload import Offload
 from mpumap.server.stats import LISTED, server_stats
@@ -75,6 +75,7 @@ class RequestHandler:
             Msg.UNMAP: self.on_unmap,
             Msg.STATS: self.on_stats,
             Msg.PREFETCH: self.on_prefetch,
+            Msg.ADVISE: self.on_advise,
         }
 
     # -- who may do what ---------------------------------------------------------
@@ -434,20 +435,50 @@ class RequestHandler:
 
     def on_prefetch(self, conn, values, payload, fds):
         mid, offset, length = values
+        mapping = self.mapping_of(conn, mid, "prefetch")
+        self.reply(conn, Msg.PREFETCHING,
+                   protocol.U64.pack(self.prefetch(mapping.region, offset, length)))
+
+    def on_advise(self, conn, values, payload, fds):
+        mid, offset, length, advice, _ = values
+        mapping = self.mapping_of(conn, mid, "advise")
+        try:
+            advice = Advice(advice)
+        except ValueError:
+            raise RequestError(errno.EINVAL, f"unknown advice {advice}") from None
+        region = mapping.region
+        if advice == Advice.WILLNEED:
+            pages = self.prefetch(region, offset, length)
+        else:
+            if offset != 0 or length not in (0, region.size):
+                raise RequestError(errno.EINVAL, f"{advice.name} advice is for a whole "
+                                   f"mapping (offset 0, length 0 or {region.size})")
+            mapping.advice = advice
+            if mapping.address is not None:
+                self.monitor.set_ranges(conn.slot, conn.ranges())
+            pages = 0
+        self.reply(conn, Msg.ADVISED, protocol.U64.pack(pages))
+
+    @staticmethod
+    def mapping_of(conn, mid, what):
         mapping = conn.mappings.get(mid)
         if mapping is None:
-            raise RequestError(errno.EINVAL, f"no mapping {mid} to prefetch")
-        region = mapping.region
+            raise RequestError(errno.EINVAL, f"no mapping {mid} to {what}")
+        return mapping
+
+    def prefetch(self, region, offset, length):
+        """Ask the fillers for [offset, offset + length) of a region, no
+        more than the buffer has room for below the high watermark (what a
+        prefetch costs follows the buffer, not the file); returns the umap
+        pages asked for."""
         first, end = region.pages_in(offset, length)
-        # No more than the buffer has room for below the high watermark:
-        # what a prefetch costs follows the buffer, not the file.
         count = min(end - first, max(0, self.buffer.header.high - self.buffer.used))
         if count:
             # One message per filler: each fills the runs that fall to it.
             self.tell(protocol.W_FILL.pack(W.PREFETCH, region.slot, region.gen,
                                            prefetch_run(region.page_size), first, count),
                       (), "filler")
-        self.reply(conn, Msg.PREFETCHING, protocol.U64.pack(count))
+        return count
 
     def on_stats(self, conn, values, payload, fds):
         if len(payload) > protocol.MAX_SESSION:

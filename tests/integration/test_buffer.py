@@ -1,6 +1,7 @@
 """Issue: a page buffer that respects the machine: bounded memory, no second
 copy in the page cache, read-ahead, prefetch, many regions, adaptive size."""
 import errno
+import mmap
 import os
 import subprocess
 import time
@@ -159,6 +160,59 @@ def test_a_scan_goes_on_while_the_client_maps_more(start_server, workdir):
     # 4,096 pages: a scan that started afresh at each mapping took about 230, this 15.
     faults = server.stats()["buffer"]["faults"]
     assert faults < 60, faults
+
+
+def test_advice_says_how_a_mapping_is_read(start_server, workdir):
+    """madvise's words: RANDOM reads each faulting page alone, even in a
+    scan; SEQUENTIAL reads full windows ahead from the first fault;
+    WILLNEED prefetches; NORMAL goes back to following scans."""
+    pages = 4 * MiB // 4096
+    paths = [make_file(os.path.join(workdir, f"advised{i}.bin"), 4 * MiB, seed=40 + i)
+             for i in range(3)]
+    server = start_server("--page-size", "4K", "--buffer-size", "32M", "--read-ahead", 63)
+
+    def counters():
+        b = server.stats()["buffer"]
+        return {k: b[k] for k in ("faults", "readahead_fills", "readaround_fills",
+                                  "prefetch_fills")}
+
+    def grown(before, key, want):
+        deadline = time.monotonic() + 20
+        while counters()[key] - before[key] < want:
+            assert time.monotonic() < deadline, (key, counters(), before)
+            time.sleep(0.02)
+        return {k: v - before[k] for k, v in counters().items()}
+
+    with mpumap.connect(server.socket) as client:
+        with client.map(paths[0]) as m:
+            assert m.advise(mmap.MADV_RANDOM) == 0
+            before = counters()
+            assert m[:] == open(paths[0], "rb").read()  # a scan, page by page
+            used = {k: v - before[k] for k, v in counters().items()}
+            assert used["faults"] == pages, used
+            assert used["readahead_fills"] == used["readaround_fills"] == 0, used
+            assert m.advise(mmap.MADV_NORMAL) == 0
+        with client.map(paths[1]) as m:
+            m.advise(mmap.MADV_SEQUENTIAL)
+            before = counters()
+            assert m[pages // 2 * 4096] == open(paths[1], "rb").read()[pages // 2 * 4096]
+            # One fault read its page and 63 more, and asked for 64 after those.
+            used = grown(before, "readahead_fills", 127)
+            assert used["faults"] == 1 and used["readaround_fills"] == 0, used
+        with client.map(paths[2]) as m:
+            before = counters()
+            assert m.advise(mmap.MADV_WILLNEED, 1 * MiB, 1 * MiB) == 256
+            grown(before, "prefetch_fills", 256)
+            before = counters()
+            want = open(paths[2], "rb").read()
+            assert m[1 * MiB:2 * MiB] == want[1 * MiB:2 * MiB]
+            assert counters()["faults"] == before["faults"]  # all there
+            with pytest.raises(ValueError, match="whole mapping"):
+                m.advise(mmap.MADV_RANDOM, 4096)
+            with pytest.raises(ValueError, match="none of"):
+                m.advise(mmap.MADV_DONTNEED)
+            with pytest.raises(ValueError, match="outside"):
+                m.advise(mmap.MADV_WILLNEED, len(m) - 1, 2)
 
 
 def test_read_ahead_stays_within_the_buffer(start_server, readers, workdir):
