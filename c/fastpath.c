@@ -126,14 +126,17 @@ static struct stream *stream_of(struct range *r, uint64_t page, int *fresh)
  * stream's last fault and the end of what was asked for it since continues
  * that scan; any other fault reads its page alone, and starts a stream.
  * The second fault of a scan reads a window of 4 pages itself; each fault of
- * the scan asks for the window after what was asked for in the background,
- * twice as large as the last, up to 1 + most pages, so that one read is in
- * flight while the client works through another.  The client faults again
- * only where a window is still being read.  Returns the pages the fault's
- * filler reads after its page; *background the first page of the background
- * window (0: none) and *window its size. */
-static uint64_t read_ahead_of(struct range *r, uint64_t page, uint64_t most,
-                              uint64_t *background, uint64_t *window, struct stream **started)
+ * the scan asks, in the background, for the windows after what was asked for
+ * until `depth` windows lie ahead of it, each twice as large as the last up
+ * to 1 + most pages.  The client faults again only where a window is still
+ * being read; the disk meanwhile has several reads to work on (it serves
+ * more with more in flight, as the kernel's 8 MiB of read-ahead shows).
+ * Returns the pages the fault's filler reads after its page; *background
+ * the first page of the background windows (0: none), *window their size
+ * and *windows how many. */
+static uint64_t read_ahead_of(struct range *r, uint64_t page, uint64_t most, uint64_t depth,
+                              uint64_t *background, uint64_t *window, uint64_t *windows,
+                              struct stream **started)
 {
     int fresh;
     struct stream *s = stream_of(r, page, &fresh);
@@ -151,10 +154,11 @@ static uint64_t read_ahead_of(struct range *r, uint64_t page, uint64_t most,
         ahead = w - 1;
         s->ahead_end = page + w;
     }
-    if (s->ahead_end < page + 2 * w) {
+    if (s->ahead_end < page + depth * w) {
         *background = s->ahead_end;
         *window = w;
-        s->ahead_end += w;
+        *windows = (page + depth * w - s->ahead_end + w - 1) / w;
+        s->ahead_end += *windows * w;
     }
     return ahead;
 }
@@ -302,11 +306,21 @@ static void post_read_ahead(struct mpu_monitor *m, uint32_t kind, uint32_t regio
     post(m, to, &fill, sizeof fill);  /* a window it cannot queue is not read ahead */
 }
 
-struct window {             /* a read-ahead or read-around window to ask for */
-    uint64_t first, count;
+struct window {             /* read-ahead or read-around windows to ask for */
+    uint64_t first, count, windows;
     uint32_t region, gen;
     uint32_t kind;          /* MPU_W_READ_AHEAD, MPU_W_READ_AROUND */
 };
+
+/* How many read-ahead windows a scan keeps ahead of it: up to
+ * READ_AHEAD_DEPTH, while they take no more than a quarter of the buffer
+ * (a small buffer must keep room for what is read). */
+#define READ_AHEAD_DEPTH 8
+static uint64_t read_ahead_depth(struct mpu_monitor *m, uint64_t window)
+{
+    uint64_t fit = __atomic_load_n(&m->h->limit, __ATOMIC_RELAXED) / 4 / window;
+    return fit < 2 ? 2 : fit > READ_AHEAD_DEPTH ? READ_AHEAD_DEPTH : fit;
+}
 
 /* Read-around, as the kernel's mmap does it but only while the buffer has
  * room: a fault that starts a stream (no scan yet) also asks for the
@@ -384,10 +398,11 @@ static int drain(struct mpu_monitor *m, uint32_t slot, struct monitored *c)
                 .read_at = now,
             };
             if (m->read_ahead && r->r.advice != MPU_ADVICE_RANDOM) {
-                uint64_t first, window, full = m->read_ahead + 1;
+                uint64_t first, window, windows, full = m->read_ahead + 1;
+                uint64_t depth = read_ahead_depth(m, full);
                 struct stream *started;
-                fault->ahead = (uint32_t)read_ahead_of(r, index, m->read_ahead, &first, &window,
-                                                       &started);
+                fault->ahead = (uint32_t)read_ahead_of(r, index, m->read_ahead, depth, &first,
+                                                       &window, &windows, &started);
                 if (started && (r->r.advice == MPU_ADVICE_SEQUENTIAL
                                 || (r->around && index == r->around - 1 + full))) {
                     /* Advised sequential, or the page just past the last
@@ -397,14 +412,14 @@ static int drain(struct mpu_monitor *m, uint32_t slot, struct monitored *c)
                     started->last_page = index - 1;
                     started->ahead_end = index;
                     started->window = (uint32_t)full;
-                    fault->ahead = (uint32_t)read_ahead_of(r, index, m->read_ahead, &first,
-                                                           &window, &started);
+                    fault->ahead = (uint32_t)read_ahead_of(r, index, m->read_ahead, depth,
+                                                           &first, &window, &windows, &started);
                 }
                 if (first)
-                    aheads[naheads++] = (struct window){ first, window, r->r.region,
+                    aheads[naheads++] = (struct window){ first, window, windows, r->r.region,
                                                          r->r.region_gen, MPU_W_READ_AHEAD };
                 else if (started && (first = read_around_of(m, r, index, m->read_ahead)))
-                    aheads[naheads++] = (struct window){ first - 1, full, r->r.region,
+                    aheads[naheads++] = (struct window){ first - 1, full, 1, r->r.region,
                                                          r->r.region_gen, MPU_W_READ_AROUND };
             }
         }
@@ -426,8 +441,9 @@ static int drain(struct mpu_monitor *m, uint32_t slot, struct monitored *c)
         }
         /* After the faults: a filler serves what a client waits for first. */
         for (int k = 0; k < naheads; k++)
-            post_read_ahead(m, aheads[k].kind, aheads[k].region, aheads[k].gen,
-                            aheads[k].first, aheads[k].count);
+            for (uint64_t i = 0; i < aheads[k].windows; i++)
+                post_read_ahead(m, aheads[k].kind, aheads[k].region, aheads[k].gen,
+                                aheads[k].first + i * aheads[k].count, aheads[k].count);
         total += n;
         if (n < MPU_FAULTS_MAX)
             break;
@@ -851,20 +867,30 @@ static void abandon(struct mpu_filler *f, const uint32_t *descs, uint64_t count)
 
 /* Writes claimed pages [first, first+count) (descriptors in descs) from the
  * chunk (the first at chunk page `slot`) into the memfd, PRESENT; failures
- * go back to FREE.  Returns the pages written. */
+ * go back to FREE.  One write for the run (each write takes the memfd's
+ * inode lock, which other fillers want too), page by page only where that
+ * one fell short.  Returns the pages written. */
 static uint64_t write_run(struct mpu_filler *f, struct mpu_region_slot *r, uint32_t region,
                           uint64_t first, uint64_t count, uint64_t slot, uint32_t flags,
                           const uint32_t *descs)
 {
-    uint64_t done = 0;
+    if (!count)
+        return 0;
+    uint64_t whole = (count - 1) * f->page_size + fill_length(f, r, first + count - 1);
+    ssize_t n = pwrite(r->memfd, f->chunk + slot * f->page_size, whole,
+                       (off_t)(first * f->page_size));
+    uint64_t wrote = n < 0 ? 0 : (uint64_t)n, done = 0;
     for (uint64_t k = 0; k < count; k++) {
         uint64_t page = first + k;
         uint64_t len = fill_length(f, r, page);
-        ssize_t n = pwrite(r->memfd, f->chunk + (slot + k) * f->page_size, len,
-                           (off_t)(page * f->page_size));
-        int ok = n == (ssize_t)len;
-        if (!ok)
-            event(f, MPU_EV_WRITE_FAILED, region, page, n < 0 ? errno : EIO, 0);
+        int ok = wrote >= k * f->page_size + len;
+        if (!ok) {
+            ssize_t m = pwrite(r->memfd, f->chunk + (slot + k) * f->page_size, len,
+                               (off_t)(page * f->page_size));
+            ok = m == (ssize_t)len;
+            if (!ok)
+                event(f, MPU_EV_WRITE_FAILED, region, page, m < 0 ? errno : EIO, 0);
+        }
         mpu_page_filled(f->h, descs[k], ok, flags);
         done += ok;
     }

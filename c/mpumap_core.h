@@ -104,6 +104,8 @@ struct mpu_header {
     uint32_t low;           /* ... down to this many */
     uint32_t evict_wanted;  /* a filler asked the evictors to run */
     uint32_t waiters;       /* fillers asleep on `used`, waiting for room */
+    uint32_t page_waiters;  /* threads asleep on some page's state word */
+    uint32_t pad0;
     uint64_t clock;         /* fill stamps */
     uint64_t peak_used;
     uint64_t faults;        /* fault messages read by the monitor */

@@ -168,6 +168,17 @@ static void put_free(struct mpu_header *h, uint32_t i)
     __atomic_sub_fetch(&h->used, 1, __ATOMIC_SEQ_CST);
 }
 
+/* After a page's state moved, outside the lock: whoever sleeps on it
+ * looks again.  Most moves have no one waiting, and a wake of a shared
+ * futex costs a page-table walk: waiters count themselves first (see
+ * mpu_page_claim), so that a move either is seen by their futex wait or
+ * sees their count. */
+static void wake_page(struct mpu_header *h, struct mpu_desc *d)
+{
+    if (__atomic_load_n(&h->page_waiters, __ATOMIC_SEQ_CST))
+        mpu_futex_wake(&d->state, INT_MAX);
+}
+
 /* After pages were freed, outside the lock: fillers waiting for room
  * look again. */
 static void wake_room(struct mpu_header *h)
@@ -517,7 +528,10 @@ int mpu_page_claim(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t
         if (timeout_ms == 0)
             return (int)MPU_STATE(word);
         /* Woken, the descriptor may be another page's by now: look again. */
-        if (mpu_futex_wait(&d->state, word, timeout_ms) == -ETIMEDOUT)
+        __atomic_add_fetch(&h->page_waiters, 1, __ATOMIC_SEQ_CST);
+        int err = mpu_futex_wait(&d->state, word, timeout_ms);
+        __atomic_sub_fetch(&h->page_waiters, 1, __ATOMIC_SEQ_CST);
+        if (err == -ETIMEDOUT)
             return (int)MPU_STATE(word);
     }
 }
@@ -540,7 +554,7 @@ void mpu_page_filled(struct mpu_header *h, uint32_t desc, int present, uint32_t 
     unlock(h);
     if (present)
         mpu_add64(&h->fills, 1);  /* (whether its region is still there or not) */
-    mpu_futex_wake(&d->state, INT_MAX);
+    wake_page(h, d);
     wake_room(h);
 }
 
@@ -579,7 +593,7 @@ static int punch_out(struct mpu_header *h, uint32_t i, int memfd, uint64_t page_
         put_free(h, i);
     }
     unlock(h);
-    mpu_futex_wake(&d->state, INT_MAX);
+    wake_page(h, d);
     return err;
 }
 
@@ -665,7 +679,7 @@ uint64_t mpu_pbm_recover(struct mpu_header *h, uint32_t owner,
             put_free(h, i);
         unlock(h);
         if (ours) {
-            mpu_futex_wake(&d->state, INT_MAX);
+            wake_page(h, d);
             freed++;
         }
     }
