@@ -80,6 +80,8 @@ struct range {              /* a client mapping, sorted by start */
     struct mpu_client_range r;
     uint32_t clock;         /* faults seen, for the streams' `seen` */
     uint64_t around;        /* the last window read around a fault, + 1 (0: none) */
+    uint64_t around_end;    /* ... and the page just past it */
+    uint32_t around_window; /* the next window to read around (0: the first) */
     struct stream streams[STREAMS];
 };
 
@@ -296,11 +298,21 @@ static int post(struct mpu_monitor *m, int index, const void *packet, uint32_t n
 
 /* ---- monitor: draining a client ---------------------------------------------- */
 
+/* A window larger than a filler's read goes to every filler, each reading
+ * the runs of 1 + read_ahead pages that fall to it, so that the disk has
+ * a read from each at once. */
 static void post_read_ahead(struct mpu_monitor *m, uint32_t kind, uint32_t region,
                             uint32_t gen, uint64_t first, uint64_t window)
 {
+    uint64_t run = m->read_ahead + 1;
     struct mpu_w_fill fill = { .kind = kind, .region = region, .gen = gen,
+                               .run = window > run ? (uint32_t)run : 0,
                                .first = first, .count = window };
+    if (fill.run) {
+        for (int to = 0; to < m->nfillers; to++)
+            post(m, to, &fill, sizeof fill);
+        return;
+    }
     /* By window: their first pages may be a multiple of the fillers apart. */
     int to = (int)mpu_filler_for(region, first / window, (uint32_t)m->nfillers);
     post(m, to, &fill, sizeof fill);  /* a window it cannot queue is not read ahead */
@@ -324,22 +336,27 @@ static uint64_t read_ahead_depth(struct mpu_monitor *m, uint64_t window)
 
 /* Read-around, as the kernel's mmap does it but only while the buffer has
  * room: a fault that starts a stream (no scan yet) also asks for the
- * aligned window of 1 + most pages around it, when the buffer is at least
- * two such windows below its high watermark and the evictors have not run
- * within the last CHURN_NS (room they just made is not room: read around
- * there, a random fault would read 1 + most pages to use one).  A data set
- * that fits is then read in large reads whatever the order; in a full
- * buffer a random fault reads its page alone, and what is read around never
- * pushes a page out (the fillers claim it as they claim a prefetch).
- * Returns the window's first page + 1, or 0. */
+ * aligned window around it, when the buffer is at least two such windows
+ * below its high watermark and the evictors have not run within the last
+ * CHURN_NS (room they just made is not room: read around there, a random
+ * fault would read a window to use one page).  The window starts at
+ * 1 + most pages; while the whole region fits in the room left (all that is
+ * read around stays until it is used) it doubles at each read-around, up
+ * to AROUND_MAX_BYTES, and it falls back to 1 + most once the region no
+ * longer fits.  A data set that fits is then read in large reads whatever
+ * the order; in a full buffer a random fault reads its page alone, and what
+ * is read around never pushes a page out (the fillers claim it as they
+ * claim a prefetch).  Returns the window's first page + 1 (0: none), its
+ * size in *window. */
 #define CHURN_NS 500000000ull
+#define AROUND_MAX_BYTES (8ull << 20)
 static uint64_t read_around_of(struct mpu_monitor *m, struct range *r, uint64_t page,
-                               uint64_t most)
+                               uint64_t most, uint64_t *window)
 {
-    uint64_t w = most + 1;
-    uint32_t used = __atomic_load_n(&m->h->used, __ATOMIC_RELAXED);
-    uint32_t high = __atomic_load_n(&m->h->high, __ATOMIC_RELAXED);
-    uint64_t now = mpu_now_ns(), evictions = mpu_load64(&m->h->evictions);
+    struct mpu_header *h = m->h;
+    uint32_t used = __atomic_load_n(&h->used, __ATOMIC_RELAXED);
+    uint32_t high = __atomic_load_n(&h->high, __ATOMIC_RELAXED);
+    uint64_t now = mpu_now_ns(), evictions = mpu_load64(&h->evictions);
     if (evictions != m->evictions_seen) {
         m->evictions_seen = evictions;
         m->looked_ns = now;
@@ -347,12 +364,23 @@ static uint64_t read_around_of(struct mpu_monitor *m, struct range *r, uint64_t 
     } else if (now - m->looked_ns > CHURN_NS) {
         m->churning = 0;
     }
-    if (w < 2 || m->churning || (uint64_t)used + 2 * w > high)
+    uint64_t base = most + 1, largest = AROUND_MAX_BYTES / m->page_size;
+    if (largest < base)
+        largest = base;
+    const struct mpu_region_info *info = &mpu_regions(h)[r->r.region];
+    uint64_t missing = info->npages - __atomic_load_n(&info->present, __ATOMIC_RELAXED);
+    uint64_t w = r->around_window ? r->around_window : base;
+    if (used + missing > high)
+        w = base;  /* the region does not fit: what is read around may be pushed out */
+    if (base < 2 || m->churning || (uint64_t)used + 2 * w > high)
         return 0;
     uint64_t first = page / w * w;
     if (r->around == first + 1)
         return 0;  /* asked for already: another fault in the window */
     r->around = first + 1;
+    r->around_end = first + w;
+    r->around_window = (uint32_t)(used + missing <= high && 2 * w <= largest ? 2 * w : w);
+    *window = w;
     return first + 1;
 }
 
@@ -404,7 +432,7 @@ static int drain(struct mpu_monitor *m, uint32_t slot, struct monitored *c)
                 fault->ahead = (uint32_t)read_ahead_of(r, index, m->read_ahead, depth, &first,
                                                        &window, &windows, &started);
                 if (started && (r->r.advice == MPU_ADVICE_SEQUENTIAL
-                                || (r->around && index == r->around - 1 + full))) {
+                                || (r->around_end && index == r->around_end))) {
                     /* Advised sequential, or the page just past the last
                      * window read around (a scan went through it): go on
                      * as a scan, read ahead in full windows, rather than
@@ -418,8 +446,9 @@ static int drain(struct mpu_monitor *m, uint32_t slot, struct monitored *c)
                 if (first)
                     aheads[naheads++] = (struct window){ first, window, windows, r->r.region,
                                                          r->r.region_gen, MPU_W_READ_AHEAD };
-                else if (started && (first = read_around_of(m, r, index, m->read_ahead)))
-                    aheads[naheads++] = (struct window){ first - 1, full, 1, r->r.region,
+                else if (started
+                         && (first = read_around_of(m, r, index, m->read_ahead, &window)))
+                    aheads[naheads++] = (struct window){ first - 1, window, 1, r->r.region,
                                                          r->r.region_gen, MPU_W_READ_AROUND };
             }
         }
@@ -613,6 +642,8 @@ int mpu_monitor_set_ranges(struct mpu_monitor *m, uint32_t slot,
                 && old[j].r.region_gen == copy[i].r.region_gen) {
                 copy[i].clock = old[j].clock;
                 copy[i].around = old[j].around;
+                copy[i].around_end = old[j].around_end;
+                copy[i].around_window = old[j].around_window;
                 memcpy(copy[i].streams, old[j].streams, sizeof copy[i].streams);
             }
             i++, j++;

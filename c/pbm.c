@@ -578,55 +578,85 @@ static void take_leaving(struct mpu_header *h, uint32_t i, uint32_t owner)
     count_present(h, d->region, -1);
 }
 
-/* Punches a LEAVING page out of its memfd and frees it; a punch that fails
- * puts it back, PRESENT, at the FIFO's tail.  0 or -errno. */
-static int punch_out(struct mpu_header *h, uint32_t i, int memfd, uint64_t page_size)
+/* Punches `n` LEAVING pages, consecutive pages of one region, out of its
+ * memfd in one go and frees them; a punch that fails puts them back,
+ * PRESENT, at the FIFO's tail.  0 or -errno. */
+static int punch_out(struct mpu_header *h, const uint32_t *run, uint32_t n, int memfd,
+                     uint64_t page_size)
 {
-    struct mpu_desc *d = &mpu_descs(h)[i - 1];
-    int err = memfd >= 0 ? mpu_punch(memfd, d->page * page_size, page_size) : 0;
+    struct mpu_desc *descs = mpu_descs(h);
+    int err = memfd >= 0 ? mpu_punch(memfd, descs[run[0] - 1].page * page_size,
+                                     n * page_size) : 0;
     lock(h);
-    if (err) {
-        __atomic_store_n(&d->state, MPU_PRESENT, __ATOMIC_SEQ_CST);
-        fifo_push(h, i);
-        count_present(h, d->region, 1);
-    } else {
-        put_free(h, i);
+    for (uint32_t k = 0; k < n; k++) {
+        struct mpu_desc *d = &descs[run[k] - 1];
+        if (err) {
+            __atomic_store_n(&d->state, MPU_PRESENT, __ATOMIC_SEQ_CST);
+            fifo_push(h, run[k]);
+            count_present(h, d->region, 1);
+        } else {
+            put_free(h, run[k]);
+        }
     }
     unlock(h);
-    wake_page(h, d);
+    for (uint32_t k = 0; k < n; k++)
+        wake_page(h, &descs[run[k] - 1]);
     return err;
 }
+
+/* Pages one punch takes out at most: a scan fills, and so evicts, runs of
+ * consecutive pages, and a punch (which zaps every client's mapping of
+ * the range) costs about the same for one page as for many. */
+#define EVICT_RUN 64
 
 int64_t mpu_pbm_evict(struct mpu_header *h, uint32_t max, uint32_t owner,
                       const struct mpu_region_slot *regions, uint32_t nregions,
                       uint64_t page_size)
 {
     struct mpu_desc *descs = mpu_descs(h);
-    uint32_t evicted = 0;
-    int err = 0;
-    while (evicted < max) {
+    uint32_t evicted = 0, run[EVICT_RUN];
+    int err = 0, more = 1;
+    while (more && evicted < max) {
+        /* The oldest pages, as long as each is the page after the last of
+         * the same region. */
+        uint32_t n = 0;
+        int memfd = -1;
         lock(h);
-        uint32_t i = h->fifo_head;
-        if (i == NONE) {
-            unlock(h);
-            break;
+        while (n < EVICT_RUN && evicted + n < max) {
+            uint32_t i = h->fifo_head;
+            if (i == NONE) {
+                more = 0;
+                break;
+            }
+            struct mpu_desc *d = &descs[i - 1];
+            if (n) {
+                const struct mpu_desc *last = &descs[run[n - 1] - 1];
+                if (d->region != last->region || d->gen != last->gen
+                    || d->page != last->page + 1)
+                    break;
+            } else {
+                const struct mpu_region_slot *r = d->region < nregions
+                                                  ? &regions[d->region] : NULL;
+                int known = r && r->live && r->gen == d->gen;
+                if (!known && region_live(h, d->region, d->gen)) {
+                    more = 0;  /* a region we have not heard of yet: its message waits */
+                    break;
+                }
+                /* (A region that is gone needs no punch: its memfd goes with it.) */
+                memfd = known ? r->memfd : -1;
+            }
+            take_leaving(h, i, owner);
+            run[n++] = i;
         }
-        struct mpu_desc *d = &descs[i - 1];
-        const struct mpu_region_slot *r = d->region < nregions ? &regions[d->region] : NULL;
-        int known = r && r->live && r->gen == d->gen;
-        if (!known && region_live(h, d->region, d->gen)) {
-            unlock(h);  /* a region we have not heard of yet: its message waits */
-            break;
-        }
-        take_leaving(h, i, owner);
         unlock(h);
-        /* (A region that is gone needs no punch: its memfd goes with it.) */
-        err = punch_out(h, i, known ? r->memfd : -1, page_size);
+        if (!n)
+            break;
+        err = punch_out(h, run, n, memfd, page_size);
         if (err)
             break;
-        /* Each page given back at once: a filler waiting for room goes on. */
+        /* Given back at once: a filler waiting for room goes on. */
         wake_room(h);
-        evicted++;
+        evicted += n;
     }
     mpu_add64(&h->evictions, evicted);
     return evicted ? (int64_t)evicted : err;
@@ -647,7 +677,7 @@ uint64_t mpu_region_evict_from(struct mpu_header *h, uint32_t slot, uint32_t gen
         if (mine)
             take_leaving(h, i, owner);
         unlock(h);
-        if (mine && punch_out(h, i, memfd, page_size) == 0)
+        if (mine && punch_out(h, &i, 1, memfd, page_size) == 0)
             dropped++;
     }
     wake_room(h);

@@ -7,14 +7,17 @@ every byte it can see against the file.
 Each row prints GB/s (bytes the touches cover, over the slowest client's
 time), faults per second and µs per fault (from the server's count for those
 clients; the kernel's minor and major faults for mmap), the server's CPU time
-per fault, and the ratio mpumap/mmap; where the buffer is smaller than the
-file, "@budget" is the kernel's mmap again with its clients in a memory
-cgroup of the buffer's size (the same memory budget; root only).  Rows
-whose store reads with O_DIRECT also print the time of one such read of a
-umap page at a random place, timed alone: the floor of a fault that goes to
-the disk.  Clients are written in
-Python (numpy's gather does the touching) or in C (scripts/bench_client.c,
-built against libmpumapclient).
+per fault, and the ratio mpumap/mmap.  Where the buffer is smaller than the
+file, "k-budget" is the kernel's mmap again with its clients in a memory
+cgroup of the buffer's size plus 8 MiB a client for its own memory (the same
+memory budget; root only), and "x" mpumap's throughput over it.  "disk1" and
+"disk2" are what the disk itself gives for the pattern: O_DIRECT reads of one
+umap page each in the same order, one and two at a time (the floor for a
+fault that goes to the disk), to set beside "read", what mpumap read from
+the file a second.  Clients are written in Python (numpy's gather
+does the touching) or in C (scripts/bench_client.c, built against
+libmpumapclient).  --cache cold drops the file from the page cache before
+every run, of mpumap and of the kernel alike.
 
     python scripts/bench.py --size 1G --page-size 4K,64K --clients 1,2 --json out.json
     python scripts/bench.py --cache cold --read-ahead 0,63,auto --store-io direct
@@ -29,6 +32,7 @@ import select
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -40,6 +44,7 @@ from mpumap.testing import (MemoryCgroup, NoCgroup, build_c_program, drop_from_p
                             make_file, running_server)
 
 TOUCH = 4096  # one byte per 4 KiB page, as MP-UMap's benchmarks do
+PROCESS_ALLOWANCE = 8 << 20  # a client's own memory, on top of the budget (kernel-budget)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -93,6 +98,11 @@ def kernel_faults(pid):
     return int(fields[7]) + int(fields[9])
 
 
+def bytes_read(sock):
+    """What the server has read from stores so far."""
+    return mpumap.server_stats(sock)["buffer"]["bytes_read"]
+
+
 def client_faults(sock, pids):
     """The server's fault count of each client, by pid."""
     by_pid = {c["pid"]: c["faults"] for c in mpumap.server_stats(sock)["clients"]}
@@ -121,6 +131,7 @@ def run_clients(language, kind, sock, path, order, clients, folder, c_binary,
         if proc.stdout.readline().strip() != "ready":
             raise SystemExit(f"a {language} {kind} client failed to start")
     faults0 = client_faults(sock, pids) if kind == "mpumap" else list(map(kernel_faults, pids))
+    read0 = bytes_read(sock) if kind == "mpumap" else 0
     cpu0 = server_cpu(server) if server else 0
     open(go, "w").close()
     results = []
@@ -136,8 +147,10 @@ def run_clients(language, kind, sock, path, order, clients, folder, c_binary,
         results.append(json.loads(line))
     cpu = server_cpu(server) - cpu0 if server else 0
     faults1 = client_faults(sock, pids) if kind == "mpumap" else list(map(kernel_faults, pids))
+    read = bytes_read(sock) - read0 if kind == "mpumap" else None
     for result, before, after in zip(results, faults0, faults1):
         result["faults"] = after - before
+        result["read"] = read
     open(go + "-check", "w").close()
     for proc, result in zip(procs, results):
         out, _ = proc.communicate(timeout=max(1, deadline - time.monotonic()))
@@ -170,31 +183,56 @@ def summary(results, touched, clients, cpu=None):
            "ok": all(r["ok"] for r in results)}
     if cpu is not None:
         row["server_cpu_us_per_fault"] = cpu * 1e6 / max(1, faults)
+    if results[0].get("read") is not None:  # the disk's share: what the store gave
+        row["read_gbps"] = results[0]["read"] / wall / 1e9
     return row
 
 
-def disk_read_us(path, page_size, reads=1000):
-    """The mean time of an O_DIRECT read of one page at a random place (a
-    mean, as the faults' figure is)."""
+def disk_floor(path, page_size, order, readers, seconds=2.0):
+    """What the disk itself delivers for the pattern, in GB/s: O_DIRECT
+    reads of one umap page each, in the clients' page order (sequential, or
+    the pages shuffled), `readers` at a time (threads: preadv lets go of the
+    GIL), for up to `seconds` or the whole file.  None where the file
+    system refuses O_DIRECT."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     except OSError:
         return None
-    buf = mmap.mmap(-1, page_size)
-    pages = max(1, os.fstat(fd).st_size // page_size)
-    rng = random.Random(3)
-    offsets = [rng.randrange(pages) * page_size for _ in range(reads)]
+    pages = list(range(max(1, os.fstat(fd).st_size // page_size)))
+    if order == "random":
+        random.Random(3).shuffle(pages)
+    taken = iter(pages)
+    lock = threading.Lock()
+    done = [0]
+    deadline = time.perf_counter() + seconds
+
+    def read():
+        buf = mmap.mmap(-1, page_size)
+        try:
+            while time.perf_counter() < deadline:
+                with lock:
+                    page = next(taken, None)
+                if page is None:
+                    return
+                n = os.preadv(fd, [buf], page * page_size)
+                with lock:
+                    done[0] += n
+        finally:
+            buf.close()
+
     try:
-        start = time.perf_counter()
-        for offset in offsets:
-            os.preadv(fd, [buf], offset)
-        return (time.perf_counter() - start) / reads * 1e6
+        started = time.perf_counter()
+        threads = [threading.Thread(target=read) for _ in range(readers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return done[0] / (time.perf_counter() - started) / 1e9
     finally:
         os.close(fd)
-        buf.close()
 
 
-def measure(path, size, case, fillers, folder, c_binary, pin=None):
+def measure(path, size, case, fillers, folder, c_binary, pin=None, kernel_budget=True):
     page_size, buffer, clients, order, cache, read_ahead, store_io, language = case
     row = {"client": language, "order": order, "cache": cache, "clients": clients,
            "page_size": page_size, "buffer": buffer, "size": size,
@@ -220,17 +258,20 @@ def measure(path, size, case, fillers, folder, c_binary, pin=None):
                              pin=pin)
     row["mmap"] = summary(results, touched, clients)
     row["ratio"] = row["mpumap"]["gbps"] / row["mmap"]["gbps"]
-    row["mmap_budget"] = mmap_in_budget(path, size, buffer, cache, language, order, clients,
-                                        folder, c_binary, pin, touched,
-                                        max(60.0, 10 * row["mpumap"]["seconds"]))
-    row["disk_read_us"] = disk_read_us(path, page_size) if store_io == "direct" else None
+    row["kernel_budget"] = (mmap_in_budget(path, size, buffer, cache, language, order, clients,
+                                           folder, c_binary, pin, touched,
+                                           max(60.0, 10 * row["mpumap"]["seconds"]))
+                            if kernel_budget else None)
+    row["disk"] = {readers: disk_floor(path, page_size, order, readers) for readers in (1, 2)}
     return row
 
 
 def mmap_in_budget(path, size, buffer, cache, language, order, clients, folder, c_binary,
                    pin, touched, give_up):
     """The kernel's mmap with the memory mpumap had: its clients in a memory
-    cgroup limited to the buffer's size, the page cache they fill charged
+    cgroup limited to the buffer's size (plus PROCESS_ALLOWANCE a client
+    for its own memory: mpumap's server needs none of its budget for
+    them), the page cache they fill charged
     there (warm: filled by a reader in the cgroup, up to what fits).  None
     where the buffer holds the whole file (no budget to keep), or where no
     cgroup can be made (not root, no memory controller).  Squeezed so, the
@@ -244,7 +285,7 @@ def mmap_in_budget(path, size, buffer, cache, language, order, clients, folder, 
     except NoCgroup:
         return None
     try:
-        group.set_limit(buffer)
+        group.set_limit(buffer + PROCESS_ALLOWANCE * clients)
         drop_from_page_cache(path)
         if cache == "warm":
             subprocess.run(["cat", path], stdout=subprocess.DEVNULL, check=True,
@@ -276,21 +317,35 @@ def budget_text(b):
     return f"{b['gbps']:.3f}"
 
 
+def gbps_text(value):
+    return "-" if value is None else f"{value:.3f}"
+
+
 def print_table(rows):
     head = (f"{'client':7}{'order':7}{'cache':6}{'io':7}{'ra':>5}{'cl':>3}{'page':>6}"
-            f"{'buffer':>8}  {'mpumap GB/s':>11}{'mmap GB/s':>10}{'ratio':>7}{'@budget':>9}  "
-            f"{'mpumap f/s':>11}{'mmap f/s':>10}{'us/fault':>9}{'srv us/f':>9}{'disk us':>8}  ok")
+            f"{'buffer':>8}  {'mpumap':>8}{'mmap':>8}{'ratio':>7}{'k-budget':>9}{'x':>7}"
+            f"{'read':>7}{'disk1':>7}{'disk2':>7}  {'mpumap f/s':>11}{'mmap f/s':>10}{'us/fault':>9}"
+            f"{'srv us/f':>9}  ok")
+    print("GB/s; k-budget: the kernel's mmap in a memory cgroup of the buffer's size, x: "
+          "mpumap over it; read: what mpumap read from the file; disk1, disk2: O_DIRECT reads of "
+          "one page in the same order, 1 and 2 at a time")
     print(head)
     print("-" * len(head))
     for r in rows:
-        u, k, b = r["mpumap"], r["mmap"], r["mmap_budget"]
+        u, k, b = r["mpumap"], r["mmap"], r["kernel_budget"]
+        if not b:
+            times = "-"
+        elif b["gbps"] is None:  # stopped: at least this many times slower
+            times = f">{b['seconds'] / u['seconds']:.0f}"
+        else:
+            times = f"{u['gbps'] / b['gbps']:.1f}"
         print(f"{r['client']:7}{r['order']:7}{r['cache']:6}{r['store_io']:7}"
               f"{r['read_ahead']:>5}{r['clients']:>3}{r['page_size'] >> 10:>5}K"
-              f"{r['buffer'] >> 20:>7}M  {u['gbps']:>11.3f}{k['gbps']:>10.3f}{r['ratio']:>7.2f}"
-              f"{budget_text(b):>9}"
+              f"{r['buffer'] >> 20:>7}M  {u['gbps']:>8.3f}{k['gbps']:>8.3f}{r['ratio']:>7.2f}"
+              f"{budget_text(b):>9}{times:>7}"
+              f"{gbps_text(u.get('read_gbps')):>7}{gbps_text(r['disk'][1]):>7}{gbps_text(r['disk'][2]):>7}"
               f"  {u['faults_per_s']:>11.0f}{k['faults_per_s']:>10.0f}{u['us_per_fault']:>9.1f}"
               f"{u['server_cpu_us_per_fault']:>9.1f}"
-              f"{'-' if r['disk_read_us'] is None else format(r['disk_read_us'], '.1f'):>8}"
               f"  {'yes' if u['ok'] and k['ok'] and (b is None or b['ok']) else 'NO'}",
               flush=True)
 
@@ -316,6 +371,9 @@ def main():
     p.add_argument("--client", default="c,python", help="client languages (c,python)")
     p.add_argument("--runs", type=int, default=1, help="runs of each row; the median is shown")
     p.add_argument("--fillers", type=int, default=2)
+    p.add_argument("--no-kernel-budget", dest="kernel_budget", action="store_false",
+                   help="skip the kernel's mmap in a memory cgroup of the buffer's size "
+                        "(slow: squeezed so, it thrashes; stopped after 10x mpumap's time)")
     p.add_argument("--pin", metavar="CPUS",
                    help="run the server (--cpus) and the clients (taskset) on these CPUs")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
@@ -342,7 +400,7 @@ def main():
             buffer = max(page * 16, -(-int(want) // page) * page)
             case = (page, buffer, clients, order, cache, ra, io, language)
             rows.append(median_row([measure(path, size, case, args.fillers, folder, c_binary,
-                                            args.pin)
+                                            args.pin, args.kernel_budget)
                                     for _ in range(args.runs)]))
         print()
         print_table(rows)
