@@ -110,6 +110,7 @@ struct mpu_filler {
     char *chunk;               /* page aligned, max_run pages */
     uint32_t *descs;           /* max_run: the descriptors of a run being filled */
     uint64_t max_run;
+    uint64_t swept_ns;         /* when scan leftovers were last looked for */
     struct mpu_region_slot *regions;
     uint32_t nregions;
     struct mpu_client_slot *clients;
@@ -127,6 +128,11 @@ struct mpu_filler {
  * (SO_RCVTIMEO) makes it beat its heartbeat while idle. */
 int mpu_filler_run(struct mpu_filler *f, int sock, char *buf, int size,
                    int *fds, int *nfds, int maxfds);
+
+/* What the kernel read ahead past the last scan of a region is dropped
+ * from the page cache: before its scan reader is closed, and by the filler
+ * once a scan has stopped. */
+void mpu_scan_done(struct mpu_region_slot *r);
 
 /* A prefetch or read-ahead message: fill this filler's share of it.
  * Faults that come meanwhile are served between runs; when another message

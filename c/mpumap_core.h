@@ -69,7 +69,14 @@ struct mpu_region_slot {
                                   the slot closes it */
     uint32_t no_cache;         /* the page cache is not asked: cachestat or
                                   the reopen was refused */
+    int scan_fd;               /* beside a direct store, a buffered reader for
+                                  scans (the kernel's read-ahead keeps the disk
+                                  busy; what it read is dropped behind), opened
+                                  by the filler at the first scan (-1: none yet,
+                                  -2: refused); whoever clears the slot closes it */
     uint32_t pad;
+    uint64_t scan_end;         /* where the scan reader last read up to ... */
+    uint64_t scan_ns;          /* ... and when (0: what it read past is dropped) */
     uint64_t npages;
     uint64_t size;             /* of the file when the region was made */
     uint64_t map_length;       /* what clients map: size in whole system pages */

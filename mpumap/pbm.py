@@ -285,8 +285,9 @@ class RegionSlots:
         c.memfd = region.memfd
         c.store_fd = region.store_fd
         c.store_mode = MODE_CODES[region.store_mode]  # store.MODES is MPU_STORE_*'s order
-        c.cache_fd = -1
+        c.cache_fd = c.scan_fd = -1
         c.no_cache = 0
+        c.scan_end = c.scan_ns = 0
         c.gen = region.gen
         c.npages = region.npages
         c.size = region.size
@@ -294,9 +295,11 @@ class RegionSlots:
         c.live = 1
 
     def clear(self, slot):
-        """Forget a region; closes the buffered reader a filler opened for it."""
+        """Forget a region; closes the buffered readers a filler opened for it."""
         c = self.array[slot]
         c.live = 0
-        if c.cache_fd >= 0:
-            os.close(c.cache_fd)
-        c.memfd = c.store_fd = c.cache_fd = -1
+        lib.mpu_scan_done(ffi.addressof(c))
+        for fd in (c.cache_fd, c.scan_fd):
+            if fd >= 0:
+                os.close(fd)
+        c.memfd = c.store_fd = c.cache_fd = c.scan_fd = -1

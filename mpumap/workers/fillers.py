@@ -98,8 +98,9 @@ class Filler(Worker):
         f.nclients = lib.MPU_CLIENT_SLOTS
         self.fills = collections.deque()  # prefetch and read-ahead, in order
         self._quiet = {}  # (event, region slot) -> (when to speak again, not said)
-        # Idle, the C loop wakes this often to beat its heartbeat.
-        seconds = min(1.0, s.worker_timeout / 4)
+        # Idle, the C loop wakes this often to beat its heartbeat and drop
+        # what the kernel read ahead past a scan that stopped.
+        seconds = min(0.25, s.worker_timeout / 4)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
                              struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
 

@@ -58,6 +58,28 @@ def test_bounded_memory_and_no_second_copy(start_server, readers, workdir):
     assert stats["buffer"]["evictions"] > 0
 
 
+def test_a_scan_reads_through_the_page_cache_and_drops_behind(start_server, readers, workdir):
+    """A direct store reads a scan's full windows buffered, with the kernel's
+    read-ahead, and drops each behind it: the scan leaves the page cache as
+    it found it."""
+    path = uncached_file(os.path.join(workdir, "scan.bin"), 64 * MiB, seed=29)
+    server = start_server("--page-size", "4K", "--buffer-size", "128M")
+    p = readers.start(server.socket, path, order="seq", chunk=1 << 20, direct="")
+    assert_clean(readers.result(p))
+    b = server.stats()["buffer"]
+    assert b["readahead_fills"] > 0.9 * (64 * MiB // 4096), b["readahead_fills"]
+    assert page_cache_bytes(path) <= 4 * MiB, page_cache_bytes(path) / MiB
+    # A scan that stops half-way: what the kernel read ahead past it goes
+    # once the scan has been still for a moment.
+    other = uncached_file(os.path.join(workdir, "half.bin"), 64 * MiB, seed=30)
+    p = readers.start(server.socket, other, order="seq", chunk=1 << 20, pages=32, direct="")
+    assert_clean(readers.result(p))
+    deadline = time.monotonic() + 10
+    while page_cache_bytes(other) > 4 * MiB:
+        assert time.monotonic() < deadline, page_cache_bytes(other) / MiB
+        time.sleep(0.05)
+
+
 def test_drop_mode_keeps_the_page_cache_clean(start_server, readers, workdir):
     path = uncached_file(os.path.join(workdir, "drop.bin"), 32 * MiB, seed=22)
     server = start_server("--page-size", "64K", "--buffer-size", "8M", "--store-io", "drop")
