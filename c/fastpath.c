@@ -1319,6 +1319,9 @@ static int serve_waiting_faults(struct mpu_filler *f)
  * room up to the limit) or around a fault (MPU_W_READ_AROUND: room below
  * the high watermark, as a prefetch); what the monitor asked for is marked
  * as read ahead.  Each kind has its counter. */
+/* How long a scan's window waits for the evictors to make room. */
+#define SCAN_ROOM_MS 100
+
 static void fill_span(struct mpu_filler *f, uint32_t region, uint64_t first, uint64_t count,
                       uint32_t kind)
 {
@@ -1333,6 +1336,9 @@ static void fill_span(struct mpu_filler *f, uint32_t region, uint64_t first, uin
         int full;
         uint64_t want = end - page < f->max_run ? end - page : f->max_run;
         uint64_t run = claim_run(f, r, page, want, how, &full, f->descs);
+        if (full && kind == MPU_W_READ_AHEAD
+            && mpu_pbm_wait_room(f->h, SCAN_ROOM_MS, f->evict_fds, f->nevict) == 0)
+            continue;  /* the scan needs these pages: wait for the evictors */
         if (full)
             break;  /* more would only push out what is there */
         if (!run) {

@@ -215,6 +215,10 @@ uint64_t mpu_region_present(struct mpu_header *h, uint32_t slot);
 int mpu_page_claim(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t page,
                    uint32_t owner, int how, int timeout_ms, const int *evict_fds,
                    int nevict, uint32_t *desc, uint32_t *flags);
+/* Waits up to timeout_ms for the buffer to have room below its limit,
+ * calling the evictors: 0 once it has (or did not wait), -EAGAIN.  For a
+ * scan whose window found the buffer full: it will need those pages. */
+int mpu_pbm_wait_room(struct mpu_header *h, int timeout_ms, const int *evict_fds, int nevict);
 /* The end of a fill: PRESENT (at the FIFO's tail), or FREE with its buffer
  * page given back (also when its region was released meanwhile). */
 void mpu_page_filled(struct mpu_header *h, uint32_t desc, int present, uint32_t flags);

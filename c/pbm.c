@@ -536,6 +536,20 @@ int mpu_page_claim(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t
     }
 }
 
+int mpu_pbm_wait_room(struct mpu_header *h, int timeout_ms, const int *evict_fds, int nevict)
+{
+    uint32_t used = __atomic_load_n(&h->used, __ATOMIC_SEQ_CST);
+    if (used < __atomic_load_n(&h->limit, __ATOMIC_SEQ_CST))
+        return 0;
+    __atomic_store_n(&h->evict_wanted, 1, __ATOMIC_SEQ_CST);
+    signal_evictors(evict_fds, nevict);
+    /* Counted first, as a claim that waits for room does (wake_room). */
+    __atomic_add_fetch(&h->waiters, 1, __ATOMIC_SEQ_CST);
+    int err = mpu_futex_wait(&h->used, used, timeout_ms);
+    __atomic_sub_fetch(&h->waiters, 1, __ATOMIC_SEQ_CST);
+    return err == -ETIMEDOUT ? -EAGAIN : 0;
+}
+
 void mpu_page_filled(struct mpu_header *h, uint32_t desc, int present, uint32_t flags)
 {
     struct mpu_desc *d = &mpu_descs(h)[desc - 1];
@@ -607,7 +621,7 @@ static int punch_out(struct mpu_header *h, const uint32_t *run, uint32_t n, int 
 /* Pages one punch takes out at most: a scan fills, and so evicts, runs of
  * consecutive pages, and a punch (which zaps every client's mapping of
  * the range) costs about the same for one page as for many. */
-#define EVICT_RUN 64
+#define EVICT_RUN 256
 
 int64_t mpu_pbm_evict(struct mpu_header *h, uint32_t max, uint32_t owner,
                       const struct mpu_region_slot *regions, uint32_t nregions,
