@@ -848,6 +848,90 @@ static int scan_reader(struct mpu_region_slot *r)
     return r->scan_fd = fd >= 0 ? fd : -2;
 }
 
+/* After a scan's read of [offset, offset + got) through the scan reader:
+ * that is dropped from the page cache, and behind it too (the kernel's
+ * read-ahead may have brought pages there that a shorter read, not
+ * through this reader, took). */
+static void drop_behind(struct mpu_region_slot *r, int fd, uint64_t offset, uint64_t got,
+                        uint64_t window)
+{
+    uint64_t behind = offset < SCAN_DROP_BEHIND * window ? offset : SCAN_DROP_BEHIND * window;
+    posix_fadvise(fd, (off_t)(offset - behind), (off_t)(got + behind), POSIX_FADV_DONTNEED);
+    r->scan_end = offset + got;
+    r->scan_ns = mpu_now_ns();
+}
+
+/* The filler's pipe for splice_run, made when its loop starts (a
+ * descriptor it keeps for good), as large as its longest run. */
+static void make_splice_pipe(struct mpu_filler *f)
+{
+    if (f->splicing)
+        return;
+    f->splicing = 2;
+    if (pipe2(f->splice_pipe, O_CLOEXEC) < 0)
+        return;
+    if (fcntl(f->splice_pipe[1], F_SETPIPE_SZ, (int)(f->max_run * f->page_size)) > 0) {
+        f->splicing = 1;
+    } else {
+        close(f->splice_pipe[0]);
+        close(f->splice_pipe[1]);
+    }
+}
+
+/* A scan's window straight from the page cache into the memfd, through a
+ * pipe (splice): one copy where read and write make two, and the copying
+ * is what bounds a scan of small pages.  Returns the bytes moved, or -1
+ * when splicing cannot be used here (the caller reads instead); what it
+ * moved of a page it did not finish is the caller's to punch out. */
+static int64_t splice_run(struct mpu_filler *f, struct mpu_region_slot *r, uint64_t first,
+                          uint64_t npages)
+{
+    int fd;
+    if (f->splicing != 1 || r->store_mode != MPU_STORE_DIRECT || (fd = scan_reader(r)) < 0)
+        return -1;
+    uint64_t want = npages * f->page_size, offset = first * f->page_size, got = 0;
+    uint64_t started = mpu_now_ns();
+    beat(f);
+    while (got < want) {
+        loff_t in = (loff_t)(offset + got);
+        ssize_t n = splice(fd, &in, f->splice_pipe[1], NULL, want - got, SPLICE_F_MOVE);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && got == 0 && errno == EINVAL)
+            return f->splicing = 2, -1;  /* this file system cannot */
+        if (n <= 0)
+            break;
+        for (ssize_t moved = 0; moved < n;) {
+            loff_t out = (loff_t)(offset + got + (uint64_t)moved);
+            ssize_t m = splice(f->splice_pipe[0], NULL, r->memfd, &out, (size_t)(n - moved),
+                               SPLICE_F_MOVE);
+            if (m < 0 && errno == EINTR)
+                continue;
+            if (m <= 0) {
+                /* The pipe must be empty for the next window: drain it. */
+                char sink[1024];
+                for (ssize_t left = n - moved; left > 0;) {
+                    ssize_t k = read(f->splice_pipe[0], sink,
+                                     left < (ssize_t)sizeof sink ? (size_t)left : sizeof sink);
+                    if (k <= 0)
+                        break;
+                    left -= k;
+                }
+                beat(f);
+                return (int64_t)(got + (uint64_t)moved);
+            }
+            moved += m;
+        }
+        got += (uint64_t)n;
+    }
+    beat(f);
+    if (got)
+        drop_behind(r, fd, offset, got, want);
+    mpu_add64(&f->h->read_ns, (int64_t)(mpu_now_ns() - started));
+    mpu_add64(&f->h->bytes_read, (int64_t)got);
+    return (int64_t)got;
+}
+
 /* Reads npages from page `first` into the chunk; zeros past the file's end.
  * A full window of a scan (`scan`) of a direct store that the page cache
  * does not hold reads through scan_reader, and drops what it read.  Returns the bytes
@@ -888,14 +972,8 @@ static int64_t read_run(struct mpu_filler *f, struct mpu_region_slot *r,
     beat(f);
     if (got < want)
         memset(f->chunk + got, 0, want - got);
-    if (drop && got) {
-        /* Behind the window too: the kernel's read-ahead may have brought
-         * pages there that a shorter read (not through this reader) took. */
-        uint64_t behind = offset < SCAN_DROP_BEHIND * want ? offset : SCAN_DROP_BEHIND * want;
-        posix_fadvise(fd, (off_t)(offset - behind), (off_t)(got + behind), POSIX_FADV_DONTNEED);
-        r->scan_end = offset + got;
-        r->scan_ns = mpu_now_ns();
-    }
+    if (drop && got)
+        drop_behind(r, fd, offset, got, want);
     if (r->store_mode == MPU_STORE_DROP && got)
         posix_fadvise(r->store_fd, (off_t)offset, (off_t)got, POSIX_FADV_DONTNEED);
     mpu_add64(&f->h->read_ns, (int64_t)(mpu_now_ns() - started));
@@ -1240,6 +1318,7 @@ int mpu_filler_run(struct mpu_filler *f, int sock, char *buf, int size,
     char control[CMSG_SPACE(sizeof(int) * 16)];
     if (maxfds > 16)
         maxfds = 16;
+    make_splice_pipe(f);
     for (;;) {
         beat(f);
         drop_scan_leftovers(f);
@@ -1345,10 +1424,21 @@ static void fill_span(struct mpu_filler *f, uint32_t region, uint64_t first, uin
             page++;  /* there already, or on its way */
             continue;
         }
-        int64_t got = read_run(f, r, page, run,
-                               kind == MPU_W_READ_AHEAD && run == f->read_ahead + 1);
-        uint64_t whole = got < 0 ? 0 : whole_pages(f, r, page, run, (uint64_t)got);
-        uint64_t written = write_run(f, r, region, page, whole, 0, flags, f->descs);
+        int scan = kind == MPU_W_READ_AHEAD && run == f->read_ahead + 1;
+        int64_t got = scan ? splice_run(f, r, page, run) : -1;
+        uint64_t whole, written;
+        if (got >= 0) {  /* in the memfd already */
+            whole = whole_pages(f, r, page, run, (uint64_t)got);
+            if (whole < run && got > (int64_t)(whole * f->page_size))
+                mpu_punch(r->memfd, (page + whole) * f->page_size, (run - whole) * f->page_size);
+            for (uint64_t k = 0; k < whole; k++)
+                mpu_page_filled(f->h, f->descs[k], 1, flags);
+            written = whole;
+        } else {
+            got = read_run(f, r, page, run, scan);
+            whole = got < 0 ? 0 : whole_pages(f, r, page, run, (uint64_t)got);
+            written = write_run(f, r, region, page, whole, 0, flags, f->descs);
+        }
         mpu_add64(counter, (int64_t)written);
         abandon(f, f->descs + whole, run - whole);
         page += run;

@@ -111,6 +111,8 @@ struct mpu_filler {
     uint32_t *descs;           /* max_run: the descriptors of a run being filled */
     uint64_t max_run;
     uint64_t swept_ns;         /* when scan leftovers were last looked for */
+    int splice_pipe[2];        /* for scans: the page cache to the memfd */
+    uint32_t splicing;         /* 0: not tried yet, 1: the pipe is there, 2: no */
     struct mpu_region_slot *regions;
     uint32_t nregions;
     struct mpu_client_slot *clients;
