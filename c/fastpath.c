@@ -848,6 +848,21 @@ static int scan_reader(struct mpu_region_slot *r)
     return r->scan_fd = fd >= 0 ? fd : -2;
 }
 
+/* Whether a scan's window is read through the scan reader, and dropped
+ * behind: unless the page cache holds all of it and it does not go on
+ * from where this filler's scan reader last read (there, what the cache
+ * holds is what the kernel read ahead for us).  A file another process
+ * keeps in the page cache is copied from there, and left there. */
+static int scan_through_reader(struct mpu_filler *f, struct mpu_region_slot *r,
+                               uint64_t offset, uint64_t want)
+{
+    if (r->store_mode != MPU_STORE_DIRECT)
+        return 0;
+    if (r->scan_ns && offset == r->scan_end)
+        return 1;
+    return r->no_cache || !in_page_cache(f, r, offset, want);
+}
+
 /* After a scan's read of [offset, offset + got) through the scan reader:
  * that is dropped from the page cache, and behind it too (the kernel's
  * read-ahead may have brought pages there that a shorter read, not
@@ -933,9 +948,9 @@ static int64_t splice_run(struct mpu_filler *f, struct mpu_region_slot *r, uint6
 }
 
 /* Reads npages from page `first` into the chunk; zeros past the file's end.
- * A full window of a scan (`scan`) of a direct store that the page cache
- * does not hold reads through scan_reader, and drops what it read.  Returns the bytes
- * read, or -errno.  The heartbeat is bumped on both sides of the read: only
+ * A full window of a scan (`scan`: see scan_through_reader) reads
+ * through scan_reader, and drops what it read.  Returns the bytes read, or
+ * -errno.  The heartbeat is bumped on both sides of the read: only
  * a read that hangs stops it. */
 static int64_t read_run(struct mpu_filler *f, struct mpu_region_slot *r,
                         uint64_t first, uint64_t npages, int scan)
@@ -1253,7 +1268,10 @@ static void serve_one(struct mpu_filler *f, const struct mpu_fault *fault)
                                fault->ahead < f->read_ahead ? fault->ahead : f->read_ahead,
                                MPU_CLAIM_AHEAD, &full, ahead_descs);
     int present = 0;
-    int64_t got = read_run(f, r, page, 1 + ahead, ahead && ahead == f->read_ahead);
+    int64_t got = read_run(f, r, page, 1 + ahead,
+                           ahead && ahead == f->read_ahead
+                           && scan_through_reader(f, r, page * f->page_size,
+                                                  (1 + ahead) * f->page_size));
     uint64_t whole = got < 0 ? 0 : whole_pages(f, r, page, 1 + ahead, (uint64_t)got);
     if (whole == 0) {
         if (got < 0)
@@ -1424,7 +1442,8 @@ static void fill_span(struct mpu_filler *f, uint32_t region, uint64_t first, uin
             page++;  /* there already, or on its way */
             continue;
         }
-        int scan = kind == MPU_W_READ_AHEAD && run == f->read_ahead + 1;
+        int scan = kind == MPU_W_READ_AHEAD && run == f->read_ahead + 1
+                   && scan_through_reader(f, r, page * f->page_size, run * f->page_size);
         int64_t got = scan ? splice_run(f, r, page, run) : -1;
         uint64_t whole, written;
         if (got >= 0) {  /* in the memfd already */
