@@ -766,22 +766,30 @@ static int in_page_cache(struct mpu_filler *f, struct mpu_region_slot *r, uint64
 }
 
 /* The store's file opened again, buffered, through /proc/self/fd: the same
- * inode.  Only once the page cache holds something to read, so that a
- * region read from a cold disk costs a filler no descriptor for it.  Never
- * waits for a lease (O_NONBLOCK, cleared once open); its reads start no
+ * inode, a description of our own, told `advice` (posix_fadvise).  Never
+ * waits for a lease (O_NONBLOCK, cleared once open).  -1 when refused. */
+static int reopen_store(const struct mpu_region_slot *r, int advice)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", r->store_fd);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd >= 0 && (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) < 0
+                    || posix_fadvise(fd, 0, 0, advice) != 0)) {
+        close(fd);
+        fd = -1;
+    }
+    return fd;
+}
+
+/* The reader beside a direct store for what the page cache holds: opened
+ * only once the page cache holds something to read, so that a region read
+ * from a cold disk costs a filler no descriptor for it; its reads start no
  * read-ahead into the cache (POSIX_FADV_RANDOM). */
 static int cache_reader(struct mpu_region_slot *r)
 {
     if (r->cache_fd >= 0 || r->no_cache)
         return r->cache_fd;
-    char path[64];
-    snprintf(path, sizeof path, "/proc/self/fd/%d", r->store_fd);
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    if (fd >= 0 && (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) < 0
-                    || posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM) != 0)) {
-        close(fd);
-        fd = -1;
-    }
+    int fd = reopen_store(r, POSIX_FADV_RANDOM);
     if (fd < 0)
         r->no_cache = 1;
     return r->cache_fd = fd;
@@ -821,8 +829,8 @@ static uint64_t read_from_page_cache(struct mpu_filler *f, struct mpu_region_slo
     return got;
 }
 
-/* The store's file opened again for scans, buffered, as cache_reader does,
- * and told POSIX_FADV_SEQUENTIAL.  A scan's full windows read through it,
+/* The store's file opened again for scans (reopen_store), told
+ * POSIX_FADV_SEQUENTIAL.  A scan's full windows read through it,
  * and the kernel's asynchronous read-ahead keeps the disk busy while we
  * copy what we read: on this project's virtual disk O_DIRECT gave 1.1-1.3
  * GB/s at any size and depth (and so did buffered reads of exactly what we
@@ -837,14 +845,7 @@ static int scan_reader(struct mpu_region_slot *r)
 {
     if (r->scan_fd != -1)
         return r->scan_fd;
-    char path[64];
-    snprintf(path, sizeof path, "/proc/self/fd/%d", r->store_fd);
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    if (fd >= 0 && (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) < 0
-                    || posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL) != 0)) {
-        close(fd);
-        fd = -1;
-    }
+    int fd = reopen_store(r, POSIX_FADV_SEQUENTIAL);
     return r->scan_fd = fd >= 0 ? fd : -2;
 }
 
