@@ -426,6 +426,23 @@ static void signal_evictors(const int *fds, int nfds)
         }
 }
 
+/* The buffer was full at `used`: the evictors are called, and we sleep
+ * until pages are given back (wake_room) or the limit moves, for up to
+ * timeout_ms.  0, or -EAGAIN when the time ran out. */
+static int sleep_for_room(struct mpu_header *h, uint32_t used, int timeout_ms,
+                          const int *evict_fds, int nevict)
+{
+    __atomic_store_n(&h->evict_wanted, 1, __ATOMIC_SEQ_CST);
+    signal_evictors(evict_fds, nevict);
+    /* Counted before sleeping, so that wake_room knows to wake us; a page
+     * given back before the wait changes `used`, and the wait returns at
+     * once. */
+    __atomic_add_fetch(&h->waiters, 1, __ATOMIC_SEQ_CST);
+    int err = mpu_futex_wait(&h->used, used, timeout_ms);
+    __atomic_sub_fetch(&h->waiters, 1, __ATOMIC_SEQ_CST);
+    return err == -ETIMEDOUT ? -EAGAIN : 0;
+}
+
 static void raise_peak(struct mpu_header *h, uint64_t value)
 {
     uint64_t peak = __atomic_load_n(&h->peak_used, __ATOMIC_SEQ_CST);
@@ -477,19 +494,11 @@ int mpu_page_claim(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t
                 unlock(h);
                 if (how != MPU_CLAIM_FAULT)
                     return -EAGAIN;
-                /* Full: the evictors are called, and we sleep until pages
-                 * are given back (wake_room) or the limit moves. */
+                /* Full: we sleep until pages are given back or the limit
+                 * moves (sleep_for_room). */
                 if (!waited_for_room++)
                     mpu_add64(&h->full_waits, 1);
-                __atomic_store_n(&h->evict_wanted, 1, __ATOMIC_SEQ_CST);
-                signal_evictors(evict_fds, nevict);
-                /* Counted before sleeping, so that wake_room knows to wake
-                 * us; a page given back before the wait changes `used`, and
-                 * the wait returns at once. */
-                __atomic_add_fetch(&h->waiters, 1, __ATOMIC_SEQ_CST);
-                int err = mpu_futex_wait(&h->used, used, timeout_ms);
-                __atomic_sub_fetch(&h->waiters, 1, __ATOMIC_SEQ_CST);
-                if (err == -ETIMEDOUT)
+                if (sleep_for_room(h, used, timeout_ms, evict_fds, nevict) < 0)
                     return -EAGAIN;
                 continue;
             }
@@ -541,13 +550,7 @@ int mpu_pbm_wait_room(struct mpu_header *h, int timeout_ms, const int *evict_fds
     uint32_t used = __atomic_load_n(&h->used, __ATOMIC_SEQ_CST);
     if (used < __atomic_load_n(&h->limit, __ATOMIC_SEQ_CST))
         return 0;
-    __atomic_store_n(&h->evict_wanted, 1, __ATOMIC_SEQ_CST);
-    signal_evictors(evict_fds, nevict);
-    /* Counted first, as a claim that waits for room does (wake_room). */
-    __atomic_add_fetch(&h->waiters, 1, __ATOMIC_SEQ_CST);
-    int err = mpu_futex_wait(&h->used, used, timeout_ms);
-    __atomic_sub_fetch(&h->waiters, 1, __ATOMIC_SEQ_CST);
-    return err == -ETIMEDOUT ? -EAGAIN : 0;
+    return sleep_for_room(h, used, timeout_ms, evict_fds, nevict);
 }
 
 void mpu_page_filled(struct mpu_header *h, uint32_t desc, int present, uint32_t flags)
