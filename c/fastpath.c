@@ -63,14 +63,19 @@ uint32_t mpu_filler_for(uint32_t region, uint64_t page, uint32_t nfillers)
 /* ---- monitor: following scans --------------------------------------------- */
 
 /* The monitor's own, for following a scan through a mapping: its last
- * fault's page, the page after all that was asked for (0: not in use), the
- * pages the last read of it covered (0: no scan yet) and when it last saw a
- * fault. */
+ * fault's page, the edge of all that was asked for (0: not in use; going
+ * forward the page after it, backward its first page), the pages the last
+ * read of it covered (0: no scan yet), when it last saw a fault, and which
+ * way it goes (0: not known yet, 1 or -1).  A program that copies a whole
+ * mapping may well go backward: glibc's memcpy does, here, for some
+ * alignments of source and destination. */
 struct stream {
     uint64_t last_page;
     uint64_t ahead_end;
     uint32_t window;
     uint32_t seen;
+    int32_t dir;
+    uint32_t steps;         /* backward faults seen: windows start at the second */
 };
 
 /* Scans followed at once in one mapping: threads that read a stripe each. */
@@ -109,7 +114,14 @@ static struct stream *stream_of(struct range *r, uint64_t page, int *fresh)
     r->clock++;
     for (int i = 0; i < STREAMS; i++) {
         struct stream *s = &r->streams[i];
-        if (s->ahead_end && page >= s->last_page && page <= s->ahead_end) {
+        int forward = s->dir >= 0 && page >= s->last_page && page <= s->ahead_end;
+        int backward = s->dir < 0 ? page <= s->last_page && page + 1 >= s->ahead_end
+                                  : s->dir == 0 && page + 1 == s->last_page;
+        if (s->ahead_end && (forward || backward)) {
+            if (!s->dir && backward) {
+                s->dir = -1;
+                s->ahead_end = s->last_page;
+            }
             s->seen = r->clock;
             *fresh = 0;
             return s;
@@ -120,6 +132,7 @@ static struct stream *stream_of(struct range *r, uint64_t page, int *fresh)
             victim = s;
     }
     *victim = (struct stream){ .last_page = page, .ahead_end = page + 1, .seen = r->clock };
+    /* (dir 0: the next fault says which way it goes) */
     *fresh = 1;
     return victim;
 }
@@ -153,6 +166,27 @@ static uint64_t read_ahead_of(struct range *r, uint64_t page, uint64_t most, uin
     if (w > most + 1)
         w = most + 1;
     s->window = (uint32_t)w;
+    if (s->dir < 0) {
+        /* Backward: the fault reads its page, the windows below it are
+         * asked for in the background, the nearest first; *background is
+         * the edge they go down from.  Only from the second step down: a
+         * random fault lands just below another's page often enough. */
+        if (page < s->ahead_end)
+            s->ahead_end = page;
+        if (++s->steps < 2) {
+            s->window = 0;
+            return 0;
+        }
+        uint64_t floor = page > depth * w ? page - depth * w : 0;
+        if (s->ahead_end > floor) {
+            *background = s->ahead_end;
+            *window = w;
+            *windows = (s->ahead_end - floor + w - 1) / w;
+            s->ahead_end = s->ahead_end > *windows * w ? s->ahead_end - *windows * w : 0;
+        }
+        return 0;
+    }
+    s->dir = 1;
     if (page >= s->ahead_end) {  /* past what was asked for: read on from here */
         ahead = w - 1;
         s->ahead_end = page + w;
@@ -317,7 +351,8 @@ static void post_read_ahead(struct mpu_monitor *m, uint32_t kind, uint32_t regio
     /* A scan's windows by its lane: one filler reads them all, in order,
      * so that its reader sees one stream (scan_reader).  Others by window:
      * their first pages may be a multiple of the fillers apart. */
-    int to = (int)mpu_filler_for(region, kind == MPU_W_READ_AHEAD ? lane : first / window,
+    int scan = kind == MPU_W_READ_AHEAD || kind == MPU_W_READ_BEHIND;
+    int to = (int)mpu_filler_for(region, scan ? lane : first / window,
                                  (uint32_t)m->nfillers);
     post(m, to, &fill, sizeof fill);  /* a window it cannot queue is not read ahead */
 }
@@ -325,7 +360,8 @@ static void post_read_ahead(struct mpu_monitor *m, uint32_t kind, uint32_t regio
 struct window {             /* read-ahead or read-around windows to ask for */
     uint64_t first, count, windows;
     uint32_t region, gen;
-    uint32_t kind;          /* MPU_W_READ_AHEAD, MPU_W_READ_AROUND */
+    uint32_t kind;          /* MPU_W_READ_AHEAD, _READ_BEHIND (windows going down
+                               from `first`), MPU_W_READ_AROUND */
     uint32_t lane;          /* read-ahead: the scan's (client slot, stream) */
 };
 
@@ -377,8 +413,12 @@ static uint64_t read_around_of(struct mpu_monitor *m, struct range *r, uint64_t 
     uint64_t w = r->around_window ? r->around_window : base;
     if (used + missing > high)
         w = base;  /* the region does not fit: what is read around may be pushed out */
-    if (base < 2 || m->churning || (uint64_t)used + 2 * w > high)
+    if (base < 2 || m->churning || (uint64_t)used + 2 * w > high) {
+        /* No more reading around: a random fault that lands at either
+         * edge of the last window is no scan going through it. */
+        r->around = r->around_end = 0;
         return 0;
+    }
     uint64_t first = page / w * w;
     if (r->around == first + 1)
         return 0;  /* asked for already: another fault in the window */
@@ -437,23 +477,28 @@ static int drain(struct mpu_monitor *m, uint32_t slot, struct monitored *c)
                 uint32_t lane;
                 fault->ahead = (uint32_t)read_ahead_of(r, index, m->read_ahead, depth, &first,
                                                        &window, &windows, &started, &lane);
-                if (started && (r->r.advice == MPU_ADVICE_SEQUENTIAL
+                int down = started && r->around && index + 2 == r->around;
+                if (started && (r->r.advice == MPU_ADVICE_SEQUENTIAL || down
                                 || (r->around_end && index == r->around_end))) {
                     /* Advised sequential, or the page just past the last
-                     * window read around (a scan went through it): go on
-                     * as a scan, read ahead in full windows, rather than
-                     * read around. */
-                    started->last_page = index - 1;
-                    started->ahead_end = index;
+                     * window read around, or just before it (a scan went
+                     * through it, one way or the other): go on as a scan,
+                     * read ahead in full windows, rather than read
+                     * around. */
+                    started->last_page = down ? index + 1 : index - 1;
+                    started->ahead_end = down ? index + 1 : index;
+                    started->dir = down ? -1 : 0;
+                    started->steps = down ? 2 : 0;
                     started->window = (uint32_t)full;
                     fault->ahead = (uint32_t)read_ahead_of(r, index, m->read_ahead, depth,
                                                            &first, &window, &windows, &started,
                                                            &lane);
                 }
                 if (first)
-                    aheads[naheads++] = (struct window){ first, window, windows, r->r.region,
-                                                         r->r.region_gen, MPU_W_READ_AHEAD,
-                                                         slot * STREAMS + lane };
+                    aheads[naheads++] = (struct window){
+                        first, window, windows, r->r.region, r->r.region_gen,
+                        r->streams[lane].dir < 0 ? MPU_W_READ_BEHIND : MPU_W_READ_AHEAD,
+                        slot * STREAMS + lane };
                 else if (started
                          && (first = read_around_of(m, r, index, m->read_ahead, &window)))
                     aheads[naheads++] = (struct window){ first - 1, window, 1, r->r.region,
@@ -477,11 +522,19 @@ static int drain(struct mpu_monitor *m, uint32_t slot, struct monitored *c)
             }
         }
         /* After the faults: a filler serves what a client waits for first. */
-        for (int k = 0; k < naheads; k++)
-            for (uint64_t i = 0; i < aheads[k].windows; i++)
-                post_read_ahead(m, aheads[k].kind, aheads[k].region, aheads[k].gen,
-                                aheads[k].first + i * aheads[k].count, aheads[k].count,
-                                aheads[k].lane);
+        for (int k = 0; k < naheads; k++) {
+            struct window *a = &aheads[k];
+            for (uint64_t i = 0; i < a->windows; i++) {
+                if (a->kind != MPU_W_READ_BEHIND) {
+                    post_read_ahead(m, a->kind, a->region, a->gen, a->first + i * a->count,
+                                    a->count, a->lane);
+                    continue;
+                }
+                uint64_t top = a->first - i * a->count;  /* > 0: windows stop at 0 */
+                uint64_t count = top < a->count ? top : a->count;
+                post_read_ahead(m, a->kind, a->region, a->gen, top - count, count, a->lane);
+            }
+        }
         total += n;
         if (n < MPU_FAULTS_MAX)
             break;
@@ -730,6 +783,11 @@ static void beat(struct mpu_filler *f)
     mpu_beat(f->h, f->worker);
 }
 
+static uint32_t slot_of(const struct mpu_filler *f, const struct mpu_region_slot *r)
+{
+    return (uint32_t)(r - f->regions);
+}
+
 static uint64_t fill_length(const struct mpu_filler *f, const struct mpu_region_slot *r,
                             uint64_t page)
 {
@@ -948,6 +1006,24 @@ static int64_t splice_run(struct mpu_filler *f, struct mpu_region_slot *r, uint6
     return (int64_t)got;
 }
 
+/* read_run for a store that C does not read: the filler's Python side
+ * does, into the chunk. */
+static int64_t call_store(struct mpu_filler *f, struct mpu_region_slot *r, uint64_t offset,
+                          uint64_t want, uint64_t started)
+{
+    int64_t got = f->read_store ? f->read_store(slot_of(f, r), offset, f->chunk, want)
+                                : -ENOSYS;
+    beat(f);
+    if (got < 0)
+        return got;
+    if ((uint64_t)got > want)
+        got = (int64_t)want;
+    memset(f->chunk + got, 0, want - (uint64_t)got);
+    mpu_add64(&f->h->read_ns, (int64_t)(mpu_now_ns() - started));
+    mpu_add64(&f->h->bytes_read, got);
+    return got;
+}
+
 /* Reads npages from page `first` into the chunk; zeros past the file's end.
  * A full window of a scan (`scan`: see scan_through_reader) reads
  * through scan_reader, and drops what it read.  Returns the bytes read, or
@@ -960,6 +1036,8 @@ static int64_t read_run(struct mpu_filler *f, struct mpu_region_slot *r,
     uint64_t offset = first * f->page_size;
     uint64_t started = mpu_now_ns();
     beat(f);
+    if (r->store_mode == MPU_STORE_CALL)
+        return call_store(f, r, offset, want, started);
     int fd = r->store_fd, direct = r->store_mode == MPU_STORE_DIRECT, drop = 0;
     if (scan && direct && (fd = scan_reader(r)) >= 0)
         direct = 0, drop = 1;
@@ -1036,11 +1114,6 @@ static uint64_t whole_pages(struct mpu_filler *f, struct mpu_region_slot *r,
             return k;
     }
     return npages;
-}
-
-static uint32_t slot_of(const struct mpu_filler *f, const struct mpu_region_slot *r)
-{
-    return (uint32_t)(r - f->regions);
 }
 
 /* Claims up to count FREE pages from start on (their descriptors into
@@ -1187,6 +1260,8 @@ static void past_the_end(struct mpu_filler *f, struct mpu_region_slot *r, uint32
     }
     if (kept)
         copy(f, r, region, uffd, page, address, kept, 0);
+    if (r->store_mode == MPU_STORE_CALL)
+        return;  /* an object does not shrink: it failed, or was replaced */
     /* From the first page the file no longer holds whole: the one its end
      * falls in has bytes past the end too. */
     struct stat st;
@@ -1425,8 +1500,11 @@ static void fill_span(struct mpu_filler *f, uint32_t region, uint64_t first, uin
 {
     struct mpu_region_slot *r = &f->regions[region];
     uint32_t flags = kind == MPU_W_PREFETCH ? 0 : MPU_READ_AHEAD;
-    int how = kind == MPU_W_READ_AHEAD ? MPU_CLAIM_AHEAD : MPU_CLAIM_PREFETCH;
-    uint64_t *counter = kind == MPU_W_READ_AHEAD ? &f->h->readahead_fills
+    /* A backward scan is a scan, but for the scan reader: the kernel's
+     * read-ahead goes forward, over what the scan read already. */
+    int scanning = kind == MPU_W_READ_AHEAD || kind == MPU_W_READ_BEHIND;
+    int how = scanning ? MPU_CLAIM_AHEAD : MPU_CLAIM_PREFETCH;
+    uint64_t *counter = scanning ? &f->h->readahead_fills
                         : kind == MPU_W_READ_AROUND ? &f->h->readaround_fills
                         : &f->h->prefetch_fills;
     uint64_t page = first, end = first + count < r->npages ? first + count : r->npages;
@@ -1434,7 +1512,7 @@ static void fill_span(struct mpu_filler *f, uint32_t region, uint64_t first, uin
         int full;
         uint64_t want = end - page < f->max_run ? end - page : f->max_run;
         uint64_t run = claim_run(f, r, page, want, how, &full, f->descs);
-        if (full && kind == MPU_W_READ_AHEAD
+        if (full && scanning
             && mpu_pbm_wait_room(f->h, SCAN_ROOM_MS, f->evict_fds, f->nevict) == 0)
             continue;  /* the scan needs these pages: wait for the evictors */
         if (full)

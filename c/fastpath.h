@@ -67,6 +67,15 @@ int mpu_monitor_stop(struct mpu_monitor *m);
 #define MPU_STORE_DIRECT 0
 #define MPU_STORE_DROP 1
 #define MPU_STORE_CACHED 2
+#define MPU_STORE_CALL 3       /* no descriptor: read_store reads it */
+
+/* How a filler reads a store that C cannot read itself (a remote object, a
+ * store a user wrote): len bytes of region slot `region` from offset into
+ * buf.  Returns the bytes read (fewer only where the object ends) or
+ * -errno, after whatever retries the store's settings allow; the caller
+ * then answers a fault it could not fill with SIGBUS.  It is the filler's
+ * Python side, which beats the heartbeat while it waits. */
+typedef int64_t (*mpu_read_store)(uint32_t region, uint64_t offset, char *buf, uint64_t len);
 
 struct mpu_client_slot {
     int uffd;                  /* -1: no client in this slot */
@@ -107,6 +116,7 @@ struct mpu_filler {
     uint64_t page_size;
     uint64_t read_ahead;
     struct mpu_spinner spinner;
+    mpu_read_store read_store; /* for MPU_STORE_CALL regions (NULL: none) */
     char *chunk;               /* page aligned, max_run pages */
     uint32_t *descs;           /* max_run: the descriptors of a run being filled */
     uint64_t max_run;

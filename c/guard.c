@@ -109,8 +109,9 @@ static int replace(struct mpu_guard *g, const struct range *r)
 {
     void *want = (void *)(uintptr_t)r->addr;
     int ok = 1;
-    void *p = mpu_sys_mmap(want, r->len, PROT_READ, MAP_SHARED | MAP_FIXED,
-                           r->fd, 0);
+    void *p = r->fd < 0 ? MAP_FAILED
+                        : mpu_sys_mmap(want, r->len, PROT_READ, MAP_SHARED | MAP_FIXED,
+                                       r->fd, 0);
     if (p != want) {
         ok = 0;
         mpu_sys_mmap(want, r->len, PROT_NONE,
@@ -210,8 +211,8 @@ int mpu_guard_add(struct mpu_guard *g, uint64_t addr, uint64_t len, int file_fd)
 {
     if (!g || len == 0)
         return -EINVAL;
-    int fd = fcntl(file_fd, F_DUPFD_CLOEXEC, 3);
-    if (fd < 0)
+    int fd = file_fd < 0 ? -1 : fcntl(file_fd, F_DUPFD_CLOEXEC, 3);
+    if (fd < 0 && file_fd >= 0)
         return -errno;
     int err = 0;
     pthread_mutex_lock(&g->lock);
@@ -230,7 +231,7 @@ int mpu_guard_add(struct mpu_guard *g, uint64_t addr, uint64_t len, int file_fd)
     if (!err)
         g->ranges[g->count++] = (struct range){ .addr = addr, .len = len, .fd = fd };
     pthread_mutex_unlock(&g->lock);
-    if (err)
+    if (err && fd >= 0)
         close(fd);
     return err;
 }
@@ -239,19 +240,21 @@ int mpu_guard_remove(struct mpu_guard *g, uint64_t addr)
 {
     if (!g)
         return -EINVAL;
-    int fd = -1;
+    int fd = -1, found = 0;
     pthread_mutex_lock(&g->lock);
     for (size_t i = 0; i < g->count; i++) {
         if (g->ranges[i].addr == addr) {
             fd = g->ranges[i].fd;
             g->ranges[i] = g->ranges[--g->count];
+            found = 1;
             break;
         }
     }
     pthread_mutex_unlock(&g->lock);
-    if (fd < 0)
+    if (!found)
         return -ENOENT;
-    close(fd);
+    if (fd >= 0)
+        close(fd);
     return 0;
 }
 
@@ -268,7 +271,8 @@ int mpu_guard_fell_back(struct mpu_guard *g)
 static void release(struct mpu_guard *g)
 {
     for (size_t i = 0; i < g->count; i++)
-        close(g->ranges[i].fd);
+        if (g->ranges[i].fd >= 0)
+            close(g->ranges[i].fd);
     free(g->ranges);
     close(g->stopfd);
     free(g);

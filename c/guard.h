@@ -33,8 +33,10 @@ struct mpu_guard;
 struct mpu_guard *mpu_guard_start(int server_sock, int uffd);
 
 /* Guards [addr, addr + len), a mapping of the file open on file_fd (dup'ed
- * and kept; the caller may close its own).  -ENOTCONN once the guard has
- * fallen back: the server is gone, do not register the range. */
+ * and kept; the caller may close its own).  file_fd -1: there is no file
+ * (a remote object): should the server go, the range becomes inaccessible,
+ * a SIGSEGV where a read would wait for ever.  -ENOTCONN once the guard
+ * has fallen back: the server is gone, do not register the range. */
 int mpu_guard_add(struct mpu_guard *g, uint64_t addr, uint64_t len, int file_fd);
 
 /* Forgets the range that starts at addr and closes its kept descriptor;

@@ -37,6 +37,9 @@
 #define MPU_MSG_ADVISE 13           /* struct mpu_advice */
 #define MPU_MSG_ADVISED 14          /* u64 umap pages asked for (WILLNEED), else 0 */
 #define MPU_MSG_ERROR 15            /* i32 errno, then a UTF-8 message */
+#define MPU_MSG_MAP_URL 16          /* u32 flags, then the object's URL (UTF-8); answered
+                                       by MAPPED, as MAP */
+#define MPU_MAX_URL 2048            /* bytes of a URL */
 
 /* WELCOME: the server's settings, as a client needs them. */
 struct mpu_welcome {
@@ -89,12 +92,15 @@ struct mpu_advice {
 /* Every message to a worker starts with a u32 kind. */
 #define MPU_W_ADD_CLIENT 2          /* struct mpu_w_client; fds: userfaultfd */
 #define MPU_W_DROP_CLIENT 3         /* struct mpu_w_client */
-#define MPU_W_ADD_REGION 4          /* struct mpu_w_region; fds: memfd, store */
+#define MPU_W_ADD_REGION 4          /* struct mpu_w_region; fds: memfd, store (a
+                                       file), or memfd and then the object's
+                                       JSON {url, identity} (MPU_STORE_CALL) */
 #define MPU_W_DROP_REGION 5         /* struct mpu_w_region */
 #define MPU_W_FAULTS 6              /* struct mpu_w_faults, then struct mpu_fault[] */
 #define MPU_W_PREFETCH 7            /* struct mpu_w_fill: a client asked */
 #define MPU_W_READ_AHEAD 8          /* struct mpu_w_fill: the monitor saw a scan */
 #define MPU_W_READ_AROUND 9         /* struct mpu_w_fill: a fault, and the buffer has room */
+#define MPU_W_READ_BEHIND 10        /* struct mpu_w_fill: the monitor saw a backward scan */
 
 /* Clients and regions are named by their slots (small numbers, reused) and
  * generations (unique ids): a message that outlived its slot's owner is

@@ -238,7 +238,7 @@ uint64_t mpu_now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static int latency_bucket(uint64_t ns)
+int mpu_latency_bucket(uint64_t ns)
 {
     uint64_t us = ns / 1000;
     if (us < 8)
@@ -254,7 +254,7 @@ void mpu_account(struct mpu_header *h, uint32_t slot, uint64_t since_ns,
 {
     uint64_t now = mpu_now_ns();
     uint64_t waited = now > since_ns ? now - since_ns : 0;
-    mpu_add64(&h->latency[latency_bucket(waited)], 1);
+    mpu_add64(&h->latency[mpu_latency_bucket(waited)], 1);
     mpu_add64(answer == MPU_ANSWER_COPY ? &h->copies : &h->wakes, 1);
     if (slot >= MPU_CLIENT_SLOTS)
         return;

@@ -92,6 +92,18 @@ struct mpu_region_slot {
 /* Heartbeat words: fillers' first, then evictors' (MPU_MAX_WORKERS on). */
 #define MPU_WORKER_SLOTS 128
 
+/* What the fillers asked of the stores that C does not read itself (remote
+ * objects, stores users write), per store in the order the server lists
+ * them (mpumap/stores: `Stores.names`). */
+#define MPU_STORE_KINDS 8
+struct mpu_store_stats {
+    uint64_t requests;      /* reads that succeeded */
+    uint64_t bytes;         /* what they gave */
+    uint64_t errors;        /* reads that failed for good: SIGBUS */
+    uint64_t retries;       /* reads tried again */
+    uint64_t latency[MPU_LATENCY_BUCKETS];  /* of each request */
+};
+
 struct mpu_client_stats {
     uint64_t faults;        /* read by the monitor */
     uint64_t copies;        /* answered by UFFDIO_COPY */
@@ -142,6 +154,7 @@ struct mpu_header {
     uint64_t readaround_fills;  /* pages filled around a fault while there was room */
     uint64_t spare[2];
     uint64_t latency[MPU_LATENCY_BUCKETS];
+    struct mpu_store_stats stores[MPU_STORE_KINDS];
     /* CLOCK_MONOTONIC ns of each worker's last sign of life. */
     uint64_t heartbeat[MPU_WORKER_SLOTS];
     struct mpu_client_stats clients[MPU_CLIENT_SLOTS];
@@ -176,6 +189,8 @@ uint64_t mpu_add64(uint64_t *word, int64_t delta);
 
 /* A worker's sign of life: its heartbeat word is now. */
 void mpu_beat(struct mpu_header *h, uint32_t worker);
+/* The latency histogram's bucket for a wait of ns. */
+int mpu_latency_bucket(uint64_t ns);
 
 /* ---- the page directory (c/pbm.c) ---- */
 

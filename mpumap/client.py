@@ -19,12 +19,14 @@ import socket
 import stat
 import threading
 import time
+import urllib.parse
 import weakref
 
 from mpumap import core, protocol
 from mpumap._core import ffi, lib
 from mpumap.errors import MpumapError, ServerUnavailable, TimeoutError, error
 from mpumap.protocol import Advice, Msg
+from mpumap.stores import scheme_of
 
 log = logging.getLogger("mpumap.client")
 PAGE = mmap.PAGESIZE
@@ -277,14 +279,27 @@ class Client:
         except (OSError, protocol.ProtocolError) as exc:
             log.debug("giving back a mapping: %s", exc)
 
-    def map(self, path):
-        """Map a file read-only through the server; returns a Mapping.
+    def map(self, source):
+        """Map a file, or an object named by URL, read-only through the
+        server; returns a Mapping.
 
-        The file is opened here, with this process's rights: FileNotFoundError
+        A file is opened here, with this process's rights: FileNotFoundError
         and PermissionError come from this call, before the server hears of
         it.  An empty file cannot be mapped (ValueError), as with mmap.
+
+        A URL (``s3://bucket/key``, ``https://host/path``, any scheme the
+        server has a store for) is read by the server with its own
+        credentials, if its --allow-remote lets this URL be mapped
+        (PermissionError otherwise).  The mapping holds the object as it was
+        when it was first mapped: should it be replaced meanwhile, reading
+        a page not yet read raises SIGBUS, as reading past the end of a
+        mapped file does, never a mix of two versions.
         """
-        path = os.fspath(path)
+        if isinstance(source, str) and scheme_of(source) and scheme_of(source) != "file":
+            return self._map_url(source)
+        if isinstance(source, str) and scheme_of(source) == "file":
+            source = urllib.parse.unquote(urllib.parse.urlsplit(source).path)
+        path = os.fspath(source)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
@@ -296,8 +311,17 @@ class Client:
         finally:
             os.close(fd)
 
-    def _map(self, path, fd):
-        rfds, values, _ = self._call(Msg.MAP, protocol.U32.pack(0), [fd], expect=Msg.MAPPED)
+    def _map_url(self, url):
+        payload = url.encode("utf-8")
+        if len(payload) > protocol.MAX_URL:
+            raise ValueError(f"a URL is at most {protocol.MAX_URL} bytes")
+        return self._map(url, None, Msg.MAP_URL, protocol.U32.pack(0) + payload)
+
+    def _map(self, path, fd, kind=Msg.MAP, payload=protocol.U32.pack(0)):
+        """Ask for a mapping (MAP with the file's descriptor, or MAP_URL)
+        and map, guard and register what the server gives."""
+        rfds, values, _ = self._call(kind, payload, [fd] if fd is not None else [],
+                                     expect=Msg.MAPPED)
         mid, rid, size, length = values
         (memfd,) = rfds
         # From here on the server holds a mapping for us: whatever fails
@@ -327,7 +351,7 @@ class Client:
                     self._unguard(m.address)
                 if m is not None:
                     mmap.mmap.close(m)
-            if m is not None and getattr(m, "_file_fd", None) is not None:
+            if m is not None and getattr(m, "_file_fd", None) is not None and m._file_fd >= 0:
                 os.close(m._file_fd)
             self._release(mid)
             raise
@@ -421,7 +445,9 @@ class Mapping(mmap.mmap):
     def _attach(self, client, mid, rid, path, file_fd):
         self._client = client
         self._file_fd = None
-        self._file_fd = os.dup(file_fd)  # for the guard, while the mapping lives
+        # For the guard, while the mapping lives; an object has no file (-1),
+        # and becomes inaccessible should the server go.
+        self._file_fd = os.dup(file_fd) if file_fd is not None else -1
         self.mapping_id = mid
         self.region_id = rid
         self.path = path
@@ -498,7 +524,8 @@ class Mapping(mmap.mmap):
                 raise BufferError(
                     f"cannot unmap {self.path}: a memoryview or numpy array still "
                     "points into it; delete those first") from None
-        os.close(self._file_fd)
+        if self._file_fd >= 0:
+            os.close(self._file_fd)
         if client is not None:
             if tell:
                 client._release(self.mapping_id)

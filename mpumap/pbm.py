@@ -26,7 +26,7 @@ import os
 
 from mpumap import core
 from mpumap._core import ffi, lib
-from mpumap.store import MODE_CODES
+from mpumap.stores.files import MODE_CODES
 
 BUFFER_MAGIC = 0x4D50424D  # "MPBM"
 LAYOUT_VERSION = 3
@@ -284,7 +284,7 @@ class RegionSlots:
         c = self.array[region.slot]
         c.memfd = region.memfd
         c.store_fd = region.store_fd
-        c.store_mode = MODE_CODES[region.store_mode]  # store.MODES is MPU_STORE_*'s order
+        c.store_mode = MODE_CODES[region.store_mode]  # files.MODES is MPU_STORE_*'s order
         c.cache_fd = c.scan_fd = -1
         c.no_cache = 0
         c.scan_end = c.scan_ns = 0

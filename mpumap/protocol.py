@@ -25,6 +25,7 @@ HEADER = struct.Struct("<4sHHI")  # magic, version, type, payload length
 MAX_PAYLOAD = lib.MPU_MAX_PAYLOAD
 MAX_FDS = lib.MPU_MAX_FDS
 MAX_SESSION = lib.MPU_MAX_SESSION
+MAX_URL = lib.MPU_MAX_URL
 
 _CODES = {"uint8_t": "B", "uint16_t": "H", "uint32_t": "I", "uint64_t": "Q",
           "int32_t": "i", "int64_t": "q"}
@@ -87,6 +88,7 @@ class Msg(enum.IntEnum):
     ADVISE = lib.MPU_MSG_ADVISE
     ADVISED = lib.MPU_MSG_ADVISED
     ERROR = lib.MPU_MSG_ERROR
+    MAP_URL = lib.MPU_MSG_MAP_URL
 
 
 class Advice(enum.IntEnum):
@@ -115,6 +117,7 @@ SHAPES = {
     Msg.ADVISE: (ADVICE, 0),
     Msg.ADVISED: (U64, 0),
     Msg.ERROR: (None, 0),
+    Msg.MAP_URL: (None, 0),
 }
 
 
@@ -229,12 +232,13 @@ class W(enum.IntEnum):
 
     ADD_CLIENT = lib.MPU_W_ADD_CLIENT  # W_CLIENT; fds: [userfaultfd]
     DROP_CLIENT = lib.MPU_W_DROP_CLIENT  # W_CLIENT
-    ADD_REGION = lib.MPU_W_ADD_REGION  # W_REGION; fds: [memfd, store]
+    ADD_REGION = lib.MPU_W_ADD_REGION  # W_REGION; fds: [memfd, store], or [memfd] + JSON
     DROP_REGION = lib.MPU_W_DROP_REGION  # W_REGION
     FAULTS = lib.MPU_W_FAULTS  # from the monitor thread to the fillers' C loop only
     PREFETCH = lib.MPU_W_PREFETCH  # W_FILL: a client asked
     READ_AHEAD = lib.MPU_W_READ_AHEAD  # W_FILL: the monitor saw a scan
     READ_AROUND = lib.MPU_W_READ_AROUND  # W_FILL: a fault, and the buffer had room
+    READ_BEHIND = lib.MPU_W_READ_BEHIND  # W_FILL: the monitor saw a backward scan
 
 
 W_CLIENT = Layout("struct mpu_w_client", "=")

@@ -6,12 +6,13 @@ and tells every worker about it with ``message()``; a worker builds its own
 from that message (``Region.attach``).  Each process then holds its own
 descriptors of the same three things, and closes them when the region goes.
 """
+import json
 import os
 
 from mpumap import protocol
 from mpumap.protocol import W
 from mpumap.settings import SYSTEM_PAGE_SIZE
-from mpumap.store import MODE_CODES, MODES
+from mpumap.stores.files import CALL, MODE_CODES, MODES
 
 
 def round_up(n, multiple):
@@ -19,10 +20,13 @@ def round_up(n, multiple):
 
 
 class Region:
-    """One store object (a file, by device, inode and user) with its buffer.
+    """One store object (a file, by device, inode and user; an object, by
+    URL, identity and user) with its buffer.
 
     Owns, in each process that holds it: the buffer memfd (the pages clients
-    map) and the store descriptor (what fillers read).  Its pages' states are
+    map) and, for a file, the store descriptor (what fillers read); an
+    object has none (store_fd -1, store_mode CALL): fillers read it by
+    its `url`, pinned to its `identity`.  Its pages' states are
     the page directory's (pbm), found by slot and generation.  ``slot``
     names it to the C side (an index into the fillers' tables, reused once
     the region is gone); ``rid`` is unique for the server's life and is the
@@ -31,7 +35,8 @@ class Region:
     inode, uid) and how many client mappings refer to it.
     """
 
-    def __init__(self, rid, slot, size, page_size, memfd, store_fd, store_mode, name):
+    def __init__(self, rid, slot, size, page_size, memfd, store_fd, store_mode, name,
+                 url=None, identity=None):
         self.rid = rid
         self.name = name
         self.slot = slot
@@ -44,13 +49,16 @@ class Region:
         self.memfd = memfd
         self.store_fd = store_fd
         self.store_mode = store_mode
+        self.url = url
+        self.identity = identity
         self.key = None
         self.mappings = 0
 
     @classmethod
-    def create(cls, key, rid, slot, size, page_size, store_fd, store_mode, name):
-        """A new region over a store descriptor (which it takes over): a
-        fresh memfd sized to whole umap pages."""
+    def create(cls, key, rid, slot, size, page_size, store_fd, store_mode, name,
+               url=None, identity=None):
+        """A new region over a store descriptor (which it takes over; -1
+        for an object): a fresh memfd sized to whole umap pages."""
         memfd = None
         try:
             memfd = os.memfd_create(f"mpumap:{os.path.basename(name)}"[:200], os.MFD_CLOEXEC)
@@ -59,9 +67,11 @@ class Region:
         except BaseException:
             if memfd is not None:
                 os.close(memfd)
-            os.close(store_fd)
+            if store_fd >= 0:
+                os.close(store_fd)
             raise
-        region = cls(rid, slot, size, page_size, memfd, store_fd, store_mode, name)
+        region = cls(rid, slot, size, page_size, memfd, store_fd, store_mode, name, url,
+                     identity)
         region.key = key
         return region
 
@@ -69,6 +79,9 @@ class Region:
         """What tells a worker about this region: (data, descriptors)."""
         data = protocol.W_REGION.pack(W.ADD_REGION, self.slot, self.gen,
                                       MODE_CODES[self.store_mode], self.size, self.npages)
+        if self.store_mode == CALL:
+            return data + json.dumps({"url": self.url, "identity": self.identity}).encode(), \
+                [self.memfd]
         return data, [self.memfd, self.store_fd]
 
     def drop_message(self):
@@ -77,7 +90,14 @@ class Region:
     @classmethod
     def attach(cls, data, fds, page_size):
         """A worker's region, from the server's message (and its fds)."""
-        _, slot, gen, mode, size, npages = protocol.W_REGION.unpack(data)
+        _, slot, gen, mode, size, npages = protocol.W_REGION.unpack_from(data)
+        if MODES[mode] == CALL:
+            if len(fds) != 1:
+                protocol.close_all(fds)
+                raise ValueError(f"an object's region comes with 1 descriptor, not {len(fds)}")
+            about = json.loads(data[protocol.W_REGION.size:])
+            return cls(gen, slot, size, page_size, fds[0], -1, CALL, about["url"],
+                       about["url"], about["identity"])
         try:
             memfd, store_fd = fds
         except ValueError:

@@ -120,6 +120,24 @@ def parse_group(text):
     return _name_or_id(text, lambda name: grp.getgrnam(name).gr_gid, "group")
 
 
+def parse_pattern(text):
+    """An --allow-remote pattern: a URL pattern with a scheme."""
+    text = str(text).strip()
+    if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.*-]*://", text):
+        raise SettingError(f"{text!r} is not a URL pattern (try 's3://bucket/*')")
+    return text
+
+
+def parse_store(text):
+    """--store SCHEME=module:Class -> (scheme, "module:Class")."""
+    from mpumap.stores import parse_store_option
+
+    try:
+        return parse_store_option(text)
+    except ValueError as exc:
+        raise SettingError(str(exc)) from None
+
+
 def parse_cpus(text):
     """A CPU list such as 0, 0-1 or 0,2-3, as taskset takes it."""
     cpus = set()
@@ -270,6 +288,38 @@ SPECS = (
          help="How fillers read files: direct (O_DIRECT, no second copy in the page cache; "
               "'drop' where the file system refuses it), drop (buffered, then dropped from "
               "the page cache), cached (buffered, left in the page cache)."),
+    Spec("allow_remote", "--allow-remote", "UMAP_ALLOW_REMOTE", parse_pattern, default=(),
+         multiple=True, metavar="PATTERN", in_stats=False,
+         summary="URLs clients may map (`s3://bucket/*`); repeatable, the variable holds "
+                 "patterns separated by spaces; none by default",
+         help="Let clients map the objects whose URLs match this pattern (shell-style: * "
+              "matches anything, / too), read with the server's own credentials (its "
+              "environment: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...); repeatable.  "
+              "Default: none, no URL may be mapped."),
+    Spec("stores", "--store", "UMAP_STORES", parse_store, default=(), multiple=True,
+         metavar="SCHEME=MODULE:CLASS", in_stats=False,
+         summary="a store for a URL scheme, run in the fillers (docs/stores.md); repeatable",
+         help="Serve URLs of SCHEME with the store class MODULE:CLASS, run in the fillers "
+              "(see docs/stores.md); repeatable.  Installed packages add theirs through the "
+              "entry point group mpumap.stores."),
+    Spec("store_timeout", "--store-timeout", "UMAP_STORE_TIMEOUT",
+         lambda text: parse_seconds(text, "--store-timeout"), default=30.0,
+         shown_default="30", metavar="SECONDS",
+         summary="seconds one request to a store (not files) may take before it is tried "
+                 "again",
+         help="Seconds one request to a store (an object store, a store users wrote; not "
+              "files) may take before it is given up and tried again."),
+    Spec("store_retries", "--store-retries", "UMAP_STORE_RETRIES",
+         _count("--store-retries", 0, 100), default=3, metavar="N",
+         summary="tries after the first, with backoff; then the pages' readers get SIGBUS",
+         help="Times a failed or timed-out store request is tried again, with a growing "
+              "backoff; after that every thread that waits on those pages gets SIGBUS."),
+    Spec("store_requests", "--store-requests", "UMAP_STORE_REQUESTS",
+         _count("--store-requests", 1, 256), default=8, metavar="N",
+         summary="requests each filler keeps in flight to a store: a large read goes as "
+                 "that many parts",
+         help="Requests each filler keeps in flight to a store at most: a large read (read "
+              "ahead, read around) goes as up to that many parts at once."),
     Spec("max_regions", "--max-regions", "UMAP_MAX_REGIONS", _count("--max-regions", 1, 1 << 20),
          default=4096, metavar="N",
          summary="files served at once; a map past it fails with `ENFILE`",

@@ -107,6 +107,19 @@ def build_snapshot(before, now):
                         "faults_per_s": (c["faults"] - faults_before) / dt,
                         "wait_s": c["wait_ns"] / 1e9})
     settings = s1["settings"]
+    stores = []
+    earlier = {row["store"]: row for row in s0.get("stores", ())}
+    for row in s1.get("stores", ()):
+        was = earlier.get(row["store"], {})
+        buckets = [a - b for a, b in zip(row["buckets"], was.get("buckets", [0] * 999))]
+        if not any(buckets):
+            buckets = row["buckets"]
+        stores.append({"store": row["store"],
+                       "requests_per_s": (row["requests"] - was.get("requests", 0)) / dt,
+                       "mb_per_s": (row["bytes"] - was.get("bytes", 0)) / dt / 1e6,
+                       "p50_us": percentile_us(buckets, 0.5),
+                       "p99_us": percentile_us(buckets, 0.99),
+                       "errors": row["errors"], "retries": row["retries"]})
     return {
         "time": time.time(),
         "interval": dt,
@@ -126,6 +139,7 @@ def build_snapshot(before, now):
         "breakdown": breakdown,
         "totals": {name: b1[name] for name in ("faults", "fills", "copies", "wakes",
                                                "evictions", "bytes_read", "restarts")},
+        "stores": stores,
         "clients_total": s1["clients_total"],
         "clients": clients,
         "regions_total": s1["regions_total"],
@@ -174,6 +188,15 @@ def render(snap, width=100, height=None):
         name = p["role"] if p["role"] == "server" else f"{p['role']}{p['index']}"
         lines.append(f"{name:10}{p['pid']:>8}{_num(p['cpu_percent'], '{:.1f}'):>7}"
                      f"{_size(p['memory']):>9}")
+    if snap["stores"]:
+        lines += ["", f"{'STORE':10}{'REQ/S':>9}{'MB/S':>9}{'P50 ms':>9}{'P99 ms':>9}"
+                      f"{'ERRORS':>8}{'RETRIES':>9}"]
+        for st in snap["stores"]:
+            p50 = None if st["p50_us"] is None else st["p50_us"] / 1000
+            p99 = None if st["p99_us"] is None else st["p99_us"] / 1000
+            lines.append(f"{st['store']:10}{st['requests_per_s']:>9.0f}{st['mb_per_s']:>9.1f}"
+                         f"{_num(p50, '{:.2f}'):>9}{_num(p99, '{:.2f}'):>9}"
+                         f"{st['errors']:>8}{st['retries']:>9}")
     lines += ["", f"CLIENTS ({snap['clients_total']})",
               f"{'PID':>8}{'UID':>6}{'REGIONS':>8}{'FAULTS/S':>10}{'WAIT s':>8}  COMMAND"]
     for c in snap["clients"]:

@@ -13,7 +13,8 @@ class RegionTable:
     """Every region the server serves.
 
     Owns the regions, and through them their memfds and store descriptors,
-    keyed by (device, inode, uid): users never share a region
+    keyed by (device, inode, uid) for files and (url, identity, uid) for
+    objects: users never share a region
     (a client could plant bytes in one it maps, see DESIGN.md).  Owns the
     free region slots, reused oldest-freed first, so that a message that
     outlived a slot's region (the slot's generation tells them apart in any
@@ -45,12 +46,14 @@ class RegionTable:
     def full(self):
         return not self._free_slots
 
-    def create(self, key, rid, size, page_size, store_fd, store_mode, name):
+    def create(self, key, rid, size, page_size, store_fd, store_mode, name, url=None,
+               identity=None):
         """A new region in a free slot (the caller checked there is one);
         takes over store_fd."""
         slot = self._free_slots.popleft()
         try:
-            region = Region.create(key, rid, slot, size, page_size, store_fd, store_mode, name)
+            region = Region.create(key, rid, slot, size, page_size, store_fd, store_mode, name,
+                                   url, identity)
         except BaseException:
             self._free_slots.appendleft(slot)
             raise

@@ -16,7 +16,8 @@ from mpumap.server.clients import ClientMapping, Connection
 from mpumap.server.offload import Offload
 from mpumap.server.stats import LISTED, server_stats
 from mpumap.settings import SYSTEM_PAGE_SIZE
-from mpumap.store import open_store
+from mpumap.stores import StoreSettings, Stores, allowed, check_url
+from mpumap.stores.files import CALL, open_store
 from mpumap.workers.fillers import prefetch_run
 
 log = logging.getLogger("mpumap.requests")
@@ -67,10 +68,13 @@ class RequestHandler:
                                lambda mask: self.offload.finished())
         self.announcing = {}  # rid -> replies that wait until its workers know it
         self.maps_under_way = collections.Counter()  # uid -> maps whose file is opening
+        self.stores = Stores(settings.stores, StoreSettings(settings.store_timeout,
+                                                            settings.store_requests))
         self._quiet = {}  # (what, uid) -> (when to speak again, refusals not logged)
         self.handlers = {
             Msg.HELLO: self.on_hello,
             Msg.MAP: self.on_map,
+            Msg.MAP_URL: self.on_map_url,
             Msg.REGISTER: self.on_register,
             Msg.UNMAP: self.on_unmap,
             Msg.STATS: self.on_stats,
@@ -297,7 +301,8 @@ class RequestHandler:
         self.tell(client_message(conn), [uffd], "filler",
                   lambda: self.finish(conn, lambda: self.reply(conn, Msg.WELCOME, welcome)))
 
-    def on_map(self, conn, values, payload, fds):
+    def may_map(self, conn):
+        """Refuse a map past what a client or user may hold."""
         s = self.settings
         if len(conn.mappings) >= s.max_client_mappings:
             raise RequestError(errno.EMFILE, f"this client has {len(conn.mappings)} mappings "
@@ -306,16 +311,42 @@ class RequestHandler:
         # waiting for its file, and all would pass a check of what is mapped.
         mappings = self.clients.mappings_per_user[conn.uid] + self.maps_under_way[conn.uid]
         self.quota(conn, mappings, s.max_user_mappings, "mappings", "--max-user-mappings")
+
+    def on_map(self, conn, values, payload, fds):
+        self.may_map(conn)
         client_fd = fds.pop()
+        store_io = self.settings.store_io
+        self.open_for(conn, lambda: open_for_map(client_fd, store_io),
+                      discard=lambda: os.close(client_fd))
+
+    def on_map_url(self, conn, values, payload, fds):
+        if len(payload) < 4:
+            raise ProtocolError("MAP_URL payload is u32 flags, then a URL")
+        try:
+            url = payload[4:].decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError(errno.EINVAL, "a URL must be UTF-8") from None
+        check_url(url)
+        if not allowed(url, self.settings.allow_remote):
+            raise RequestError(errno.EACCES, f"{url} is not among the URLs this server "
+                               "may map (its --allow-remote)")
+        store = self.stores.for_url(url)
+        self.may_map(conn)
+        self.open_for(conn, lambda: OpenedObject(url, store.stat(url)))
+
+    def open_for(self, conn, open_, discard=None):
+        """Open what a map names off the main loop (a file's fstat may wait
+        on a network file system, an object's on its store), then go on in
+        `mapped`."""
         self.pause(conn)
         self.maps_under_way[conn.uid] += 1
-        self.offload.submit(conn.uid, lambda: open_for_map(client_fd, s.store_io),
-                            lambda opened, error: self.mapped(conn, opened, error),
+        self.offload.submit(conn.uid, open_, lambda opened, error: self.mapped(conn, opened, error),
                             OFFLOAD_SECONDS, abandon=lambda opened: opened.close(),
-                            discard=lambda: os.close(client_fd))
+                            discard=discard)
 
     def mapped(self, conn, opened, error):
-        """A map's file, opened off the main loop: find or make its region."""
+        """A map's file or object, opened off the main loop: find or make
+        its region."""
         self.maps_under_way[conn.uid] -= 1
         if self.maps_under_way[conn.uid] <= 0:
             del self.maps_under_way[conn.uid]
@@ -326,9 +357,9 @@ class RequestHandler:
         self.resume(conn)
         if error is not None:
             code, text = failure(error)
-            self.refuse(conn, code, f"opening the file: {text}")
+            self.refuse(conn, code, f"opening it: {text}")
             return
-        key = (opened.dev, opened.ino, conn.uid)
+        key = opened.key(conn.uid)
         region = self.regions.get(key)
         try:
             if region is None:
@@ -364,7 +395,8 @@ class RequestHandler:
         self.quota(conn, self.regions.per_user[conn.uid], s.max_user_regions, "regions",
                    "--max-user-regions")
         region = self.regions.create(key, next(self.ids), opened.size, s.page_size,
-                                     opened.take_store(), opened.mode, opened.name)
+                                     opened.take_store(), opened.mode, opened.name,
+                                     opened.url, opened.identity)
         # Until every worker knows it, whoever maps it waits.
         self.announcing[region.rid] = []
 
@@ -490,7 +522,8 @@ class RequestHandler:
         listed = LISTED
         while True:
             stats = server_stats(self.settings, self.buffer, self.clients, self.regions,
-                                 self.workers(), self.started, viewer, listed)
+                                 self.workers(), self.started, viewer, listed,
+                                 self.stores.names)
             if session:
                 stats["session"] = self.clients.session_report(session, viewer)
             body = protocol.stats_payload(stats)
@@ -522,6 +555,7 @@ class RequestHandler:
             self.drop(conn)
         self.selector.unregister(self.offload)
         self.offload.close()
+        self.stores.close()
 
 
 def failure(error):
@@ -539,9 +573,14 @@ def client_message(conn):
 class OpenedFile:
     """A client's file, checked and opened for the store off the main loop."""
 
+    url = identity = None
+
     def __init__(self, dev, ino, size, name, store_fd, mode):
         self.dev, self.ino, self.size, self.name = dev, ino, size, name
         self.store_fd, self.mode = store_fd, mode
+
+    def key(self, uid):
+        return (self.dev, self.ino, uid)
 
     def take_store(self):
         fd, self.store_fd = self.store_fd, None
@@ -551,6 +590,28 @@ class OpenedFile:
         if self.store_fd is not None:
             os.close(self.store_fd)
             self.store_fd = None
+
+
+class OpenedObject:
+    """An object a client named by URL, as its store says it is now: the
+    region made for it is pinned to that identity."""
+
+    mode = CALL
+
+    def __init__(self, url, info):
+        if info.size <= 0:
+            raise RequestError(errno.EINVAL, f"cannot map an empty object: {url}")
+        self.url = self.name = url
+        self.size, self.identity = info.size, str(info.identity)
+
+    def key(self, uid):
+        return (self.url, self.identity, uid)
+
+    def take_store(self):
+        return -1
+
+    def close(self):
+        pass
 
 
 def open_for_map(fd, store_io):

@@ -12,8 +12,24 @@ from mpumap.pbm import percentile_us
 LISTED = 500  # clients and regions listed at most (busiest first)
 
 
+def store_stats(buffer, names):
+    """What the fillers asked of each store (not files) that was asked
+    anything: totals since the server started, and latency percentiles."""
+    rows = []
+    for index, name in enumerate(names):
+        row = buffer.header.stores[index]
+        if not (row.requests or row.errors or row.retries):
+            continue
+        latency = list(row.latency)
+        rows.append({"store": name, "requests": row.requests, "bytes": row.bytes,
+                     "errors": row.errors, "retries": row.retries,
+                     "p50_us": percentile_us(latency, 0.5),
+                     "p99_us": percentile_us(latency, 0.99), "buckets": latency})
+    return rows
+
+
 def server_stats(settings, buffer, clients, regions, workers, started, viewer=None,
-                 listed=LISTED):
+                 listed=LISTED, stores=()):
     """The status as `viewer` (a uid; None: everything) may see it."""
     def visible(uid):
         return viewer is None or uid == viewer
@@ -43,6 +59,7 @@ def server_stats(settings, buffer, clients, regions, workers, started, viewer=No
                     for c in shown_clients[:listed]],
         "latency": {"buckets": latency, "p50_us": percentile_us(latency, 0.5),
                     "p99_us": percentile_us(latency, 0.99)},
+        "stores": store_stats(buffer, stores),
         "regions_total": len(regions),
         "regions_shown": len(region_rows),
         "regions": region_rows[:listed],

@@ -161,7 +161,7 @@ class Worker:
                 del self.clients[slot]
                 self.client_dropped(slot)
                 os.close(held[1])
-        elif kind in (W.PREFETCH, W.READ_AHEAD, W.READ_AROUND):
+        elif kind in (W.PREFETCH, W.READ_AHEAD, W.READ_AROUND, W.READ_BEHIND):
             self.fill(data)
         else:
             protocol.close_all(fds)

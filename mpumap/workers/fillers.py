@@ -22,6 +22,9 @@ import time
 from mpumap import core
 from mpumap._core import ffi, lib
 from mpumap.pbm import RegionSlots
+from mpumap.stores import StoreSettings, Stores, scheme_of
+from mpumap.stores.files import CALL
+from mpumap.stores.reading import StoreReader
 from mpumap.workers.base import Worker, check_receive
 
 PREFETCH_RUN_BYTES = 1 << 20  # one store read for prefetching covers this much
@@ -55,7 +58,9 @@ class Filler(Worker):
 
     Owns, besides what every worker holds: the C filler state (struct
     mpu_filler) with its tables of region and client slots, a page-aligned
-    chunk to read into.
+    chunk to read into, and for objects (regions with no descriptor) the
+    stores that read them and the threads that wait on those (a
+    StoreReader, made with the first object).
     The C tables point at the descriptors of the regions and clients dicts:
     an entry is cleared before its descriptors are closed.
     """
@@ -88,6 +93,12 @@ class Filler(Worker):
         f.system_page = mmap.PAGESIZE
         f.page_size = s.page_size
         f.read_ahead = s.read_ahead
+        self.stores = Stores(s.stores, StoreSettings(s.store_timeout, s.store_requests))
+        self.objects = {}  # region slot -> (store, its row of counters), or the OSError
+        self.store_reader = None
+        self._read_store = ffi.callback("mpu_read_store", self.read_store, error=-errno.EIO,
+                                        onerror=self._read_store_failed)
+        f.read_store = self._read_store
         f.spinner.spin_ns = s.spin_us * 1000
         f.chunk = ffi.cast("char *", chunk)
         f.descs = descs
@@ -105,10 +116,49 @@ class Filler(Worker):
                              struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
 
     def region_added(self, region):
+        if region.store_mode == CALL:
+            try:
+                store = self.stores.for_url(region.url)
+            except OSError as exc:
+                self.log.error("%s: %s", region.url, exc.strerror)
+                self.objects[region.slot] = exc  # each read fails with it
+            else:
+                self.objects[region.slot] = (store, self.stores.index(scheme_of(region.url)))
         self.region_slots.set(region)
 
     def region_dropped(self, region):
         self.region_slots.clear(region.slot)
+        self.objects.pop(region.slot, None)
+
+    def read_store(self, slot, offset, buf, length):
+        """The C loop's read of an object (mpu_read_store): the bytes read,
+        or -errno once the store failed for good (the C side then answers
+        with SIGBUS)."""
+        region = self.regions.get(slot)
+        entry = self.objects.get(slot)
+        if region is None or entry is None:
+            return -errno.ESTALE
+        if isinstance(entry, OSError):
+            return -(entry.errno or errno.EIO)
+        store, row = entry
+        # The C side reads whole umap pages; the object ends where it ends.
+        asked = min(length, region.size - offset)
+        if asked <= 0:
+            return 0
+        if self.store_reader is None:
+            s = self.settings
+            self.store_reader = StoreReader(self.buffer.header, self.beat, s.store_timeout,
+                                            s.store_retries, s.store_requests)
+        try:
+            return self.store_reader.read(store, row, region.url, region.identity, offset,
+                                          asked, ffi.buffer(buf, asked))
+        except OSError as exc:
+            self.say_once(("store", slot), logging.ERROR, "reading %s at %d: %s", region.url,
+                          offset, exc.strerror or exc)
+            return -(exc.errno or errno.EIO)
+
+    def _read_store_failed(self, exc_type, exc, tb):
+        self.log.error("reading an object failed", exc_info=(exc_type, exc, tb))
 
     def client_added(self, slot, gen, uffd):
         self.client_slots[slot].gen = gen
@@ -160,19 +210,10 @@ class Filler(Worker):
         a client that faults on a broken file again and again cannot fill
         the log."""
         c = self.c
-        now = time.monotonic()
         for event in c.events[0:c.nevents]:
-            key = (event.code, event.region)
-            until, quiet = self._quiet.get(key, (0.0, 0))
-            if now < until:
-                self._quiet[key] = (until, quiet + 1)
-                continue
-            self._quiet[key] = (now + QUIET_SECONDS, 0)
             level, text = EVENTS.get(event.code, (logging.ERROR, "event {code}"))
             region = self.regions.get(event.region)
-            if quiet:
-                text += f" (and {quiet} more like it)"
-            self.log.log(level, text.format(
+            self.say_once((event.code, event.region), level, "%s", text.format(
                 code=event.code, page=event.page, value=event.value,
                 name=region.name if region else f"region slot {event.region}",
                 err=errno.errorcode.get(event.err, event.err),
@@ -181,3 +222,16 @@ class Filler(Worker):
             self.log.warning("%d more events like these were not logged", c.lost)
             self.buffer.add("events_lost", c.lost)
         c.nevents = c.lost = 0
+
+    def say_once(self, key, level, fmt, *args):
+        """Log, but once per QUIET_SECONDS for each key at most, counting
+        what was not said."""
+        now = time.monotonic()
+        until, quiet = self._quiet.get(key, (0.0, 0))
+        if now < until:
+            self._quiet[key] = (until, quiet + 1)
+            return
+        self._quiet[key] = (now + QUIET_SECONDS, 0)
+        if quiet:
+            fmt += f" (and {quiet} more like it)"
+        self.log.log(level, fmt, *args)

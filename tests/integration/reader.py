@@ -1,5 +1,6 @@
-"""A client process for the tests: map a file through the server, read it
-page by page in the given order, and check every byte against the file.
+"""A client process for the tests: map a file (or an object's URL) through
+the server, read it page by page in the given order, and check every byte
+against the file (or the --expect file).
 
 Prints one JSON line: {"pages": n, "mismatches": [...], "region": id, ...}.
 """
@@ -32,6 +33,7 @@ def main():
     p.add_argument("socket")
     p.add_argument("files", nargs="*")
     p.add_argument("--list", help="a file naming more files to map, one a line")
+    p.add_argument("--expect", help="check against this file (what a URL's object holds)")
     p.add_argument("--direct", action="store_true",
                    help="check against O_DIRECT reads (leaves the page cache alone)")
     p.add_argument("--prefetch", action="store_true", help="prefetch every mapping first")
@@ -98,7 +100,7 @@ def main():
     while more():
         rounds += 1
         for m in mappings:
-            fd = os.open(m.path, os.O_RDONLY | (os.O_DIRECT if args.direct else 0))
+            fd = os.open(args.expect or m.path, os.O_RDONLY | (os.O_DIRECT if args.direct else 0))
             offsets = list(range(0, len(m), chunk))
             if args.pages:
                 offsets = offsets[:args.pages]

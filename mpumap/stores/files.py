@@ -1,5 +1,4 @@
-"""Stores: where page contents come from (the reading itself is the C
-core's, in the fillers' hot loop).
+"""The file store: the C core reads it, in the fillers' hot loop.
 
 The file store reads the client's own file (never one the server opened with
 its own rights).  Reading through the kernel's page cache would keep a second
@@ -15,7 +14,8 @@ import os
 DIRECT = "direct"  # O_DIRECT reads into aligned buffers
 DROP = "drop"  # buffered reads, then POSIX_FADV_DONTNEED
 CACHED = "cached"  # buffered reads that stay in the page cache
-MODES = (DIRECT, DROP, CACHED)  # in the order of the C core's MPU_STORE_*
+CALL = "python"  # no descriptor: a Python store reads it (mpumap.stores)
+MODES = (DIRECT, DROP, CACHED, CALL)  # in the order of the C core's MPU_STORE_*
 MODE_CODES = {mode: code for code, mode in enumerate(MODES)}
 
 

@@ -1,0 +1,201 @@
+"""The built-in remote stores: S3-compatible object stores and HTTP(S)
+servers through obstore (one ranged GET per read, each pinned to the
+object's ETag with If-Match), and any other protocol fsspec knows.
+
+They need the remote extra: ``pip install 'mpumap[remote]'``.  Endpoints
+and credentials are the server's environment, as botocore and fsspec read
+it (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION,
+AWS_PROFILE's files are not read); nothing of them is ever logged.
+"""
+import errno
+import os
+import threading
+import urllib.parse
+
+from mpumap.stores import ObjectInfo, StaleObject, Store
+
+CONNECT_SECONDS = 5
+
+
+def _obstore_error(exc, url):
+    """An obstore exception as the OSError the fillers understand."""
+    from obstore import exceptions as E
+
+    if isinstance(exc, E.PreconditionError):
+        return StaleObject(url)
+    # (obstore raises Python's FileNotFoundError for a missing object.)
+    if isinstance(exc, (E.NotFoundError, FileNotFoundError)):
+        return FileNotFoundError(errno.ENOENT, f"{url}: no such object")
+    if isinstance(exc, (E.PermissionDeniedError, E.UnauthenticatedError, PermissionError)):
+        return PermissionError(errno.EACCES, f"{url}: the store refused the server's access")
+    if isinstance(exc, (E.InvalidPathError, E.NotSupportedError)):
+        return OSError(errno.EINVAL, f"{url}: {_first_line(exc)}")
+    if isinstance(exc, TimeoutError):
+        return OSError(errno.ETIMEDOUT, f"{url}: {_first_line(exc)}")
+    if isinstance(exc, OSError) and exc.errno:
+        return exc
+    return OSError(errno.EIO, f"{url}: {_first_line(exc)}")
+
+
+def _first_line(exc):
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+class _ObstoreBacked(Store):
+    """A store that keeps one obstore client per (scheme, host or bucket),
+    made when first used; obstore's own retries are off (the fillers retry,
+    with the server's settings)."""
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self._clients = {}
+        self._lock = threading.Lock()
+
+    def client_options(self):
+        return {"timeout": f"{max(1, int(self.settings.timeout))}s",
+                "connect_timeout": f"{CONNECT_SECONDS}s"}
+
+    def _client(self, key):
+        with self._lock:
+            client = self._clients.get(key)
+            if client is None:
+                client = self._clients[key] = self.make_client(key)
+            return client
+
+    def make_client(self, key):
+        raise NotImplementedError
+
+    def locate(self, url):
+        """(client key, path within it)."""
+        raise NotImplementedError
+
+    def stat(self, url):
+        import obstore
+
+        key, path = self.locate(url)
+        try:
+            meta = obstore.head(self._client(key), path)
+        except Exception as exc:
+            raise _obstore_error(exc, url) from None
+        identity = meta.get("e_tag") or meta.get("version")
+        if not identity:
+            raise OSError(errno.ENOTSUP, f"{url}: the store gives no ETag or version, so a "
+                          "replaced object could not be told apart")
+        return ObjectInfo(int(meta["size"]), identity)
+
+    def read(self, url, identity, offset, length):
+        import obstore
+
+        key, path = self.locate(url)
+        try:
+            got = obstore.get(self._client(key), path,
+                              options={"range": (offset, offset + length), "if_match": identity})
+            return got.bytes()
+        except Exception as exc:
+            raise _obstore_error(exc, url) from None
+
+
+class S3Store(_ObstoreBacked):
+    """``s3://bucket/key`` from an S3-compatible service (AWS, Ceph RGW,
+    MinIO, SeaweedFS): AWS_ENDPOINT_URL names it, path-style requests."""
+
+    schemes = ("s3",)
+
+    def locate(self, url):
+        parts = urllib.parse.urlsplit(url)
+        key = parts.path.lstrip("/")
+        if not parts.netloc or not key:
+            raise OSError(errno.EINVAL, f"{url}: an S3 URL is s3://bucket/key")
+        return parts.netloc, key
+
+    def make_client(self, bucket):
+        from obstore.store import S3Store as Client
+
+        options = self.client_options()
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint and endpoint.startswith("http://"):
+            options["allow_http"] = True
+        config = {"virtual_hosted_style_request": False}
+        if endpoint:
+            config["endpoint"] = endpoint
+        if not os.environ.get("AWS_REGION") and not os.environ.get("AWS_DEFAULT_REGION"):
+            config["region"] = "us-east-1"
+        return Client(bucket, config=config, client_options=options,
+                      retry_config={"max_retries": 0})
+
+
+class HTTPStore(_ObstoreBacked):
+    """``http://`` and ``https://`` objects, read with Range requests from
+    servers that give an ETag."""
+
+    schemes = ("http", "https")
+
+    def locate(self, url):
+        parts = urllib.parse.urlsplit(url)
+        if parts.query:
+            raise OSError(errno.EINVAL, f"{url}: a query string is not served")
+        path = parts.path.lstrip("/")
+        if not path:
+            raise OSError(errno.EINVAL, f"{url}: names no object")
+        return f"{parts.scheme}://{parts.netloc}", urllib.parse.unquote(path)
+
+    def make_client(self, base):
+        from obstore.store import HTTPStore as Client
+
+        options = self.client_options()
+        if base.startswith("http://"):
+            options["allow_http"] = True
+        return Client.from_url(base, client_options=options, retry_config={"max_retries": 0})
+
+
+class FsspecStore(Store):
+    """Any other protocol fsspec knows (and the server allows): its
+    filesystem's info() gives the identity (ETag, checksum or mtime), which
+    is checked again before every read, since fsspec has no conditional
+    read: a replacement between that check and the read is not seen."""
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self._filesystems = {}
+        self._lock = threading.Lock()
+
+    def _fs(self, url):
+        import fsspec
+
+        protocol = url.split("://", 1)[0].lower()
+        with self._lock:
+            fs = self._filesystems.get(protocol)
+            if fs is None:
+                fs = self._filesystems[protocol] = fsspec.filesystem(protocol)
+            return fs
+
+    def stat(self, url):
+        try:
+            info = self._fs(url).info(url)
+        except Exception as exc:
+            raise _fsspec_error(exc, url) from None
+        identity = next((str(info[k]) for k in ("ETag", "etag", "checksum", "mtime",
+                                                "LastModified", "last_modified")
+                         if info.get(k)), None)
+        if identity is None or info.get("type", "file") != "file":
+            raise OSError(errno.EINVAL, f"{url}: not a file with an ETag, checksum or mtime")
+        return ObjectInfo(int(info["size"]), identity)
+
+    def read(self, url, identity, offset, length):
+        if self.stat(url).identity != identity:
+            raise StaleObject(url)
+        try:
+            return self._fs(url).cat_file(url, start=offset, end=offset + length)
+        except Exception as exc:
+            raise _fsspec_error(exc, url) from None
+
+
+def _fsspec_error(exc, url):
+    if isinstance(exc, OSError) and exc.errno:
+        return exc
+    if isinstance(exc, FileNotFoundError):
+        return FileNotFoundError(errno.ENOENT, f"{url}: no such object")
+    if isinstance(exc, PermissionError):
+        return PermissionError(errno.EACCES, f"{url}: access refused")
+    return OSError(errno.EIO, f"{url}: {_first_line(exc)}")

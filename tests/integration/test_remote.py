@@ -1,0 +1,178 @@
+"""Issue: objects in an S3-compatible store, mapped by URL through the same
+shared buffer.  A real S3 service (SeaweedFS) on loopback ports, a real
+server, real clients and real page faults."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import mpumap
+from conftest import assert_clean
+from mpumap.testing import MiB, make_file
+
+pytest.importorskip("obstore")
+from s3service import S3Service  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+
+BUCKET = "data"
+
+
+@pytest.fixture
+def s3(workdir):
+    service = S3Service(os.path.join(workdir, "s3"))
+    service.start()
+    service.make_bucket(BUCKET)
+    yield service
+    service.close()
+
+
+def put_file(s3, key, path):
+    with open(path, "rb") as f:
+        s3.put(BUCKET, key, f.read())
+    return f"s3://{BUCKET}/{key}"
+
+
+def serve(start_server, s3, *args):
+    return start_server("--allow-remote", f"s3://{BUCKET}/*", *args,
+                        env={**os.environ, **s3.env()})
+
+
+def test_four_clients_read_an_object_through_a_quarter_buffer(start_server, readers, workdir,
+                                                              s3):
+    path = make_file(os.path.join(workdir, "object.bin"), 256 * MiB, seed=15)
+    url = put_file(s3, "object.bin", path)
+    server = serve(start_server, s3, "--page-size", "64K", "--buffer-size", "64M")
+    procs = [readers.start(server.socket, url, expect=path, order="random", seed=i)
+             for i in range(4)]
+    for proc in procs:
+        result = readers.result(proc, timeout=240)
+        assert_clean(result)
+        assert result["pages"] == 256 * MiB // (64 << 10)
+    stats = server.stats()
+    (row,) = [r for r in stats["stores"] if r["store"] == "s3"]
+    # Each reader read every page once, through a buffer a quarter of the
+    # object: what was fetched is counted, at least the object once.
+    assert row["bytes"] >= 256 * MiB
+    assert stats["buffer"]["bytes_read"] == row["bytes"]
+    assert row["requests"] > 0 and row["errors"] == 0
+    assert stats["buffer"]["peak_used"] <= stats["buffer"]["limit"]
+    print(f"fetched {row['bytes'] / MiB:.0f} MiB in {row['requests']} requests, "
+          f"p50 {row['p50_us']} us, p99 {row['p99_us']} us")
+
+
+def test_urls_outside_allow_remote_are_refused(start_server, workdir, s3):
+    path = make_file(os.path.join(workdir, "object.bin"), 1 * MiB, seed=3)
+    url = put_file(s3, "object.bin", path)
+    s3.make_bucket("secret")
+    s3.put("secret", "object.bin", b"x" * 4096)
+    server = serve(start_server, s3)
+    with mpumap.connect(server.socket) as client:
+        for refused in ("s3://secret/object.bin", "https://example.com/data.bin"):
+            with pytest.raises(PermissionError):
+                client.map(refused)
+        for bad in (f"s3://{BUCKET}/../secret/object.bin", f"s3://user:pw@{BUCKET}/x",
+                    "s3://data/a b"):
+            with pytest.raises(OSError) as info:
+                client.map(bad)
+            assert info.value.errno == errno.EINVAL
+        with pytest.raises(FileNotFoundError):
+            client.map(f"s3://{BUCKET}/missing.bin")
+        # The connection goes on, and so does the server.
+        with client.map(url) as m, open(path, "rb") as f:
+            assert m[:] == f.read()
+    # A server with no --allow-remote maps no URL at all.
+    plain = start_server()
+    with mpumap.connect(plain.socket) as client:
+        with pytest.raises(PermissionError):
+            client.map(url)
+
+
+REPLACED = textwrap.dedent("""
+    import os, sys, mpumap
+    sock, url, first, go = sys.argv[1:5]
+    first = open(first, "rb").read()
+    client = mpumap.connect(sock)
+    m = client.map(url)
+    half = len(m) // 2
+    assert m[:half] == first[:half], "first half"
+    print("read", flush=True)
+    while not os.path.exists(go):
+        pass
+    page = 64 << 10
+    for off in range(half, len(m), page):
+        got = m[off:off + page]
+        if got != first[off:off + page]:
+            print("MIXED", off, flush=True)
+            sys.exit(1)
+    print("ALL OLD", flush=True)
+""")
+
+
+def test_a_replaced_object_never_mixes_versions(start_server, workdir, s3):
+    first = make_file(os.path.join(workdir, "v1.bin"), 8 * MiB, seed=1)
+    second = make_file(os.path.join(workdir, "v2.bin"), 8 * MiB, seed=2)
+    url = put_file(s3, "object.bin", first)
+    server = serve(start_server, s3, "--page-size", "64K", "--buffer-size", "64M",
+                   "--read-ahead", "0", "--store-retries", "1")
+    go = os.path.join(workdir, "go")
+    proc = subprocess.Popen([sys.executable, "-c", REPLACED, server.socket, url, first, go],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "read"
+        put_file(s3, "object.bin", second)
+        open(go, "w").close()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # The pages not read before the object changed raise SIGBUS: never the
+    # new bytes under the old ones.
+    assert "MIXED" not in out, out
+    assert proc.returncode == -signal.SIGBUS, (proc.returncode, out, err)
+    # Mapped again, the object is its new version.
+    with mpumap.connect(server.socket) as client, client.map(url) as m:
+        with open(second, "rb") as f:
+            assert m[:] == f.read()
+    assert "replaced" in server.output()
+
+
+def test_the_store_dying_ends_readers_with_sigbus_and_the_server_goes_on(
+        start_server, readers, workdir, s3):
+    path = make_file(os.path.join(workdir, "object.bin"), 32 * MiB, seed=5)
+    url = put_file(s3, "object.bin", path)
+    timeout, retries = 2, 2
+    server = serve(start_server, s3, "--page-size", "64K", "--buffer-size", "8M",
+                   "--store-timeout", timeout, "--store-retries", retries)
+    go = os.path.join(workdir, "go")
+    procs = [readers.start(server.socket, url, expect=path, order="random", seed=i, go=go,
+                           rounds=1000) for i in range(2)]
+    for proc in procs:
+        readers.wait_ready(proc)
+    open(go, "w").close()
+    time.sleep(1.0)
+    s3.kill()
+    killed = time.monotonic()
+    for proc in procs:
+        proc.wait(timeout=timeout * retries + 5 + 5)
+        assert time.monotonic() - killed <= timeout * retries + 5
+        assert proc.returncode == -signal.SIGBUS, readers.result(proc)
+    # The server stays up: it serves files ...
+    local = make_file(os.path.join(workdir, "local.bin"), 4 * MiB, seed=6)
+    with mpumap.connect(server.socket) as client, client.map(local) as m:
+        with open(local, "rb") as f:
+            assert m[:] == f.read()
+    stats = server.stats()
+    (row,) = [r for r in stats["stores"] if r["store"] == "s3"]
+    assert row["errors"] > 0 and row["retries"] > 0
+    # ... and objects again once the store is back.
+    s3.restart()
+    with mpumap.connect(server.socket) as client, client.map(url) as m:
+        with open(path, "rb") as f:
+            assert m[:] == f.read()
