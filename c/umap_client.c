@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -55,7 +56,7 @@ static const char *msg_name(int kind)
         [MPU_MSG_UNMAP] = "UNMAP", [MPU_MSG_UNMAPPED] = "UNMAPPED",
         [MPU_MSG_STATS] = "STATS", [MPU_MSG_STATS_REPLY] = "STATS_REPLY",
         [MPU_MSG_PREFETCH] = "PREFETCH", [MPU_MSG_PREFETCHING] = "PREFETCHING",
-        [MPU_MSG_ERROR] = "ERROR",
+        [MPU_MSG_ERROR] = "ERROR", [MPU_MSG_MAP_URL] = "MAP_URL",
     };
     int known = kind > 0 && kind < (int)(sizeof names / sizeof names[0]) && names[kind];
     return known ? names[kind] : "?";
@@ -486,8 +487,9 @@ static void release(uint64_t id)
     errno = saved;
 }
 
-static void *map_fd_locked(int fd, void *addr, int fixed, uint64_t *length_out,
-                           uint64_t *id_out, char *why)
+/* Maps what fd names (a file), or the object url names (fd -1). */
+static void *map_fd_locked(int fd, const char *url, void *addr, int fixed,
+                           uint64_t *length_out, uint64_t *id_out, char *why)
 {
     if (!connected()) {
         errno = ENOTCONN;
@@ -500,26 +502,38 @@ static void *map_fd_locked(int fd, void *addr, int fixed, uint64_t *length_out,
         return NULL;
     }
     struct stat st;
-    if (fstat(fd, &st) < 0) {
+    if (fd >= 0 && fstat(fd, &st) < 0) {
         why_errno(why, "fstat");
         return NULL;
     }
-    if (!S_ISREG(st.st_mode)) {
+    if (fd >= 0 && !S_ISREG(st.st_mode)) {
         errno = EINVAL;
         snprintf(why, WHY, "not a regular file");
         return NULL;
     }
-    if (st.st_size == 0) {
+    if (fd >= 0 && st.st_size == 0) {
         errno = EINVAL;
         snprintf(why, WHY, "cannot map an empty file");
         return NULL;
     }
 
-    unsigned char flags[4] = { 0 };
+    /* MAP: u32 flags, the file's descriptor; MAP_URL: u32 flags, the URL. */
+    unsigned char request[4 + MPU_MAX_URL] = { 0 };
+    size_t len = 4;
+    if (url) {
+        size_t n = strlen(url);
+        if (n > MPU_MAX_URL) {
+            errno = ENAMETOOLONG;
+            snprintf(why, WHY, "a URL is at most %d bytes", MPU_MAX_URL);
+            return NULL;
+        }
+        memcpy(request + 4, url, n);
+        len += n;
+    }
     struct mpu_mapped mapped;
     int memfd = -1;
-    if (call(MPU_MSG_MAP, flags, sizeof flags, fd, MPU_MSG_MAPPED, &mapped, sizeof mapped,
-             &memfd, why) < 0)
+    if (call(url ? MPU_MSG_MAP_URL : MPU_MSG_MAP, request, len, fd, MPU_MSG_MAPPED, &mapped,
+             sizeof mapped, &memfd, why) < 0)
         return NULL;
     uint64_t id = le64toh(mapped.mapping_id), size = le64toh(mapped.size);
     uint64_t length = le64toh(mapped.length);
@@ -598,8 +612,8 @@ static struct mapping *record(const char *name, int fd, void *p, uint64_t length
         why_errno(why, "keeping the mapping");
         return NULL;
     }
-    m->fd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
-    if (m->fd < 0) {
+    m->fd = fd < 0 ? -1 : fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    if (m->fd < 0 && fd >= 0) {
         int err = errno;
         free(m->name);
         free(m);
@@ -626,7 +640,8 @@ static void forget(struct mapping *m)
         }
     }
     __atomic_sub_fetch(&C.count, 1, __ATOMIC_SEQ_CST);
-    close(m->fd);
+    if (m->fd >= 0)
+        close(m->fd);
     free(m->name);
     free(m);
 }
@@ -646,11 +661,24 @@ static int unmap_locked(struct mapping *m)
     return r;
 }
 
+/* scheme://..., and not file:// (a scheme: a letter, then letters, digits,
+ * '+', '-', '.'). */
+static int is_url(const char *name)
+{
+    const char *c = name;
+    if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z')))
+        return 0;
+    while ((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || (*c >= '0' && *c <= '9')
+           || *c == '+' || *c == '-' || *c == '.')
+        c++;
+    return strncmp(c, "://", 3) == 0 && strncasecmp(name, "file://", 7) != 0;
+}
+
 static void *map_locked(int fd, const char *name, void *addr, int fixed,
                         uint64_t *length_out, char *why)
 {
     uint64_t length, id;
-    void *p = map_fd_locked(fd, addr, fixed, &length, &id, why);
+    void *p = map_fd_locked(fd, fd < 0 ? name : NULL, addr, fixed, &length, &id, why);
     if (!p)
         return NULL;
     if (!record(name, fd, p, length, id, why)) {
@@ -867,16 +895,22 @@ MPU_API void *client_umap(const char *filename, int prot, int flags, void *addr)
         snprintf(why, WHY, "not connected to a server (init_umap_client)");
         goto out;
     }
-    /* Opened here, with the caller's own rights: ENOENT and EACCES come from
-     * this call, before the server hears of the file. */
-    int fd = open(filename, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        snprintf(why, WHY, "%s", strerror(errno));
-        goto out;
+    /* A file is opened here, with the caller's own rights: ENOENT and
+     * EACCES come from this call, before the server hears of it.  A URL
+     * (scheme://...) names an object the server reads, if its allow-list
+     * says so (EACCES otherwise). */
+    int fd = -1;
+    if (!is_url(filename)) {
+        fd = open(filename, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) {
+            snprintf(why, WHY, "%s", strerror(errno));
+            goto out;
+        }
     }
     p = map_locked(fd, filename, addr, addr != NULL, NULL, why);
     int err = errno;
-    close(fd);
+    if (fd >= 0)
+        close(fd);
     errno = err;
 out:
     if (!p)

@@ -176,3 +176,20 @@ def test_the_store_dying_ends_readers_with_sigbus_and_the_server_goes_on(
     with mpumap.connect(server.socket) as client, client.map(url) as m:
         with open(path, "rb") as f:
             assert m[:] == f.read()
+
+
+def test_the_c_client_maps_urls(start_server, programs, workdir, s3):
+    from conftest import clean_env
+
+    path = make_file(os.path.join(workdir, "object.bin"), 3 * MiB + 123, seed=8)
+    url = put_file(s3, "object.bin", path)
+    server = serve(start_server, s3)
+    exe = programs.build(os.path.join(os.path.dirname(__file__), "native", "url_reader.c"))
+    env = clean_env(MPUMAP_SOCKET=server.socket)
+    out = os.path.join(workdir, "out.bin")
+    code, stdout, stderr = programs.run([exe, url, str(os.path.getsize(path)), out], env)
+    assert (code, stdout.strip()) == (0, "ok"), stderr
+    with open(path, "rb") as want, open(out, "rb") as got:
+        assert got.read() == want.read()
+    code, stdout, _ = programs.run([exe, "s3://elsewhere/object.bin", "1", out], env)
+    assert (code, stdout.strip()) == (1, f"errno {errno.EACCES}")

@@ -34,7 +34,10 @@ void close_umap_client(void);
 /* Maps the whole file read-only: prot must be PROT_READ, flags MAP_SHARED or
  * MAP_PRIVATE.  A non-NULL addr asks for exactly that address and fails with
  * EEXIST when something is mapped there.  The file is opened with the
- * caller's own rights (ENOENT, EACCES, ...).  NULL on failure. */
+ * caller's own rights (ENOENT, EACCES, ...).  filename may be a URL
+ * (s3://bucket/key, https://host/path): the server reads that object with
+ * its own credentials if its --allow-remote lets it (EACCES otherwise).
+ * NULL on failure. */
 void *client_umap(const char *filename, int prot, int flags, void *addr);
 
 /* Unmaps what client_umap(filename, ...) mapped.  0, or -1 with errno set. */

@@ -1,0 +1,54 @@
+"""Issue: stores users write, registered by scheme and run in the fillers.
+The example store (examples/stores/synthetic.py) through a real server."""
+import errno
+import os
+import random
+import sys
+
+import pytest
+
+import mpumap
+from mpumap.testing import MiB
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "stores")
+sys.path.insert(0, EXAMPLES)
+import synthetic  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def serve(start_server, *args):
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(EXAMPLES)}
+    return start_server("--store", "synth=synthetic:SyntheticStore",
+                        "--allow-remote", "synth://*", *args, env=env)
+
+
+def test_the_synthetic_example_store_serves_its_data_set(start_server):
+    server = serve(start_server, "--page-size", "64K", "--buffer-size", "8M")
+    url = "synth://training/shard-3?size=48M&seed=7"
+    with mpumap.connect(server.socket) as client, client.map(url) as m:
+        assert len(m) == 48 * MiB
+        rng = random.Random(1)
+        for off in rng.sample(range(0, len(m) - 5000), 300):
+            assert m[off:off + 5000] == synthetic.data(url, off, 5000), off
+        assert m[:] == synthetic.data(url, 0, len(m))  # through a buffer of a sixth
+        # An odd size: the last page is cut where the data set ends.
+        odd = "synth://odd?size=100001&seed=1"
+        with client.map(odd) as small:
+            assert small[:] == synthetic.data(odd, 0, 100001)
+        stats = client.stats()
+    (row,) = [r for r in stats["stores"] if r["store"] == "synth"]
+    assert row["bytes"] >= 48 * MiB and row["errors"] == 0
+
+
+def test_a_store_that_cannot_be_loaded_is_a_clear_error(start_server):
+    server = start_server("--store", "nope=no_such_module:Store", "--allow-remote", "nope://*")
+    with mpumap.connect(server.socket) as client:
+        with pytest.raises(OSError) as info:
+            client.map("nope://x")
+        assert info.value.errno == errno.EPROTONOSUPPORT
+        assert "cannot be loaded" in str(info.value)
+        with pytest.raises(OSError) as info:
+            client.map("gopher://host/x")  # allowed by nothing, served by nothing
+        assert info.value.errno == errno.EACCES
+    assert server.stats()["regions_total"] == 0
