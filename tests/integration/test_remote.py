@@ -193,3 +193,15 @@ def test_the_c_client_maps_urls(start_server, programs, workdir, s3):
         assert got.read() == want.read()
     code, stdout, _ = programs.run([exe, "s3://elsewhere/object.bin", "1", out], env)
     assert (code, stdout.strip()) == (1, f"errno {errno.EACCES}")
+
+
+def test_http_objects_map_too(start_server, workdir, s3):
+    path = make_file(os.path.join(workdir, "object.bin"), 5 * MiB + 7, seed=9)
+    put_file(s3, "object.bin", path)
+    # SeaweedFS's filer serves the bucket over plain HTTP, with Range and ETag.
+    url = f"http://127.0.0.1:{s3.ports['filer']}/buckets/{BUCKET}/object.bin"
+    server = start_server("--allow-remote", "http://127.0.0.1:*/buckets/*")
+    with mpumap.connect(server.socket) as client, client.map(url) as m:
+        with open(path, "rb") as f:
+            assert m[:] == f.read()
+        assert [r["store"] for r in client.stats()["stores"]] == ["http"]

@@ -3,12 +3,13 @@ The example store (examples/stores/synthetic.py) through a real server."""
 import errno
 import os
 import random
+import subprocess
 import sys
 
 import pytest
 
 import mpumap
-from mpumap.testing import MiB
+from mpumap.testing import MiB, command as tool
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "stores")
 sys.path.insert(0, EXAMPLES)
@@ -39,6 +40,15 @@ def test_the_synthetic_example_store_serves_its_data_set(start_server):
         stats = client.stats()
     (row,) = [r for r in stats["stores"] if r["store"] == "synth"]
     assert row["bytes"] >= 48 * MiB and row["errors"] == 0
+    # mpumap top has a row for the store.
+    out = subprocess.run(tool("mpumap") + ["top", "--socket", server.socket, "--once",
+                                           "--interval", "0.2"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("STORE"))
+    assert lines[header + 1].split()[0] == "synth"
+    assert lines[header + 1].split()[-2:] == ["0", "0"]  # errors, retries
 
 
 def test_a_store_that_cannot_be_loaded_is_a_clear_error(start_server):
