@@ -899,6 +899,7 @@ static uint64_t read_from_page_cache(struct mpu_filler *f, struct mpu_region_slo
  * pages someone maps: the kernel keeps those): the page cache holds at
  * most the kernel's read-ahead window past where a scan stopped. */
 #define SCAN_DROP_BEHIND 8  /* windows */
+#define SCAN_SWEEPS 8       /* drops of what lies past a scan that stopped */
 static int scan_reader(struct mpu_region_slot *r)
 {
     if (r->scan_fd != -1)
@@ -933,6 +934,7 @@ static void drop_behind(struct mpu_region_slot *r, int fd, uint64_t offset, uint
     posix_fadvise(fd, (off_t)(offset - behind), (off_t)(got + behind), POSIX_FADV_DONTNEED);
     r->scan_end = offset + got;
     r->scan_ns = mpu_now_ns();
+    r->sweeps = SCAN_SWEEPS;
 }
 
 /* The filler's pipe for splice_run, made when its loop starts (a
@@ -1079,7 +1081,9 @@ static int64_t read_run(struct mpu_filler *f, struct mpu_region_slot *r,
  * SCAN_IDLE_NS) is dropped too, up to SCAN_LEFTOVER bytes past it: else
  * every scan that ends before its file does leaves the kernel's read-ahead
  * window in the page cache.  Looked for at most every SCAN_IDLE_NS / 2, on
- * the filler's way to its next message (it wakes idle often enough). */
+ * the filler's way to its next message (it wakes idle often enough), and
+ * dropped again SCAN_SWEEPS times, SCAN_IDLE_NS apart: a read-ahead still
+ * under way when it is dropped (a busy disk) lands in the cache after. */
 #define SCAN_IDLE_NS 200000000ull
 #define SCAN_LEFTOVER (64ull << 20)
 void mpu_scan_done(struct mpu_region_slot *r)
@@ -1097,8 +1101,16 @@ static void drop_scan_leftovers(struct mpu_filler *f)
     f->swept_ns = now;
     for (uint32_t i = 0; i < f->nregions; i++) {
         struct mpu_region_slot *r = &f->regions[i];
-        if (r->live && r->scan_ns && now - r->scan_ns > SCAN_IDLE_NS)
+        if (!r->live || !r->scan_ns || now - r->scan_ns <= SCAN_IDLE_NS)
+            continue;
+        if (r->sweeps > 1 && r->scan_fd >= 0) {
+            r->sweeps--;
+            posix_fadvise(r->scan_fd, (off_t)r->scan_end, (off_t)SCAN_LEFTOVER,
+                          POSIX_FADV_DONTNEED);
+            r->scan_ns = now;
+        } else {
             mpu_scan_done(r);
+        }
     }
 }
 

@@ -74,7 +74,8 @@ struct mpu_region_slot {
                                   busy; what it read is dropped behind), opened
                                   by the filler at the first scan (-1: none yet,
                                   -2: refused); whoever clears the slot closes it */
-    uint32_t pad;
+    uint32_t sweeps;           /* times left to drop what the kernel read past
+                                  a scan that stopped (its reads may land late) */
     uint64_t scan_end;         /* where the scan reader last read up to ... */
     uint64_t scan_ns;          /* ... and when (0: what it read past is dropped) */
     uint64_t npages;

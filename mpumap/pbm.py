@@ -287,7 +287,7 @@ class RegionSlots:
         c.store_mode = MODE_CODES[region.store_mode]  # files.MODES is MPU_STORE_*'s order
         c.cache_fd = c.scan_fd = -1
         c.no_cache = 0
-        c.scan_end = c.scan_ns = 0
+        c.scan_end = c.scan_ns = c.sweeps = 0
         c.gen = region.gen
         c.npages = region.npages
         c.size = region.size
