@@ -333,13 +333,13 @@ static int post(struct mpu_monitor *m, int index, const void *packet, uint32_t n
 
 /* ---- monitor: draining a client ---------------------------------------------- */
 
-/* A window larger than a filler's read goes to every filler, each reading
- * the runs of 1 + read_ahead pages that fall to it, so that the disk has
- * a read from each at once. */
+/* A window larger than a filler's read (`run`: the mapping's largest
+ * read-ahead window) goes to every filler, each reading the runs that fall
+ * to it, so that the disk has a read from each at once. */
 static void post_read_ahead(struct mpu_monitor *m, uint32_t kind, uint32_t region,
-                            uint32_t gen, uint64_t first, uint64_t window, uint32_t lane)
+                            uint32_t gen, uint64_t first, uint64_t window, uint32_t lane,
+                            uint64_t run)
 {
-    uint64_t run = m->read_ahead + 1;
     struct mpu_w_fill fill = { .kind = kind, .region = region, .gen = gen,
                                .run = window > run ? (uint32_t)run : 0,
                                .first = first, .count = window };
@@ -363,6 +363,7 @@ struct window {             /* read-ahead or read-around windows to ask for */
     uint32_t kind;          /* MPU_W_READ_AHEAD, _READ_BEHIND (windows going down
                                from `first`), MPU_W_READ_AROUND */
     uint32_t lane;          /* read-ahead: the scan's (client slot, stream) */
+    uint64_t run;           /* the mapping's largest window */
 };
 
 /* How many read-ahead windows a scan keeps ahead of it: up to
@@ -449,6 +450,11 @@ static int drain(struct mpu_monitor *m, uint32_t slot, struct monitored *c)
                 return n;
             break;
         }
+        /* Counted before they go to the fillers: a client whose fault is
+         * answered must find it counted. */
+        mpu_add64(&h->faults, n);
+        if (slot < MPU_CLIENT_SLOTS)
+            mpu_add64(&h->clients[slot].faults, n);
         uint64_t now = mpu_now_ns();
         int naheads = 0;
         memset(counts, 0, sizeof counts);
@@ -471,11 +477,20 @@ static int drain(struct mpu_monitor *m, uint32_t slot, struct monitored *c)
                 .read_at = now,
             };
             if (m->read_ahead && r->r.advice != MPU_ADVICE_RANDOM) {
-                uint64_t first, window, windows, full = m->read_ahead + 1;
+                /* A store's larger windows: at most a sixteenth of the
+                 * buffer, so that several fit in the quarter a scan may
+                 * keep ahead (read_ahead_depth). */
+                uint64_t most = m->read_ahead;
+                if (r->r.window > most + 1) {
+                    uint64_t part = __atomic_load_n(&h->limit, __ATOMIC_RELAXED) / 16;
+                    uint64_t w = r->r.window < part ? r->r.window : part;
+                    most = w > most + 1 ? w - 1 : most;
+                }
+                uint64_t first, window, windows, full = most + 1;
                 uint64_t depth = read_ahead_depth(m, full);
                 struct stream *started;
                 uint32_t lane;
-                fault->ahead = (uint32_t)read_ahead_of(r, index, m->read_ahead, depth, &first,
+                fault->ahead = (uint32_t)read_ahead_of(r, index, most, depth, &first,
                                                        &window, &windows, &started, &lane);
                 int down = started && r->around && index + 2 == r->around;
                 if (started && (r->r.advice == MPU_ADVICE_SEQUENTIAL || down
@@ -490,7 +505,7 @@ static int drain(struct mpu_monitor *m, uint32_t slot, struct monitored *c)
                     started->dir = down ? -1 : 0;
                     started->steps = down ? 2 : 0;
                     started->window = (uint32_t)full;
-                    fault->ahead = (uint32_t)read_ahead_of(r, index, m->read_ahead, depth,
+                    fault->ahead = (uint32_t)read_ahead_of(r, index, most, depth,
                                                            &first, &window, &windows, &started,
                                                            &lane);
                 }
@@ -498,11 +513,12 @@ static int drain(struct mpu_monitor *m, uint32_t slot, struct monitored *c)
                     aheads[naheads++] = (struct window){
                         first, window, windows, r->r.region, r->r.region_gen,
                         r->streams[lane].dir < 0 ? MPU_W_READ_BEHIND : MPU_W_READ_AHEAD,
-                        slot * STREAMS + lane };
+                        slot * STREAMS + lane, full };
                 else if (started
-                         && (first = read_around_of(m, r, index, m->read_ahead, &window)))
+                         && (first = read_around_of(m, r, index, most, &window)))
                     aheads[naheads++] = (struct window){ first - 1, window, 1, r->r.region,
-                                                         r->r.region_gen, MPU_W_READ_AROUND, 0 };
+                                                         r->r.region_gen, MPU_W_READ_AROUND, 0,
+                                                         full };
             }
         }
         for (int to = 0; to < m->nfillers; to++) {
@@ -527,21 +543,19 @@ static int drain(struct mpu_monitor *m, uint32_t slot, struct monitored *c)
             for (uint64_t i = 0; i < a->windows; i++) {
                 if (a->kind != MPU_W_READ_BEHIND) {
                     post_read_ahead(m, a->kind, a->region, a->gen, a->first + i * a->count,
-                                    a->count, a->lane);
+                                    a->count, a->lane, a->run);
                     continue;
                 }
                 uint64_t top = a->first - i * a->count;  /* > 0: windows stop at 0 */
                 uint64_t count = top < a->count ? top : a->count;
-                post_read_ahead(m, a->kind, a->region, a->gen, top - count, count, a->lane);
+                post_read_ahead(m, a->kind, a->region, a->gen, top - count, count, a->lane,
+                                a->run);
             }
         }
         total += n;
         if (n < MPU_FAULTS_MAX)
             break;
     }
-    mpu_add64(&h->faults, total);
-    if (slot < MPU_CLIENT_SLOTS)
-        mpu_add64(&h->clients[slot].faults, total);
     mpu_add64(&h->monitor_ns, (int64_t)(mpu_now_ns() - started));
     return total;
 }
@@ -899,7 +913,7 @@ static uint64_t read_from_page_cache(struct mpu_filler *f, struct mpu_region_slo
  * pages someone maps: the kernel keeps those): the page cache holds at
  * most the kernel's read-ahead window past where a scan stopped. */
 #define SCAN_DROP_BEHIND 8  /* windows */
-#define SCAN_SWEEPS 8       /* drops of what lies past a scan that stopped */
+#define SCAN_SWEEPS 6       /* drops of what lies past a scan that stopped */
 static int scan_reader(struct mpu_region_slot *r)
 {
     if (r->scan_fd != -1)
@@ -1082,14 +1096,23 @@ static int64_t read_run(struct mpu_filler *f, struct mpu_region_slot *r,
  * every scan that ends before its file does leaves the kernel's read-ahead
  * window in the page cache.  Looked for at most every SCAN_IDLE_NS / 2, on
  * the filler's way to its next message (it wakes idle often enough), and
- * dropped again SCAN_SWEEPS times, SCAN_IDLE_NS apart: a read-ahead still
- * under way when it is dropped (a busy disk) lands in the cache after. */
+ * dropped again, SCAN_SWEEPS times in all, further apart each time, from
+ * SCAN_LATE before where it ended: a read-ahead still under way when it
+ * is dropped (a busy disk) lands in the cache after. */
 #define SCAN_IDLE_NS 200000000ull
 #define SCAN_LEFTOVER (64ull << 20)
+#define SCAN_LATE (8ull << 20)  /* behind scan_end: read-ahead that landed late */
+static void drop_leftovers(struct mpu_region_slot *r)
+{
+    uint64_t from = r->scan_end > SCAN_LATE ? r->scan_end - SCAN_LATE : 0;
+    posix_fadvise(r->scan_fd, (off_t)from, (off_t)(r->scan_end - from + SCAN_LEFTOVER),
+                  POSIX_FADV_DONTNEED);
+}
+
 void mpu_scan_done(struct mpu_region_slot *r)
 {
     if (r->scan_fd >= 0 && r->scan_ns)
-        posix_fadvise(r->scan_fd, (off_t)r->scan_end, (off_t)SCAN_LEFTOVER, POSIX_FADV_DONTNEED);
+        drop_leftovers(r);
     r->scan_ns = 0;
 }
 
@@ -1104,9 +1127,11 @@ static void drop_scan_leftovers(struct mpu_filler *f)
         if (!r->live || !r->scan_ns || now - r->scan_ns <= SCAN_IDLE_NS)
             continue;
         if (r->sweeps > 1 && r->scan_fd >= 0) {
+            /* Each sweep waits twice as long as the last: 0.2 s ... 6.4 s. */
+            if (now - r->scan_ns <= SCAN_IDLE_NS << (SCAN_SWEEPS - r->sweeps))
+                continue;
             r->sweeps--;
-            posix_fadvise(r->scan_fd, (off_t)r->scan_end, (off_t)SCAN_LEFTOVER,
-                          POSIX_FADV_DONTNEED);
+            drop_leftovers(r);
             r->scan_ns = now;
         } else {
             mpu_scan_done(r);

@@ -34,7 +34,9 @@ struct mpu_client_range {
     uint32_t region;        /* slot */
     uint32_t region_gen;
     uint32_t advice;        /* MPU_ADVICE_NORMAL, _RANDOM or _SEQUENTIAL */
-    uint32_t pad;
+    uint32_t window;        /* the largest read-ahead window, in pages (0: the
+                               server's): an object store's reads cost a round
+                               trip each, so its windows are larger */
 };
 
 /* The monitor sleeps in epoll on every client's userfaultfd and drains

@@ -51,6 +51,7 @@ class Region:
         self.store_mode = store_mode
         self.url = url
         self.identity = identity
+        self.window = 0  # the largest read-ahead window in pages (0: the server's)
         self.key = None
         self.mappings = 0
 

@@ -43,11 +43,11 @@ class FaultMonitor:
 
     def set_ranges(self, slot, ranges):
         """A client's mappings: (start, end, region slot, region generation,
-        advice) sorted by start."""
+        advice, largest read-ahead window in pages or 0) sorted by start."""
         c = ffi.new("struct mpu_client_range[]", max(1, len(ranges)))
-        for entry, (start, end, region, gen, advice) in zip(c, ranges):
+        for entry, (start, end, region, gen, advice, window) in zip(c, ranges):
             entry.start, entry.end, entry.region, entry.region_gen = start, end, region, gen
-            entry.advice = advice
+            entry.advice, entry.window = advice, window
         core.check(lib.mpu_monitor_set_ranges(self.c, slot, c, len(ranges)),
                    "setting a client's ranges")
 

@@ -332,7 +332,7 @@ class RequestHandler:
                                "may map (its --allow-remote)")
         store = self.stores.for_url(url)
         self.may_map(conn)
-        self.open_for(conn, lambda: OpenedObject(url, store.stat(url)))
+        self.open_for(conn, lambda: OpenedObject(url, store.stat(url), store.window))
 
     def open_for(self, conn, open_, discard=None):
         """Open what a map names off the main loop (a file's fstat may wait
@@ -397,6 +397,10 @@ class RequestHandler:
         region = self.regions.create(key, next(self.ids), opened.size, s.page_size,
                                      opened.take_store(), opened.mode, opened.name,
                                      opened.url, opened.identity)
+        if opened.url is not None:
+            # A store's own read-ahead window, never less than the server's.
+            region.window = max(s.read_ahead + 1, opened.window // s.page_size) \
+                if s.read_ahead else 0
         # Until every worker knows it, whoever maps it waits.
         self.announcing[region.rid] = []
 
@@ -598,11 +602,12 @@ class OpenedObject:
 
     mode = CALL
 
-    def __init__(self, url, info):
+    def __init__(self, url, info, window):
         if info.size <= 0:
             raise RequestError(errno.EINVAL, f"cannot map an empty object: {url}")
         self.url = self.name = url
         self.size, self.identity = info.size, str(info.identity)
+        self.window = window
 
     def key(self, uid):
         return (self.url, self.identity, uid)

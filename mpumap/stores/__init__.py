@@ -84,6 +84,10 @@ class Store:
     """
 
     schemes = ()
+    # Bytes a read-ahead window of this store's objects may reach (and a
+    # window read around a fault while the buffer has room): a request costs
+    # a round trip, so fewer and larger reads, in parts at once.
+    window = 8 << 20
 
     def __init__(self, settings=StoreSettings()):
         self.settings = settings

@@ -22,12 +22,13 @@ import time
 from mpumap import core
 from mpumap._core import ffi, lib
 from mpumap.pbm import RegionSlots
-from mpumap.stores import StoreSettings, Stores, scheme_of
+from mpumap.stores import Store, StoreSettings, Stores, scheme_of
 from mpumap.stores.files import CALL
 from mpumap.stores.reading import StoreReader
 from mpumap.workers.base import Worker, check_receive
 
 PREFETCH_RUN_BYTES = 1 << 20  # one store read for prefetching covers this much
+STORE_WINDOW_BYTES = Store.window  # the largest read a store's window asks for
 QUIET_SECONDS = 10.0  # one log line per kind of event and region this often
 
 EVENTS = {
@@ -70,7 +71,8 @@ class Filler(Worker):
     def setup(self):
         s = self.settings
         run = prefetch_run(s.page_size)
-        max_run = max(1 + s.read_ahead, run)
+        # A store's windows (Store.window) are read whole: up to 8 MiB.
+        max_run = max(1 + s.read_ahead, run, STORE_WINDOW_BYTES // s.page_size)
         # Page aligned, as UFFDIO_COPY and O_DIRECT want it.
         self.chunk = mmap.mmap(-1, max_run * s.page_size)
         self.region_slots = RegionSlots(self.buffer.max_regions)
