@@ -150,8 +150,8 @@ static struct stream *stream_of(struct range *r, uint64_t page, int *fresh)
  * the first page of the background windows (0: none), *window their size
  * and *windows how many. */
 static uint64_t read_ahead_of(struct range *r, uint64_t page, uint64_t most, uint64_t depth,
-                              uint64_t *background, uint64_t *window, uint64_t *windows,
-                              struct stream **started, uint32_t *lane)
+                              uint64_t inline_most, uint64_t *background, uint64_t *window,
+                              uint64_t *windows, struct stream **started, uint32_t *lane)
 {
     int fresh;
     struct stream *s = stream_of(r, page, &fresh);
@@ -188,8 +188,11 @@ static uint64_t read_ahead_of(struct range *r, uint64_t page, uint64_t most, uin
     }
     s->dir = 1;
     if (page >= s->ahead_end) {  /* past what was asked for: read on from here */
-        ahead = w - 1;
-        s->ahead_end = page + w;
+        /* The fault's filler reads no more than a file's window itself
+         * (the client waits for it); the rest of a larger window goes
+         * in the background. */
+        ahead = w - 1 < inline_most ? w - 1 : inline_most;
+        s->ahead_end = page + 1 + ahead;
     }
     if (s->ahead_end < page + depth * w) {
         *background = s->ahead_end;
@@ -490,8 +493,9 @@ static int drain(struct mpu_monitor *m, uint32_t slot, struct monitored *c)
                 uint64_t depth = read_ahead_depth(m, full);
                 struct stream *started;
                 uint32_t lane;
-                fault->ahead = (uint32_t)read_ahead_of(r, index, most, depth, &first,
-                                                       &window, &windows, &started, &lane);
+                fault->ahead = (uint32_t)read_ahead_of(r, index, most, depth, m->read_ahead,
+                                                       &first, &window, &windows, &started,
+                                                       &lane);
                 int down = started && r->around && index + 2 == r->around;
                 if (started && (r->r.advice == MPU_ADVICE_SEQUENTIAL || down
                                 || (r->around_end && index == r->around_end))) {
@@ -506,8 +510,8 @@ static int drain(struct mpu_monitor *m, uint32_t slot, struct monitored *c)
                     started->steps = down ? 2 : 0;
                     started->window = (uint32_t)full;
                     fault->ahead = (uint32_t)read_ahead_of(r, index, most, depth,
-                                                           &first, &window, &windows, &started,
-                                                           &lane);
+                                                           m->read_ahead, &first, &window,
+                                                           &windows, &started, &lane);
                 }
                 if (first)
                     aheads[naheads++] = (struct window){
