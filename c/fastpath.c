@@ -524,6 +524,15 @@ static int drain(struct mpu_monitor *m, uint32_t slot, struct monitored *c)
                                                          r->r.region_gen, MPU_W_READ_AROUND, 0,
                                                          full };
             }
+            if (r->r.unit > 1) {
+                /* The region's pages are larger than the server's: the
+                 * fault's filler reads all of the one it is in. */
+                uint64_t start = index / r->r.unit * r->r.unit;
+                uint64_t tail = start + r->r.unit - 1 - index;
+                fault->behind = (uint32_t)(index - start);
+                if (fault->ahead < tail)
+                    fault->ahead = (uint32_t)tail;
+            }
         }
         for (int to = 0; to < m->nfillers; to++) {
             if (!counts[to])
@@ -1178,6 +1187,32 @@ static uint64_t claim_run(struct mpu_filler *f, struct mpu_region_slot *r,
     return n;
 }
 
+/* Claims the FREE pages just before `page`, up to `count` of them, nearest
+ * first, stopping at the first that is not FREE or when the buffer has no
+ * room; their descriptors go into `into` in page order.  How many. */
+static uint64_t claim_behind(struct mpu_filler *f, struct mpu_region_slot *r, uint64_t page,
+                             uint64_t count, uint32_t *into)
+{
+    uint64_t n = 0;
+    if (count > page)
+        count = page;
+    if (count > f->max_run / 2)
+        count = f->max_run / 2;
+    while (n < count) {
+        int state = mpu_page_claim(f->h, slot_of(f, r), r->gen, page - 1 - n, f->pid,
+                                   MPU_CLAIM_AHEAD, 0, f->evict_fds, f->nevict, &into[n], NULL);
+        if (state != MPU_FREE)
+            break;
+        n++;
+    }
+    for (uint64_t i = 0; i < n / 2; i++) {  /* nearest first -> page order */
+        uint32_t d = into[i];
+        into[i] = into[n - 1 - i];
+        into[n - 1 - i] = d;
+    }
+    return n;
+}
+
 static void abandon(struct mpu_filler *f, const uint32_t *descs, uint64_t count)
 {
     for (uint64_t k = 0; k < count; k++)
@@ -1379,29 +1414,43 @@ static void serve_one(struct mpu_filler *f, const struct mpu_fault *fault)
         event(f, MPU_EV_STUCK, fault->region, page, 0, (uint64_t)state);
     }
 
+    /* One read from `first`: the free pages of the fault's region page
+     * before it (a region page larger than the server's), the fault's, and
+     * those after it (the rest of that region page, a scan's window). */
     int full;
-    uint32_t *ahead_descs = f->descs + 1;
-    uint64_t ahead = claim_run(f, r, page + 1,
-                               fault->ahead < f->read_ahead ? fault->ahead : f->read_ahead,
+    uint64_t behind = claim_behind(f, r, page, fault->behind, f->descs);
+    uint64_t first = page - behind;
+    uint32_t *ahead_descs = f->descs + behind + 1;
+    uint64_t room = f->max_run - behind - 1;
+    uint64_t ahead = claim_run(f, r, page + 1, fault->ahead < room ? fault->ahead : room,
                                MPU_CLAIM_AHEAD, &full, ahead_descs);
+    uint64_t total = behind + 1 + ahead;
     int present = 0;
-    int64_t got = read_run(f, r, page, 1 + ahead,
-                           ahead && ahead == f->read_ahead
+    int64_t got = read_run(f, r, first, total,
+                           !behind && ahead && ahead == f->read_ahead
                            && scan_through_reader(f, r, page * f->page_size,
                                                   (1 + ahead) * f->page_size));
-    uint64_t whole = got < 0 ? 0 : whole_pages(f, r, page, 1 + ahead, (uint64_t)got);
-    if (whole == 0) {
+    uint64_t whole = got < 0 ? 0 : whole_pages(f, r, first, total, (uint64_t)got);
+    if (whole <= behind) {
         if (got < 0)
             event(f, MPU_EV_STORE_FAILED, fault->region, page, -got, 0);
+        abandon(f, f->descs, behind);
         abandon(f, ahead_descs, ahead);
-        past_the_end(f, r, fault->region, uffd, page, address, len, got < 0 ? 0 : got);
+        uint64_t skip = behind * f->page_size;
+        uint64_t mine = got > (int64_t)skip ? (uint64_t)got - skip : 0;
+        if (behind)
+            memmove(f->chunk, f->chunk + skip, f->page_size);  /* past_the_end copies from 0 */
+        past_the_end(f, r, fault->region, uffd, page, address, len, mine);
     } else {
-        /* The pages ahead go in first: woken, the client goes on to them. */
-        uint64_t written = write_run(f, r, fault->region, page + 1, whole - 1, 1,
+        /* The pages around go in first: woken, the client goes on to them. */
+        write_run(f, r, fault->region, first, behind, 0, 0, f->descs);
+        uint64_t after = whole - behind - 1;
+        uint64_t written = write_run(f, r, fault->region, page + 1, after, behind + 1,
                                      MPU_READ_AHEAD, ahead_descs);
         mpu_add64(&f->h->readahead_fills, (int64_t)written);
-        abandon(f, ahead_descs + (whole - 1), ahead + 1 - whole);
-        present = copy(f, r, fault->region, uffd, page, address, len, 0) == 0;
+        abandon(f, ahead_descs + after, ahead - after);
+        present = copy(f, r, fault->region, uffd, page, address, len,
+                       behind * f->page_size) == 0;
         if (present)
             mpu_account(f->h, fault->client, fault->read_at, len, MPU_ANSWER_COPY);
     }

@@ -37,6 +37,9 @@ struct mpu_client_range {
     uint32_t window;        /* the largest read-ahead window, in pages (0: the
                                server's): an object store's reads cost a round
                                trip each, so its windows are larger */
+    uint32_t unit;          /* the region's page, in server pages (0, 1: one):
+                               a fault reads the whole of it */
+    uint32_t pad;
 };
 
 /* The monitor sleeps in epoll on every client's userfaultfd and drains

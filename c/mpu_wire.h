@@ -25,6 +25,9 @@
 #define MPU_MSG_HELLO 1             /* u32 flags [+ session tag]; fds: userfaultfd */
 #define MPU_MSG_WELCOME 2           /* struct mpu_welcome */
 #define MPU_MSG_MAP 3               /* u32 flags; fds: the file */
+/* MAP's and MAP_URL's flags: bits 0-7, log2 of the region's page size
+ * asked for (0: what the store proposes, else the server's page size). */
+#define MPU_MAP_PAGE_SHIFT 0xff
 #define MPU_MSG_MAPPED 4            /* struct mpu_mapped; fds: the region's memfd */
 #define MPU_MSG_REGISTER 5          /* struct mpu_span */
 #define MPU_MSG_REGISTERED 6        /* u64 mapping id */
@@ -144,7 +147,7 @@ struct mpu_fault {
     uint64_t address;               /* where that page starts in the client */
     uint64_t read_at;               /* CLOCK_MONOTONIC ns when the monitor read it */
     uint32_t ahead;                 /* pages to read after it, if free: a scan */
-    uint32_t pad;
+    uint32_t behind;                /* ... and before it: the region page it is in */
 };
 
 struct mpu_w_faults {

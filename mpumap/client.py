@@ -279,9 +279,14 @@ class Client:
         except (OSError, protocol.ProtocolError) as exc:
             log.debug("giving back a mapping: %s", exc)
 
-    def map(self, source):
+    def map(self, source, page_size=None):
         """Map a file, or an object named by URL, read-only through the
         server; returns a Mapping.
+
+        `page_size` is what one fault reads of this region: a power of two
+        from the server's page size to 4 MiB (by default the store's
+        proposal for objects, the server's page size for files).  The first
+        mapping of a region sets it for as long as the region lives.
 
         A file is opened here, with this process's rights: FileNotFoundError
         and PermissionError come from this call, before the server hears of
@@ -295,8 +300,9 @@ class Client:
         a page not yet read raises SIGBUS, as reading past the end of a
         mapped file does, never a mix of two versions.
         """
+        flags = _page_flags(page_size)
         if isinstance(source, str) and scheme_of(source) and scheme_of(source) != "file":
-            return self._map_url(source)
+            return self._map_url(source, flags)
         if isinstance(source, str) and scheme_of(source) == "file":
             source = urllib.parse.unquote(urllib.parse.urlsplit(source).path)
         path = os.fspath(source)
@@ -307,15 +313,15 @@ class Client:
                 raise OSError(errno.EINVAL, f"{path} is not a regular file")
             if st.st_size == 0:
                 raise ValueError(f"cannot map an empty file: {path}")
-            return self._map(path, fd)
+            return self._map(path, fd, payload=protocol.U32.pack(flags))
         finally:
             os.close(fd)
 
-    def _map_url(self, url):
+    def _map_url(self, url, flags):
         payload = url.encode("utf-8")
         if len(payload) > protocol.MAX_URL:
             raise ValueError(f"a URL is at most {protocol.MAX_URL} bytes")
-        return self._map(url, None, Msg.MAP_URL, protocol.U32.pack(0) + payload)
+        return self._map(url, None, Msg.MAP_URL, protocol.U32.pack(flags) + payload)
 
     def _map(self, path, fd, kind=Msg.MAP, payload=protocol.U32.pack(0)):
         """Ask for a mapping (MAP with the file's descriptor, or MAP_URL)
@@ -435,6 +441,15 @@ class Client:
     def __repr__(self):
         state = "closed" if self.closed else f"{len(self._mappings)} mappings"
         return f"<mpumap.Client {self.socket_path} {state}>"
+
+
+def _page_flags(page_size):
+    """MAP's flags for a page size asked for (log2 in the low byte)."""
+    if page_size is None:
+        return 0
+    if page_size <= 0 or page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two, not {page_size}")
+    return page_size.bit_length() - 1
 
 
 class Mapping(mmap.mmap):

@@ -52,6 +52,7 @@ class Region:
         self.url = url
         self.identity = identity
         self.window = 0  # the largest read-ahead window in pages (0: the server's)
+        self.unit = 1  # the region's page, in server pages: a fault reads all of it
         self.key = None
         self.mappings = 0
 

@@ -67,7 +67,7 @@ class Connection:
     def ranges(self):
         """The registered mappings, as the fault monitor wants them."""
         return sorted((m.address, m.address + m.region.map_length, m.region.slot, m.region.gen,
-                       m.advice, m.region.window)
+                       m.advice, m.region.window, m.region.unit)
                       for m in self.mappings.values() if m.address is not None)
 
 

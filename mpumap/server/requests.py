@@ -25,6 +25,7 @@ log = logging.getLogger("mpumap.requests")
 HANDSHAKE_SECONDS = 5.0  # to say HELLO (or ask STATS) after connecting
 OFFLOAD_SECONDS = 8.0  # for a store to open, a range to register (below the clients' 10)
 QUIET_SECONDS = 60.0  # one log line per kind of refusal and user this often
+MAX_PAGE_SHIFT = 22  # a region's page is at most 4 MiB (half a filler's longest read)
 
 
 class RequestError(OSError):
@@ -312,16 +313,31 @@ class RequestHandler:
         mappings = self.clients.mappings_per_user[conn.uid] + self.maps_under_way[conn.uid]
         self.quota(conn, mappings, s.max_user_mappings, "mappings", "--max-user-mappings")
 
+    def page_size_asked(self, flags):
+        """The region page size a map's flags ask for (None: no choice)."""
+        if flags & ~lib.MPU_MAP_PAGE_SHIFT:
+            raise RequestError(errno.EINVAL, f"unknown map flags {flags:#x}")
+        shift = flags & lib.MPU_MAP_PAGE_SHIFT
+        if not shift:
+            return None
+        size, page = 1 << shift, self.settings.page_size
+        if shift > MAX_PAGE_SHIFT or size < page or size % page:
+            raise RequestError(errno.EINVAL, f"a region's page size is a power of two from the "
+                               f"server's page ({page}) to {1 << MAX_PAGE_SHIFT} bytes, not {size}")
+        return size
+
     def on_map(self, conn, values, payload, fds):
+        asked = self.page_size_asked(values[0])
         self.may_map(conn)
         client_fd = fds.pop()
         store_io = self.settings.store_io
-        self.open_for(conn, lambda: open_for_map(client_fd, store_io),
+        self.open_for(conn, lambda: open_for_map(client_fd, store_io, asked),
                       discard=lambda: os.close(client_fd))
 
     def on_map_url(self, conn, values, payload, fds):
         if len(payload) < 4:
             raise ProtocolError("MAP_URL payload is u32 flags, then a URL")
+        asked = self.page_size_asked(protocol.U32.unpack_from(payload)[0])
         try:
             url = payload[4:].decode("utf-8")
         except UnicodeDecodeError:
@@ -332,7 +348,8 @@ class RequestHandler:
                                "may map (its --allow-remote)")
         store = self.stores.for_url(url)
         self.may_map(conn)
-        self.open_for(conn, lambda: OpenedObject(url, store.stat(url), store.window))
+        page_size = asked or store.page_size
+        self.open_for(conn, lambda: OpenedObject(url, store.stat(url), store.window, page_size))
 
     def open_for(self, conn, open_, discard=None):
         """Open what a map names off the main loop (a file's fstat may wait
@@ -401,6 +418,9 @@ class RequestHandler:
             # A store's own read-ahead window, never less than the server's.
             region.window = max(s.read_ahead + 1, opened.window // s.page_size) \
                 if s.read_ahead else 0
+        # The first mapper's page size (or the store's) holds while the
+        # region lives: a fault reads a whole region page.
+        region.unit = max(1, (opened.page_size or s.page_size) // s.page_size)
         # Until every worker knows it, whoever maps it waits.
         self.announcing[region.rid] = []
 
@@ -579,9 +599,9 @@ class OpenedFile:
 
     url = identity = None
 
-    def __init__(self, dev, ino, size, name, store_fd, mode):
+    def __init__(self, dev, ino, size, name, store_fd, mode, page_size=None):
         self.dev, self.ino, self.size, self.name = dev, ino, size, name
-        self.store_fd, self.mode = store_fd, mode
+        self.store_fd, self.mode, self.page_size = store_fd, mode, page_size
 
     def key(self, uid):
         return (self.dev, self.ino, uid)
@@ -602,12 +622,12 @@ class OpenedObject:
 
     mode = CALL
 
-    def __init__(self, url, info, window):
+    def __init__(self, url, info, window, page_size):
         if info.size <= 0:
             raise RequestError(errno.EINVAL, f"cannot map an empty object: {url}")
         self.url = self.name = url
         self.size, self.identity = info.size, str(info.identity)
-        self.window = window
+        self.window, self.page_size = window, page_size
 
     def key(self, uid):
         return (self.url, self.identity, uid)
@@ -619,7 +639,7 @@ class OpenedObject:
         pass
 
 
-def open_for_map(fd, store_io):
+def open_for_map(fd, store_io, page_size=None):
     """Check a descriptor a client sent with MAP and open its store; takes
     over fd.  Runs in an offload thread: fstat may wait on a network file
     system."""
@@ -640,7 +660,7 @@ def open_for_map(fd, store_io):
         os.close(fd)
         raise
     store_fd, mode = open_store(fd, store_io)
-    return OpenedFile(st.st_dev, st.st_ino, st.st_size, name, store_fd, mode)
+    return OpenedFile(st.st_dev, st.st_ino, st.st_size, name, store_fd, mode, page_size)
 
 
 def supplementary_groups(pid):

@@ -88,6 +88,9 @@ class Store:
     # window read around a fault while the buffer has room): a request costs
     # a round trip, so fewer and larger reads, in parts at once.
     window = 8 << 20
+    # The page size this store's regions get unless the mapper asks for
+    # another (None: the server's): what one fault reads.
+    page_size = None
 
     def __init__(self, settings=StoreSettings()):
         self.settings = settings

@@ -3,6 +3,7 @@ copy in the page cache, read-ahead, prefetch, many regions, adaptive size."""
 import errno
 import mmap
 import os
+import random
 import subprocess
 import time
 
@@ -365,3 +366,33 @@ def test_adaptive_size_follows_a_memory_cgroup(cgroup, start_server, readers, wo
         assert_clean(readers.result(p))
     assert cgroup.oom_kills() == 0
     assert server.proc.poll() is None
+
+
+def test_a_region_page_larger_than_the_servers_is_read_whole(start_server, workdir):
+    """Client.map(page_size=...): one fault reads the whole region page it
+    falls in, however the buffer's (server) pages come and go."""
+    path = make_file(os.path.join(workdir, "big-pages.bin"), 16 * MiB, seed=31)
+    with open(path, "rb") as f:
+        want = f.read()
+    pages = list(range(0, len(want), 4096))
+    random.Random(3).shuffle(pages)
+    for buffer, most in (("32M", 16 * MiB // (64 << 10) + 8), ("2M", None)):
+        server = start_server("--page-size", "4K", "--buffer-size", buffer)
+        with mpumap.connect(server.socket) as client:
+            for bad in (2048, 8 << 20):
+                with pytest.raises(OSError) as info:
+                    client.map(path, page_size=bad)
+                assert info.value.errno == errno.EINVAL
+            with pytest.raises(ValueError):
+                client.map(path, page_size=3000)
+            with client.map(path, page_size=64 << 10) as m:
+                m.advise(mmap.MADV_RANDOM)  # no read-ahead, no read-around: pages only
+                for off in pages:
+                    assert m[off:off + 4096] == want[off:off + 4096], off
+                stats = client.stats()
+        (region,) = stats["regions"]
+        assert region["page_size"] == 64 << 10
+        faults = stats["buffer"]["faults"]
+        if most:  # the buffer holds it all: one fault per region page
+            assert 256 <= faults <= most, faults
+        assert stats["buffer"]["peak_used"] <= stats["buffer"]["limit"]

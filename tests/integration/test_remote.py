@@ -204,4 +204,10 @@ def test_http_objects_map_too(start_server, workdir, s3):
     with mpumap.connect(server.socket) as client, client.map(url) as m:
         with open(path, "rb") as f:
             assert m[:] == f.read()
-        assert [r["store"] for r in client.stats()["stores"]] == ["http"]
+        stats = client.stats()
+        assert [r["store"] for r in stats["stores"]] == ["http"]
+        # The store proposes its page size: a fault reads 64 KiB of it.
+        assert stats["regions"][0]["page_size"] == 64 << 10
+        with client.map(url, page_size=256 << 10) as again:
+            assert again[:10] == m[:10]  # the same region: its first page size holds
+            assert client.stats()["regions"][0]["page_size"] == 64 << 10
