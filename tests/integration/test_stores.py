@@ -62,3 +62,23 @@ def test_a_store_that_cannot_be_loaded_is_a_clear_error(start_server):
             client.map("gopher://host/x")  # allowed by nothing, served by nothing
         assert info.value.errno == errno.EACCES
     assert server.stats()["regions_total"] == 0
+
+
+def test_an_installed_package_registers_its_store_by_entry_point(start_server, workdir):
+    """A package that declares `mpumap.stores` entry points serves its
+    schemes with no flag: here a dist-info folder on the server's path, as
+    pip would leave it, naming the example store under another scheme."""
+    site = os.path.join(workdir, "site")
+    info = os.path.join(site, "mpumap_example_stores-1.0.dist-info")
+    os.makedirs(info)
+    with open(os.path.join(info, "METADATA"), "w") as f:
+        f.write("Metadata-Version: 2.1\nName: mpumap-example-stores\nVersion: 1.0\n")
+    with open(os.path.join(info, "entry_points.txt"), "w") as f:
+        f.write("[mpumap.stores]\ngen = synthetic:SyntheticStore\n")
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([site, os.path.abspath(EXAMPLES)])}
+    server = start_server("--allow-remote", "gen://*", env=env)
+    url = "gen://numbers?size=3M&seed=4"
+    with mpumap.connect(server.socket) as client, client.map(url) as m:
+        assert m[:] == synthetic.data(url, 0, 3 * MiB)
+        assert [r["store"] for r in client.stats()["stores"]] == ["gen"]
