@@ -117,9 +117,11 @@ def test_what_the_page_cache_holds_is_copied_from_there(start_server, readers, w
     # wait (one run in five here missed a few pages of 256).
     assert 0.9 * (size // 2) <= buffer["cache_bytes"] <= size // 2
     # Nothing was added to the cache, and nothing taken out (but for a few
-    # pages the kernel may reclaim meanwhile: one run of the whole suite in
-    # five lost 11 of 4,098 while other tests filled the page cache).
-    assert size // 2 - 32 * 4096 <= page_cache_bytes(path) <= size // 2 + 4 * 4096
+    # pages the kernel reclaims meanwhile, with memory to spare: this
+    # machine runs DAMON with a pageout scheme, which takes cold page cache
+    # pages on its own; runs of the whole suite lost 11 and 50 of 4,098).
+    # Our dropping them would take windows of pages, not a few.
+    assert size // 2 - 128 * 4096 <= page_cache_bytes(path) <= size // 2 + 4 * 4096
 
 
 def faults_for_read(start_server, readers, path, read_ahead=None, order="seq"):
