@@ -78,6 +78,19 @@ def _lock_port(port):
     return f
 
 
+def _unlock_port(f):
+    """Give a port's lock back, and its file: removed while still locked,
+    so that the folder does not grow with every port ever used.  (Another
+    process that opened the file just before may then lock the removed
+    file while a third makes a new one: both would take the port, and
+    the bind check below and start()'s retry on new ports catch that.)"""
+    try:
+        os.unlink(f.name)
+    except OSError:
+        pass
+    f.close()
+
+
 def _reserve_ports(count):
     """COUNT free HTTP ports below MAX_HTTP_PORT, each with its gRPC port free, and their locks."""
     ports, locks = [], []
@@ -92,7 +105,7 @@ def _reserve_ports(count):
         if None in pair or not (_port_free(port) and _port_free(port + GRPC_OFFSET)):
             for f in pair:
                 if f:
-                    f.close()
+                    _unlock_port(f)
             continue
         ports.append(port)
         locks += pair
@@ -268,7 +281,7 @@ class S3Service:
 
     def _release_ports(self):
         for f in self._port_locks:
-            f.close()
+            _unlock_port(f)
         self._port_locks = []
         self.ports = None
         self._botocore = None
