@@ -354,7 +354,10 @@ static void post_read_ahead(struct mpu_monitor *m, uint32_t kind, uint32_t regio
     /* A scan's windows by its lane: one filler reads them all, in order,
      * so that its reader sees one stream (scan_reader).  Others by window:
      * their first pages may be a multiple of the fillers apart. */
-    int scan = kind == MPU_W_READ_AHEAD || kind == MPU_W_READ_BEHIND;
+    /* (A store's windows, larger than a file's, need no scan reader: they
+     * go to the fillers in turn, so that several are read at once.) */
+    int scan = (kind == MPU_W_READ_AHEAD || kind == MPU_W_READ_BEHIND)
+               && run == m->read_ahead + 1;
     int to = (int)mpu_filler_for(region, scan ? lane : first / window,
                                  (uint32_t)m->nfillers);
     post(m, to, &fill, sizeof fill);  /* a window it cannot queue is not read ahead */
