@@ -968,7 +968,10 @@ static void drop_behind(struct mpu_region_slot *r, int fd, uint64_t offset, uint
 }
 
 /* The filler's pipe for splice_run, made when its loop starts (a
- * descriptor it keeps for good), as large as its longest run. */
+ * descriptor it keeps for good), as large as a scan's window: splice_run
+ * moves nothing larger, and a pipe larger than fs.pipe-max-size (1 MiB by
+ * default) is refused to a server that is not root, which would then
+ * never splice. */
 static void make_splice_pipe(struct mpu_filler *f)
 {
     if (f->splicing)
@@ -976,7 +979,7 @@ static void make_splice_pipe(struct mpu_filler *f)
     f->splicing = 2;
     if (pipe2(f->splice_pipe, O_CLOEXEC) < 0)
         return;
-    if (fcntl(f->splice_pipe[1], F_SETPIPE_SZ, (int)(f->max_run * f->page_size)) > 0) {
+    if (fcntl(f->splice_pipe[1], F_SETPIPE_SZ, (int)((f->read_ahead + 1) * f->page_size)) > 0) {
         f->splicing = 1;
     } else {
         close(f->splice_pipe[0]);
