@@ -42,23 +42,14 @@ def _first_line(exc):
     return (text[0] if text else type(exc).__name__)[:300]
 
 
-class _ObstoreBacked(Store):
-    """A store that keeps one obstore client per (scheme, host or bucket),
-    made when first used; obstore's own retries are off (the fillers retry,
-    with the server's settings).  A request costs a round trip (about 1 ms
-    on loopback, tens over a network) where 64 KiB more cost little: a
-    fault reads 64 KiB."""
-
-    page_size = 64 << 10
+class _ClientPerKey(Store):
+    """A store that keeps one client per key (a bucket, a host, a
+    protocol), made when first used, from any of the threads that read."""
 
     def __init__(self, settings):
         super().__init__(settings)
         self._clients = {}
         self._lock = threading.Lock()
-
-    def client_options(self):
-        return {"timeout": f"{max(1, int(self.settings.timeout))}s",
-                "connect_timeout": f"{CONNECT_SECONDS}s"}
 
     def _client(self, key):
         with self._lock:
@@ -69,6 +60,19 @@ class _ObstoreBacked(Store):
 
     def make_client(self, key):
         raise NotImplementedError
+
+
+class _ObstoreBacked(_ClientPerKey):
+    """A store that keeps one obstore client per (scheme, host or bucket);
+    obstore's own retries are off (the fillers retry, with the server's
+    settings).  A request costs a round trip (about 1 ms on loopback, tens
+    over a network) where 64 KiB more cost little: a fault reads 64 KiB."""
+
+    page_size = 64 << 10
+
+    def client_options(self):
+        return {"timeout": f"{max(1, int(self.settings.timeout))}s",
+                "connect_timeout": f"{CONNECT_SECONDS}s"}
 
     def locate(self, url):
         """(client key, path within it)."""
@@ -153,26 +157,19 @@ class HTTPStore(_ObstoreBacked):
         return Client.from_url(base, client_options=options, retry_config={"max_retries": 0})
 
 
-class FsspecStore(Store):
+class FsspecStore(_ClientPerKey):
     """Any other protocol fsspec knows (and the server allows): its
     filesystem's info() gives the identity (ETag, checksum or mtime), which
     is checked again before every read, since fsspec has no conditional
     read: a replacement between that check and the read is not seen."""
 
-    def __init__(self, settings):
-        super().__init__(settings)
-        self._filesystems = {}
-        self._lock = threading.Lock()
-
-    def _fs(self, url):
+    def make_client(self, protocol):
         import fsspec
 
-        protocol = url.split("://", 1)[0].lower()
-        with self._lock:
-            fs = self._filesystems.get(protocol)
-            if fs is None:
-                fs = self._filesystems[protocol] = fsspec.filesystem(protocol)
-            return fs
+        return fsspec.filesystem(protocol)
+
+    def _fs(self, url):
+        return self._client(url.split("://", 1)[0].lower())
 
     def stat(self, url):
         try:
