@@ -353,9 +353,9 @@ static void post_read_ahead(struct mpu_monitor *m, uint32_t kind, uint32_t regio
     }
     /* A scan's windows by its lane: one filler reads them all, in order,
      * so that its reader sees one stream (scan_reader).  Others by window:
-     * their first pages may be a multiple of the fillers apart. */
-    /* (A store's windows, larger than a file's, need no scan reader: they
-     * go to the fillers in turn, so that several are read at once.) */
+     * their first pages may be a multiple of the fillers apart; so a
+     * store's scan windows too (larger than a file's, they need no scan
+     * reader), so that several are read at once. */
     int scan = (kind == MPU_W_READ_AHEAD || kind == MPU_W_READ_BEHIND)
                && run == m->read_ahead + 1;
     int to = (int)mpu_filler_for(region, scan ? lane : first / window,
@@ -1582,15 +1582,15 @@ static int serve_waiting_faults(struct mpu_filler *f)
     }
 }
 
+/* How long a scan's window waits for the evictors to make room. */
+#define SCAN_ROOM_MS 100
+
 /* Fills the FREE pages of [first, first + count) that the buffer has room
  * for, in runs; stops when the buffer is full.  `kind` says who asked: a
  * client (MPU_W_PREFETCH), or the monitor, for a scan (MPU_W_READ_AHEAD:
  * room up to the limit) or around a fault (MPU_W_READ_AROUND: room below
  * the high watermark, as a prefetch); what the monitor asked for is marked
  * as read ahead.  Each kind has its counter. */
-/* How long a scan's window waits for the evictors to make room. */
-#define SCAN_ROOM_MS 100
-
 static void fill_span(struct mpu_filler *f, uint32_t region, uint64_t first, uint64_t count,
                       uint32_t kind)
 {

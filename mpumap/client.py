@@ -301,10 +301,11 @@ class Client:
         mapped file does, never a mix of two versions.
         """
         flags = _page_flags(page_size)
-        if isinstance(source, str) and scheme_of(source) and scheme_of(source) != "file":
-            return self._map_url(source, flags)
-        if isinstance(source, str) and scheme_of(source) == "file":
+        scheme = scheme_of(source) if isinstance(source, str) else None
+        if scheme == "file":
             source = urllib.parse.unquote(urllib.parse.urlsplit(source).path)
+        elif scheme:
+            return self._map_url(source, flags)
         path = os.fspath(source)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:

@@ -18,14 +18,16 @@ from mpumap.server.stats import LISTED, server_stats
 from mpumap.settings import SYSTEM_PAGE_SIZE
 from mpumap.stores import StoreSettings, Stores, allowed, check_url
 from mpumap.stores.files import CALL, open_store
-from mpumap.workers.fillers import prefetch_run
+from mpumap.workers.fillers import STORE_WINDOW_BYTES, prefetch_run
 
 log = logging.getLogger("mpumap.requests")
 
 HANDSHAKE_SECONDS = 5.0  # to say HELLO (or ask STATS) after connecting
 OFFLOAD_SECONDS = 8.0  # for a store to open, a range to register (below the clients' 10)
 QUIET_SECONDS = 60.0  # one log line per kind of refusal and user this often
-MAX_PAGE_SHIFT = 22  # a region's page is at most 4 MiB (half a filler's longest read)
+# A region's page is at most half a filler's longest read (claim_behind
+# takes no more than that before a fault): 4 MiB.
+MAX_PAGE_SHIFT = (STORE_WINDOW_BYTES // 2).bit_length() - 1
 
 
 class RequestError(OSError):
