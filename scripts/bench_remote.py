@@ -7,6 +7,10 @@ an object of random bytes and uploads it once).
 Modes (--modes, all by default):
   mpumap      a server of our own (--buffer, --page-size); each process maps
               s3://bench/object and reads slices of the mapping
+  mpumap-small
+              the same through a buffer smaller than the object
+              (--small-buffer, a quarter of it by default): the memory
+              budget that per-process caches cannot keep to
   s3fs        s3fs.S3FileSystem().open(path): its default cache, seek + read
   s3fs-block  the same with cache_type="blockcache"
   obstore     one ranged GET a read (obstore.get_range)
@@ -63,7 +67,7 @@ MiB = 1 << 20
 PIECE = 4096                 # bytes a read reads, at 4 KiB-aligned offsets
 SCAN_SLICE = 1 << 20         # the scan's slices
 BUCKET, KEY = "bench", "object.bin"
-MODES = ("mpumap", "s3fs", "s3fs-block", "obstore", "download", "scan")
+MODES = ("mpumap", "mpumap-small", "s3fs", "s3fs-block", "obstore", "download", "scan")
 SAMPLE_SECONDS = 0.2
 # Sets PR_SET_PDEATHSIG (kept across exec) and execs the command: a server of
 # ours goes away with this script even if it is killed with SIGKILL.
@@ -333,7 +337,7 @@ def child(mode, cfg, seed, go, out):
         pieces = [(rng.randrange(size // PIECE) * PIECE, PIECE) for _ in range(cfg["reads"])]
         checked = None  # all
     mapping = client = f = data = None
-    if mode in ("mpumap", "scan-mpumap"):
+    if "mpumap" in mode:
         import mpumap
         client = mpumap.connect(cfg["socket"])
     elif mode in ("s3fs", "s3fs-block"):
@@ -348,7 +352,7 @@ def child(mode, cfg, seed, go, out):
     print("ready", flush=True)
     wait_for(go)
     start = time.monotonic()
-    if mode in ("mpumap", "scan-mpumap"):
+    if "mpumap" in mode:
         mapping = client.map(f"s3://{BUCKET}/{KEY}")
 
         def read(off, n):
@@ -504,14 +508,14 @@ class Bench:
         with open(os.path.join(self.folder, "config.json"), "w") as f:
             json.dump(cfg, f)
 
-    def start_server(self, name):
+    def start_server(self, name, buffer):
         import mpumap
         from mpumap.testing import command
         sock = os.path.join(self.folder, f"{name}.sock")
         log = os.path.join(self.folder, f"server-{name}.log")
         self.logs.append(log)
         args = [*command("mpumap-server"), "--socket", sock,
-                "--buffer-size", f"{self.buffer >> 10}K",
+                "--buffer-size", f"{buffer >> 10}K",
                 "--page-size", f"{self.page_size >> 10}K",
                 "--allow-remote", f"s3://{BUCKET}/*"]
         env = {**os.environ, **self.child_env()}
@@ -608,7 +612,8 @@ class Bench:
 
         server = sock = log = None
         if "mpumap" in mode:
-            sock, server, log = self.start_server(mode)
+            buffer = self.small_buffer if mode == "mpumap-small" else self.buffer
+            sock, server, log = self.start_server(mode, buffer)
         try:
             self.write_config(sock)
             go, children = self.start_children(mode, count)
@@ -778,20 +783,20 @@ def fmt(value, spec, none="-"):
 
 
 def print_table(rows, reads_each, procs):
-    head = (f"{'mode':11}{'MB/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'fetched MiB':>13}{'x':>7}"
+    head = (f"{'mode':13}{'MB/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'fetched MiB':>13}{'x':>7}"
             f"{'GETs':>8}{'peak mem MiB':>14}{'wall s':>8}{'setup s':>8}{'reads':>8}"
             f"  {'cpu s cl/s3/px/srv':>20}  ok")
     print(head)
     print("-" * len(head))
     for r in rows:
         if "error" in r:
-            print(f"{r['mode']:11}FAILED: {r['error'].splitlines()[0]}")
+            print(f"{r['mode']:13}FAILED: {r['error'].splitlines()[0]}")
             continue
         c = r["cpu"]
         cpu = f"{c['clients']:.0f}/{c['s3']:.0f}/{c['proxy']:.0f}/{c['server']:.0f}"
         fetched = r.get("fetched")
         times = fetched / r["bytes"] if fetched is not None and r["bytes"] else None
-        print(f"{r['mode']:11}{r['mbps']:>8.2f}{fmt(r['p50_ms'], '.3f'):>9}"
+        print(f"{r['mode']:13}{r['mbps']:>8.2f}{fmt(r['p50_ms'], '.3f'):>9}"
               f"{fmt(r['p99_ms'], '.3f'):>9}"
               f"{fmt(None if fetched is None else fetched / MiB, '.0f'):>13}"
               f"{fmt(times, '.0f'):>7}"
@@ -813,6 +818,8 @@ def main():
                    help="random 4 KiB reads per process (4096)")
     p.add_argument("--buffer", help="mpumap's --buffer-size (default: enough to hold the "
                    "object below the high watermark: its size / 0.9)")
+    p.add_argument("--small-buffer", help="the buffer of the mpumap-small mode (default: a "
+                   "quarter of the object)")
     p.add_argument("--page-size", default="64K", help="mpumap's --page-size (64K)")
     p.add_argument("--modes", default=",".join(MODES),
                    help=f"comma list of {', '.join(MODES)} (all)")
@@ -850,6 +857,8 @@ def main():
     # object is that much larger (as scripts/bench.py sizes its "2x" rows).
     buffer = parse_size(args.buffer) if args.buffer else -(-args.size * 10 // 9 // (1 << 20)) << 20
     buffer = max(16 * page_size, -(-buffer // page_size) * page_size)
+    small = parse_size(args.small_buffer) if args.small_buffer else args.size // 4
+    small = max(16 * page_size, -(-small // page_size) * page_size)
     args.s3fs_block_size = parse_size(args.s3fs_block_size) if args.s3fs_block_size else None
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = set(modes) - set(MODES)
@@ -869,7 +878,7 @@ def main():
 
     folder = tempfile.mkdtemp(prefix="mpumap-bench-remote-", dir="/var/tmp")
     bench = Bench(args, folder)
-    bench.buffer, bench.page_size = buffer, page_size
+    bench.buffer, bench.small_buffer, bench.page_size = buffer, small, page_size
     rows, scan, check, failed = [], None, None, False
     started = time.monotonic()
     try:
@@ -885,7 +894,7 @@ def main():
                 print(f"  the proxy limits a stream: {x['ranges_mbps'] / d['ranges_mbps']:.0%} "
                       f"of direct (--no-proxy to go without it)")
         print(f"{args.procs} processes x {args.reads} random {PIECE} B reads; mpumap: buffer "
-              f"{buffer / MiB:.0f} MiB, page {page_size >> 10} KiB; at most "
+              f"{buffer / MiB:.0f} MiB (mpumap-small {small / MiB:.0f} MiB), page {page_size >> 10} KiB; at most "
               f"{args.max_seconds:.0f} s of reading a mode", flush=True)
         for mode in modes:
             if mode == "scan":
@@ -913,7 +922,8 @@ def main():
         print()
         if rows:
             print(f"random {PIECE} B reads: {args.procs} processes x {args.reads}, object "
-                  f"{args.size / MiB:.0f} MiB; mpumap buffer {buffer / MiB:.0f} MiB, page "
+                  f"{args.size / MiB:.0f} MiB; mpumap buffer {buffer / MiB:.0f} MiB "
+                  f"(mpumap-small {small / MiB:.0f} MiB), page "
                   f"{page_size >> 10} KiB")
             print_table(rows, args.reads, args.procs)
             for r in rows:
@@ -972,7 +982,7 @@ def main():
         if args.json and (rows or scan):
             with open(args.json, "w") as f:
                 json.dump({"size": args.size, "procs": args.procs, "reads": args.reads,
-                           "buffer": buffer, "page_size": page_size,
+                           "buffer": buffer, "small_buffer": small, "page_size": page_size,
                            "max_seconds": args.max_seconds, "proxy_check": check,
                            "rows": rows, "scan": scan}, f, indent=2)
         if args.keep:

@@ -161,10 +161,14 @@ def test_random_faults_read_around_while_the_buffer_has_room(start_server, reade
     assert_clean(readers.result(p))
     full = server.stats()["buffer"]
     # Read around only while two windows fit below the high watermark: the
-    # first few faults.  A random fault now and then lands right after the
-    # last one and is taken for a scan; no more than that is read ahead.
+    # first few faults.  The monitor decides on the pages in use, which lag
+    # the windows it posted and the fillers have not claimed yet, so on a
+    # busy machine up to a buffer's worth (256 pages) is read around before
+    # it sees the buffer full; never again after.  A random fault now and
+    # then lands right after the last one and is taken for a scan; no more
+    # than that is read ahead.
     assert full["faults"] >= 0.95 * pages
-    assert full["readaround_fills"] < 0.05 * pages, full["readaround_fills"]
+    assert full["readaround_fills"] < 256, full["readaround_fills"]
     assert full["readahead_fills"] < 0.05 * pages, full["readahead_fills"]
 
 
