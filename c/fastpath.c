@@ -465,6 +465,8 @@ static int drain(struct mpu_monitor *m, uint32_t slot, struct monitored *c)
         int naheads = 0;
         memset(counts, 0, sizeof counts);
         for (int i = 0; i < n; i++) {
+            uint32_t pf = (uint32_t)(addrs[i] & (MPU_PF_WRITE | MPU_PF_WP));
+            addrs[i] &= ~(uint64_t)(MPU_PF_WRITE | MPU_PF_WP);
             struct range *r = locate(c->ranges, c->nranges, addrs[i]);
             if (!r) {
                 uint64_t page = addrs[i] & ~(m->system_page - 1);
@@ -481,7 +483,12 @@ static int drain(struct mpu_monitor *m, uint32_t slot, struct monitored *c)
                 .region = r->r.region, .region_gen = r->r.region_gen,
                 .page = index, .address = r->r.start + index * m->page_size,
                 .read_at = now,
+                .flags = (pf & MPU_PF_WP ? MPU_FAULT_WP
+                          : pf & MPU_PF_WRITE ? MPU_FAULT_WRITE : 0)
+                         | (r->r.writable ? MPU_FAULT_WRITABLE : 0),
             };
+            if (pf & MPU_PF_WP)
+                continue;  /* a page that is there: nothing to read */
             if (m->read_ahead && r->r.advice != MPU_ADVICE_RANDOM) {
                 /* A store's larger windows: at most a sixteenth of the
                  * buffer, so that several fit in the quarter a scan may
@@ -1275,18 +1282,20 @@ static int wake(struct mpu_filler *f, int uffd, uint32_t region, uint64_t page,
     return err == 0;
 }
 
-/* Copies len bytes from the chunk at `from` to the client; 0 or errno. */
+/* Copies len bytes from the chunk at `from` to the client; 0 or errno.
+ * wp: the page lands write-protected (a mapping that may write, reading). */
 static int copy(struct mpu_filler *f, struct mpu_region_slot *r, uint32_t region,
-                int uffd, uint64_t page, uint64_t address, uint64_t len, uint64_t from)
+                int uffd, uint64_t page, uint64_t address, uint64_t len, uint64_t from,
+                int wp)
 {
     uint64_t started = mpu_now_ns();
-    int err = -mpu_uffd_copy(uffd, address, f->chunk + from, len);
+    int err = -mpu_uffd_copy(uffd, address, f->chunk + from, len, wp);
     if (err == EEXIST) {
         /* The memfd has a page we never filled (its state said FREE): it
          * cannot be trusted.  Punch it out and copy ours in. */
         event(f, MPU_EV_UNFILLED, region, page, 0, 0);
         mpu_punch(r->memfd, page * f->page_size, f->page_size);
-        err = -mpu_uffd_copy(uffd, address, f->chunk + from, len);
+        err = -mpu_uffd_copy(uffd, address, f->chunk + from, len, wp);
     }
     mpu_add64(&f->h->copy_ns, (int64_t)(mpu_now_ns() - started));
     if (err) {
@@ -1323,7 +1332,7 @@ static int drop_past_end(struct mpu_filler *f, struct mpu_region_slot *r, uint64
  * SIGBUS past them; pages the buffer holds past the end are dropped. */
 static void past_the_end(struct mpu_filler *f, struct mpu_region_slot *r, uint32_t region,
                          int uffd, uint64_t page, uint64_t address, uint64_t len,
-                         uint64_t got)
+                         uint64_t got, int wp)
 {
     uint64_t kept = mpu_round_up(got, f->system_page);
     if (kept > len)
@@ -1341,7 +1350,7 @@ static void past_the_end(struct mpu_filler *f, struct mpu_region_slot *r, uint32
         }
     }
     if (kept)
-        copy(f, r, region, uffd, page, address, kept, 0);
+        copy(f, r, region, uffd, page, address, kept, 0, wp);
     if (r->store_mode == MPU_STORE_CALL)
         return;  /* an object does not shrink: it failed, or was replaced */
     /* From the first page the file no longer holds whole: the one its end
@@ -1379,12 +1388,54 @@ static int resolve(struct mpu_filler *f, const struct mpu_fault *fault,
     return 1;
 }
 
+/* A write to a page that is there, write-protected in that client: it is
+ * dirty from now on, and the client may write it until it is written
+ * back. */
+static void serve_write(struct mpu_filler *f, const struct mpu_fault *fault,
+                        struct mpu_client_slot *c, struct mpu_region_slot *r)
+{
+    uint64_t len = fill_length(f, r, fault->page);
+    uint32_t entry;
+    for (;;) {
+        int state = mpu_page_open_write(f->h, fault->region, fault->region_gen, fault->page,
+                                        f->pid, WAIT_MS, &entry);
+        if (state == MPU_PRESENT) {
+            /* Lifted while the page is OPENING, ours: no write-back can
+             * take it (and protect it again) in between. */
+            int err = -mpu_uffd_writeprotect(c->uffd, fault->address, len, 0);
+            mpu_page_opened(f->h, entry);
+            if (err && !gone(err))
+                event(f, MPU_EV_WAKE_FAILED, fault->region, fault->page, err, 0);
+            if (!err)
+                mpu_account(f->h, fault->client, fault->read_at, 0, MPU_ANSWER_WAKE);
+            return;
+        }
+        if (state == MPU_FREE || (state < 0 && state != -EBUSY)) {
+            /* Evicted meanwhile (written back first), or its region went:
+             * woken, the thread faults again, on a missing page. */
+            wake(f, c->uffd, fault->region, fault->page, fault->address, len);
+            return;
+        }
+        beat(f);
+        event(f, MPU_EV_STUCK, fault->region, fault->page, 0,
+              (uint64_t)(state < 0 ? MPU_PRESENT : state));
+    }
+}
+
 static void serve_one(struct mpu_filler *f, const struct mpu_fault *fault)
 {
     struct mpu_client_slot *c;
     struct mpu_region_slot *r;
     if (!resolve(f, fault, &c, &r))
         return;
+    if (fault->flags & MPU_FAULT_WP) {
+        serve_write(f, fault, c, r);
+        return;
+    }
+    /* A mapping that may write gets what it reads write-protected (the
+     * server hears of its first write), what it writes writable and dirty. */
+    int writing = (fault->flags & MPU_FAULT_WRITE) && (fault->flags & MPU_FAULT_WRITABLE);
+    int wp = (fault->flags & MPU_FAULT_WRITABLE) && !writing;
     int uffd = c->uffd;
     uint64_t page = fault->page, address = fault->address;
     uint64_t len = fill_length(f, r, page);
@@ -1446,7 +1497,7 @@ static void serve_one(struct mpu_filler *f, const struct mpu_fault *fault)
         uint64_t mine = got > (int64_t)skip ? (uint64_t)got - skip : 0;
         if (behind)
             memmove(f->chunk, f->chunk + skip, f->page_size);  /* past_the_end copies from 0 */
-        past_the_end(f, r, fault->region, uffd, page, address, len, mine);
+        past_the_end(f, r, fault->region, uffd, page, address, len, mine, wp);
     } else {
         /* The pages around go in first: woken, the client goes on to them. */
         write_run(f, r, fault->region, first, behind, 0, 0, f->descs);
@@ -1456,11 +1507,13 @@ static void serve_one(struct mpu_filler *f, const struct mpu_fault *fault)
         mpu_add64(&f->h->readahead_fills, (int64_t)written);
         abandon(f, ahead_descs + after, ahead - after);
         present = copy(f, r, fault->region, uffd, page, address, len,
-                       behind * f->page_size) == 0;
+                       behind * f->page_size, wp) == 0;
         if (present)
             mpu_account(f->h, fault->client, fault->read_at, len, MPU_ANSWER_COPY);
     }
-    mpu_page_filled(f->h, entry, present, 0);
+    if (present && writing)
+        mpu_add64(&f->h->writes, 1);
+    mpu_page_filled(f->h, entry, present, writing ? MPU_FILL_DIRTY : 0);
 }
 
 /* Serves the faults of a W_FAULTS packet of n bytes (its header first). */

@@ -39,7 +39,7 @@ struct mpu_client_range {
                                trip each, so its windows are larger */
     uint32_t unit;          /* the region's page, in server pages (0, 1: one):
                                a fault reads the whole of it */
-    uint32_t pad;
+    uint32_t writable;      /* mapped for writing: registered for write faults */
 };
 
 /* The monitor sleeps in epoll on every client's userfaultfd and drains
@@ -81,11 +81,6 @@ int mpu_monitor_stop(struct mpu_monitor *m);
  * then answers a fault it could not fill with SIGBUS.  It is the filler's
  * Python side, which beats the heartbeat while it waits. */
 typedef int64_t (*mpu_read_store)(uint32_t region, uint64_t offset, char *buf, uint64_t len);
-
-struct mpu_client_slot {
-    int uffd;                  /* -1: no client in this slot */
-    uint32_t gen;
-};
 
 /* What a filler did that its Python side should log. */
 #define MPU_EV_STUCK 1         /* a page stayed FILLING or LEAVING for a wait */

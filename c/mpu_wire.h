@@ -26,8 +26,11 @@
 #define MPU_MSG_WELCOME 2           /* struct mpu_welcome */
 #define MPU_MSG_MAP 3               /* u32 flags; fds: the file */
 /* MAP's and MAP_URL's flags: bits 0-7, log2 of the region's page size
- * asked for (0: what the store proposes, else the server's page size). */
+ * asked for (0: what the store proposes, else the server's page size);
+ * MPU_MAP_WRITE, a mapping that writes (MAP: the file opened read-write;
+ * the client maps the memfd PROT_READ | PROT_WRITE). */
 #define MPU_MAP_PAGE_SHIFT 0xff
+#define MPU_MAP_WRITE 0x100
 #define MPU_MSG_MAPPED 4            /* struct mpu_mapped; fds: the region's memfd */
 #define MPU_MSG_REGISTER 5          /* struct mpu_span */
 #define MPU_MSG_REGISTERED 6        /* u64 mapping id */
@@ -43,6 +46,10 @@
 #define MPU_MSG_MAP_URL 16          /* u32 flags, then the object's URL (UTF-8); answered
                                        by MAPPED, as MAP */
 #define MPU_MAX_URL 2048            /* bytes of a URL */
+#define MPU_MSG_FLUSH 17            /* struct mpu_span: mapping id, offset, length (0: to
+                                       the end); answered once those bytes are in the
+                                       file and synced */
+#define MPU_MSG_FLUSHED 18          /* u64 pages written */
 
 /* WELCOME: the server's settings, as a client needs them. */
 struct mpu_welcome {
@@ -104,6 +111,11 @@ struct mpu_advice {
 #define MPU_W_READ_AHEAD 8          /* struct mpu_w_fill: the monitor saw a scan */
 #define MPU_W_READ_AROUND 9         /* struct mpu_w_fill: a fault, and the buffer has room */
 #define MPU_W_READ_BEHIND 10        /* struct mpu_w_fill: the monitor saw a backward scan */
+#define MPU_W_WRITE_FD 11           /* struct mpu_w_region (to evictors); fds: the region's
+                                       file, opened for writing */
+#define MPU_W_FLUSH 12              /* struct mpu_w_flush (to one evictor): write back */
+#define MPU_W_FLUSHED 13            /* struct mpu_w_flush, from the evictor: done (the
+                                       only message a worker sends) */
 
 /* Clients and regions are named by their slots (small numbers, reused) and
  * generations (unique ids): a message that outlived its slot's owner is
@@ -137,6 +149,24 @@ struct mpu_w_fill {
     uint64_t count;
 };
 
+/* Write back the dirty pages of [first, first + count) of a region, sync its
+ * file, and say so with the same struct (kind FLUSHED, result set). */
+struct mpu_w_flush {
+    uint32_t kind;
+    uint32_t region;
+    uint32_t gen;
+    uint32_t pad;
+    uint64_t first;
+    uint64_t count;
+    uint64_t token;                 /* the server's, given back */
+    int64_t result;                 /* pages written, or -errno */
+};
+
+/* A fault's flags. */
+#define MPU_FAULT_WRITE 1           /* a write to a missing page */
+#define MPU_FAULT_WP 2              /* a write to a write-protected page */
+#define MPU_FAULT_WRITABLE 4        /* in a mapping that may write: filled protected */
+
 /* One fault as the monitor hands it to a filler. */
 struct mpu_fault {
     uint32_t client;                /* slot */
@@ -148,6 +178,8 @@ struct mpu_fault {
     uint64_t read_at;               /* CLOCK_MONOTONIC ns when the monitor read it */
     uint32_t ahead;                 /* pages to read after it, if free: a scan */
     uint32_t behind;                /* ... and before it: the region page it is in */
+    uint32_t flags;                 /* MPU_FAULT_* */
+    uint32_t pad;
 };
 
 struct mpu_w_faults {

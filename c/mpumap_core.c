@@ -59,21 +59,24 @@ int mpu_uffd_open(int flags, int *how)
     return -first;
 }
 
-/* Asks for UFFD_FEATURE_POISON too where the kernel has it (6.6 on): the
- * server answers a fault past a truncated file's end with SIGBUS through it. */
+/* Asks for UFFD_FEATURE_POISON (6.6 on: the server answers a fault past a
+ * truncated file's end with SIGBUS through it) and write-protection of
+ * shared memory (5.19 on: how the server learns what a client wrote) too,
+ * each where the kernel has it. */
 int mpu_uffd_api(int fd, uint64_t features, uint64_t *features_out)
 {
-    struct uffdio_api api = { .api = UFFD_API,
-                              .features = features | MPU_FEATURE_POISON };
-    if (ioctl(fd, UFFDIO_API, &api) < 0) {
+    const uint64_t optional[] = { MPU_FEATURE_POISON | MPU_FEATURE_WP_SHMEM,
+                                  MPU_FEATURE_WP_SHMEM, MPU_FEATURE_POISON, 0 };
+    for (size_t k = 0; k < sizeof optional / sizeof optional[0]; k++) {
+        struct uffdio_api api = { .api = UFFD_API, .features = features | optional[k] };
+        if (ioctl(fd, UFFDIO_API, &api) == 0) {
+            *features_out = api.features;
+            return 0;
+        }
         if (errno != EINVAL)
             return neg_errno();
-        api = (struct uffdio_api){ .api = UFFD_API, .features = features };
-        if (ioctl(fd, UFFDIO_API, &api) < 0)
-            return neg_errno();
     }
-    *features_out = api.features;
-    return 0;
+    return -EINVAL;
 }
 
 int mpu_uffd_is_uffd(int fd)
@@ -87,25 +90,47 @@ int mpu_uffd_is_uffd(int fd)
     return strcmp(target, "anon_inode:[userfaultfd]") == 0;
 }
 
-int mpu_uffd_register(int fd, uint64_t start, uint64_t len)
+int mpu_uffd_register(int fd, uint64_t start, uint64_t len, int writable)
 {
     struct uffdio_register reg = {
         .range = { .start = start, .len = len },
-        .mode = UFFDIO_REGISTER_MODE_MISSING,
+        .mode = UFFDIO_REGISTER_MODE_MISSING | (writable ? UFFDIO_REGISTER_MODE_WP : 0),
     };
     if (ioctl(fd, UFFDIO_REGISTER, &reg) < 0)
         return neg_errno();
+    /* Every page of a writable range starts write-protected, holes too
+     * (the kernel keeps a marker in the page table, through evictions):
+     * the first write to each is a fault the server sees. */
+    if (writable)
+        return mpu_uffd_writeprotect(fd, start, len, 1);
     return 0;
+}
+
+int mpu_uffd_writeprotect(int fd, uint64_t start, uint64_t len, int protect)
+{
+    struct uffdio_writeprotect wp = {
+        .range = { .start = start, .len = len },
+        .mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
+    };
+    for (int tries = 0; tries < 10000; tries++) {
+        if (ioctl(fd, UFFDIO_WRITEPROTECT, &wp) == 0)
+            return 0;
+        if (errno != EAGAIN)
+            return neg_errno();
+        sched_yield();
+    }
+    return -EAGAIN;
 }
 
 /* EAGAIN means the client's mappings are changing under us: try again.  A
  * partial copy reports how far it got; go on from there. */
-int mpu_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len)
+int mpu_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, int wp)
 {
     const char *from = src;
     for (int tries = 0; tries < 10000; tries++) {
         struct uffdio_copy copy = {
             .dst = dst, .src = (uint64_t)(uintptr_t)from, .len = len,
+            .mode = wp ? UFFDIO_COPY_MODE_WP : 0,
         };
         if (ioctl(fd, UFFDIO_COPY, &copy) == 0)
             return 0;
@@ -174,9 +199,14 @@ int mpu_uffd_read_faults(int fd, uint64_t *addrs, int max)
     if (n < 0)
         return errno == EAGAIN ? 0 : neg_errno();
     int count = 0;
-    for (size_t i = 0; i < (size_t)n / sizeof msgs[0]; i++)
-        if (msgs[i].event == UFFD_EVENT_PAGEFAULT)
-            addrs[count++] = msgs[i].arg.pagefault.address;
+    for (size_t i = 0; i < (size_t)n / sizeof msgs[0]; i++) {
+        if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+            continue;
+        uint64_t flags = msgs[i].arg.pagefault.flags;
+        addrs[count++] = msgs[i].arg.pagefault.address
+            | (flags & UFFD_PAGEFAULT_FLAG_WRITE ? MPU_PF_WRITE : 0)
+            | (flags & UFFD_PAGEFAULT_FLAG_WP ? MPU_PF_WP : 0);
+    }
     return count;
 }
 

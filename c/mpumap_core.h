@@ -20,6 +20,19 @@
 #define MPU_PRESENT 2
 #define MPU_LEAVING 3
 
+/* A PRESENT page of a region mapped for writing is also clean or dirty, in
+ * its descriptor's `dirty` word (a futex word too; the owned states carry
+ * the pid that holds them, as the state word does):
+ *   CLEAN -> OPENING -> DIRTY -> WRITING -> CLEAN.
+ * CLEAN: write-protected in every writable mapping.  OPENING: a filler
+ * lifts the protection for the client that wrote.  WRITING: a worker
+ * protects it again everywhere and writes it to the file; the page is out
+ * of the FIFO meanwhile.  Only a CLEAN page leaves the buffer. */
+#define MPU_CLEAN 0
+#define MPU_DIRTY 1
+#define MPU_WRITING 2
+#define MPU_OPENING 3
+
 /* How a userfaultfd was obtained (mpu_uffd_open's *how). */
 #define MPU_UFFD_SYSCALL 0
 #define MPU_UFFD_DEVICE 1
@@ -42,7 +55,7 @@ struct mpu_desc {
                            (descriptor + 1; 0 ends) */
     uint32_t older;     /* the FIFO of PRESENT pages: towards its head ... */
     uint32_t newer;     /* ... and towards its tail (descriptor + 1) */
-    uint32_t pad;
+    uint32_t dirty;     /* MPU_CLEAN, _DIRTY, or owned _WRITING or _OPENING */
 };
 
 /* A region as the PBM knows it, by slot. */
@@ -81,6 +94,28 @@ struct mpu_region_slot {
     uint64_t npages;
     uint64_t size;             /* of the file when the region was made */
     uint64_t map_length;       /* what clients map: size in whole system pages */
+    int write_fd;              /* the file, opened for writing by a client that
+                                  mapped it so (-1: nobody did yet) */
+    uint32_t pad;
+};
+
+/* A client's userfaultfd, as a worker holds it. */
+struct mpu_client_slot {
+    int uffd;                  /* -1: no client in this slot */
+    uint32_t gen;
+};
+
+/* A mapping that may write a region: a worker that writes a page back must
+ * protect it there first.  The server keeps the table in the buffer segment,
+ * so every worker sees a writer before its client can write. */
+#define MPU_MAX_WRITERS 1024
+struct mpu_writer {
+    uint32_t region;           /* slot */
+    uint32_t gen;              /* the region's generation; 0: a free entry */
+    uint32_t client;           /* slot */
+    uint32_t client_gen;
+    uint64_t address;          /* where the client maps the region */
+    uint64_t length;
 };
 
 /* Fault-service latency histogram: 0..7 us exactly, then 8 buckets an
@@ -153,12 +188,14 @@ struct mpu_header {
     uint64_t hangs;         /* workers killed for giving no sign of life */
     uint64_t present;       /* pages PRESENT now, in every region */
     uint64_t readaround_fills;  /* pages filled around a fault while there was room */
-    uint64_t spare[2];
+    uint64_t writes;        /* write faults that made a page dirty */
+    uint64_t written;       /* pages written back to their files */
     uint64_t latency[MPU_LATENCY_BUCKETS];
     struct mpu_store_stats stores[MPU_STORE_KINDS];
     /* CLOCK_MONOTONIC ns of each worker's last sign of life. */
     uint64_t heartbeat[MPU_WORKER_SLOTS];
     struct mpu_client_stats clients[MPU_CLIENT_SLOTS];
+    struct mpu_writer writers[MPU_MAX_WRITERS];  /* under the lock below */
     /* The page directory, which follows in the segment (c/pbm.c): guarded
      * by one robust, process-shared mutex, so that whoever finds its owner
      * dead rebuilds the index, free list and FIFO from the descriptors. */
@@ -180,7 +217,11 @@ struct mpu_header {
 int mpu_uffd_open(int flags, int *how);
 int mpu_uffd_api(int fd, uint64_t features, uint64_t *features_out);
 int mpu_uffd_is_uffd(int fd);
-int mpu_uffd_register(int fd, uint64_t start, uint64_t len);
+/* writable: registered for write-protect faults too, every page
+ * write-protected until the server lets a client write it. */
+int mpu_uffd_register(int fd, uint64_t start, uint64_t len, int writable);
+/* protect 0 also wakes the threads waiting on the range. */
+int mpu_uffd_writeprotect(int fd, uint64_t start, uint64_t len, int protect);
 int mpu_uffd_wake(int fd, uint64_t start, uint64_t len);
 
 int mpu_futex_wake(uint32_t *word, int count);
@@ -242,16 +283,48 @@ void mpu_page_filled(struct mpu_header *h, uint32_t desc, int present, uint32_t 
 int mpu_page_state(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t page);
 
 /* Up to max of the oldest PRESENT pages punched out of their memfds and
- * FREE, the buffer pages given back: how many (or -errno of a punch that
- * failed).  Stops at a page of a live region it has no memfd for. */
+ * FREE, the buffer pages given back: how many (or -errno of a punch or a
+ * write-back that failed).  A dirty page is written back first.  Stops at a
+ * page of a live region it has no memfd (or no writable file) for, or whose
+ * writers' clients it has not heard of yet: -EAGAIN when nothing was
+ * evicted for that reason. */
 int64_t mpu_pbm_evict(struct mpu_header *h, uint32_t max, uint32_t owner,
                       const struct mpu_region_slot *regions, uint32_t nregions,
+                      const struct mpu_client_slot *clients, uint32_t nclients,
                       uint64_t page_size);
+/* Writes the dirty pages of [first, first + count) of region `slot` to its
+ * file and syncs it (what msync(MS_SYNC) does): the pages written, or
+ * -errno (-EAGAIN: a writer's client is not known here yet). */
+int64_t mpu_region_write_back(struct mpu_header *h, uint32_t slot,
+                              const struct mpu_region_slot *r,
+                              const struct mpu_client_slot *clients, uint32_t nclients,
+                              uint64_t first, uint64_t count, uint32_t owner,
+                              uint64_t page_size);
+/* Dirty pages of a region (or of all: slot -1), for the status and tests. */
+uint64_t mpu_region_dirty(struct mpu_header *h, int64_t slot);
+
+/* The writers' table: 0 or -ENOSPC.  Removing takes every entry of that
+ * client at that address (address 0: all of the client's). */
+int mpu_writer_add(struct mpu_header *h, uint32_t region, uint32_t gen, uint32_t client,
+                   uint32_t client_gen, uint64_t address, uint64_t length);
+void mpu_writer_remove(struct mpu_header *h, uint32_t client, uint32_t client_gen,
+                       uint64_t address);
+
+/* A write to a write-protected page (a WP fault): the page becomes OPENING,
+ * held by owner, and MPU_PRESENT is returned; the caller lifts the
+ * protection for the writing client, then calls mpu_page_opened.  Else the
+ * page is not there (MPU_FREE: the caller wakes the client, which faults
+ * again as on a missing page), or the state it kept through a wait of
+ * timeout_ms, or -ESTALE. */
+int mpu_page_open_write(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t page,
+                        uint32_t owner, int timeout_ms, uint32_t *desc);
+void mpu_page_opened(struct mpu_header *h, uint32_t desc);
 /* The directory's invariants hold: the pages in use (or -1000 - which one
  * failed).  For tests; it takes the lock for a walk over every descriptor. */
 int mpu_pbm_check(struct mpu_header *h);
 /* A worker died: the pages it held FILLING go back to FREE, those it held
- * LEAVING are punched out (again) and FREE.  Each held a buffer page. */
+ * LEAVING are punched out (again) and FREE.  Each held a buffer page.  A
+ * page it was writing back or opening is DIRTY again: written later. */
 uint64_t mpu_pbm_recover(struct mpu_header *h, uint32_t owner,
                          const struct mpu_region_slot *regions, uint32_t nregions,
                          uint64_t page_size);

@@ -16,13 +16,23 @@
 
 /* Page flags (struct mpu_desc). */
 #define MPU_READ_AHEAD 1u
+/* mpu_page_filled's flags, beside the page's: it was filled for a write,
+ * writable in that client: DIRTY from the start. */
+#define MPU_FILL_DIRTY 0x100u
 
 #define MPU_FEATURE_POISON (1ull << 14)  /* UFFD_FEATURE_POISON */
+#define MPU_FEATURE_WP_SHMEM (1ull << 12)  /* UFFD_FEATURE_WP_HUGETLBFS_SHMEM */
+
+/* What mpu_uffd_read_faults keeps of a fault beside its address, in the
+ * address's low bits (the kernel gives page-aligned addresses). */
+#define MPU_PF_WRITE 1u             /* a write */
+#define MPU_PF_WP 2u                /* ... to a write-protected page */
 
 #define MPU_ANSWER_COPY 1
 #define MPU_ANSWER_WAKE 2
 
-int mpu_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len);
+/* wp: the page lands write-protected (a region mapped for writing, read). */
+int mpu_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, int wp);
 int mpu_uffd_poison(int fd, uint64_t start, uint64_t len, int wake);
 int mpu_uffd_read_faults(int fd, uint64_t *addrs, int max);
 

@@ -247,6 +247,12 @@ static int by_stamp(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/* In the FIFO: PRESENT, and not being written back. */
+static int in_fifo(const struct mpu_desc *d)
+{
+    return MPU_STATE(d->state) == MPU_PRESENT && MPU_STATE(d->dirty) != MPU_WRITING;
+}
+
 /* The lock's owner died holding it: whatever it was changing may be half
  * done.  The descriptors say what is in use; everything else follows. */
 static void rebuild(struct mpu_header *h)
@@ -266,7 +272,7 @@ static void rebuild(struct mpu_header *h)
     for (uint32_t i = 1; i <= h->top; i++) {
         if (d[i - 1].region < h->max_regions)
             mpu_regions(h)[d[i - 1].region].present = 0;
-        if (MPU_STATE(d[i - 1].state) == MPU_PRESENT) {
+        if (in_fifo(&d[i - 1])) {
             if (present)
                 present[n] = i;
             n++;
@@ -280,7 +286,7 @@ static void rebuild(struct mpu_header *h)
         free(present);
     } else {  /* no memory to sort: in descriptor order, then */
         for (uint32_t i = 1; i <= h->top; i++)
-            if (MPU_STATE(d[i - 1].state) == MPU_PRESENT)
+            if (in_fifo(&d[i - 1]))
                 fifo_push(h, i);
     }
     h->present = 0;
@@ -402,8 +408,10 @@ int64_t mpu_region_release(struct mpu_header *h, uint32_t slot, uint32_t gen)
         if (d[i - 1].region != slot || d[i - 1].gen != gen)
             continue;
         lock(h);
-        if (d[i - 1].region == slot && d[i - 1].gen == gen
-            && __atomic_load_n(&d[i - 1].state, __ATOMIC_SEQ_CST) == MPU_PRESENT) {
+        /* (A page being written back is out of the FIFO: its writer frees
+         * it when done.) */
+        if (d[i - 1].region == slot && d[i - 1].gen == gen && in_fifo(&d[i - 1])) {
+            d[i - 1].dirty = MPU_CLEAN;
             fifo_remove(h, i);
             count_present(h, slot, -1);
             put_free(h, i);
@@ -513,6 +521,7 @@ int mpu_page_claim(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t
             d->gen = gen;
             d->page = page;
             d->flags = 0;
+            d->dirty = MPU_CLEAN;
             d->stamp = 0;
             d->older = d->newer = NONE;
             __atomic_store_n(&d->state, MPU_OWNED(MPU_FILLING, owner), __ATOMIC_SEQ_CST);
@@ -559,7 +568,8 @@ void mpu_page_filled(struct mpu_header *h, uint32_t desc, int present, uint32_t 
     lock(h);
     if (present && region_live(h, d->region, d->gen)) {
         d->stamp = mpu_add64(&h->clock, 1);
-        d->flags = flags;
+        d->flags = flags & ~MPU_FILL_DIRTY;
+        d->dirty = flags & MPU_FILL_DIRTY ? MPU_DIRTY : MPU_CLEAN;
         __atomic_store_n(&d->state, MPU_PRESENT, __ATOMIC_SEQ_CST);
         /* At the FIFO's tail only now, after the fault it was filled for
          * was answered: no evictor takes it before its reader had it. */
@@ -621,6 +631,101 @@ static int punch_out(struct mpu_header *h, const uint32_t *run, uint32_t n, int 
     return err;
 }
 
+/* ---- writing pages back -------------------------------------------------------- */
+
+/* After a page's dirty word moved, outside the lock. */
+static void wake_dirty(struct mpu_header *h, struct mpu_desc *d)
+{
+    if (__atomic_load_n(&h->page_waiters, __ATOMIC_SEQ_CST))
+        mpu_futex_wake(&d->dirty, INT_MAX);
+}
+
+/* Under the lock: a DIRTY page is ours to write back, out of the FIFO. */
+static void take_writing(struct mpu_header *h, uint32_t i, uint32_t owner)
+{
+    struct mpu_desc *d = &mpu_descs(h)[i - 1];
+    d->dirty = MPU_OWNED(MPU_WRITING, owner);
+    fifo_remove(h, i);
+}
+
+/* Under the lock: the end of a write-back, of a page that stays: CLEAN, or
+ * DIRTY again when it failed (or was not tried), back in the FIFO at its
+ * tail.  A page whose region was released meanwhile is freed. */
+static void end_writing(struct mpu_header *h, uint32_t i, int clean)
+{
+    struct mpu_desc *d = &mpu_descs(h)[i - 1];
+    d->dirty = clean ? MPU_CLEAN : MPU_DIRTY;
+    if (!region_live(h, d->region, d->gen)) {
+        d->dirty = MPU_CLEAN;
+        count_present(h, d->region, -1);
+        put_free(h, i);
+        return;
+    }
+    d->stamp = mpu_add64(&h->clock, 1);  /* the FIFO stays in stamp order */
+    fifo_push(h, i);
+}
+
+/* A write-back reads the memfd and writes the file through this much
+ * memory at a time, the process's own (workers write back one run at a
+ * time). */
+#define WRITE_CHUNK (4u << 20)
+static char *write_chunk;
+
+/* Writes pages [first, first + n) of region r, which the caller holds
+ * WRITING, to its file: protected first in every writable mapping, so that
+ * a write that comes meanwhile faults (and waits) instead of going
+ * unseen.  0 or -errno; -EAGAIN: a writer's client is not known here yet. */
+static int write_pages(struct mpu_header *h, uint32_t slot, const struct mpu_region_slot *r,
+                       const struct mpu_client_slot *clients, uint32_t nclients,
+                       uint64_t first, uint64_t n, uint64_t page_size)
+{
+    if (r->write_fd < 0)
+        return -EAGAIN;  /* the message with the file is on its way */
+    uint64_t start = first * page_size, end = (first + n) * page_size;
+    lock(h);
+    int err = 0;
+    for (uint32_t k = 0; k < MPU_MAX_WRITERS && !err; k++) {
+        const struct mpu_writer *w = &h->writers[k];
+        if (!w->gen || w->region != slot || w->gen != r->gen || start >= w->length)
+            continue;
+        const struct mpu_client_slot *c = w->client < nclients ? &clients[w->client] : NULL;
+        if (!c || c->uffd < 0 || c->gen != w->client_gen) {
+            err = -EAGAIN;
+            break;
+        }
+        uint64_t len = (end < w->length ? end : w->length) - start;
+        int e = mpu_uffd_writeprotect(c->uffd, w->address + start, len, 1);
+        /* A client that died or unmapped writes nothing more. */
+        if (e && e != -ENOENT && e != -EINVAL && e != -ESRCH && e != -EFAULT)
+            err = e;
+    }
+    unlock(h);
+    if (err)
+        return err;
+    if (!write_chunk && !(write_chunk = malloc(WRITE_CHUNK)))
+        return -ENOMEM;
+    if (end > r->size)
+        end = r->size;  /* the file's last page ends where the file does */
+    for (uint64_t at = start; at < end;) {
+        size_t want = end - at < WRITE_CHUNK ? (size_t)(end - at) : WRITE_CHUNK;
+        ssize_t got = pread(r->memfd, write_chunk, want, (off_t)at);
+        if (got <= 0)
+            return got < 0 ? -errno : -EIO;
+        for (ssize_t done = 0; done < got;) {
+            ssize_t put = pwrite(r->write_fd, write_chunk + done, (size_t)(got - done),
+                                 (off_t)(at + (uint64_t)done));
+            if (put < 0 && errno == EINTR)
+                continue;
+            if (put <= 0)
+                return put < 0 ? -errno : -EIO;
+            done += put;
+        }
+        at += (uint64_t)got;
+    }
+    mpu_add64(&h->written, (int64_t)n);
+    return 0;
+}
+
 /* Pages one punch takes out at most: a scan fills, and so evicts, runs of
  * consecutive pages, and a punch (which zaps every client's mapping of
  * the range) costs about the same for one page as for many. */
@@ -628,6 +733,7 @@ static int punch_out(struct mpu_header *h, const uint32_t *run, uint32_t n, int 
 
 int64_t mpu_pbm_evict(struct mpu_header *h, uint32_t max, uint32_t owner,
                       const struct mpu_region_slot *regions, uint32_t nregions,
+                      const struct mpu_client_slot *clients, uint32_t nclients,
                       uint64_t page_size)
 {
     struct mpu_desc *descs = mpu_descs(h);
@@ -635,8 +741,9 @@ int64_t mpu_pbm_evict(struct mpu_header *h, uint32_t max, uint32_t owner,
     int err = 0, more = 1;
     while (more && evicted < max) {
         /* The oldest pages, as long as each is the page after the last of
-         * the same region. */
-        uint32_t n = 0;
+         * the same region.  Dirty ones are taken WRITING, the rest LEAVING. */
+        uint32_t n = 0, dirty = 0, slot = 0, rotated = 0;
+        const struct mpu_region_slot *r = NULL;
         int memfd = -1;
         lock(h);
         while (n < EVICT_RUN && evicted + n < max) {
@@ -652,8 +759,7 @@ int64_t mpu_pbm_evict(struct mpu_header *h, uint32_t max, uint32_t owner,
                     || d->page != last->page + 1)
                     break;
             } else {
-                const struct mpu_region_slot *r = d->region < nregions
-                                                  ? &regions[d->region] : NULL;
+                r = d->region < nregions ? &regions[d->region] : NULL;
                 int known = r && r->live && r->gen == d->gen;
                 if (!known && region_live(h, d->region, d->gen)) {
                     more = 0;  /* a region we have not heard of yet: its message waits */
@@ -661,13 +767,72 @@ int64_t mpu_pbm_evict(struct mpu_header *h, uint32_t max, uint32_t owner,
                 }
                 /* (A region that is gone needs no punch: its memfd goes with it.) */
                 memfd = known ? r->memfd : -1;
+                slot = d->region;
+                if (!known)
+                    r = NULL;
             }
-            take_leaving(h, i, owner);
+            if (d->dirty != MPU_CLEAN && (d->dirty != MPU_DIRTY || !r)) {
+                /* Being opened for a writer this moment (or dirty in a
+                 * region that is gone, whose file nobody writes now): it
+                 * goes to the tail, and the run ends here. */
+                if (n || rotated++ > EVICT_RUN)
+                    break;
+                fifo_remove(h, i);
+                d->stamp = mpu_add64(&h->clock, 1);
+                fifo_push(h, i);
+                continue;
+            }
+            if (d->dirty == MPU_DIRTY) {
+                take_writing(h, i, owner);
+                dirty++;
+            } else {
+                take_leaving(h, i, owner);
+            }
             run[n++] = i;
         }
         unlock(h);
         if (!n)
             break;
+        if (dirty) {
+            /* Written as one span (clean pages in it are written again:
+             * one write instead of many), then LEAVING like the others. */
+            uint64_t first = descs[run[0] - 1].page;
+            int wrote = write_pages(h, slot, r, clients, nclients, first, n, page_size);
+            uint32_t kept = 0;
+            lock(h);
+            for (uint32_t k = 0; k < n; k++) {
+                struct mpu_desc *d = &descs[run[k] - 1];
+                if (MPU_STATE(d->dirty) != MPU_WRITING)
+                    continue;
+                if (wrote == 0) {
+                    /* LEAVING, as take_leaving makes it (it is out of the
+                     * FIFO already). */
+                    d->dirty = MPU_CLEAN;
+                    __atomic_store_n(&d->state, MPU_OWNED(MPU_LEAVING, owner),
+                                     __ATOMIC_SEQ_CST);
+                    count_present(h, d->region, -1);
+                } else {
+                    end_writing(h, run[k], 0);
+                }
+            }
+            if (wrote) {
+                /* Only the clean pages of the run go. */
+                for (uint32_t k = 0; k < n; k++)
+                    if (MPU_STATE(descs[run[k] - 1].state) == MPU_LEAVING)
+                        run[kept++] = run[k];
+            }
+            unlock(h);
+            for (uint32_t k = 0; k < n; k++)
+                wake_dirty(h, &descs[run[k] - 1]);
+            if (wrote) {
+                for (uint32_t k = 0; k < kept; k++)
+                    punch_out(h, &run[k], 1, memfd, page_size);
+                evicted += kept;
+                err = wrote;
+                wake_room(h);
+                break;
+            }
+        }
         err = punch_out(h, run, n, memfd, page_size);
         if (err)
             break;
@@ -677,6 +842,180 @@ int64_t mpu_pbm_evict(struct mpu_header *h, uint32_t max, uint32_t owner,
     }
     mpu_add64(&h->evictions, evicted);
     return evicted ? (int64_t)evicted : err;
+}
+
+int64_t mpu_region_write_back(struct mpu_header *h, uint32_t slot,
+                              const struct mpu_region_slot *r,
+                              const struct mpu_client_slot *clients, uint32_t nclients,
+                              uint64_t first, uint64_t count, uint32_t owner,
+                              uint64_t page_size)
+{
+    struct mpu_desc *descs = mpu_descs(h);
+    if (first > r->npages)
+        first = r->npages;
+    if (count > r->npages - first)
+        count = r->npages - first;
+    uint64_t end = first + count, written = 0;
+    uint32_t run[EVICT_RUN];
+    int err = 0;
+    /* Only where the memfd holds pages: a hole has nothing to write. */
+    for (uint64_t page = first; page < end && !err;) {
+        off_t data = lseek(r->memfd, (off_t)(page * page_size), SEEK_DATA);
+        if (data < 0)
+            break;  /* (ENXIO: no data past it) */
+        page = (uint64_t)data / page_size;
+        if (page >= end)
+            break;
+        uint32_t n = 0;
+        uint64_t run_first = page;
+        int waited = 0;
+        lock(h);
+        if (!region_live(h, slot, r->gen)) {
+            unlock(h);
+            return -ESTALE;
+        }
+        for (; page < end && n < EVICT_RUN; page++) {
+            uint32_t i = lookup(h, slot, r->gen, page);
+            if (i == NONE)
+                break;
+            struct mpu_desc *d = &descs[i - 1];
+            uint32_t word = d->dirty;
+            if (MPU_STATE(d->state) != MPU_PRESENT || word == MPU_CLEAN)
+                break;
+            if (word != MPU_DIRTY) {
+                /* Being opened, or written back by an evictor: once that is
+                 * over it is DIRTY (written by us) or in the file. */
+                if (n)
+                    break;
+                __atomic_add_fetch(&h->page_waiters, 1, __ATOMIC_SEQ_CST);
+                unlock(h);
+                mpu_futex_wait(&d->dirty, word, 200);
+                __atomic_sub_fetch(&h->page_waiters, 1, __ATOMIC_SEQ_CST);
+                waited = 1;
+                break;
+            }
+            take_writing(h, i, owner);
+            run[n++] = i;
+        }
+        if (!waited)
+            unlock(h);
+        if (waited)
+            continue;  /* the same page again */
+        if (!n) {
+            page++;
+            continue;
+        }
+        err = write_pages(h, slot, r, clients, nclients, run_first, n, page_size);
+        lock(h);
+        for (uint32_t k = 0; k < n; k++)
+            end_writing(h, run[k], !err);
+        unlock(h);
+        for (uint32_t k = 0; k < n; k++)
+            wake_dirty(h, &descs[run[k] - 1]);
+        if (!err)
+            written += n;
+    }
+    if (err)
+        return err;
+    if (r->write_fd >= 0 && fdatasync(r->write_fd) < 0)
+        return -errno;
+    return (int64_t)written;
+}
+
+uint64_t mpu_region_dirty(struct mpu_header *h, int64_t slot)
+{
+    struct mpu_desc *d = mpu_descs(h);
+    uint32_t top = __atomic_load_n(&h->top, __ATOMIC_SEQ_CST);
+    uint64_t n = 0;
+    for (uint32_t i = 1; i <= top; i++)
+        if ((slot < 0 || d[i - 1].region == (uint32_t)slot)
+            && MPU_STATE(__atomic_load_n(&d[i - 1].state, __ATOMIC_SEQ_CST)) != MPU_FREE
+            && __atomic_load_n(&d[i - 1].dirty, __ATOMIC_SEQ_CST) != MPU_CLEAN)
+            n++;
+    return n;
+}
+
+/* ---- writers ------------------------------------------------------------------------ */
+
+int mpu_writer_add(struct mpu_header *h, uint32_t region, uint32_t gen, uint32_t client,
+                   uint32_t client_gen, uint64_t address, uint64_t length)
+{
+    int err = -ENOSPC;
+    lock(h);
+    for (uint32_t k = 0; k < MPU_MAX_WRITERS; k++)
+        if (!h->writers[k].gen) {
+            h->writers[k] = (struct mpu_writer){ region, gen, client, client_gen,
+                                                 address, length };
+            err = 0;
+            break;
+        }
+    unlock(h);
+    return err;
+}
+
+void mpu_writer_remove(struct mpu_header *h, uint32_t client, uint32_t client_gen,
+                       uint64_t address)
+{
+    lock(h);
+    for (uint32_t k = 0; k < MPU_MAX_WRITERS; k++) {
+        struct mpu_writer *w = &h->writers[k];
+        if (w->gen && w->client == client && w->client_gen == client_gen
+            && (!address || w->address == address))
+            w->gen = 0;
+    }
+    unlock(h);
+}
+
+/* ---- writing -------------------------------------------------------------------- */
+
+int mpu_page_open_write(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t page,
+                        uint32_t owner, int timeout_ms, uint32_t *desc)
+{
+    struct mpu_desc *descs = mpu_descs(h);
+    for (;;) {
+        lock(h);
+        if (!region_live(h, region, gen)) {
+            unlock(h);
+            return -ESTALE;
+        }
+        uint32_t i = lookup(h, region, gen, page);
+        if (i == NONE) {
+            unlock(h);
+            return MPU_FREE;
+        }
+        struct mpu_desc *d = &descs[i - 1];
+        uint32_t *word = &d->state, seen = d->state;
+        if (MPU_STATE(seen) == MPU_PRESENT) {
+            if (d->dirty == MPU_CLEAN || d->dirty == MPU_DIRTY) {
+                if (d->dirty == MPU_CLEAN)
+                    mpu_add64(&h->writes, 1);
+                d->dirty = MPU_OWNED(MPU_OPENING, owner);
+                unlock(h);
+                *desc = i;
+                return MPU_PRESENT;
+            }
+            word = &d->dirty;  /* written back, or opened, by another */
+            seen = d->dirty;
+        }
+        unlock(h);
+        if (timeout_ms == 0)
+            return (int)MPU_STATE(seen);
+        __atomic_add_fetch(&h->page_waiters, 1, __ATOMIC_SEQ_CST);
+        int err = mpu_futex_wait(word, seen, timeout_ms);
+        __atomic_sub_fetch(&h->page_waiters, 1, __ATOMIC_SEQ_CST);
+        if (err == -ETIMEDOUT)
+            return word == &d->dirty ? -EBUSY : (int)MPU_STATE(seen);
+    }
+}
+
+void mpu_page_opened(struct mpu_header *h, uint32_t desc)
+{
+    struct mpu_desc *d = &mpu_descs(h)[desc - 1];
+    lock(h);
+    if (MPU_STATE(d->dirty) == MPU_OPENING)
+        d->dirty = MPU_DIRTY;
+    unlock(h);
+    wake_dirty(h, d);
 }
 
 uint64_t mpu_region_evict_from(struct mpu_header *h, uint32_t slot, uint32_t gen,
@@ -711,6 +1050,22 @@ uint64_t mpu_pbm_recover(struct mpu_header *h, uint32_t owner,
     uint32_t freed = 0;
     for (uint32_t i = 1; i <= top; i++) {
         struct mpu_desc *d = &descs[i - 1];
+        uint32_t dirty = __atomic_load_n(&d->dirty, __ATOMIC_SEQ_CST);
+        if ((MPU_STATE(dirty) == MPU_WRITING || MPU_STATE(dirty) == MPU_OPENING)
+            && dirty >> 2 == owner) {
+            /* Written back or opened half-way: DIRTY, and written (again)
+             * later.  A page being written back is out of the FIFO. */
+            lock(h);
+            if (__atomic_load_n(&d->dirty, __ATOMIC_SEQ_CST) == dirty) {
+                if (MPU_STATE(dirty) == MPU_WRITING)
+                    end_writing(h, i, 0);
+                else
+                    d->dirty = MPU_DIRTY;
+            }
+            unlock(h);
+            wake_dirty(h, d);
+            continue;
+        }
         uint32_t word = __atomic_load_n(&d->state, __ATOMIC_SEQ_CST);
         uint32_t state = MPU_STATE(word);
         if ((state != MPU_FILLING && state != MPU_LEAVING) || word >> 2 != owner)
@@ -741,13 +1096,14 @@ int mpu_pbm_check(struct mpu_header *h)
     struct mpu_desc *d = mpu_descs(h);
     int bad = 0;
     lock(h);
-    uint32_t in_use = 0, present = 0, free_count = 0, queued = 0;
+    uint32_t in_use = 0, present = 0, free_count = 0, queued = 0, fifo = 0;
     for (uint32_t i = 1; i <= h->top && !bad; i++) {
         uint32_t state = MPU_STATE(d[i - 1].state);
         if (state == MPU_FREE)
             continue;
         in_use++;
         present += state == MPU_PRESENT;
+        fifo += in_fifo(&d[i - 1]);
         if (lookup(h, d[i - 1].region, d[i - 1].gen, d[i - 1].page) != i)
             bad = 1;  /* a page in use that the index does not find */
     }
@@ -758,12 +1114,12 @@ int mpu_pbm_check(struct mpu_header *h)
         bad = 3;  /* a descriptor neither in use nor free */
     uint64_t stamp = 0;
     for (uint32_t i = h->fifo_head; i != NONE && !bad; i = d[i - 1].newer) {
-        if (++queued > present || MPU_STATE(d[i - 1].state) != MPU_PRESENT
-            || d[i - 1].stamp < stamp)
-            bad = 4;  /* the FIFO loops, holds what is not PRESENT, or is out of order */
+        if (++queued > fifo || !in_fifo(&d[i - 1]) || d[i - 1].stamp < stamp)
+            bad = 4;  /* the FIFO loops, holds what is not PRESENT (or is being
+                         written back), or is out of order */
         stamp = d[i - 1].stamp;
     }
-    if (!bad && queued != present)
+    if (!bad && queued != fifo)
         bad = 5;  /* a PRESENT page no evictor would find */
     if (!bad && h->present != present)
         bad = 6;

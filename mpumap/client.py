@@ -36,6 +36,8 @@ ServerSettings = collections.namedtuple("ServerSettings", protocol.WELCOME.field
 
 
 DEFAULT_TIMEOUT = 10.0
+# A flush waits for the disk: gigabytes may be dirty.
+FLUSH_SECONDS = 600.0
 
 
 def request_timeout(explicit=None):
@@ -239,7 +241,7 @@ class Client:
 
     # -- requests --------------------------------------------------------------
 
-    def _call(self, kind, payload=b"", fds=(), expect=None):
+    def _call(self, kind, payload=b"", fds=(), expect=None, timeout=None):
         if self._sock is None:
             raise ServerUnavailable(errno.ENOTCONN, "the client is closed")
         if os.getpid() != self._pid:
@@ -250,8 +252,8 @@ class Client:
                 raise ServerUnavailable(errno.ENOTCONN, f"{self._unfit}: this connection "
                                         "takes no more requests; connect again")
             try:
-                data, rfds = _exchange(self._sock, self.socket_path, self.timeout, kind,
-                                       payload, fds)
+                data, rfds = _exchange(self._sock, self.socket_path,
+                                       timeout or self.timeout, kind, payload, fds)
             except TimeoutError as exc:
                 self._unfit = f"a request timed out ({exc.strerror})"
                 raise
@@ -279,9 +281,17 @@ class Client:
         except (OSError, protocol.ProtocolError) as exc:
             log.debug("giving back a mapping: %s", exc)
 
-    def map(self, source, page_size=None):
-        """Map a file, or an object named by URL, read-only through the
-        server; returns a Mapping.
+    def map(self, source, mode="r", page_size=None):
+        """Map a file, or an object named by URL, through the server;
+        returns a Mapping.
+
+        `mode` is numpy.memmap's word: "r" (the default) maps read-only, "r+"
+        maps a file for reading and writing, shared: every process that maps
+        the file through the server sees a write at once, and what is
+        written reaches the file (``Mapping.flush`` says when it has; the
+        last unmap, and the server's stop, write everything back).  The file
+        is opened read-write here, so PermissionError comes from this
+        process's rights.  Objects named by URL are read-only.
 
         `page_size` is what one fault reads of this region: a power of two
         from the server's page size to 4 MiB (by default the store's
@@ -300,14 +310,17 @@ class Client:
         a page not yet read raises SIGBUS, as reading past the end of a
         mapped file does, never a mix of two versions.
         """
-        flags = _page_flags(page_size)
+        if mode not in ("r", "r+"):
+            raise ValueError(f'mode is "r" or "r+", not {mode!r}')
+        writable = mode == "r+"
+        flags = _page_flags(page_size) | (lib.MPU_MAP_WRITE if writable else 0)
         scheme = scheme_of(source) if isinstance(source, str) else None
         if scheme == "file":
             source = urllib.parse.unquote(urllib.parse.urlsplit(source).path)
         elif scheme:
             return self._map_url(source, flags)
         path = os.fspath(source)
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -331,6 +344,8 @@ class Client:
                                      expect=Msg.MAPPED)
         mid, rid, size, length = values
         (memfd,) = rfds
+        writable = bool(protocol.U32.unpack_from(payload)[0] & lib.MPU_MAP_WRITE)
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         # From here on the server holds a mapping for us: whatever fails
         # gives it back (and undoes what was done here), in reverse order.
         m = None
@@ -338,7 +353,7 @@ class Client:
         try:
             with _FORK_LOCK:
                 try:
-                    m = Mapping(memfd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+                    m = Mapping(memfd, size, flags=mmap.MAP_SHARED, prot=prot)
                 finally:
                     os.close(memfd)
                 m._attach(self, mid, rid, path, fd)
@@ -454,9 +469,9 @@ def _page_flags(page_size):
 
 
 class Mapping(mmap.mmap):
-    """A file mapped through the server: read-only, shared, len() is the
-    file's size.  Use it as a buffer (memoryview, numpy.frombuffer) or as an
-    mmap (slicing, find, ...)."""
+    """A file mapped through the server: shared, read-only unless mapped
+    "r+", len() is the file's size.  Use it as a buffer (memoryview,
+    numpy.frombuffer) or as an mmap (slicing, find, ...)."""
 
     def _attach(self, client, mid, rid, path, file_fd):
         self._client = client
@@ -468,6 +483,21 @@ class Mapping(mmap.mmap):
         self.region_id = rid
         self.path = path
         self.address = core.address_of(self)
+
+    def flush(self, offset=0, length=None):
+        """Write what was written in [offset, offset+length) of the file
+        (all of it by default) to the file, and return once it is there and
+        synced, as msync(MS_SYNC) does; the mapping stays as it is.  Returns
+        the server pages written.  A read-only mapping has nothing to write
+        (but the bytes other processes wrote to the file through the server
+        are written all the same)."""
+        offset, length = self._span("flush", offset, length)
+        if length == 0:
+            return 0
+        _, (pages,), _ = self._client._call(
+            Msg.FLUSH, protocol.SPAN.pack(self.mapping_id, offset, length),
+            expect=Msg.FLUSHED, timeout=FLUSH_SECONDS)
+        return pages
 
     def prefetch(self, offset=0, length=None):
         """Ask the server to fill [offset, offset+length) of the file ahead of

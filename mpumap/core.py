@@ -52,8 +52,11 @@ def is_uffd(fd):
     return bool(check(lib.mpu_uffd_is_uffd(fd), "is_uffd"))
 
 
-def uffd_register(fd, start, length):
-    check(lib.mpu_uffd_register(fd, start, length), "UFFDIO_REGISTER")
+def uffd_register(fd, start, length, writable=False):
+    """Register a client's range for missing-page faults, and for a range
+    that may write, write-protect faults too (every page protected until
+    the server lets the client write it)."""
+    check(lib.mpu_uffd_register(fd, start, length, int(writable)), "UFFDIO_REGISTER")
 
 
 def uffd_wake(fd, start, length):

@@ -57,6 +57,8 @@ COUNTERS = (
     "stale_faults",
     "events_lost",
     "hangs",
+    "writes",
+    "written",
 )
 CLIENT_COUNTERS = ("faults", "copies", "wakes", "bytes", "wait_ns")
 
@@ -190,6 +192,7 @@ class PageBuffer:
             low=h.low,
             peak_used=h.peak_used,
             present=self.counter("present"),
+            dirty=self.dirty(),
             descriptors=h.top,
         )
         return snap
@@ -229,11 +232,36 @@ class PageBuffer:
     def page_state(self, slot, gen, page):
         return lib.mpu_page_state(self.header, slot, gen, page)
 
-    def evict(self, count, owner, slots, page_size):
-        """Up to count of the oldest PRESENT pages punched out and FREE: how
-        many.  `slots` (RegionSlots) gives their memfds."""
-        return core.check(lib.mpu_pbm_evict(self.header, count, owner, slots.array, len(slots),
-                                            page_size), "evicting pages")
+    def evict(self, count, owner, slots, page_size, clients=None):
+        """Up to count of the oldest PRESENT pages punched out and FREE, dirty
+        ones written back first: how many (0 also when a region or client
+        it needs has a message on its way).  `slots` (RegionSlots) gives
+        their memfds and files, `clients` (struct mpu_client_slot[]) the
+        writers' userfaultfds."""
+        n = lib.mpu_pbm_evict(self.header, count, owner, slots.array, len(slots),
+                              ffi.NULL if clients is None else clients,
+                              0 if clients is None else len(clients), page_size)
+        if n == -errno.EAGAIN:
+            return 0
+        return core.check(n, "evicting pages")
+
+    def write_back(self, slot, slots, clients, first, count, owner, page_size):
+        """Write the dirty pages of [first, first + count) of a region to its
+        file and sync it: how many pages (or -errno, as the C side says)."""
+        return lib.mpu_region_write_back(self.header, slot, ffi.addressof(slots.array[slot]),
+                                         clients, len(clients), first, count, owner,
+                                         page_size)
+
+    def dirty(self, slot=-1):
+        """Dirty pages of a region (slot -1: of every region)."""
+        return lib.mpu_region_dirty(self.header, slot)
+
+    def add_writer(self, slot, gen, client, client_gen, address, length):
+        core.check(lib.mpu_writer_add(self.header, slot, gen, client, client_gen, address,
+                                      length), "adding a writable mapping")
+
+    def remove_writer(self, client, client_gen, address=0):
+        lib.mpu_writer_remove(self.header, client, client_gen, address)
 
     def recover(self, owner, slots, page_size):
         """Free the pages a dead worker held FILLING or LEAVING."""
@@ -292,6 +320,7 @@ class RegionSlots:
         c.npages = region.npages
         c.size = region.size
         c.map_length = region.map_length
+        c.write_fd = region.write_fd
         c.live = 1
 
     def clear(self, slot):
@@ -302,4 +331,4 @@ class RegionSlots:
         for fd in (c.cache_fd, c.scan_fd):
             if fd >= 0:
                 os.close(fd)
-        c.memfd = c.store_fd = c.cache_fd = c.scan_fd = -1
+        c.memfd = c.store_fd = c.cache_fd = c.scan_fd = c.write_fd = -1

@@ -89,6 +89,8 @@ class Msg(enum.IntEnum):
     ADVISED = lib.MPU_MSG_ADVISED
     ERROR = lib.MPU_MSG_ERROR
     MAP_URL = lib.MPU_MSG_MAP_URL
+    FLUSH = lib.MPU_MSG_FLUSH
+    FLUSHED = lib.MPU_MSG_FLUSHED
 
 
 class Advice(enum.IntEnum):
@@ -118,6 +120,8 @@ SHAPES = {
     Msg.ADVISED: (U64, 0),
     Msg.ERROR: (None, 0),
     Msg.MAP_URL: (None, 0),
+    Msg.FLUSH: (SPAN, 0),
+    Msg.FLUSHED: (U64, 0),
 }
 
 
@@ -239,11 +243,15 @@ class W(enum.IntEnum):
     READ_AHEAD = lib.MPU_W_READ_AHEAD  # W_FILL: the monitor saw a scan
     READ_AROUND = lib.MPU_W_READ_AROUND  # W_FILL: a fault, and the buffer had room
     READ_BEHIND = lib.MPU_W_READ_BEHIND  # W_FILL: the monitor saw a backward scan
+    WRITE_FD = lib.MPU_W_WRITE_FD  # W_REGION; fds: [the file, opened for writing]
+    FLUSH = lib.MPU_W_FLUSH  # W_FLUSH, to one evictor
+    FLUSHED = lib.MPU_W_FLUSHED  # W_FLUSH, from that evictor: done
 
 
 W_CLIENT = Layout("struct mpu_w_client", "=")
 W_REGION = Layout("struct mpu_w_region", "=")
 W_FILL = Layout("struct mpu_w_fill", "=")
+W_FLUSH = Layout("struct mpu_w_flush", "=")
 W_KIND = struct.Struct("=I")
 
 

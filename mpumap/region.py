@@ -55,6 +55,9 @@ class Region:
         self.unit = 1  # the region's page, in server pages: a fault reads all of it
         self.key = None
         self.mappings = 0
+        # The file opened for writing, by the first client that mapped it
+        # so (-1: nobody did): evictors write dirty pages back through it.
+        self.write_fd = -1
 
     @classmethod
     def create(cls, key, rid, slot, size, page_size, store_fd, store_mode, name,
@@ -138,6 +141,19 @@ class Region:
             os.close(self.store_fd)
             self.store_fd = -1
 
+    def set_write_fd(self, fd):
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+        self.write_fd = fd
+
+    def write_fd_message(self):
+        """What gives the evictors the file to write back to: (data, fds)."""
+        return protocol.W_REGION.pack(W.WRITE_FD, self.slot, self.gen, 0, 0, 0), \
+            [self.write_fd]
+
     def close(self):
         os.close(self.memfd)
         self.drop_store()
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1

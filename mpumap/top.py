@@ -13,8 +13,8 @@ import psutil
 import mpumap
 from mpumap.pbm import percentile_us
 
-RATES = ("faults", "fills", "copies", "wakes", "evictions", "readahead_fills",
-         "prefetch_fills")
+RATES = ("faults", "fills", "copies", "wakes", "evictions", "writes", "written",
+         "readahead_fills", "prefetch_fills")
 BREAKDOWN = ("monitor_ns", "queue_ns", "read_ns", "copy_ns", "wake_ns")
 
 
@@ -174,7 +174,8 @@ def render(snap, width=100, height=None):
         f"watermarks {b['low_water']}%/{b['high_water']}%, peak {b['peak_pages']}, "
         f"memfds {_size(b['memfd_bytes'])}, shared segment {_size(b['segment_bytes'])}",
         f"rates/s  faults {r['faults']:.0f}  fills {r['fills']:.0f}  copies {r['copies']:.0f}  "
-        f"wakes {r['wakes']:.0f}  evictions {r['evictions']:.0f}  read-ahead "
+        f"wakes {r['wakes']:.0f}  evictions {r['evictions']:.0f}  writes {r['writes']:.0f}  "
+        f"written back {r['written']:.0f}  read-ahead "
         f"{r['readahead_fills']:.0f}  store {r['store_mb_s']:.1f} MB/s "
         f"({r['page_cache_mb_s']:.1f} from the page cache)",
         f"latency  p50 {_num(snap['latency']['p50_us'])} us  p99 "

@@ -24,6 +24,7 @@ from mpumap.server.listener import Listener
 from mpumap.server.monitor import FaultMonitor
 from mpumap.server.regions import RegionTable
 from mpumap.server.requests import RequestHandler
+from mpumap.server.writeback import WriteBack
 from mpumap.sizing import buffer_capacity, machine_limit
 from mpumap.workers import ROLES
 
@@ -31,6 +32,9 @@ log = logging.getLogger("mpumap.arbiter")
 
 WORKER_SOCKET_BUFFER = 4 << 20
 STOP_GRACE_SECONDS = 2.0  # for workers to finish what they were given (stop: < 3 s)
+# For the dirty pages to reach their files when the server stops (a second
+# stop signal cuts it short).
+WRITE_BACK_SECONDS = 300.0
 QUICK_DEATH_SECONDS = 1.0
 MAX_QUICK_DEATHS = 5
 LOOP_SECONDS = 1.0  # the main loop wakes at least this often
@@ -73,6 +77,7 @@ class Arbiter:
         self.stop_now = False
         self.exit_status = 0
         self.listener = self.monitor = self.handler = None
+        self.writeback = WriteBack(self.post_to_evictor, settings.evictors)
         raise_descriptor_limit(settings.max_regions)
         self.evict_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
                           for _ in range(settings.evictors)]
@@ -99,7 +104,8 @@ class Arbiter:
             self.monitor = FaultMonitor(self.buffer, s)
             self.handler = RequestHandler(s, self.buffer, self.selector, self.clients,
                                           self.regions, self.monitor, self.tell,
-                                          lambda: list(self.by_slot.values()), self.started)
+                                          lambda: list(self.by_slot.values()), self.started,
+                                          self.writeback)
             if s.pidfile:
                 with open(s.pidfile, "w") as f:
                     f.write(f"{self.pid}\n")
@@ -226,7 +232,10 @@ class Arbiter:
         return worker
 
     def _ready(self, worker):
-        if worker.role != "filler" or self.workers.get(worker.pid) is not worker:
+        if self.workers.get(worker.pid) is not worker:
+            return
+        if worker.role == "evictor":
+            self.writeback.evictor_started(worker.index)
             return
         self.monitor.set_filler(worker.index, worker.channel.fileno())
         if worker.restarted:
@@ -242,6 +251,15 @@ class Arbiter:
         for worker in targets:
             worker.channel.post(data, fds, done.done)
 
+    def post_to_evictor(self, index, data):
+        """A message for evictor `index` alone; False when none runs now
+        (a successor is being started)."""
+        worker = self.by_slot.get(("evictor", index))
+        if worker is None:
+            return False
+        worker.channel.post(data)
+        return True
+
     def _backlog_changed(self, worker, waiting):
         """A worker's channel has (or no longer has) messages waiting for
         room: watch its socket for writing too (or no longer)."""
@@ -256,13 +274,18 @@ class Arbiter:
         if mask & selectors.EVENT_WRITE:
             worker.channel.flush()
         if mask & selectors.EVENT_READ:
-            # Workers speak only by closing their end: when they die.
+            # Workers speak when an evictor has written back what it was
+            # asked to, and by closing their end when they die.
             try:
-                data = worker.channel.sock.recv(64)
+                data = worker.channel.sock.recv(256)
+            except BlockingIOError:
+                return
             except OSError:
                 data = b""
             if not data:
                 self.selector.unregister(worker.channel.sock)
+            elif worker.role == "evictor":
+                self.writeback.answered(data)
 
     def reap(self):
         while self.workers:
@@ -334,6 +357,28 @@ class Arbiter:
 
     # -- stopping -----------------------------------------------------------------
 
+    def write_back_all(self):
+        """Every dirty page to its file before the server goes: the loop runs
+        on (clients are served meanwhile) until the evictors have answered,
+        for at most WRITE_BACK_SECONDS, or until a second stop signal."""
+        if not self.handler.write_back_all():
+            return
+        log.info("writing dirty pages back before stopping")
+        deadline = time.monotonic() + WRITE_BACK_SECONDS
+        while self.writeback.pending and time.monotonic() < deadline:
+            for key, mask in self.selector.select(0.1):
+                try:
+                    key.data(mask)
+                except Exception:
+                    log.exception("handling an event")
+            self.handle_signals()
+            if self.stop_at_once() or not any(w.role == "evictor"
+                                              for w in self.workers.values()):
+                break
+        if self.writeback.pending:
+            log.error("stopping with %d write-backs unanswered", len(self.writeback.pending))
+            self.writeback.abandon()
+
     def shutdown(self):
         """Stop accepting, release every client (their mappings fall back to
         the files), let the workers finish what they were given, and go; a
@@ -346,6 +391,7 @@ class Arbiter:
                 pass
             self.listener.close()
         if self.handler is not None:
+            self.write_back_all()
             self.handler.close()
         # A worker that reads the end of its socket has done all it was told
         # before: in-flight fills finish, then it exits.

@@ -14,16 +14,18 @@ _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid (native order)
 
 class ClientMapping:
     """A client's mapping of a region, as the server keeps it: a reference
-    to the region, once registered where the client mapped it, and what
-    the client advised of its access (protocol.Advice)."""
+    to the region, once registered where the client mapped it, what the
+    client advised of its access (protocol.Advice), and whether it may
+    write (then it is in the buffer's table of writers while registered)."""
 
-    __slots__ = ("mid", "region", "address", "advice")
+    __slots__ = ("mid", "region", "address", "advice", "writable")
 
-    def __init__(self, mid, region):
+    def __init__(self, mid, region, writable=False):
         self.mid = mid
         self.region = region
         self.address = None
         self.advice = 0  # Advice.NORMAL
+        self.writable = writable
 
 
 class Connection:
@@ -67,7 +69,7 @@ class Connection:
     def ranges(self):
         """The registered mappings, as the fault monitor wants them."""
         return sorted((m.address, m.address + m.region.map_length, m.region.slot, m.region.gen,
-                       m.advice, m.region.window, m.region.unit)
+                       m.advice, m.region.window, m.region.unit, int(m.writable))
                       for m in self.mappings.values() if m.address is not None)
 
 

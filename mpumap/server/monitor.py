@@ -44,11 +44,12 @@ class FaultMonitor:
     def set_ranges(self, slot, ranges):
         """A client's mappings: (start, end, region slot, region generation,
         advice, largest read-ahead window in pages or 0, the region's page in
-        server pages) sorted by start."""
+        server pages, 1 for a mapping that may write) sorted by start."""
         c = ffi.new("struct mpu_client_range[]", max(1, len(ranges)))
-        for entry, (start, end, region, gen, advice, window, unit) in zip(c, ranges):
+        for entry, (start, end, region, gen, advice, window, unit, writable) in zip(c, ranges):
             entry.start, entry.end, entry.region, entry.region_gen = start, end, region, gen
             entry.advice, entry.window, entry.unit = advice, window, unit
+            entry.writable = writable
         core.check(lib.mpu_monitor_set_ranges(self.c, slot, c, len(ranges)),
                    "setting a client's ranges")
 

@@ -55,7 +55,7 @@ class RequestHandler:
     """
 
     def __init__(self, settings, buffer, selector, clients, regions, monitor, tell, workers,
-                 started):
+                 started, writeback):
         self.settings = settings
         self.buffer = buffer
         self.selector = selector
@@ -65,6 +65,7 @@ class RequestHandler:
         self.tell = tell  # tell(data, fds, role, then): to every live worker of a role
         self.workers = workers  # () -> the live workers
         self.started = started
+        self.writeback = writeback  # flushes asked of the evictors
         self.ids = itertools.count(1)  # connections, mappings and regions: unique ids
         self.offload = Offload()
         self.selector.register(self.offload, selectors.EVENT_READ,
@@ -78,6 +79,7 @@ class RequestHandler:
             Msg.HELLO: self.on_hello,
             Msg.MAP: self.on_map,
             Msg.MAP_URL: self.on_map_url,
+            Msg.FLUSH: self.on_flush,
             Msg.REGISTER: self.on_register,
             Msg.UNMAP: self.on_unmap,
             Msg.STATS: self.on_stats,
@@ -202,8 +204,8 @@ class RequestHandler:
         if conn.is_client:
             # Out of the monitor's tables first: then its uffd may be closed.
             self.monitor.forget(conn.slot)
-            self.tell(protocol.W_CLIENT.pack(W.DROP_CLIENT, conn.slot, conn.gen, 0), (),
-                      "filler")
+            self.buffer.remove_writer(conn.slot, conn.gen)
+            self.tell(protocol.W_CLIENT.pack(W.DROP_CLIENT, conn.slot, conn.gen, 0), ())
         self.clients.remove(conn)
         conn.sock = None
 
@@ -301,7 +303,9 @@ class RequestHandler:
             SYSTEM_PAGE_SIZE, s.page_size, self.buffer.limit, s.fillers, s.evictors,
             s.high_water, s.low_water, int(s.adaptive), lib.MPU_FAULTS_MAX)
         self.pause(conn)
-        self.tell(client_message(conn), [uffd], "filler",
+        # Every worker: fillers answer its faults, evictors protect the pages
+        # it may write before they write them back.
+        self.tell(client_message(conn), [uffd], None,
                   lambda: self.finish(conn, lambda: self.reply(conn, Msg.WELCOME, welcome)))
 
     def may_map(self, conn):
@@ -317,7 +321,7 @@ class RequestHandler:
 
     def page_size_asked(self, flags):
         """The region page size a map's flags ask for (None: no choice)."""
-        if flags & ~lib.MPU_MAP_PAGE_SHIFT:
+        if flags & ~(lib.MPU_MAP_PAGE_SHIFT | lib.MPU_MAP_WRITE):
             raise RequestError(errno.EINVAL, f"unknown map flags {flags:#x}")
         shift = flags & lib.MPU_MAP_PAGE_SHIFT
         if not shift:
@@ -330,16 +334,21 @@ class RequestHandler:
 
     def on_map(self, conn, values, payload, fds):
         asked = self.page_size_asked(values[0])
+        writable = bool(values[0] & lib.MPU_MAP_WRITE)
         self.may_map(conn)
         client_fd = fds.pop()
         store_io = self.settings.store_io
-        self.open_for(conn, lambda: open_for_map(client_fd, store_io, asked),
+        self.open_for(conn, lambda: open_for_map(client_fd, store_io, asked, writable),
                       discard=lambda: os.close(client_fd))
 
     def on_map_url(self, conn, values, payload, fds):
         if len(payload) < 4:
             raise ProtocolError("MAP_URL payload is u32 flags, then a URL")
-        asked = self.page_size_asked(protocol.U32.unpack_from(payload)[0])
+        flags = protocol.U32.unpack_from(payload)[0]
+        asked = self.page_size_asked(flags)
+        if flags & lib.MPU_MAP_WRITE:
+            raise RequestError(errno.EROFS, "objects are mapped read-only: no store "
+                               "writes back yet")
         try:
             url = payload[4:].decode("utf-8")
         except UnicodeDecodeError:
@@ -380,6 +389,7 @@ class RequestHandler:
             return
         key = opened.key(conn.uid)
         region = self.regions.get(key)
+        write_fd = opened.take_write_fd()
         try:
             if region is None:
                 region = self.new_region(conn, key, opened)
@@ -387,9 +397,18 @@ class RequestHandler:
                 opened.close()
         except OSError as exc:
             opened.close()
+            if write_fd >= 0:
+                os.close(write_fd)
             self.refuse(conn, exc.errno or errno.EIO, exc.strerror or str(exc))
             return
-        mapping = ClientMapping(next(self.ids), region)
+        if write_fd >= 0:
+            if region.write_fd < 0:
+                # The first writer's descriptor: evictors write back through it.
+                region.set_write_fd(write_fd)
+                self.tell(*region.write_fd_message(), "evictor")
+            else:
+                os.close(write_fd)
+        mapping = ClientMapping(next(self.ids), region, writable=write_fd >= 0)
         region.mappings += 1
         self.clients.add_mapping(conn, mapping)
         reply = (protocol.MAPPED.pack(mapping.mid, region.rid, region.size, region.map_length),
@@ -446,14 +465,20 @@ class RequestHandler:
             raise RequestError(errno.EINVAL, f"mapping {mid} must be {region.map_length} "
                                "bytes at a page-aligned address")
         inode = os.fstat(region.memfd).st_ino
+        if mapping.writable:
+            # In the table before the client can write: whoever writes a page
+            # back from now on protects it in this mapping first.
+            self.buffer.add_writer(region.slot, region.gen, conn.slot, conn.gen, address,
+                                   length)
         uffd = os.dup(conn.uffd)  # the job's own: the connection may go meanwhile
+        writable = mapping.writable
 
         def register():
             try:
                 if not maps_memfd(conn.pid, address, length, inode):
                     raise RequestError(errno.EINVAL, f"{address:#x} is not where the client "
                                        f"mapped region {region.rid}'s buffer")
-                core.uffd_register(uffd, address, length)
+                core.uffd_register(uffd, address, length, writable)
             finally:
                 os.close(uffd)
 
@@ -462,6 +487,8 @@ class RequestHandler:
                 return
             self.resume(conn)
             if error is not None:
+                if writable:
+                    self.buffer.remove_writer(conn.slot, conn.gen, address)
                 self.refuse(conn, *failure(error))
                 return
             mapping.address = address
@@ -483,13 +510,60 @@ class RequestHandler:
         self.reply(conn, Msg.UNMAPPED, protocol.U64.pack(mid))
 
     def forget(self, conn, mapping):
-        """A mapping is gone: the region goes too when it was the last."""
+        """A mapping is gone: the region goes too when it was the last,
+        once what was written in it is in its file."""
         region = mapping.region
+        if mapping.writable and mapping.address is not None:
+            self.buffer.remove_writer(conn.slot, conn.gen, mapping.address)
         region.mappings -= 1
-        if region.mappings == 0:
-            drop = region.drop_message()
-            self.regions.release(region)
-            self.tell(drop, (), None)
+        if region.mappings:
+            return
+        if region.write_fd < 0:
+            self.release(region)
+            return
+
+        def written(result):
+            # Mapped again meanwhile: it stays, with whatever is still dirty.
+            if region.mappings == 0 and self.regions.get(region.key) is region:
+                self.release(region)
+        self.writeback.flush(region, 0, region.npages, written)
+
+    def release(self, region):
+        drop = region.drop_message()
+        self.regions.release(region)
+        self.tell(drop, (), None)
+
+    def on_flush(self, conn, values, payload, fds):
+        mid, offset, length = values
+        mapping = self.mapping_of(conn, mid, "flush")
+        region = mapping.region
+        if region.write_fd < 0:
+            # Never mapped for writing: nothing to write back.
+            self.reply(conn, Msg.FLUSHED, protocol.U64.pack(0))
+            return
+        first, end = region.pages_in(offset, length or region.size)
+        self.pause(conn)
+
+        def flushed(result):
+            if conn.sock is None:
+                return
+            self.resume(conn)
+            if result < 0:
+                self.refuse(conn, -result, f"writing back {region.name}: "
+                            f"{os.strerror(-result)}")
+            else:
+                self.reply(conn, Msg.FLUSHED, protocol.U64.pack(result))
+        self.writeback.flush(region, first, end - first, flushed)
+
+    def write_back_all(self):
+        """Ask for every dirty page to be written back (the server stops):
+        True when something was asked."""
+        asked = False
+        for region in self.regions:
+            if region.write_fd >= 0:
+                self.writeback.flush(region, 0, region.npages, lambda result: None)
+                asked = True
+        return asked
 
     def on_prefetch(self, conn, values, payload, fds):
         mid, offset, length = values
@@ -562,10 +636,10 @@ class RequestHandler:
 
     def state_messages(self, role):
         """What a new worker must be told of the clients and regions there are."""
-        messages = []
-        if role == "filler":
-            messages += [(client_message(c), [c.uffd]) for c in self.clients.clients()]
+        messages = [(client_message(c), [c.uffd]) for c in self.clients.clients()]
         messages += [r.message() for r in self.regions]
+        if role == "evictor":
+            messages += [r.write_fd_message() for r in self.regions if r.write_fd >= 0]
         return messages
 
     def wake_all(self):
@@ -601,9 +675,10 @@ class OpenedFile:
 
     url = identity = None
 
-    def __init__(self, dev, ino, size, name, store_fd, mode, page_size=None):
+    def __init__(self, dev, ino, size, name, store_fd, mode, page_size=None, write_fd=-1):
         self.dev, self.ino, self.size, self.name = dev, ino, size, name
         self.store_fd, self.mode, self.page_size = store_fd, mode, page_size
+        self.write_fd = write_fd  # the client's descriptor, for a mapping that writes
 
     def key(self, uid):
         return (self.dev, self.ino, uid)
@@ -612,10 +687,17 @@ class OpenedFile:
         fd, self.store_fd = self.store_fd, None
         return fd
 
+    def take_write_fd(self):
+        fd, self.write_fd = self.write_fd, -1
+        return fd
+
     def close(self):
         if self.store_fd is not None:
             os.close(self.store_fd)
             self.store_fd = None
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1
 
 
 class OpenedObject:
@@ -637,14 +719,17 @@ class OpenedObject:
     def take_store(self):
         return -1
 
+    def take_write_fd(self):
+        return -1
+
     def close(self):
         pass
 
 
-def open_for_map(fd, store_io, page_size=None):
+def open_for_map(fd, store_io, page_size=None, writable=False):
     """Check a descriptor a client sent with MAP and open its store; takes
-    over fd.  Runs in an offload thread: fstat may wait on a network file
-    system."""
+    over fd (kept, for a mapping that writes, as the file to write back to).
+    Runs in an offload thread: fstat may wait on a network file system."""
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -652,6 +737,12 @@ def open_for_map(fd, store_io, page_size=None):
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         if flags & getattr(os, "O_PATH", 0) or (flags & os.O_ACCMODE) == os.O_WRONLY:
             raise RequestError(errno.EBADF, "the file was not opened for reading")
+        if writable and (flags & os.O_ACCMODE) != os.O_RDWR:
+            raise RequestError(errno.EBADF, "a mapping that writes needs the file opened "
+                               "for reading and writing")
+        if writable and flags & os.O_APPEND:
+            raise RequestError(errno.EACCES, "a file opened for appending cannot be "
+                               "mapped for writing")
         if st.st_size == 0:
             raise RequestError(errno.EINVAL, "cannot map an empty file")
         try:
@@ -661,8 +752,15 @@ def open_for_map(fd, store_io, page_size=None):
     except BaseException:
         os.close(fd)
         raise
-    store_fd, mode = open_store(fd, store_io)
-    return OpenedFile(st.st_dev, st.st_ino, st.st_size, name, store_fd, mode, page_size)
+    write_fd = os.dup(fd) if writable else -1
+    try:
+        store_fd, mode = open_store(fd, store_io)
+    except BaseException:
+        if write_fd >= 0:
+            os.close(write_fd)
+        raise
+    return OpenedFile(st.st_dev, st.st_ino, st.st_size, name, store_fd, mode, page_size,
+                      write_fd)
 
 
 def supplementary_groups(pid):

@@ -38,7 +38,7 @@ def server_stats(settings, buffer, clients, regions, workers, started, viewer=No
     region_rows = [{"id": r.rid, "file": r.name, "size": r.size, "pages": r.npages,
                     "present": regions.present(r), "mappings": r.mappings, "uid": r.uid,
                     "store_io": r.store_mode, "buffer_bytes": held[r],
-                    "page_size": r.unit * r.page_size}
+                    "page_size": r.unit * r.page_size, "writable": r.write_fd >= 0}
                    for r in held if visible(r.uid)]
     region_rows.sort(key=lambda r: -r["present"])
     shown_clients = sorted((c for c in clients.clients() if visible(c.uid)),

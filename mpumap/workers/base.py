@@ -19,7 +19,7 @@ import signal
 import time
 
 from mpumap import core, protocol
-from mpumap._core import lib
+from mpumap._core import ffi, lib
 from mpumap.protocol import W
 from mpumap.region import Region
 
@@ -36,7 +36,9 @@ class Worker:
     (``channel``, set once forked), when it started and which heartbeat word
     is its.  In the worker process: the regions and clients the server told
     it about (slot -> Region, slot -> userfaultfd), each with descriptors of
-    its own, closed when the server says the region or client is gone.
+    its own, closed when the server says the region or client is gone; the
+    clients also as the C side sees them (``client_slots``, a struct
+    mpu_client_slot per slot, cleared before the userfaultfd closes).
     """
 
     role = "worker"
@@ -100,6 +102,9 @@ class Worker:
                                    f"[{self.settings.socket}]")
             self.beat()
             lib.mpu_pbm_set_worker(self.heartbeat_slot)
+            self.client_slots = ffi.new("struct mpu_client_slot[]", lib.MPU_CLIENT_SLOTS)
+            for slot in self.client_slots:
+                slot.uffd = -1
             self.setup()
             self.run()
             status = 0
@@ -153,16 +158,27 @@ class Worker:
             if old is not None:  # its DROP_CLIENT never came: the slot is the new one's
                 os.close(old[1])
             self.clients[slot] = (gen, uffd)
-            self.client_added(slot, gen, uffd)
+            self.client_slots[slot].gen = gen
+            self.client_slots[slot].uffd = uffd
         elif kind == W.DROP_CLIENT:
             _, slot, gen, _ = protocol.W_CLIENT.unpack(data)
             held = self.clients.get(slot)
             if held is not None and held[0] == gen:
                 del self.clients[slot]
-                self.client_dropped(slot)
+                self.client_slots[slot].uffd = -1
                 os.close(held[1])
         elif kind in (W.PREFETCH, W.READ_AHEAD, W.READ_AROUND, W.READ_BEHIND):
             self.fill(data)
+        elif kind == W.WRITE_FD:
+            _, slot, gen, *_ = protocol.W_REGION.unpack_from(data)
+            region = self.regions.get(slot)
+            if region is None or region.gen != gen or len(fds) != 1:
+                protocol.close_all(fds)
+            else:
+                region.set_write_fd(fds[0])
+                self.region_added(region)
+        elif kind == W.FLUSH:
+            self.flush(data)
         else:
             protocol.close_all(fds)
             self.log.error("unknown message %d from the server", kind)
@@ -173,13 +189,10 @@ class Worker:
     def region_dropped(self, region):
         pass
 
-    def client_added(self, slot, gen, uffd):
-        pass
-
-    def client_dropped(self, slot):
-        pass
-
     def fill(self, data):
+        pass
+
+    def flush(self, data):
         pass
 
 

@@ -3,13 +3,19 @@ oldest fill first, and (evictor 0) size the buffer to the machine.
 
 A page is evicted by punching it out of its region's memfd (fallocate
 PUNCH_HOLE, which is what MADV_REMOVE does on a mapping): the kernel drops it
-from every client's page tables, and their next touch faults again.
+from every client's page tables, and their next touch faults again.  A dirty
+page is written to its file first; evictors also write back what the server
+asks them to flush (a client's flush, the last unmap of a file, the server's
+exit).
 """
+import errno
 import os
 import selectors
 import time
 
+from mpumap import protocol
 from mpumap.pbm import RegionSlots
+from mpumap.protocol import W
 from mpumap.sizing import sizing_now
 from mpumap.workers.base import Worker
 
@@ -96,6 +102,24 @@ class Evictor(Worker):
     def region_dropped(self, region):
         self.region_slots.clear(region.slot)
 
+    def flush(self, data):
+        """Write back what the server asked, and tell it: the only message
+        a worker sends.  A region we do not hold has nothing of ours to
+        write (-ESTALE)."""
+        _, slot, gen, _, first, count, token, _ = protocol.W_FLUSH.unpack_from(data)
+        region = self.regions.get(slot)
+        if region is None or region.gen != gen:
+            result = -errno.ESTALE
+        else:
+            # (Every writer's client came before: the server tells a
+            # client's userfaultfd to every worker at its HELLO.)
+            result = self.buffer.write_back(slot, self.region_slots, self.client_slots,
+                                            first, count, self.pid, self.settings.page_size)
+            self.beat()
+            if result < 0:
+                self.log.error("writing back %s: %s", region.name, os.strerror(-result))
+        self.sock.send(protocol.W_FLUSH.pack(W.FLUSHED, slot, gen, 0, first, count, token,
+                                             result))
     def evict(self):
         """Bring used pages down to the low watermark once they reach the high
         one, or once a filler asked.  Victims come from the head of the
@@ -113,7 +137,7 @@ class Evictor(Worker):
             share = -(-excess // self.settings.evictors)
             # 0: nothing to take, or the oldest page is of a region whose
             # message waits on our socket: the loop reads it first.
-            if self.buffer.evict(share, self.pid, self.region_slots,
-                                 self.settings.page_size) == 0:
+            if self.buffer.evict(share, self.pid, self.region_slots, self.settings.page_size,
+                                 self.client_slots) == 0:
                 return
             self.beat()

@@ -78,11 +78,8 @@ class Filler(Worker):
         self.region_slots = RegionSlots(self.buffer.max_regions)
         self._keep = [core.pointer_to(self.chunk),
                       ffi.new("int[]", self.evict_fds or [-1]),
-                      ffi.new("uint32_t[]", max_run),
-                      ffi.new("struct mpu_client_slot[]", lib.MPU_CLIENT_SLOTS)]
-        chunk, evict_fds, descs, self.client_slots = self._keep
-        for slot in self.client_slots:
-            slot.uffd = -1
+                      ffi.new("uint32_t[]", max_run)]
+        chunk, evict_fds, descs = self._keep
         f = self.c = ffi.new("struct mpu_filler *")
         f.h = self.buffer.header
         f.sock = self.sock.fileno()
@@ -161,13 +158,6 @@ class Filler(Worker):
 
     def _read_store_failed(self, exc_type, exc, tb):
         self.log.error("reading an object failed", exc_info=(exc_type, exc, tb))
-
-    def client_added(self, slot, gen, uffd):
-        self.client_slots[slot].gen = gen
-        self.client_slots[slot].uffd = uffd
-
-    def client_dropped(self, slot):
-        self.client_slots[slot].uffd = -1
 
     def run(self):
         """Fault packets are served inside the C loop; it comes back to us for

@@ -40,7 +40,7 @@ def test_a_full_filler_socket_queues_faults_in_order_and_loses_none():
         core.uffd_register(uffd, address, pages * PAGE)
         monitor.set_filler(0, ours.fileno())
         monitor.watch(7, 77, uffd)
-        monitor.set_ranges(7, [(address, address + pages * PAGE, 3, 33, 0, 0, 1)])
+        monitor.set_ranges(7, [(address, address + pages * PAGE, 3, 33, 0, 0, 1, 0)])
 
         def touch(page):
             sink = ctypes.create_string_buffer(1)

@@ -25,6 +25,7 @@ class FakeRegion:
         self.memfd = os.memfd_create("t")
         os.ftruncate(self.memfd, self.size)
         self.store_fd, self.store_mode = -1, "direct"
+        self.write_fd = -1
 
     def close(self):
         os.close(self.memfd)

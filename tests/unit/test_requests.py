@@ -36,7 +36,7 @@ def handler():
     h = RequestHandler(settings, buffer, selector, ClientTable(buffer),
                        RegionTable(buffer, settings.page_size), RefusingMonitor(),
                        lambda data, fds, role, then=None: told.append(data) or
-                       (then and then()), lambda: [], 0.0)
+                       (then and then()), lambda: [], 0.0, None)
     h.told = told
     yield h
     h.close()
@@ -88,7 +88,7 @@ def test_a_connection_the_server_cannot_watch_is_closed_not_the_server():
     buffer = PageBuffer.create(64, 90, 70, max_regions=settings.max_regions)
     h = RequestHandler(settings, buffer, FullSelector(), ClientTable(buffer),
                        RegionTable(buffer, settings.page_size), RefusingMonitor(),
-                       lambda *args: None, lambda: [], 0.0)
+                       lambda *args: None, lambda: [], 0.0, None)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         h.accept(theirs)
