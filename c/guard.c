@@ -11,16 +11,26 @@
 #include <unistd.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
 
 #include "guard.h"
 #include "mpu_sys.h"
-#include "mpumap_core.h"
+#include "mpumap_core_internal.h"
 
 struct range {
     uint64_t addr;
     uint64_t len;
     int fd;
+    int memfd;              /* a range that may write: its buffer (-1: read-only) */
 };
+
+/* How long the guard of a range that may write waits, its own writers
+ * stopped, before it copies the buffer to the file: every client's guard
+ * hears of the loss at once, and each must have stopped its writers before
+ * the first copy, or a write could land in the buffer after it. */
+#define GRACE_MS 200
+#define COPY_CHUNK (1u << 20)
 
 struct mpu_guard {
     struct mpu_guard *next; /* in the registry of live guards */
@@ -109,9 +119,9 @@ static int replace(struct mpu_guard *g, const struct range *r)
 {
     void *want = (void *)(uintptr_t)r->addr;
     int ok = 1;
+    int prot = PROT_READ | (r->memfd >= 0 ? PROT_WRITE : 0);
     void *p = r->fd < 0 ? MAP_FAILED
-                        : mpu_sys_mmap(want, r->len, PROT_READ, MAP_SHARED | MAP_FIXED,
-                                       r->fd, 0);
+                        : mpu_sys_mmap(want, r->len, prot, MAP_SHARED | MAP_FIXED, r->fd, 0);
     if (p != want) {
         ok = 0;
         mpu_sys_mmap(want, r->len, PROT_NONE,
@@ -125,24 +135,109 @@ static int replace(struct mpu_guard *g, const struct range *r)
     return ok;
 }
 
+/* Takes (how F_WRLCK) or gives back (F_UNLCK) the region's lock: a
+ * process's lock (fcntl), not flock's, whose locks belong to open file
+ * descriptions, and every client holds the same one of the memfd. */
+static void buffer_lock(int memfd, short how)
+{
+    struct flock l = { .l_type = how, .l_whence = SEEK_SET, .l_start = 0, .l_len = 0 };
+    while (fcntl(memfd, F_SETLKW, &l) < 0 && errno == EINTR)
+        ;
+}
+
+/* Every page the buffer holds, to the file (up to the file's end), each
+ * punched out of the buffer once copied; then the file synced.  0, or
+ * -errno of the first failure (what follows is still tried). */
+static int write_back(const struct range *r)
+{
+    struct stat st;
+    if (fstat(r->fd, &st) < 0)
+        return -errno;
+    uint64_t end = (uint64_t)st.st_size < r->len ? (uint64_t)st.st_size : r->len;
+    char *chunk = malloc(COPY_CHUNK);
+    if (!chunk)
+        return -ENOMEM;
+    int err = 0;
+    for (uint64_t at = 0; at < end;) {
+        off_t data = lseek(r->memfd, (off_t)at, SEEK_DATA);
+        if (data < 0 || (uint64_t)data >= end)
+            break;
+        off_t hole = lseek(r->memfd, data, SEEK_HOLE);
+        uint64_t stop = hole < 0 || (uint64_t)hole > end ? end : (uint64_t)hole;
+        for (uint64_t pos = (uint64_t)data; pos < stop;) {
+            size_t want = stop - pos < COPY_CHUNK ? (size_t)(stop - pos) : COPY_CHUNK;
+            ssize_t got = pread(r->memfd, chunk, want, (off_t)pos);
+            if (got <= 0) {
+                err = err ? err : got < 0 ? -errno : -EIO;
+                break;
+            }
+            for (ssize_t done = 0; done < got;) {
+                ssize_t put = pwrite(r->fd, chunk + done, (size_t)(got - done),
+                                     (off_t)(pos + (uint64_t)done));
+                if (put < 0 && errno == EINTR)
+                    continue;
+                if (put <= 0) {
+                    err = err ? err : put < 0 ? -errno : -EIO;
+                    break;
+                }
+                done += put;
+            }
+            pos += (uint64_t)got;
+        }
+        /* Copied: out of the buffer, so that no guard after us writes it
+         * again over what the file has been given since. */
+        if (!err)
+            mpu_punch(r->memfd, (uint64_t)data, stop - (uint64_t)data);
+        at = stop;
+    }
+    free(chunk);
+    if (fdatasync(r->fd) < 0 && !err)
+        err = -errno;
+    return err;
+}
+
 static void fall_back(struct mpu_guard *g)
 {
-    size_t count, failed = 0;
+    size_t count, failed = 0, unwritten = 0, writers = 0;
     pthread_mutex_lock(&g->lock);
     /* Set first: a woken thread may ask at once, and mpu_guard_fell_back
      * takes the lock, so it answers 1 only once every range is replaced. */
     __atomic_store_n(&g->fell_back, 1, __ATOMIC_SEQ_CST);
     for (size_t i = 0; i < g->count; i++)
-        if (!replace(g, &g->ranges[i]))
+        if (g->ranges[i].memfd >= 0) {
+            /* Our writers wait from here on (a write-protect fault nobody
+             * answers until the range is the file's). */
+            mpu_uffd_writeprotect(g->uffd, g->ranges[i].addr, g->ranges[i].len, 1);
+            writers++;
+        }
+    if (writers) {
+        struct timespec grace = { 0, GRACE_MS * 1000000L };
+        while (nanosleep(&grace, &grace) < 0 && errno == EINTR)
+            ;
+    }
+    for (size_t i = 0; i < g->count; i++) {
+        const struct range *r = &g->ranges[i];
+        if (r->memfd >= 0) {
+            buffer_lock(r->memfd, F_WRLCK);
+            if (write_back(r) < 0)
+                unwritten++;
+        }
+        if (!replace(g, r))
             failed++;
+        if (r->memfd >= 0)
+            buffer_lock(r->memfd, F_UNLCK);
+    }
     count = g->count;
     pthread_mutex_unlock(&g->lock);
+    if (unwritten)
+        fprintf(stderr, "mpumap: lost the server; what %zu mapping(s) wrote could not all "
+                "be written to their files\n", unwritten);
     if (failed)
-        fprintf(stderr, "mpumap: lost the server; %zu mapping(s) now read their "
+        fprintf(stderr, "mpumap: lost the server; %zu mapping(s) now use their "
                 "file directly, %zu could not be mapped from the file and are "
                 "inaccessible\n", count - failed, failed);
     else
-        fprintf(stderr, "mpumap: lost the server; %zu mapping(s) now read their "
+        fprintf(stderr, "mpumap: lost the server; %zu mapping(s) now use their "
                 "file directly\n", count);
 }
 
@@ -209,11 +304,23 @@ struct mpu_guard *mpu_guard_start(int server_sock, int uffd)
 
 int mpu_guard_add(struct mpu_guard *g, uint64_t addr, uint64_t len, int file_fd)
 {
-    if (!g || len == 0)
+    return mpu_guard_add_writable(g, addr, len, file_fd, -1);
+}
+
+int mpu_guard_add_writable(struct mpu_guard *g, uint64_t addr, uint64_t len, int file_fd,
+                           int memfd)
+{
+    if (!g || len == 0 || (memfd >= 0 && file_fd < 0))
         return -EINVAL;
     int fd = file_fd < 0 ? -1 : fcntl(file_fd, F_DUPFD_CLOEXEC, 3);
     if (fd < 0 && file_fd >= 0)
         return -errno;
+    int mfd = memfd < 0 ? -1 : fcntl(memfd, F_DUPFD_CLOEXEC, 3);
+    if (mfd < 0 && memfd >= 0) {
+        int err = -errno;
+        close(fd);
+        return err;
+    }
     int err = 0;
     pthread_mutex_lock(&g->lock);
     if (__atomic_load_n(&g->fell_back, __ATOMIC_SEQ_CST)) {
@@ -229,10 +336,13 @@ int mpu_guard_add(struct mpu_guard *g, uint64_t addr, uint64_t len, int file_fd)
         }
     }
     if (!err)
-        g->ranges[g->count++] = (struct range){ .addr = addr, .len = len, .fd = fd };
+        g->ranges[g->count++] = (struct range){ .addr = addr, .len = len, .fd = fd,
+                                                .memfd = mfd };
     pthread_mutex_unlock(&g->lock);
     if (err && fd >= 0)
         close(fd);
+    if (err && mfd >= 0)
+        close(mfd);
     return err;
 }
 
@@ -240,11 +350,12 @@ int mpu_guard_remove(struct mpu_guard *g, uint64_t addr)
 {
     if (!g)
         return -EINVAL;
-    int fd = -1, found = 0;
+    int fd = -1, mfd = -1, found = 0;
     pthread_mutex_lock(&g->lock);
     for (size_t i = 0; i < g->count; i++) {
         if (g->ranges[i].addr == addr) {
             fd = g->ranges[i].fd;
+            mfd = g->ranges[i].memfd;
             g->ranges[i] = g->ranges[--g->count];
             found = 1;
             break;
@@ -255,6 +366,8 @@ int mpu_guard_remove(struct mpu_guard *g, uint64_t addr)
         return -ENOENT;
     if (fd >= 0)
         close(fd);
+    if (mfd >= 0)
+        close(mfd);
     return 0;
 }
 
@@ -270,9 +383,12 @@ int mpu_guard_fell_back(struct mpu_guard *g)
 
 static void release(struct mpu_guard *g)
 {
-    for (size_t i = 0; i < g->count; i++)
+    for (size_t i = 0; i < g->count; i++) {
         if (g->ranges[i].fd >= 0)
             close(g->ranges[i].fd);
+        if (g->ranges[i].memfd >= 0)
+            close(g->ranges[i].memfd);
+    }
     free(g->ranges);
     close(g->stopfd);
     free(g);

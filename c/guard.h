@@ -13,6 +13,16 @@
  * retries and reads the file through the kernel.  One warning line goes to
  * stderr.
  *
+ * A range that may write holds bytes the file does not have yet: the pages
+ * written since they were last written back.  Those the guard writes to
+ * the file first, under a lock every client of the region takes in turn:
+ * it write-protects its own range (its threads that write wait), lets
+ * GRACE_MS pass (every other client's guard, woken by the same loss, does
+ * the same meanwhile), then copies every page the memfd holds to the file,
+ * punches it out of the memfd (so that a guard that comes later copies
+ * nothing stale over what was written to the file since), syncs, and maps
+ * the file read-write in its place.
+ *
  * Use, for each mapping:  mmap the memfd, MADV_DONTFORK, mpu_guard_add, then
  * REGISTER (so that no registered range is ever unguarded); and to unmap:
  * mpu_guard_remove, then munmap, then UNMAP (so that the guard never maps
@@ -38,6 +48,11 @@ struct mpu_guard *mpu_guard_start(int server_sock, int uffd);
  * a SIGSEGV where a read would wait for ever.  -ENOTCONN once the guard
  * has fallen back: the server is gone, do not register the range. */
 int mpu_guard_add(struct mpu_guard *g, uint64_t addr, uint64_t len, int file_fd);
+
+/* The same for a range that may write: file_fd open for reading and
+ * writing, memfd the region's buffer (both dup'ed and kept). */
+int mpu_guard_add_writable(struct mpu_guard *g, uint64_t addr, uint64_t len, int file_fd,
+                           int memfd);
 
 /* Forgets the range that starts at addr and closes its kept descriptor;
  * -ENOENT when there is none.  Call it before munmap. */

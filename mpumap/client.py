@@ -354,17 +354,19 @@ class Client:
             with _FORK_LOCK:
                 try:
                     m = Mapping(memfd, size, flags=mmap.MAP_SHARED, prot=prot)
+                    m._attach(self, mid, rid, path, fd, memfd if writable else None)
+                    # A forked child must not inherit this range: nothing
+                    # would watch its faults, and a read there would plant
+                    # a zero page in the buffer that every other client
+                    # then sees.
+                    m.madvise(mmap.MADV_DONTFORK)
+                    # Guarded before it is registered: no registered range
+                    # is ever without its way back to the file (and for one
+                    # that writes, its way to write the buffer there first).
+                    self._guard_mapping(m)
+                    guarded = True
                 finally:
                     os.close(memfd)
-                m._attach(self, mid, rid, path, fd)
-                # A forked child must not inherit this range: nothing would
-                # watch its faults, and a read there would plant a zero page
-                # in the buffer that every other client then sees.
-                m.madvise(mmap.MADV_DONTFORK)
-                # Guarded before it is registered: no registered range is
-                # ever without its way back to the file.
-                self._guard_mapping(m)
-                guarded = True
             self._call(Msg.REGISTER, protocol.SPAN.pack(mid, m.address, length),
                        expect=Msg.REGISTERED)
         except BaseException:
@@ -373,8 +375,8 @@ class Client:
                     self._unguard(m.address)
                 if m is not None:
                     mmap.mmap.close(m)
-            if m is not None and getattr(m, "_file_fd", None) is not None and m._file_fd >= 0:
-                os.close(m._file_fd)
+            if m is not None:
+                m._close_descriptors()
             self._release(mid)
             raise
         self._mappings[mid] = m
@@ -384,11 +386,14 @@ class Client:
         """Tell the server mapping mid is unmapped here.  Nothing is said
         where nobody can be told (a closed client, a forked child): the
         server lets go of a connection's mappings when it closes."""
-        self._mappings.pop(mid, None)
+        m = self._mappings.pop(mid, None)
         if self._sock is None or os.getpid() != self._pid:
             return
+        # A mapping that wrote is unmapped once its writes are in the file.
+        timeout = FLUSH_SECONDS if getattr(m, "writable", False) else None
         try:
-            self._call(Msg.UNMAP, protocol.U64.pack(mid), expect=Msg.UNMAPPED)
+            self._call(Msg.UNMAP, protocol.U64.pack(mid), expect=Msg.UNMAPPED,
+                       timeout=timeout)
         except OSError as exc:
             log.debug("unmapping %d: %s", mid, exc)
 
@@ -405,15 +410,17 @@ class Client:
         if self._sock is None:
             return
         # The server hears nothing of each: closing the connection lets go of
-        # them all there, and a close must not wait for a server.
+        # them all there, and a close must not wait for a server.  But for
+        # a mapping that wrote: what it wrote is in the file when close
+        # returns (the server writes it back before it answers).
         for m in list(self._mappings.values()):
-            m._close(tell=False)
+            m._close(tell=m.writable)
         self._close_descriptors()
 
     def _guard_mapping(self, m):
         length = len(m) + (-len(m)) % PAGE  # the whole pages the mapping spans
-        core.check(lib.mpu_guard_add(self._guard, m.address, length, m._file_fd),
-                   "guarding the mapping")
+        core.check(lib.mpu_guard_add_writable(self._guard, m.address, length, m._file_fd,
+                                              m._memfd), "guarding the mapping")
 
     def _unguard(self, address):
         if self._guard is not None:
@@ -473,12 +480,16 @@ class Mapping(mmap.mmap):
     "r+", len() is the file's size.  Use it as a buffer (memoryview,
     numpy.frombuffer) or as an mmap (slicing, find, ...)."""
 
-    def _attach(self, client, mid, rid, path, file_fd):
+    def _attach(self, client, mid, rid, path, file_fd, memfd=None):
         self._client = client
-        self._file_fd = None
+        self._file_fd = self._memfd = -1
         # For the guard, while the mapping lives; an object has no file (-1),
-        # and becomes inaccessible should the server go.
+        # and becomes inaccessible should the server go.  A mapping that
+        # writes keeps its buffer too: should the server go, the guard writes
+        # what the buffer holds to the file first.
         self._file_fd = os.dup(file_fd) if file_fd is not None else -1
+        self._memfd = os.dup(memfd) if memfd is not None else -1
+        self.writable = memfd is not None
         self.mapping_id = mid
         self.region_id = rid
         self.path = path
@@ -570,13 +581,19 @@ class Mapping(mmap.mmap):
                 raise BufferError(
                     f"cannot unmap {self.path}: a memoryview or numpy array still "
                     "points into it; delete those first") from None
-        if self._file_fd >= 0:
-            os.close(self._file_fd)
+        self._close_descriptors()
         if client is not None:
             if tell:
                 client._release(self.mapping_id)
             else:
                 client._mappings.pop(self.mapping_id, None)
+
+    def _close_descriptors(self):
+        for name in ("_file_fd", "_memfd"):
+            fd = getattr(self, name, -1)
+            if fd is not None and fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
 
     def __exit__(self, *exc):
         self.close()

@@ -506,26 +506,41 @@ class RequestHandler:
             raise RequestError(errno.EINVAL, f"no mapping {mid} to unmap")
         if mapping.address is not None:
             self.monitor.set_ranges(conn.slot, conn.ranges())
-        self.forget(conn, mapping)
-        self.reply(conn, Msg.UNMAPPED, protocol.U64.pack(mid))
+        if not mapping.writable:
+            self.forget(conn, mapping)
+            self.reply(conn, Msg.UNMAPPED, protocol.U64.pack(mid))
+            return
+        # What it wrote is in the file when the client hears UNMAPPED, as
+        # after munmap a read of the file sees what was written.
+        self.pause(conn)
 
-    def forget(self, conn, mapping):
-        """A mapping is gone: the region goes too when it was the last,
-        once what was written in it is in its file."""
+        def written():
+            if conn.sock is not None:
+                self.resume(conn)
+                self.reply(conn, Msg.UNMAPPED, protocol.U64.pack(mid))
+        self.forget(conn, mapping, written)
+
+    def forget(self, conn, mapping, then=None):
+        """A mapping is gone: the region goes too when it was the last.  The
+        dirty pages of its region are written back first when it was the
+        last or it could write; `then` runs once that is done."""
         region = mapping.region
         if mapping.writable and mapping.address is not None:
             self.buffer.remove_writer(conn.slot, conn.gen, mapping.address)
         region.mappings -= 1
-        if region.mappings:
-            return
-        if region.write_fd < 0:
-            self.release(region)
+        if region.write_fd < 0 or (region.mappings and not mapping.writable):
+            if not region.mappings:
+                self.release(region)
+            if then:
+                then()
             return
 
         def written(result):
             # Mapped again meanwhile: it stays, with whatever is still dirty.
             if region.mappings == 0 and self.regions.get(region.key) is region:
                 self.release(region)
+            if then:
+                then()
         self.writeback.flush(region, 0, region.npages, written)
 
     def release(self, region):

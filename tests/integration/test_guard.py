@@ -78,7 +78,7 @@ def test_guard_maps_the_file_and_wakes_a_thread_that_holds_the_gil(workdir):
     ok, elapsed = result.stdout.split()
     assert ok == "ok" and 0.3 < float(elapsed) < 20
     lost = [line for line in result.stderr.splitlines() if "lost the server" in line]
-    assert lost == ["mpumap: lost the server; 1 mapping(s) now read their file directly"]
+    assert lost == ["mpumap: lost the server; 1 mapping(s) now use their file directly"]
 
 
 def test_guard_stops_quietly(workdir, capfd):

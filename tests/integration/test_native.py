@@ -383,7 +383,7 @@ def test_program_reads_on_when_the_server_is_killed(start_server, programs, work
     assert int(done["pages"]) == 16 * MiB // 4096 // 4 + 3 * 16 * MiB // 4096
     assert elapsed < 30
     lost = [line for line in err.splitlines() if "lost the server" in line]
-    assert len(lost) == 1 and "1 mapping(s) now read their file directly" in lost[0], err
+    assert len(lost) == 1 and "1 mapping(s) now use their file directly" in lost[0], err
 
 
 def test_the_c_library_gives_up_with_etimedout(start_server, programs, workdir):

@@ -1,0 +1,259 @@
+"""Mappings that write: shared writes through one buffer, flush, write-back
+on eviction and at the last unmap, and nothing lost when a client, a
+worker or the server dies.  Every check of the file reads it with O_DIRECT,
+past any page cache."""
+import ctypes
+import json
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import mpumap
+from mpumap.testing import make_file
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from writer import PAGE, content  # noqa: E402
+
+WRITER = os.path.join(HERE, "writer.py")
+MiB = 1 << 20
+NOBODY = 65534
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def read_direct(path):
+    """The file as the disk has it (O_DIRECT: past the page cache)."""
+    size = os.path.getsize(path)
+    buf = mmap.mmap(-1, -(-size // PAGE) * PAGE)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        n = os.preadv(fd, [buf], 0)
+    finally:
+        os.close(fd)
+    return buf[:n]
+
+
+def bad_pages(data, first, count, stamp):
+    return [p for p in range(first, first + count)
+            if data[p * PAGE:(p + 1) * PAGE] != content(p, stamp)]
+
+
+class Writers:
+    def __init__(self):
+        self.procs = []
+
+    def start(self, socket_path, path, **options):
+        args = [sys.executable, WRITER, socket_path, path]
+        for key, value in options.items():
+            for v in value if isinstance(value, list) else [value]:
+                flag = f"--{key.replace('_', '-')}"
+                args += [flag] if v == "" else [flag, str(v)]
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                bufsize=0)
+        self.procs.append(proc)
+        return proc
+
+    @staticmethod
+    def line(proc):
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait(30)
+            raise AssertionError(f"writer failed ({proc.returncode}): "
+                                 f"{proc.stderr.read().decode()}")
+        return json.loads(line)
+
+    @staticmethod
+    def result(proc, timeout=120):
+        out, err = proc.communicate(timeout=timeout)
+        lines = [json.loads(x) for x in out.decode().splitlines() if x.strip()]
+        assert lines and "pages" in lines[-1], \
+            f"writer exited {proc.returncode} without a result:\n{err.decode()}"
+        return lines[-1]
+
+    def cleanup(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            for f in (proc.stdout, proc.stderr):
+                f.close()
+
+
+@pytest.fixture
+def writers():
+    w = Writers()
+    yield w
+    w.cleanup()
+
+
+def wait_for(what, timeout=30, step=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("timed out")
+
+
+@pytest.mark.parametrize("page_size", ["4K", "64K"])
+def test_two_writers_share_a_file_through_a_small_buffer(start_server, writers, workdir,
+                                                         page_size):
+    """Two processes map a 64 MiB file r+ through a 16 MiB buffer, each writes
+    its half in random page order, then each reads the other's half; once
+    both unmapped, the disk holds every byte."""
+    path = make_file(os.path.join(workdir, "shared.bin"), 64 * MiB, seed=60)
+    pages = 64 * MiB // PAGE
+    half = pages // 2
+    server = start_server("--page-size", page_size, "--buffer-size", "16M")
+    go = os.path.join(workdir, "go")
+    procs = [writers.start(server.socket, path, stamp=f"half{i}", first=i * half,
+                           count=half, order="random", seed=i, go=go,
+                           check=f"{(1 - i) * half}:{half}:half{1 - i}")
+             for i in range(2)]
+    for proc in procs:
+        assert writers.line(proc)["wrote"] == half
+    open(go, "w").close()
+    for proc in procs:
+        result = writers.result(proc)
+        assert result["bad_count"] == 0, result
+    data = read_direct(path)
+    assert bad_pages(data, 0, half, "half0") == []
+    assert bad_pages(data, half, half, "half1") == []
+    b = server.stats()["buffer"]
+    # The buffer held a quarter of the file: most pages were written back
+    # as they were evicted, the rest at the last unmap.
+    server_page = {"4K": 4096, "64K": 65536}[page_size]
+    assert b["written"] >= (64 * MiB - 16 * MiB) // server_page, b
+    assert b["writes"] > 0 and b["dirty"] == 0 and not server.stats()["regions"]
+
+
+def test_flush_makes_writes_durable_while_the_mapping_stays(start_server, workdir):
+    path = make_file(os.path.join(workdir, "flush.bin"), 4 * MiB, seed=61)
+    server = start_server("--page-size", "4K", "--buffer-size", "16M")
+    with mpumap.connect(server.socket) as client, client.map(path, mode="r+") as m:
+        m[0:PAGE] = content(0, "first")
+        m[100 * PAGE:101 * PAGE] = content(100, "first")
+        wait_for(lambda: server.stats()["buffer"]["dirty"] == 2, timeout=5)
+        assert m.flush(0, PAGE) == 1  # only the span asked for
+        data = read_direct(path)
+        assert data[:PAGE] == content(0, "first")
+        assert data[100 * PAGE:101 * PAGE] != content(100, "first")
+        assert m.flush() == 1
+        assert read_direct(path)[100 * PAGE:101 * PAGE] == content(100, "first")
+        assert m.flush() == 0  # nothing dirty
+        # Written again after a flush: protected again, so dirty again.
+        m[0:PAGE] = content(0, "second")
+        assert m.flush() == 1
+        assert read_direct(path)[:PAGE] == content(0, "second")
+        assert m[100 * PAGE:101 * PAGE] == content(100, "first")
+    with pytest.raises(ValueError):
+        mpumap.connect(server.socket).map(path, mode="w")
+
+
+def test_a_read_only_mapping_of_the_same_file_cannot_write(start_server, workdir):
+    """One buffer: a reader sees a writer's bytes at once, and cannot write
+    them itself, through Python or through raw memory (SIGSEGV)."""
+    path = make_file(os.path.join(workdir, "ro.bin"), 1 * MiB, seed=62)
+    server = start_server("--page-size", "4K", "--buffer-size", "16M")
+    with mpumap.connect(server.socket) as client:
+        w = client.map(path, mode="r+")
+        r = client.map(path)
+        assert r.region_id == w.region_id
+        w[PAGE:2 * PAGE] = content(1, "seen")
+        assert r[PAGE:2 * PAGE] == content(1, "seen")
+        with pytest.raises(TypeError):
+            r[0:4] = b"nope"
+        raw = ("import ctypes, sys, mpumap\n"
+               "m = mpumap.connect(sys.argv[1]).map(sys.argv[2])\n"
+               "ctypes.memmove(m.address, b'nope', 4)\n")
+        child = subprocess.run([sys.executable, "-c", raw, server.socket, path],
+                               capture_output=True, timeout=60)
+        assert child.returncode == -signal.SIGSEGV, child.stderr.decode()
+        assert r[0:4] == open(path, "rb").read(4)
+        w.close()
+        r.close()
+
+
+def test_a_writer_killed_after_writing_loses_nothing(start_server, writers, workdir):
+    path = make_file(os.path.join(workdir, "killed.bin"), 8 * MiB, seed=63)
+    server = start_server("--page-size", "4K", "--buffer-size", "16M")
+    proc = writers.start(server.socket, path, stamp="dying", first=0, count=2048,
+                         order="random", go=os.path.join(workdir, "never"))
+    assert writers.line(proc)["wrote"] == 2048
+    # (A page written as it was filled counts once the fill is over: soon.)
+    wait_for(lambda: server.stats()["buffer"]["dirty"] == 2048, timeout=5)
+    proc.kill()
+    proc.wait()
+    # Its last mapping gone, the region is written back, then released.
+    wait_for(lambda: not server.stats()["regions"])
+    assert bad_pages(read_direct(path), 0, 2048, "dying") == []
+
+
+def test_the_server_killed_between_two_halves_loses_nothing(start_server, writers, workdir):
+    """The writer's guard writes the buffer to the file before it maps the
+    file in its place; the second half goes to the file directly."""
+    path = make_file(os.path.join(workdir, "lost.bin"), 16 * MiB, seed=64)
+    pages = 16 * MiB // PAGE
+    server = start_server("--page-size", "4K", "--buffer-size", "8M")
+    proc = writers.start(server.socket, path, stamp="both", first=0, count=pages // 2,
+                         order="random", kill=server.proc.pid, then_first=pages // 2,
+                         then_count=pages // 2)
+    assert writers.line(proc)["wrote"] == pages // 2
+    result = writers.result(proc)
+    assert result["fell_back"] and result["bad_count"] == 0, result
+    assert bad_pages(read_direct(path), 0, pages, "both") == []
+    os.unlink(server.socket)  # the dead server's, for the fixture's check
+
+
+def test_an_evictor_killed_in_the_middle_of_a_write_back(start_server, workdir):
+    """The flush it was writing goes to its successor; the pages it was
+    writing are dirty again, and written again."""
+    path = make_file(os.path.join(workdir, "evictor.bin"), 256 * MiB, seed=65)
+    pages = 256 * MiB // PAGE
+    server = start_server("--page-size", "64K", "--buffer-size", "512M")
+    with mpumap.connect(server.socket) as client, client.map(path, mode="r+") as m:
+        for p in range(pages):
+            m[p * PAGE:(p + 1) * PAGE] = content(p, "again")
+        dirty = 256 * MiB // (64 * 1024)
+        wait_for(lambda: server.stats()["buffer"]["dirty"] == dirty, timeout=5)
+        evictor = next(w for w in server.workers() if "evictor" in w.name())
+        result = {}
+        flusher = threading.Thread(target=lambda: result.update(pages=m.flush()))
+        flusher.start()
+        written = wait_for(lambda: server.stats()["buffer"]["written"], step=0.002)
+        evictor.kill()
+        flusher.join(120)
+        assert not flusher.is_alive()
+        assert written < dirty, "the flush was over before the evictor was killed"
+        b = server.stats()["buffer"]
+        assert b["restarts"] == 1 and b["dirty"] == 0
+        assert b["written"] >= dirty  # what was in flight was written twice
+    assert bad_pages(read_direct(path), 0, pages, "again") == []
+
+
+def test_an_unprivileged_client_writes(start_server, writers, workdir):
+    """As nobody, through user-mode-only userfaultfd; a file it may not
+    write is refused by its own rights."""
+    path = make_file(os.path.join(workdir, "nobody.bin"), 4 * MiB, seed=66)
+    os.chmod(path, 0o666)
+    locked = make_file(os.path.join(workdir, "locked.bin"), 4 * MiB, seed=67)
+    os.chmod(locked, 0o644)
+    server = start_server("--page-size", "4K", "--buffer-size", "16M",
+                          "--socket-mode", "0666")
+    proc = writers.start(server.socket, path, stamp="nobody", first=0, count=1024,
+                         order="random", drop_uid=NOBODY)
+    ready = writers.line(proc)
+    if os.geteuid() == 0:
+        assert ready["uffd"] in ("/dev/userfaultfd", "user-mode-only")
+    assert writers.result(proc)["bad_count"] == 0
+    assert bad_pages(read_direct(path), 0, 1024, "nobody") == []
+    proc = writers.start(server.socket, locked, count=1, drop_uid=NOBODY)
+    assert writers.line(proc)["error"] == "PermissionError"
