@@ -1,22 +1,24 @@
 /*
- * libmpumappreload.so: serve an unmodified program's read-only file mappings
- * through mpumap.
+ * libmpumappreload.so: serve an unmodified program's file mappings through
+ * mpumap.
  *
  *     MPUMAP_PRELOAD_MAP='/data/*.bin:/scratch/graph-*' \
  *     LD_PRELOAD=$(mpumap-client config --preload) program ...
  *
  * mmap() (and mmap64) of a regular file whose path (readlink of
  * /proc/self/fd/N) matches one of the colon-separated fnmatch(3) patterns,
- * with PROT_READ only, MAP_SHARED or MAP_PRIVATE, offset 0, and the whole
- * file's length, and no MAP_FIXED, is served by the server at $MPUMAP_SOCKET
- * (connected on the first such call).  munmap() of such a range releases it;
- * a munmap that cuts into one leaves the rest of it as a plain mapping of
- * the file.  Every other call goes to the C library untouched.  When the
+ * with PROT_READ, MAP_SHARED or MAP_PRIVATE (or PROT_READ | PROT_WRITE and
+ * MAP_SHARED, of a file open for reading and writing), offset 0, and the
+ * whole file's length, and no MAP_FIXED, is served by the server at
+ * $MPUMAP_SOCKET (connected on the first such call).  munmap() of such a
+ * range releases it (what was written is in the file when it returns);
+ * msync() of it writes back what was written; a munmap that cuts into one
+ * leaves the rest of it as a plain mapping of the file.  Every other call goes to the C library untouched.  When the
  * server cannot serve (none there, or it refuses), the call goes to the C
  * library too, with one warning on stderr per process.
  *
  * The client code is compiled into this library, hidden: it exports mmap,
- * mmap64 and munmap only.  The client maps its own memory with raw system
+ * mmap64, munmap and msync only.  The client maps its own memory with raw system
  * calls, so nothing here runs twice for one call.
  */
 #define _GNU_SOURCE
@@ -43,9 +45,11 @@ _Static_assert(sizeof(off_t) == 8, "mmap64 is mmap only where off_t has 64 bits"
 
 typedef void *(*mmap_fn)(void *, size_t, int, int, int, off_t);
 typedef int (*munmap_fn)(void *, size_t);
+typedef int (*msync_fn)(void *, size_t, int);
 
 static mmap_fn real_mmap;
 static munmap_fn real_munmap;
+static msync_fn real_msync;
 
 /* Set while this thread is inside the library: any mmap it causes (through
  * the C library, say) goes straight through. */
@@ -72,6 +76,7 @@ __attribute__((constructor)) static void resolve(void)
     busy++;
     real_mmap = (mmap_fn)dlsym(RTLD_NEXT, "mmap");
     real_munmap = (munmap_fn)dlsym(RTLD_NEXT, "munmap");
+    real_msync = (msync_fn)dlsym(RTLD_NEXT, "msync");
     pthread_atfork(NULL, NULL, after_fork_child);
     busy--;
 }
@@ -140,7 +145,7 @@ static int connect_once(void)
 }
 
 /* The mapping, or NULL: let the C library do it. */
-static void *serve(void *addr, size_t len, int fd)
+static void *serve(void *addr, size_t len, int fd, int writable)
 {
     pthread_once(&once, load_patterns);
     if (npatterns == 0)
@@ -151,6 +156,8 @@ static void *serve(void *addr, size_t len, int fd)
     int mode = fcntl(fd, F_GETFL);
     if (mode < 0 || (mode & O_ACCMODE) == O_WRONLY || (mode & O_PATH))
         return NULL;    /* the kernel refuses these itself */
+    if (writable && ((mode & O_ACCMODE) != O_RDWR || (mode & O_APPEND)))
+        return NULL;    /* ... or these */
     size_t page = (size_t)sysconf(_SC_PAGESIZE);
     size_t whole = ((size_t)st.st_size + page - 1) & ~(page - 1);
     if (((len + page - 1) & ~(page - 1)) != whole)
@@ -169,7 +176,7 @@ static void *serve(void *addr, size_t len, int fd)
         return NULL;
 
     uint64_t length;
-    void *p = mpu_client_map_fd(fd, path, addr, 0, &length);
+    void *p = mpu_client_map_fd(fd, path, addr, 0, writable, &length);
     if (!p)
         warn_once("%s: %s: mapped with the kernel's mmap instead", path, strerror(errno));
     return p;
@@ -178,13 +185,15 @@ static void *serve(void *addr, size_t len, int fd)
 static void *hook_mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 {
     int type = flags & MAP_TYPE;
+    int shared = type == MAP_SHARED || type == MAP_SHARED_VALIDATE;
+    int writable = prot == (PROT_READ | PROT_WRITE) && shared;
     if (fd < 0 || busy || (flags & (MAP_ANONYMOUS | MAP_FIXED | MAP_FIXED_NOREPLACE))
-        || prot != PROT_READ || off != 0 || len == 0
-        || (type != MAP_SHARED && type != MAP_PRIVATE && type != MAP_SHARED_VALIDATE))
+        || (prot != PROT_READ && !writable) || off != 0 || len == 0
+        || (!shared && type != MAP_PRIVATE))
         return pass_mmap(addr, len, prot, flags, fd, off);
     int saved = errno;
     busy++;
-    void *p = serve(addr, len, fd);
+    void *p = serve(addr, len, fd, writable);
     busy--;
     errno = saved;
     return p ? p : pass_mmap(addr, len, prot, flags, fd, off);
@@ -211,4 +220,21 @@ EXPORT int munmap(void *addr, size_t len)
             return r;
     }
     return pass_munmap(addr, len);
+}
+
+/* MS_SYNC and MS_ASYNC alike write back now (the kernel's MS_ASYNC starts
+ * nothing since 2.6.19; a program that asks wants its bytes on the way). */
+EXPORT int msync(void *addr, size_t len, int flags)
+{
+    if (!busy && mpu_client_count() > 0 && !(flags & ~(MS_SYNC | MS_ASYNC | MS_INVALIDATE))) {
+        int handled;
+        busy++;
+        int r = mpu_client_flush(addr, len, &handled);
+        busy--;
+        if (handled)
+            return r;
+    }
+    if (real_msync)
+        return real_msync(addr, len, flags);
+    return (int)syscall(SYS_msync, addr, len, flags);
 }

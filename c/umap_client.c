@@ -46,6 +46,7 @@
 #define MAX_REPLY 8192          /* every reply this client asks for fits */
 #define WHY 512
 #define DEFAULT_TIMEOUT 10.0    /* seconds a request may wait; $MPUMAP_TIMEOUT */
+#define FLUSH_TIMEOUT 600.0     /* ... one that writes back: gigabytes may be dirty */
 
 static const char *msg_name(int kind)
 {
@@ -70,6 +71,7 @@ struct mapping {
     uint64_t length;
     int fd;         /* the file: to turn the mapping into a plain one */
     int served;     /* 0 once it is a plain mapping of the file */
+    int writable;   /* PROT_WRITE: its writes are the server's to write back */
 };
 
 static struct {
@@ -174,7 +176,7 @@ static int timed_out(char *why, const char *what)
     return -1;
 }
 
-static void release(uint64_t id);
+static void release(uint64_t id, int writable);
 
 static int call(int kind, const void *payload, size_t len, int fd_send,
                 int expect, void *out, size_t size, int *fd_out, char *why)
@@ -265,7 +267,7 @@ static int call(int kind, const void *payload, size_t len, int fd_send,
         struct mpu_mapped mapped;
         memcpy(&mapped, buf + HEADER_SIZE, sizeof mapped);
         close_fds(fds, nfds);
-        release(le64toh(mapped.mapping_id));
+        release(le64toh(mapped.mapping_id), 0);
         errno = EMFILE;
         snprintf(why, WHY, "the server's descriptor found no room here: %s",
                  strerror(EMFILE));
@@ -476,19 +478,46 @@ fail:
 
 /* ---- mappings ---------------------------------------------------------- */
 
-static void release(uint64_t id)
+/* How long the next replies may take (SO_RCVTIMEO). */
+static void reply_timeout(double seconds)
+{
+    struct timeval tv = { .tv_sec = (time_t)seconds,
+                          .tv_usec = (suseconds_t)((seconds - (double)(time_t)seconds) * 1e6) };
+    setsockopt(C.sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+}
+
+/* A request the server answers once dirty pages are in the file. */
+static int call_writing_back(int kind, const void *payload, size_t len, int expect,
+                             void *out, size_t size, char *why)
+{
+    reply_timeout(FLUSH_TIMEOUT > C.timeout ? FLUSH_TIMEOUT : C.timeout);
+    int r = call(kind, payload, len, -1, expect, out, size, NULL, why);
+    int err = errno;
+    reply_timeout(C.timeout);
+    errno = err;
+    return r;
+}
+
+/* UNMAP; for a mapping that wrote, answered once its writes are in the file. */
+static void release(uint64_t id, int writable)
 {
     if (!connected() || server_lost() || C.unfit)
         return;
     uint64_t body = htole64(id), out;
     char why[WHY];
     int saved = errno;
-    call(MPU_MSG_UNMAP, &body, sizeof body, -1, MPU_MSG_UNMAPPED, &out, sizeof out, NULL, why);
+    if (writable)
+        call_writing_back(MPU_MSG_UNMAP, &body, sizeof body, MPU_MSG_UNMAPPED, &out,
+                          sizeof out, why);
+    else
+        call(MPU_MSG_UNMAP, &body, sizeof body, -1, MPU_MSG_UNMAPPED, &out, sizeof out, NULL,
+             why);
     errno = saved;
 }
 
-/* Maps what fd names (a file), or the object url names (fd -1). */
-static void *map_fd_locked(int fd, const char *url, void *addr, int fixed,
+/* Maps what fd names (a file), or the object url names (fd -1); writable:
+ * read-write (fd open for reading and writing). */
+static void *map_fd_locked(int fd, const char *url, void *addr, int fixed, int writable,
                            uint64_t *length_out, uint64_t *id_out, char *why)
 {
     if (!connected()) {
@@ -519,6 +548,8 @@ static void *map_fd_locked(int fd, const char *url, void *addr, int fixed,
 
     /* MAP: u32 flags, the file's descriptor; MAP_URL: u32 flags, the URL. */
     unsigned char request[4 + MPU_MAX_URL] = { 0 };
+    uint32_t map_flags = htole32(writable ? MPU_MAP_WRITE : 0);
+    memcpy(request, &map_flags, sizeof map_flags);
     size_t len = 4;
     if (url) {
         size_t n = strlen(url);
@@ -540,7 +571,7 @@ static void *map_fd_locked(int fd, const char *url, void *addr, int fixed,
     long page = sysconf(_SC_PAGESIZE);
     if (length == 0 || length < size || length % (uint64_t)page) {
         close(memfd);
-        release(id);
+        release(id, writable);
         errno = EPROTO;
         snprintf(why, WHY, "bad reply from the server: %llu bytes to map",
                  (unsigned long long)length);
@@ -549,19 +580,20 @@ static void *map_fd_locked(int fd, const char *url, void *addr, int fixed,
 
     /* Only MAP_SHARED: no MAP_POPULATE or the like, which would fill the
      * buffer's holes with zeros before the range is registered. */
-    void *p = mpu_sys_mmap(addr, length, PROT_READ,
+    void *p = mpu_sys_mmap(addr, length, PROT_READ | (writable ? PROT_WRITE : 0),
                            MAP_SHARED | (fixed ? MAP_FIXED_NOREPLACE : 0), memfd, 0);
     int err = errno;
-    close(memfd);
     if (p == MAP_FAILED) {
-        release(id);
+        close(memfd);
+        release(id, writable);
         errno = err;
         why_errno(why, "mmap");
         return NULL;
     }
     if (fixed && p != addr) {   /* a kernel without MAP_FIXED_NOREPLACE */
+        close(memfd);
         mpu_sys_munmap(p, length);
-        release(id);
+        release(id, writable);
         errno = EEXIST;
         why_errno(why, "mmap");
         return NULL;
@@ -569,10 +601,14 @@ static void *map_fd_locked(int fd, const char *url, void *addr, int fixed,
     /* A forked child must not inherit the range: nothing would watch its
      * faults, and a read there would plant a zero page in the buffer. */
     if (madvise(p, length, MADV_DONTFORK) < 0) {
+        close(memfd);
         why_errno(why, "madvise(MADV_DONTFORK)");
         goto unmap;
     }
-    err = mpu_guard_add(C.guard, (uintptr_t)p, length, fd);
+    /* A mapping that writes is guarded with its buffer: should the server
+     * go, the guard writes what the buffer holds to the file first. */
+    err = mpu_guard_add_writable(C.guard, (uintptr_t)p, length, fd, writable ? memfd : -1);
+    close(memfd);
     if (err < 0) {
         errno = -err;
         if (err == -ENOTCONN)
@@ -597,13 +633,13 @@ static void *map_fd_locked(int fd, const char *url, void *addr, int fixed,
 unmap:
     err = errno;
     mpu_sys_munmap(p, length);
-    release(id);
+    release(id, writable);
     errno = err;
     return NULL;
 }
 
 static struct mapping *record(const char *name, int fd, void *p, uint64_t length,
-                              uint64_t id, char *why)
+                              uint64_t id, int writable, char *why)
 {
     struct mapping *m = calloc(1, sizeof *m);
     if (!m || !(m->name = strdup(name ? name : ""))) {
@@ -625,6 +661,7 @@ static struct mapping *record(const char *name, int fd, void *p, uint64_t length
     m->length = length;
     m->id = id;
     m->served = 1;
+    m->writable = writable;
     m->next = C.maps;
     C.maps = m;
     __atomic_add_fetch(&C.count, 1, __ATOMIC_SEQ_CST);
@@ -655,7 +692,7 @@ static int unmap_locked(struct mapping *m)
     int r = mpu_sys_munmap((void *)m->addr, m->length);
     int err = errno;
     if (m->served)
-        release(m->id);
+        release(m->id, m->writable);
     forget(m);
     errno = err;
     return r;
@@ -674,18 +711,19 @@ static int is_url(const char *name)
     return strncmp(c, "://", 3) == 0 && strncasecmp(name, "file://", 7) != 0;
 }
 
-static void *map_locked(int fd, const char *name, void *addr, int fixed,
+static void *map_locked(int fd, const char *name, void *addr, int fixed, int writable,
                         uint64_t *length_out, char *why)
 {
     uint64_t length, id;
-    void *p = map_fd_locked(fd, fd < 0 ? name : NULL, addr, fixed, &length, &id, why);
+    void *p = map_fd_locked(fd, fd < 0 ? name : NULL, addr, fixed, writable, &length, &id,
+                            why);
     if (!p)
         return NULL;
-    if (!record(name, fd, p, length, id, why)) {
+    if (!record(name, fd, p, length, id, writable, why)) {
         int err = errno;
         mpu_guard_remove(C.guard, (uintptr_t)p);
         mpu_sys_munmap(p, length);
-        release(id);
+        release(id, writable);
         errno = err;
         return NULL;
     }
@@ -749,12 +787,12 @@ int mpu_client_connect(const char *sock_path)
     return r;
 }
 
-void *mpu_client_map_fd(int fd, const char *name, void *addr, int fixed,
+void *mpu_client_map_fd(int fd, const char *name, void *addr, int fixed, int writable,
                         uint64_t *length_out)
 {
     char why[WHY];
     pthread_mutex_lock(&C.lock);
-    void *p = map_locked(fd, name, addr, fixed, length_out, why);
+    void *p = map_locked(fd, name, addr, fixed, writable, length_out, why);
     if (!p)
         say("cannot map %s: %s", name ? name : "a file", why);
     int err = errno;
@@ -769,21 +807,60 @@ size_t mpu_client_count(void)
 }
 
 /* A mapping that munmap cuts into becomes a plain mapping of its file, in
- * place, before the cut: the rest of it stays readable. */
+ * place, before the cut: the rest of it stays readable (and writable).  One
+ * that writes is write-protected first (its writers wait), and the server
+ * writes its pages back before it answers UNMAP. */
 static void make_plain(struct mapping *m)
 {
     if (!m->served)
         return;
+    if (m->writable)
+        mpu_uffd_writeprotect(C.uffd, m->addr, m->length, 1);
     mpu_guard_remove(C.guard, m->addr);
+    if (m->writable) {
+        release(m->id, 1);
+        m->served = 0;
+    }
     void *want = (void *)m->addr;
-    if (mpu_sys_mmap(want, m->length, PROT_READ, MAP_SHARED | MAP_FIXED, m->fd, 0) != want)
+    int prot = PROT_READ | (m->writable ? PROT_WRITE : 0);
+    if (mpu_sys_mmap(want, m->length, prot, MAP_SHARED | MAP_FIXED, m->fd, 0) != want)
         mpu_sys_mmap(want, m->length, PROT_NONE,
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
     madvise(want, m->length, MADV_DONTFORK);
     /* a fault that was waiting there retries on the file */
     mpu_uffd_wake(C.uffd, m->addr, m->length);
-    release(m->id);
+    if (m->served)
+        release(m->id, 0);
     m->served = 0;
+}
+
+int mpu_client_flush(void *addr, size_t len, int *handled)
+{
+    *handled = 0;
+    uintptr_t start = (uintptr_t)addr, end = start + len;
+    int r = 0;
+    char why[WHY];
+    pthread_mutex_lock(&C.lock);
+    for (struct mapping *m = C.maps; m; m = m->next) {
+        uintptr_t mend = m->addr + m->length;
+        if (!m->served || m->addr >= end || mend <= start)
+            continue;
+        *handled = 1;
+        uintptr_t from = start > m->addr ? start : m->addr, to = end < mend ? end : mend;
+        struct mpu_span span = { htole64(m->id), htole64(from - m->addr),
+                                 htole64(to - from) };
+        uint64_t pages;
+        if (call_writing_back(MPU_MSG_FLUSH, &span, sizeof span, MPU_MSG_FLUSHED, &pages,
+                              sizeof pages, why) < 0) {
+            say("cannot flush %s: %s", m->name, why);
+            r = -1;
+            break;
+        }
+    }
+    int err = errno;
+    pthread_mutex_unlock(&C.lock);
+    errno = err;
+    return r;
 }
 
 int mpu_client_munmap(void *addr, size_t len, int *handled)
@@ -824,7 +901,7 @@ int mpu_client_munmap(void *addr, size_t len, int *handled)
             next = m->next;
             if (m->addr >= start && m->addr + m->length <= end) {
                 if (m->served)
-                    release(m->id);
+                    release(m->id, m->writable);
                 forget(m);
             }
         }
@@ -862,12 +939,19 @@ MPU_API void *client_umap(const char *filename, int prot, int flags, void *addr)
         say("client_umap: no file name");
         return NULL;
     }
-    if (prot != PROT_READ) {
+    int type = flags & MAP_TYPE;
+    int writable = prot == (PROT_READ | PROT_WRITE);
+    if (prot != PROT_READ && !writable) {
         errno = EINVAL;
-        say("cannot map %s: only PROT_READ is supported", filename);
+        say("cannot map %s: prot must be PROT_READ, or PROT_READ | PROT_WRITE", filename);
         return NULL;
     }
-    int type = flags & MAP_TYPE;
+    if (writable && type == MAP_PRIVATE) {
+        errno = EINVAL;
+        say("cannot map %s: PROT_WRITE only with MAP_SHARED (private copies are not "
+            "served)", filename);
+        return NULL;
+    }
     if ((type != MAP_SHARED && type != MAP_PRIVATE && type != MAP_SHARED_VALIDATE)
         || (flags & ~(MAP_TYPE | MAP_FIXED | MAP_FIXED_NOREPLACE | MAP_NORESERVE))) {
         errno = EINVAL;
@@ -901,13 +985,13 @@ MPU_API void *client_umap(const char *filename, int prot, int flags, void *addr)
      * says so (EACCES otherwise). */
     int fd = -1;
     if (!is_url(filename)) {
-        fd = open(filename, O_RDONLY | O_CLOEXEC);
+        fd = open(filename, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
         if (fd < 0) {
             snprintf(why, WHY, "%s", strerror(errno));
             goto out;
         }
     }
-    p = map_locked(fd, filename, addr, addr != NULL, NULL, why);
+    p = map_locked(fd, filename, addr, addr != NULL, writable, NULL, why);
     int err = errno;
     if (fd >= 0)
         close(fd);
@@ -943,6 +1027,32 @@ MPU_API int client_uunmap(const char *filename)
     pthread_mutex_unlock(&C.lock);
     errno = saved;
     return r < 0 ? -1 : 0;
+}
+
+MPU_API int client_uflush(const char *filename)
+{
+    if (!filename) {
+        errno = EINVAL;
+        say("client_uflush: no file name");
+        return -1;
+    }
+    pthread_mutex_lock(&C.lock);
+    struct mapping *m = C.maps;
+    while (m && strcmp(m->name, filename) != 0)
+        m = m->next;
+    uintptr_t addr = m ? m->addr : 0;
+    size_t length = m ? m->length : 0;
+    int served = m && m->served;
+    pthread_mutex_unlock(&C.lock);
+    if (!m) {
+        errno = EINVAL;
+        say("cannot flush %s: not mapped", filename);
+        return -1;
+    }
+    if (!served)  /* the file's own mapping now: msync it */
+        return msync((void *)addr, length, MS_SYNC);
+    int handled;
+    return mpu_client_flush((void *)addr, length, &handled);
 }
 
 MPU_API long umapcfg_get_system_page_size(void)

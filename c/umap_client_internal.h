@@ -23,8 +23,13 @@ int mpu_client_connect(const char *sock_path);
  * the hint addr (fixed: exactly there, never replacing).  name labels the
  * mapping for client_uunmap and messages.  NULL with errno set on failure;
  * *length_out is the mapped length (the file's size in whole pages). */
-void *mpu_client_map_fd(int fd, const char *name, void *addr, int fixed,
+void *mpu_client_map_fd(int fd, const char *name, void *addr, int fixed, int writable,
                         uint64_t *length_out);
+
+/* msync(addr, len, MS_SYNC) for the client's mappings in the range: their
+ * writes are in their files when it returns.  0, or -1 with errno set;
+ * *handled is 0 when the range touches no mapping of the client. */
+int mpu_client_flush(void *addr, size_t len, int *handled);
 
 /* The number of live mappings (no lock: a quick "nothing to do" test). */
 size_t mpu_client_count(void);

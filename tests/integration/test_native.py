@@ -410,3 +410,30 @@ def test_the_c_library_gives_up_with_etimedout(start_server, programs, workdir):
     assert v["uunmap_null"] == -1 and v["uunmap_null_errno"] == errno.EINVAL
     assert v["alive"] == 1
     assert "did not answer within" in err
+
+
+@pytest.mark.parametrize("mode", ["api", "mmap"])
+def test_a_c_program_writes_and_flushes(start_server, programs, workdir, mode):
+    """client_umap(PROT_READ | PROT_WRITE, MAP_SHARED) and client_uflush; or
+    an unmodified program's mmap and msync under the preload library."""
+    sys.path.insert(0, os.path.dirname(SOURCES))
+    from test_writes import bad_pages, read_direct
+
+    path = make_file(os.path.join(workdir, "written.bin"), 4 * MiB, seed=78)
+    server = start_server("--page-size", "64K", "--buffer-size", "2M")
+    exe = programs.build(os.path.join(SOURCES, "writer.c"))
+    if mode == "api":
+        env = clean_env(MPUMAP_SOCKET=server.socket)
+    else:
+        env = clean_env(**native.preload_env([path], server.socket))
+    proc = programs.start([exe, mode, path, mode], env, stdin=subprocess.PIPE)
+    line = proc.stdout.readline()
+    assert fields(line) == {"wrong": "0"}, (line, proc.stderr.read() if proc.poll() else "")
+    # Durable while still mapped: on the disk, past the page cache.
+    assert bad_pages(read_direct(path), 0, 1024, mode) == []
+    stats = server.stats()
+    assert [(r["file"], r["writable"]) for r in stats["regions"]] == [(path, True)]
+    assert stats["buffer"]["written"] >= 64  # the 2 MiB buffer held a half of it
+    out, err = proc.communicate("go\n", timeout=60)
+    assert proc.returncode == 0 and out.strip() == "done", (out, err)
+    assert wait_for(lambda: server.stats()["regions"] == [])

@@ -8,10 +8,12 @@
  * your behalf: a failure returns NULL or -1 with errno set, and writes one
  * line on stderr.  Every function may be called from any thread.
  *
- * A file is mapped read-only; the pages come from the server's shared buffer.
- * If the server dies, the library maps the file itself over each mapping (same
- * address) and the program reads on from the kernel's page cache.  Mappings
- * are not inherited by fork(): connect again in the child.
+ * A file is mapped read-only, or read-write and shared; the pages come from
+ * the server's shared buffer.  If the server dies, the library maps the file
+ * itself over each mapping (same address), after writing to the file what
+ * the buffer holds of a mapping that writes, and the program goes on through
+ * the kernel's page cache.  Mappings are not inherited by fork(): connect
+ * again in the child.
  */
 #ifndef UMAP_CLIENT_H
 #define UMAP_CLIENT_H
@@ -31,8 +33,11 @@ void init_umap_client(const char *sock_path);
 /* Unmaps every mapping and disconnects. */
 void close_umap_client(void);
 
-/* Maps the whole file read-only: prot must be PROT_READ, flags MAP_SHARED or
- * MAP_PRIVATE.  A non-NULL addr asks for exactly that address and fails with
+/* Maps the whole file: prot PROT_READ, flags MAP_SHARED or MAP_PRIVATE; or
+ * prot PROT_READ | PROT_WRITE with MAP_SHARED (the file is opened read-write:
+ * every process that maps it through the server sees a write at once, and
+ * the server writes what was written back to the file; MAP_PRIVATE with
+ * PROT_WRITE is EINVAL).  A non-NULL addr asks for exactly that address and fails with
  * EEXIST when something is mapped there.  The file is opened with the
  * caller's own rights (ENOENT, EACCES, ...).  filename may be a URL
  * (s3://bucket/key, https://host/path): the server reads that object with
@@ -40,8 +45,14 @@ void close_umap_client(void);
  * NULL on failure. */
 void *client_umap(const char *filename, int prot, int flags, void *addr);
 
-/* Unmaps what client_umap(filename, ...) mapped.  0, or -1 with errno set. */
+/* Unmaps what client_umap(filename, ...) mapped: once what it wrote is in
+ * the file.  0, or -1 with errno set. */
 int client_uunmap(const char *filename);
+
+/* Writes what was written through client_umap(filename, ...) to the file
+ * and returns once it is there and synced, as msync(MS_SYNC) does; the
+ * mapping stays.  0, or -1 with errno set. */
+int client_uflush(const char *filename);
 
 /* The server's settings, as it announced them when this client connected
  * (the buffer size of an adaptive server changes later).  0 with errno set to

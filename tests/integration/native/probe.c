@@ -131,7 +131,7 @@ int main(int argc, char **argv)
         printf("child_status=%d\n", status);
         printf("parent_still_right=%d\n", mapped && same_as_file(mapped, argv[4]));
         errno = 0;
-        void *w = client_umap(argv[4], PROT_READ | PROT_WRITE, MAP_SHARED, NULL);
+        void *w = client_umap(argv[4], PROT_READ | PROT_WRITE, MAP_PRIVATE, NULL);
         printf("write_null=%d\nwrite_errno=%d\n", w == NULL, errno);
         errno = 0;
         printf("uunmap=%d\n", client_uunmap(argv[4]));
