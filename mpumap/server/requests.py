@@ -468,8 +468,12 @@ class RequestHandler:
         if mapping.writable:
             # In the table before the client can write: whoever writes a page
             # back from now on protects it in this mapping first.
-            self.buffer.add_writer(region.slot, region.gen, conn.slot, conn.gen, address,
-                                   length)
+            try:
+                self.buffer.add_writer(region.slot, region.gen, conn.slot, conn.gen, address,
+                                       length)
+            except OSError:
+                raise RequestError(errno.ENOSPC, "the server has the most mappings that "
+                                   f"write it may ({lib.MPU_MAX_WRITERS})") from None
         uffd = os.dup(conn.uffd)  # the job's own: the connection may go meanwhile
         writable = mapping.writable
 
