@@ -19,8 +19,21 @@ does the touching) or in C (scripts/bench_client.c, built against
 libmpumapclient).  --cache cold drops the file from the page cache before
 every run, of mpumap and of the kernel alike.
 
+--parts writes (or reads,writes) adds the write rows: one C process
+(scripts/bench_writer.c) writes one byte of every 4 KiB page of the file
+through a mapping that writes, in sequential and in random order, then
+makes it durable (client_uflush; for the kernel, msync(MS_SYNC) of its
+shared mapping of the same file), from a cold page cache, with a buffer of a
+quarter of the file: GB/s of the writes and the sync together, each part's
+seconds, and the ratio.  A "present" row first reads every page into a
+buffer that holds the file (--read-ahead 0, warm cache: one fault a page),
+then writes each: µs per read fault against µs per write fault on a page
+that is there.  After every run the file is read back with O_DIRECT and
+every written byte checked.
+
     python scripts/bench.py --size 1G --page-size 4K,64K --clients 1,2 --json out.json
     python scripts/bench.py --cache cold --read-ahead 0,63,auto --store-io direct
+    python scripts/bench.py --parts writes --size 1G
 """
 import argparse
 import itertools
@@ -350,6 +363,108 @@ def print_table(rows):
               flush=True)
 
 
+# ---- write rows ------------------------------------------------------------------
+
+
+def check_written(path, value):
+    """Every page's byte 1, as the disk has it (O_DIRECT), is what
+    bench_writer wrote with `value`: the pages that are not."""
+    size = os.path.getsize(path)
+    chunk = 64 << 20
+    buf = mmap.mmap(-1, chunk)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    bad = 0
+    try:
+        for off in range(0, size - size % TOUCH, chunk):
+            n = os.preadv(fd, [buf], off)
+            got = np.frombuffer(buf, dtype=np.uint8, count=n)[1::TOUCH]
+            pages = np.arange(off // TOUCH, off // TOUCH + len(got), dtype=np.int64)
+            bad += int(np.count_nonzero(got != ((pages * 31 + value) & 0xFF)))
+    finally:
+        os.close(fd)
+    return bad
+
+
+def run_writer(binary, kind, sock, path, order, value, present, timeout=1800):
+    env = {**os.environ, "MPUMAP_SOCKET": sock or ""}
+    proc = subprocess.run([binary, kind, path, order, "1", str(value), str(int(present))],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode:
+        raise SystemExit(f"bench_writer ({kind}) failed ({proc.returncode}): {proc.stderr}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["bad"] = check_written(path, value)
+    return result
+
+
+def write_rows(path, size, pages_sizes, orders, runs, folder):
+    binary = build_c_program(os.path.join(HERE, "bench_writer.c"), folder)
+    rows, value = [], 0
+    for page, order in itertools.product(pages_sizes, orders):
+        buffer = max(page * 16, size // 4 // page * page)
+        row = {"page": page, "order": order, "buffer": buffer, "mpumap": [], "mmap": []}
+        for _ in range(runs):
+            for kind in ("mpumap", "mmap"):
+                value += 1
+                drop_from_page_cache(path)
+                if kind == "mpumap":
+                    with running_server("--page-size", page, "--buffer-size",
+                                        f"{buffer >> 10}K") as (sock, _):
+                        r = run_writer(binary, kind, sock, path, order, value, False)
+                        b = mpumap.server_stats(sock)["buffer"]
+                        r.update(written=b["written"], writes=b["writes"], faults=b["faults"])
+                else:
+                    r = run_writer(binary, kind, None, path, order, value, False)
+                r["gbps"] = size / (r["write_seconds"] + r["sync_seconds"]) / 1e9
+                row[kind].append(r)
+        for kind in ("mpumap", "mmap"):
+            row[kind] = sorted(row[kind], key=lambda r: r["gbps"])[len(row[kind]) // 2]
+        print(f"  writes {page >> 10}K {order}: mpumap {row['mpumap']['gbps']:.3f} GB/s, "
+              f"mmap+msync {row['mmap']['gbps']:.3f} GB/s", flush=True)
+        rows.append(row)
+    # Faults on present pages: read every page, then write it.
+    page = min(pages_sizes)
+    present = {"page": page, "mpumap": [], "mmap": []}
+    for _ in range(runs):
+        for kind in ("mpumap", "mmap"):
+            value += 1
+            with open(path, "rb") as f:  # warm: the faults, not the disk
+                while f.read(64 << 20):
+                    pass
+            if kind == "mpumap":
+                with running_server("--page-size", page, "--buffer-size",
+                                    f"{-(-size * 10 // 9) >> 10}K", "--read-ahead", 0) as (sock, _):
+                    r = run_writer(binary, kind, sock, path, "random", value, True)
+            else:
+                r = run_writer(binary, kind, None, path, "random", value, True)
+            pages = size // TOUCH
+            r["read_us"] = r["read_seconds"] * 1e6 / pages
+            r["write_us"] = r["write_seconds"] * 1e6 / pages
+            present[kind].append(r)
+    for kind in ("mpumap", "mmap"):
+        present[kind] = sorted(present[kind], key=lambda r: r["write_us"])[runs // 2]
+    return rows, present
+
+
+def print_write_rows(rows, present, size):
+    print(f"writes: one byte of every 4 KiB page of a {size >> 20} MiB file, then made "
+          f"durable (client_uflush / msync), cold page cache, buffer a quarter of the file")
+    head = (f"{'page':>6}{'order':>8}{'mpumap GB/s':>13}{'write s':>9}{'flush s':>9}"
+            f"{'written':>9}{'mmap GB/s':>11}{'write s':>9}{'msync s':>9}{'ratio':>7}  ok")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        m, k = r["mpumap"], r["mmap"]
+        print(f"{r['page'] >> 10:>5}K{r['order']:>8}{m['gbps']:>13.3f}{m['write_seconds']:>9.2f}"
+              f"{m['sync_seconds']:>9.2f}{m['written']:>9}{k['gbps']:>11.3f}"
+              f"{k['write_seconds']:>9.2f}{k['sync_seconds']:>9.2f}{m['gbps'] / k['gbps']:>7.2f}"
+              f"  {'yes' if not m['bad'] and not k['bad'] else 'NO'}")
+    m, k = present["mpumap"], present["mmap"]
+    print(f"present pages ({present['page'] >> 10}K, random, warm, --read-ahead 0): mpumap "
+          f"{m['read_us']:.1f} us a read fault, {m['write_us']:.1f} us a write fault "
+          f"({m['write_us'] / m['read_us']:.2f}x); the kernel {k['read_us']:.2f} / "
+          f"{k['write_us']:.2f} us")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -376,6 +491,8 @@ def main():
                         "(slow: squeezed so, it thrashes; stopped after 10x mpumap's time)")
     p.add_argument("--pin", metavar="CPUS",
                    help="run the server (--cpus) and the clients (taskset) on these CPUs")
+    p.add_argument("--parts", default="reads",
+                   help="reads (the matrix above), writes (the write rows), or both (reads)")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     p.add_argument("--_client", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -384,26 +501,45 @@ def main():
         return python_client(kind, sock, path, order, int(seed), go)
 
     split = lambda text: text.split(",")  # noqa: E731
+    parts = split(args.parts)
+    if set(parts) - {"reads", "writes"}:
+        p.error(f"--parts is reads, writes or both, not {args.parts}")
     with tempfile.TemporaryDirectory(prefix="mpumap-bench-", dir="/var/tmp") as folder:
-        path = args.file or make_file(os.path.join(folder, "bench.bin"),
-                                      parse_size(args.size), seed=7)
-        size = os.path.getsize(path)
-        c_binary = build_c_client(folder) if "c" in split(args.client) else None
-        print(f"file {path}: {size >> 20} MiB; one byte touched per {TOUCH} B page; "
-              f"{args.runs} run(s) a row", flush=True)
+        size = os.path.getsize(args.file) if args.file else parse_size(args.size)
         rows = []
-        for page, fraction, clients, order, cache, ra, io, language in itertools.product(
-                map(parse_size, split(args.page_size)), map(float, split(args.buffer)),
-                map(int, split(args.clients)), split(args.order), split(args.cache),
-                split(args.read_ahead), split(args.store_io), split(args.client)):
-            want = size * fraction / (0.9 if fraction >= 1 else 1)
-            buffer = max(page * 16, -(-int(want) // page) * page)
-            case = (page, buffer, clients, order, cache, ra, io, language)
-            rows.append(median_row([measure(path, size, case, args.fillers, folder, c_binary,
-                                            args.pin, args.kernel_budget)
-                                    for _ in range(args.runs)]))
-        print()
-        print_table(rows)
+        if "writes" in parts:
+            # The file is written: a copy of its own, never --file itself.
+            copy = os.path.join(folder, "written.bin")
+            make_file(copy, size, seed=8)
+            writes, present = write_rows(copy, size, list(map(parse_size,
+                                                              split(args.page_size))),
+                                         split(args.order), args.runs, folder)
+            print()
+            print_write_rows(writes, present, size)
+            if args.json:
+                with open(args.json + ".writes", "w") as f:
+                    json.dump({"rows": writes, "present": present}, f, indent=2)
+            if any(r["mpumap"]["bad"] or r["mmap"]["bad"] for r in writes):
+                return 1
+            os.unlink(copy)
+        if "reads" in parts:
+            path = args.file or make_file(os.path.join(folder, "bench.bin"), size, seed=7)
+            c_binary = build_c_client(folder) if "c" in split(args.client) else None
+            print(f"file {path}: {size >> 20} MiB; one byte touched per {TOUCH} B page; "
+                  f"{args.runs} run(s) a row", flush=True)
+            for case in itertools.product(
+                    map(parse_size, split(args.page_size)), map(float, split(args.buffer)),
+                    map(int, split(args.clients)), split(args.order), split(args.cache),
+                    split(args.read_ahead), split(args.store_io), split(args.client)):
+                page, fraction = case[:2]
+                want = size * fraction / (0.9 if fraction >= 1 else 1)
+                buffer = max(page * 16, -(-int(want) // page) * page)
+                case = (page, buffer, *case[2:])
+                rows.append(median_row([measure(path, size, case, args.fillers, folder,
+                                                c_binary, args.pin, args.kernel_budget)
+                                        for _ in range(args.runs)]))
+            print()
+            print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
