@@ -1395,15 +1395,23 @@ static void serve_write(struct mpu_filler *f, const struct mpu_fault *fault,
                         struct mpu_client_slot *c, struct mpu_region_slot *r)
 {
     uint64_t len = fill_length(f, r, fault->page);
-    uint32_t entry;
     for (;;) {
+        uint32_t count = 0;
+        uint64_t ahead = f->read_ahead < f->max_run - 1 ? f->read_ahead : f->max_run - 1;
         int state = mpu_page_open_write(f->h, fault->region, fault->region_gen, fault->page,
-                                        f->pid, WAIT_MS, &entry);
+                                        f->pid, WAIT_MS, (uint32_t)ahead, f->descs, &count);
         if (state == MPU_PRESENT) {
-            /* Lifted while the page is OPENING, ours: no write-back can
-             * take it (and protect it again) in between. */
+            /* Lifted while the pages are OPENING, ours: no write-back can
+             * take one (and protect it again) in between.  The pages after
+             * the fault's were opened for a writer going through the file:
+             * one ioctl for them all (up to the end of the mapping). */
+            if (count > 1) {
+                uint64_t end = (fault->page + count) * f->page_size;
+                uint64_t start = fault->page * f->page_size;
+                len = (end < r->map_length ? end : r->map_length) - start;
+            }
             int err = -mpu_uffd_writeprotect(c->uffd, fault->address, len, 0);
-            mpu_page_opened(f->h, entry);
+            mpu_page_opened(f->h, f->descs, count);
             if (err && !gone(err))
                 event(f, MPU_EV_WAKE_FAILED, fault->region, fault->page, err, 0);
             if (!err)

@@ -312,13 +312,18 @@ void mpu_writer_remove(struct mpu_header *h, uint32_t client, uint32_t client_ge
 
 /* A write to a write-protected page (a WP fault): the page becomes OPENING,
  * held by owner, and MPU_PRESENT is returned; the caller lifts the
- * protection for the writing client, then calls mpu_page_opened.  Else the
- * page is not there (MPU_FREE: the caller wakes the client, which faults
- * again as on a missing page), or the state it kept through a wait of
- * timeout_ms, or -ESTALE. */
+ * protection for the writing client, then calls mpu_page_opened.  When the
+ * page before it is dirty already (a writer going through the file), so do
+ * up to `ahead` pages after it that are there, as far as they follow each
+ * other: their first writes then cost no fault.  descs gets the pages
+ * opened, *count how many.  Else the page is not there (MPU_FREE: the
+ * caller wakes the client, which faults again as on a missing page), or
+ * the state it kept through a wait of timeout_ms (-EBUSY: being written
+ * back), or -ESTALE. */
 int mpu_page_open_write(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t page,
-                        uint32_t owner, int timeout_ms, uint32_t *desc);
-void mpu_page_opened(struct mpu_header *h, uint32_t desc);
+                        uint32_t owner, int timeout_ms, uint32_t ahead, uint32_t *descs,
+                        uint32_t *count);
+void mpu_page_opened(struct mpu_header *h, const uint32_t *descs, uint32_t count);
 /* The directory's invariants hold: the pages in use (or -1000 - which one
  * failed).  For tests; it takes the lock for a walk over every descriptor. */
 int mpu_pbm_check(struct mpu_header *h);

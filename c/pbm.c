@@ -24,6 +24,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -665,11 +666,71 @@ static void end_writing(struct mpu_header *h, uint32_t i, int clean)
     fifo_push(h, i);
 }
 
-/* A write-back reads the memfd and writes the file through this much
- * memory at a time, the process's own (workers write back one run at a
- * time). */
+/* Descriptors a flush looks at under one hold of the lock. */
+#define SCAN_HOLD 2048u
+
+/* A write-back moves the memfd's pages to the file through a pipe (splice:
+ * one copy, into the file's page cache), or where the file will not take
+ * that, reads them into this much memory at a time and writes them (two).
+ * Both are the process's own: workers write back one run at a time. */
 #define WRITE_CHUNK (4u << 20)
+#define WRITE_PIPE (1u << 20)   /* fs.pipe-max-size's default: no privilege needed */
 static char *write_chunk;
+static int write_pipe[2] = { -1, -1 };
+static int write_pipe_size;     /* 0: not made yet; -1: splice is not for us */
+
+static void close_write_pipe(void)
+{
+    close(write_pipe[0]);
+    close(write_pipe[1]);
+    write_pipe[0] = write_pipe[1] = -1;
+    write_pipe_size = 0;
+}
+
+/* [at, at + len) of memfd to the same place in fd by splice: 0, or -errno
+ * (then the caller copies the span itself; a pipe left with bytes in it is
+ * closed, and made anew next time). */
+static int splice_out(int memfd, int fd, uint64_t at, uint64_t len)
+{
+    if (write_pipe_size < 0)
+        return -EINVAL;
+    if (write_pipe_size == 0) {
+        if (pipe2(write_pipe, O_CLOEXEC) < 0) {
+            write_pipe_size = -1;
+            return -EINVAL;
+        }
+        int size = fcntl(write_pipe[1], F_SETPIPE_SZ, WRITE_PIPE);
+        write_pipe_size = size > 0 ? size : (int)fcntl(write_pipe[1], F_GETPIPE_SZ);
+    }
+    while (len) {
+        loff_t in = (loff_t)at, out = (loff_t)at;
+        size_t want = len < (uint64_t)write_pipe_size ? (size_t)len : (size_t)write_pipe_size;
+        ssize_t n = splice(memfd, &in, write_pipe[1], NULL, want, 0);
+        if (n <= 0) {
+            int err = n < 0 ? errno : EIO;
+            if (err == EINTR)
+                continue;
+            close_write_pipe();
+            return -err;
+        }
+        for (ssize_t left = n; left > 0;) {
+            ssize_t m = splice(write_pipe[0], NULL, fd, &out, (size_t)left, 0);
+            if (m < 0 && errno == EINTR)
+                continue;
+            if (m <= 0) {
+                int err = m < 0 ? errno : EIO;
+                close_write_pipe();
+                if (err == EINVAL)
+                    write_pipe_size = -1;  /* this file takes no splice: copy from now on */
+                return -err;
+            }
+            left -= m;
+        }
+        at += (uint64_t)n;
+        len -= (uint64_t)n;
+    }
+    return 0;
+}
 
 /* Writes pages [first, first + n) of region r, which the caller holds
  * WRITING, to its file: protected first in every writable mapping, so that
@@ -702,10 +763,14 @@ static int write_pages(struct mpu_header *h, uint32_t slot, const struct mpu_reg
     unlock(h);
     if (err)
         return err;
-    if (!write_chunk && !(write_chunk = malloc(WRITE_CHUNK)))
-        return -ENOMEM;
     if (end > r->size)
         end = r->size;  /* the file's last page ends where the file does */
+    if (end > start && splice_out(r->memfd, r->write_fd, start, end - start) == 0) {
+        mpu_add64(&h->written, (int64_t)n);
+        return 0;
+    }
+    if (!write_chunk && !(write_chunk = malloc(WRITE_CHUNK)))
+        return -ENOMEM;
     for (uint64_t at = start; at < end;) {
         size_t want = end - at < WRITE_CHUNK ? (size_t)(end - at) : WRITE_CHUNK;
         ssize_t got = pread(r->memfd, write_chunk, want, (off_t)at);
@@ -874,14 +939,19 @@ int64_t mpu_region_write_back(struct mpu_header *h, uint32_t slot,
             unlock(h);
             return -ESTALE;
         }
-        for (; page < end && n < EVICT_RUN; page++) {
+        /* Clean pages before a run are passed over under one hold of the
+         * lock (SCAN_HOLD at most: others wait for it). */
+        for (uint32_t scanned = 0; page < end && n < EVICT_RUN && scanned < SCAN_HOLD;
+             page++, scanned++) {
             uint32_t i = lookup(h, slot, r->gen, page);
-            if (i == NONE)
-                break;
-            struct mpu_desc *d = &descs[i - 1];
-            uint32_t word = d->dirty;
-            if (MPU_STATE(d->state) != MPU_PRESENT || word == MPU_CLEAN)
-                break;
+            struct mpu_desc *d = i == NONE ? NULL : &descs[i - 1];
+            uint32_t word = d ? d->dirty : MPU_CLEAN;
+            if (!d || MPU_STATE(d->state) != MPU_PRESENT || word == MPU_CLEAN) {
+                if (n)
+                    break;
+                run_first = page + 1;
+                continue;
+            }
             if (word != MPU_DIRTY) {
                 /* Being opened, or written back by an evictor: once that is
                  * over it is DIRTY (written by us) or in the file. */
@@ -899,12 +969,8 @@ int64_t mpu_region_write_back(struct mpu_header *h, uint32_t slot,
         }
         if (!waited)
             unlock(h);
-        if (waited)
-            continue;  /* the same page again */
-        if (!n) {
-            page++;
-            continue;
-        }
+        if (waited || !n)
+            continue;  /* the same page again, or on from where the scan got */
         err = write_pages(h, slot, r, clients, nclients, run_first, n, page_size);
         lock(h);
         for (uint32_t k = 0; k < n; k++)
@@ -968,10 +1034,25 @@ void mpu_writer_remove(struct mpu_header *h, uint32_t client, uint32_t client_ge
 
 /* ---- writing -------------------------------------------------------------------- */
 
-int mpu_page_open_write(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t page,
-                        uint32_t owner, int timeout_ms, uint32_t *desc)
+/* Under the lock: a page that may be opened for writing now. */
+static int openable(const struct mpu_desc *d)
 {
-    struct mpu_desc *descs = mpu_descs(h);
+    return MPU_STATE(d->state) == MPU_PRESENT
+        && (d->dirty == MPU_CLEAN || d->dirty == MPU_DIRTY);
+}
+
+static void open_page(struct mpu_header *h, struct mpu_desc *d, uint32_t owner)
+{
+    if (d->dirty == MPU_CLEAN)
+        mpu_add64(&h->writes, 1);
+    d->dirty = MPU_OWNED(MPU_OPENING, owner);
+}
+
+int mpu_page_open_write(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t page,
+                        uint32_t owner, int timeout_ms, uint32_t ahead, uint32_t *descs,
+                        uint32_t *count)
+{
+    struct mpu_desc *all = mpu_descs(h);
     for (;;) {
         lock(h);
         if (!region_live(h, region, gen)) {
@@ -983,15 +1064,26 @@ int mpu_page_open_write(struct mpu_header *h, uint32_t region, uint32_t gen, uin
             unlock(h);
             return MPU_FREE;
         }
-        struct mpu_desc *d = &descs[i - 1];
+        struct mpu_desc *d = &all[i - 1];
         uint32_t *word = &d->state, seen = d->state;
         if (MPU_STATE(seen) == MPU_PRESENT) {
-            if (d->dirty == MPU_CLEAN || d->dirty == MPU_DIRTY) {
-                if (d->dirty == MPU_CLEAN)
-                    mpu_add64(&h->writes, 1);
-                d->dirty = MPU_OWNED(MPU_OPENING, owner);
+            if (openable(d)) {
+                open_page(h, d, owner);
+                descs[0] = i;
+                uint32_t n = 1;
+                uint32_t before = page ? lookup(h, region, gen, page - 1) : NONE;
+                if (before != NONE && MPU_STATE(all[before - 1].state) == MPU_PRESENT
+                    && all[before - 1].dirty != MPU_CLEAN) {
+                    for (; n <= ahead; n++) {
+                        uint32_t next = lookup(h, region, gen, page + n);
+                        if (next == NONE || !openable(&all[next - 1]))
+                            break;
+                        open_page(h, &all[next - 1], owner);
+                        descs[n] = next;
+                    }
+                }
                 unlock(h);
-                *desc = i;
+                *count = n;
                 return MPU_PRESENT;
             }
             word = &d->dirty;  /* written back, or opened, by another */
@@ -1008,14 +1100,16 @@ int mpu_page_open_write(struct mpu_header *h, uint32_t region, uint32_t gen, uin
     }
 }
 
-void mpu_page_opened(struct mpu_header *h, uint32_t desc)
+void mpu_page_opened(struct mpu_header *h, const uint32_t *descs, uint32_t count)
 {
-    struct mpu_desc *d = &mpu_descs(h)[desc - 1];
+    struct mpu_desc *all = mpu_descs(h);
     lock(h);
-    if (MPU_STATE(d->dirty) == MPU_OPENING)
-        d->dirty = MPU_DIRTY;
+    for (uint32_t k = 0; k < count; k++)
+        if (MPU_STATE(all[descs[k] - 1].dirty) == MPU_OPENING)
+            all[descs[k] - 1].dirty = MPU_DIRTY;
     unlock(h);
-    wake_dirty(h, d);
+    for (uint32_t k = 0; k < count; k++)
+        wake_dirty(h, &all[descs[k] - 1]);
 }
 
 uint64_t mpu_region_evict_from(struct mpu_header *h, uint32_t slot, uint32_t gen,

@@ -132,6 +132,7 @@ def build_snapshot(before, now):
                    "low_water": settings["low_water"],
                    "mode": "adaptive" if settings["adaptive"] else "fixed",
                    "peak_pages": b1["peak_used"], "present_pages": b1["present"],
+                   "dirty_pages": b1["dirty"],
                    "memfd_bytes": b1["memfd_bytes"], "segment_bytes": b1["segment_bytes"]},
         "rates": rates,
         "latency": {"p50_us": percentile_us(buckets, 0.5),
@@ -172,6 +173,7 @@ def render(snap, width=100, height=None):
         f"buffer   {b['used_pages']}/{b['limit_pages']} pages of {_size(page)} "
         f"({_size(b['used_pages'] * page)} of {_size(b['limit_pages'] * page)}, {b['mode']}), "
         f"watermarks {b['low_water']}%/{b['high_water']}%, peak {b['peak_pages']}, "
+        f"dirty {b['dirty_pages']}, "
         f"memfds {_size(b['memfd_bytes'])}, shared segment {_size(b['segment_bytes'])}",
         f"rates/s  faults {r['faults']:.0f}  fills {r['fills']:.0f}  copies {r['copies']:.0f}  "
         f"wakes {r['wakes']:.0f}  evictions {r['evictions']:.0f}  writes {r['writes']:.0f}  "

@@ -37,6 +37,10 @@ def test_the_synthetic_example_store_serves_its_data_set(start_server):
         odd = "synth://odd?size=100001&seed=1"
         with client.map(odd) as small:
             assert small[:] == synthetic.data(odd, 0, 100001)
+        # A store that does not write is read-only: a clear error, and on.
+        with pytest.raises(OSError) as refused:
+            client.map(url, mode="r+")
+        assert refused.value.errno == errno.EROFS
         stats = client.stats()
     (row,) = [r for r in stats["stores"] if r["store"] == "synth"]
     assert row["bytes"] >= 48 * MiB and row["errors"] == 0
