@@ -1411,16 +1411,32 @@ static void serve_write(struct mpu_filler *f, const struct mpu_fault *fault,
                 len = (end < r->map_length ? end : r->map_length) - start;
             }
             int err = -mpu_uffd_writeprotect(c->uffd, fault->address, len, 0);
-            mpu_page_opened(f->h, f->descs, count);
-            if (err && !gone(err))
+            mpu_page_opened(f->h, f->descs, count, f->pid);
+            if (err && !gone(err)) {
                 event(f, MPU_EV_WAKE_FAILED, fault->region, fault->page, err, 0);
+                wake(f, c->uffd, fault->region, fault->page, fault->address, len);
+            }
             if (!err)
                 mpu_account(f->h, fault->client, fault->read_at, 0, MPU_ANSWER_WAKE);
             return;
         }
+        if (state == MPU_FREE) {
+            /* Evicted meanwhile (written back first): the memfd has a hole
+             * there, and woken, the thread faults again on a missing page.
+             * Or the memfd holds a page no descriptor stands for (a fill
+             * never finished): not to be trusted, and protected for good,
+             * it goes, under a claim of ours so that no fill of it is
+             * punched. */
+            uint32_t entry, flags;
+            if (mpu_page_claim(f->h, fault->region, fault->region_gen, fault->page, f->pid,
+                               MPU_CLAIM_AHEAD, 0, f->evict_fds, f->nevict, &entry,
+                               &flags) == MPU_FREE) {
+                mpu_punch(r->memfd, fault->page * f->page_size, f->page_size);
+                mpu_page_filled(f->h, entry, 0, 0);
+            }
+        }
         if (state == MPU_FREE || (state < 0 && state != -EBUSY)) {
-            /* Evicted meanwhile (written back first), or its region went:
-             * woken, the thread faults again, on a missing page. */
+            /* (or its region went) */
             wake(f, c->uffd, fault->region, fault->page, fault->address, len);
             return;
         }

@@ -323,7 +323,8 @@ void mpu_writer_remove(struct mpu_header *h, uint32_t client, uint32_t client_ge
 int mpu_page_open_write(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t page,
                         uint32_t owner, int timeout_ms, uint32_t ahead, uint32_t *descs,
                         uint32_t *count);
-void mpu_page_opened(struct mpu_header *h, const uint32_t *descs, uint32_t count);
+void mpu_page_opened(struct mpu_header *h, const uint32_t *descs, uint32_t count,
+                     uint32_t owner);
 /* The directory's invariants hold: the pages in use (or -1000 - which one
  * failed).  For tests; it takes the lock for a walk over every descriptor. */
 int mpu_pbm_check(struct mpu_header *h);

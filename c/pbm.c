@@ -767,6 +767,8 @@ static int write_pages(struct mpu_header *h, uint32_t slot, const struct mpu_reg
         end = r->size;  /* the file's last page ends where the file does */
     if (end > start && splice_out(r->memfd, r->write_fd, start, end - start) == 0) {
         mpu_add64(&h->written, (int64_t)n);
+        if (beating >= 0)
+            mpu_beat(h, (uint32_t)beating);  /* a long write-back is no hang */
         return 0;
     }
     if (!write_chunk && !(write_chunk = malloc(WRITE_CHUNK)))
@@ -788,6 +790,8 @@ static int write_pages(struct mpu_header *h, uint32_t slot, const struct mpu_reg
         at += (uint64_t)got;
     }
     mpu_add64(&h->written, (int64_t)n);
+    if (beating >= 0)
+        mpu_beat(h, (uint32_t)beating);  /* a long write-back is no hang */
     return 0;
 }
 
@@ -859,10 +863,19 @@ int64_t mpu_pbm_evict(struct mpu_header *h, uint32_t max, uint32_t owner,
         if (!n)
             break;
         if (dirty) {
-            /* Written as one span (clean pages in it are written again:
-             * one write instead of many), then LEAVING like the others. */
-            uint64_t first = descs[run[0] - 1].page;
-            int wrote = write_pages(h, slot, r, clients, nclients, first, n, page_size);
+            /* The dirty pages' spans written (never a clean page: the file
+             * may have been written since it was read), then LEAVING like
+             * the others.  (The WRITING pages are ours: read unlocked.) */
+            int wrote = 0;
+            for (uint32_t k = 0; k < n && !wrote;) {
+                uint32_t j = k;
+                while (j < n && MPU_STATE(descs[run[j] - 1].dirty) == MPU_WRITING)
+                    j++;
+                if (j > k)
+                    wrote = write_pages(h, slot, r, clients, nclients, descs[run[k] - 1].page,
+                                        j - k, page_size);
+                k = j > k ? j : k + 1;
+            }
             uint32_t kept = 0;
             lock(h);
             for (uint32_t k = 0; k < n; k++) {
@@ -946,6 +959,19 @@ int64_t mpu_region_write_back(struct mpu_header *h, uint32_t slot,
             uint32_t i = lookup(h, slot, r->gen, page);
             struct mpu_desc *d = i == NONE ? NULL : &descs[i - 1];
             uint32_t word = d ? d->dirty : MPU_CLEAN;
+            if (d && MPU_STATE(d->state) == MPU_FILLING) {
+                /* A page filled for a write is the writer's before it is
+                 * PRESENT (and DIRTY): once it is, it is written. */
+                if (n)
+                    break;
+                uint32_t seen = d->state;
+                __atomic_add_fetch(&h->page_waiters, 1, __ATOMIC_SEQ_CST);
+                unlock(h);
+                mpu_futex_wait(&d->state, seen, 200);
+                __atomic_sub_fetch(&h->page_waiters, 1, __ATOMIC_SEQ_CST);
+                waited = 1;
+                break;
+            }
             if (!d || MPU_STATE(d->state) != MPU_PRESENT || word == MPU_CLEAN) {
                 if (n)
                     break;
@@ -1100,12 +1126,13 @@ int mpu_page_open_write(struct mpu_header *h, uint32_t region, uint32_t gen, uin
     }
 }
 
-void mpu_page_opened(struct mpu_header *h, const uint32_t *descs, uint32_t count)
+void mpu_page_opened(struct mpu_header *h, const uint32_t *descs, uint32_t count,
+                     uint32_t owner)
 {
     struct mpu_desc *all = mpu_descs(h);
     lock(h);
     for (uint32_t k = 0; k < count; k++)
-        if (MPU_STATE(all[descs[k] - 1].dirty) == MPU_OPENING)
+        if (all[descs[k] - 1].dirty == MPU_OWNED(MPU_OPENING, owner))
             all[descs[k] - 1].dirty = MPU_DIRTY;
     unlock(h);
     for (uint32_t k = 0; k < count; k++)
@@ -1122,8 +1149,11 @@ uint64_t mpu_region_evict_from(struct mpu_header *h, uint32_t slot, uint32_t gen
         if (d[i - 1].region != slot || d[i - 1].gen != gen || d[i - 1].page < first)
             continue;
         lock(h);
+        /* Clean ones only: what a client wrote is the file's to keep (it
+         * is written back as any dirty page), and a page being written
+         * back is not in the FIFO. */
         int mine = d[i - 1].region == slot && d[i - 1].gen == gen && d[i - 1].page >= first
-            && __atomic_load_n(&d[i - 1].state, __ATOMIC_SEQ_CST) == MPU_PRESENT;
+            && in_fifo(&d[i - 1]) && d[i - 1].dirty == MPU_CLEAN;
         if (mine)
             take_leaving(h, i, owner);
         unlock(h);
@@ -1164,6 +1194,27 @@ uint64_t mpu_pbm_recover(struct mpu_header *h, uint32_t owner,
         uint32_t state = MPU_STATE(word);
         if ((state != MPU_FILLING && state != MPU_LEAVING) || word >> 2 != owner)
             continue;
+        const struct mpu_region_slot *w = d->region < nregions ? &regions[d->region] : NULL;
+        if (state == MPU_FILLING && w && w->live && w->gen == d->gen && w->write_fd >= 0
+            && lseek(w->memfd, (off_t)(d->page * page_size), SEEK_DATA)
+               == (off_t)(d->page * page_size)) {
+            /* Copied in before the filler died: in a region mapped for
+             * writing, a client may have written it since.  PRESENT and
+             * DIRTY, to be written back, rather than dropped. */
+            lock(h);
+            if (__atomic_load_n(&d->state, __ATOMIC_SEQ_CST) == word
+                && region_live(h, d->region, d->gen)) {
+                d->stamp = mpu_add64(&h->clock, 1);
+                d->flags = 0;
+                d->dirty = MPU_DIRTY;
+                __atomic_store_n(&d->state, MPU_PRESENT, __ATOMIC_SEQ_CST);
+                fifo_push(h, i);
+                count_present(h, d->region, 1);
+            }
+            unlock(h);
+            wake_page(h, d);
+            continue;
+        }
         /* A LEAVING page may be half punched: punched again.  (Its memfd may
          * be gone with its region: nothing to punch then.) */
         const struct mpu_region_slot *r = d->region < nregions ? &regions[d->region] : NULL;

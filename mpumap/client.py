@@ -389,12 +389,17 @@ class Client:
         m = self._mappings.pop(mid, None)
         if self._sock is None or os.getpid() != self._pid:
             return
-        # A mapping that wrote is unmapped once its writes are in the file.
-        timeout = FLUSH_SECONDS if getattr(m, "writable", False) else None
+        # A mapping that wrote is unmapped once its writes are in the file;
+        # should they not get there (a full disk), the caller hears of it.
+        writable = getattr(m, "writable", False)
         try:
             self._call(Msg.UNMAP, protocol.U64.pack(mid), expect=Msg.UNMAPPED,
-                       timeout=timeout)
+                       timeout=FLUSH_SECONDS if writable else None)
+        except ServerUnavailable as exc:
+            log.debug("unmapping %d: %s", mid, exc)
         except OSError as exc:
+            if writable:
+                raise
             log.debug("unmapping %d: %s", mid, exc)
 
     def stats(self):
@@ -413,9 +418,17 @@ class Client:
         # them all there, and a close must not wait for a server.  But for
         # a mapping that wrote: what it wrote is in the file when close
         # returns (the server writes it back before it answers).
+        failed = None
         for m in list(self._mappings.values()):
-            m._close(tell=m.writable)
+            try:
+                m._close(tell=m.writable)
+            except BufferError:
+                raise
+            except OSError as exc:
+                failed = failed or exc
         self._close_descriptors()
+        if failed is not None:
+            raise failed
 
     def _guard_mapping(self, m):
         length = len(m) + (-len(m)) % PAGE  # the whole pages the mapping spans

@@ -243,7 +243,11 @@ class PageBuffer:
                               0 if clients is None else len(clients), page_size)
         if n == -errno.EAGAIN:
             return 0
-        return core.check(n, "evicting pages")
+        if n < 0:
+            # A punch or a write-back that failed (a full disk): the pages
+            # stay, dirty ones dirty, and the next round tries again.
+            raise EvictionFailed(-n, f"evicting pages: {os.strerror(-n)}")
+        return n
 
     def write_back(self, slot, slots, clients, first, count, owner, page_size):
         """Write the dirty pages of [first, first + count) of a region to its
@@ -272,6 +276,11 @@ class PageBuffer:
         ffi.release(self._ref)
         self._segment.close()
         os.close(self.fd)
+
+
+class EvictionFailed(OSError):
+    """Pages could not be evicted (their write-back or punch failed); they
+    are where they were."""
 
 
 def bucket_floor_us(bucket):

@@ -372,6 +372,7 @@ class Arbiter:
                 except Exception:
                     log.exception("handling an event")
             self.handle_signals()
+            self.check_heartbeats()  # (a hung evictor is killed, and then not waited for)
             if self.stop_at_once() or not any(w.role == "evictor"
                                               for w in self.workers.values()):
                 break
@@ -380,9 +381,13 @@ class Arbiter:
             self.writeback.abandon()
 
     def shutdown(self):
-        """Stop accepting, release every client (their mappings fall back to
-        the files), let the workers finish what they were given, and go; a
-        worker that does not end in STOP_GRACE_SECONDS is killed."""
+        """Stop accepting, write every dirty page back, let the workers
+        finish what they were given and go (a worker that does not end in
+        STOP_GRACE_SECONDS is killed), then release every client: their
+        mappings fall back to the files, and what was written since the
+        write-back their guards write there.  The workers go first: a
+        write-back or a fill racing with a guard's copy could put stale
+        bytes over what the guard wrote."""
         self.stopping = True
         if self.listener is not None:
             try:
@@ -392,7 +397,16 @@ class Arbiter:
             self.listener.close()
         if self.handler is not None:
             self.write_back_all()
+        self.writeback.stopped = True
+        self.stop_workers()
+        if self.handler is not None:
             self.handler.close()
+        if self.monitor is not None:
+            self.monitor.stop()
+        self.remove_pidfile()
+        log.info("stopped")
+
+    def stop_workers(self):
         # A worker that reads the end of its socket has done all it was told
         # before: in-flight fills finish, then it exits.
         for worker in self.workers.values():
@@ -415,8 +429,8 @@ class Arbiter:
             except ChildProcessError:
                 break
             self.workers.pop(pid, None)
-        if self.monitor is not None:
-            self.monitor.stop()
+
+    def remove_pidfile(self):
         if self.settings.pidfile:
             try:
                 with open(self.settings.pidfile) as f:
@@ -425,7 +439,6 @@ class Arbiter:
                     os.unlink(self.settings.pidfile)
             except OSError:
                 pass
-        log.info("stopped")
 
 
 # Descriptors a region holds in the server (its memfd and its file) and in

@@ -79,6 +79,24 @@ class RegionTable:
         self._free_slots.append(region.slot)
         log.debug("region %d released", region.rid)
 
+    def set_write_fd(self, region, fd):
+        """The file to write the region's dirty pages back to (taken over)."""
+        region.set_write_fd(fd)
+        self.slots.array[region.slot].write_fd = fd
+
+    def other_user(self, key, writable):
+        """Another user's region of the same file that cannot share it with
+        this one: one mapped for writing, or any when this one writes."""
+        if len(key) != 3 or not isinstance(key[1], int):
+            return None  # (an object: read-only)
+        dev, ino, uid = key
+        for region in self._regions.values():
+            k = region.key
+            if len(k) == 3 and k[:2] == (dev, ino) and k[2] != uid \
+                    and (writable or region.write_fd >= 0):
+                return region
+        return None
+
     def recover(self, pid):
         """Free the pages a dead worker held FILLING or LEAVING."""
         return self.buffer.recover(pid, self.slots, self.page_size)

@@ -24,6 +24,7 @@ log = logging.getLogger("mpumap.requests")
 
 HANDSHAKE_SECONDS = 5.0  # to say HELLO (or ask STATS) after connecting
 OFFLOAD_SECONDS = 8.0  # for a store to open, a range to register (below the clients' 10)
+RETRY_WRITE_BACK_SECONDS = 5.0  # between write-backs of a region nobody maps that failed
 QUIET_SECONDS = 60.0  # one log line per kind of refusal and user this often
 # A region's page is at most half a filler's longest read (claim_behind
 # takes no more than that before a fault): 4 MiB.
@@ -72,6 +73,7 @@ class RequestHandler:
                                lambda mask: self.offload.finished())
         self.announcing = {}  # rid -> replies that wait until its workers know it
         self.maps_under_way = collections.Counter()  # uid -> maps whose file is opening
+        self.unwritten = {}  # rid -> (when to try again, region): write-backs that failed
         self.stores = Stores(settings.stores, StoreSettings(settings.store_timeout,
                                                             settings.store_requests))
         self._quiet = {}  # (what, uid) -> (when to speak again, refusals not logged)
@@ -178,6 +180,7 @@ class RequestHandler:
         """Close connections that did not say HELLO in time; give up work
         that took too long."""
         self.offload.expire(now)
+        self.retry_write_backs(now)
         for conn in self.clients:
             if (not conn.is_client and not conn.busy
                     and now - conn.accepted > HANDSHAKE_SECONDS):
@@ -187,7 +190,8 @@ class RequestHandler:
     def next_deadline(self):
         waiting = [c.accepted + HANDSHAKE_SECONDS for c in self.clients if not c.is_client]
         offload = self.offload.next_deadline()
-        return min(waiting + ([offload] if offload else []), default=None)
+        retries = [when for when, _ in self.unwritten.values()]
+        return min(waiting + retries + ([offload] if offload else []), default=None)
 
     def drop(self, conn):
         """Forget a connection: its mappings, its client slot, its socket."""
@@ -390,6 +394,18 @@ class RequestHandler:
         key = opened.key(conn.uid)
         region = self.regions.get(key)
         write_fd = opened.take_write_fd()
+        # Regions are per user: two users' buffers of one file would each
+        # write back what the other never saw.  While a user maps a file
+        # for writing, nobody else maps it, and the other way round.
+        other = self.regions.other_user(key, writable=write_fd >= 0)
+        if other is not None:
+            opened.close()
+            if write_fd >= 0:
+                os.close(write_fd)
+            self.refuse(conn, errno.EBUSY, f"{opened.name} is mapped "
+                        f"{'for writing ' if write_fd < 0 else ''}by another user through "
+                        "this server")
+            return
         try:
             if region is None:
                 region = self.new_region(conn, key, opened)
@@ -404,7 +420,7 @@ class RequestHandler:
         if write_fd >= 0:
             if region.write_fd < 0:
                 # The first writer's descriptor: evictors write back through it.
-                region.set_write_fd(write_fd)
+                self.regions.set_write_fd(region, write_fd)
                 self.tell(*region.write_fd_message(), "evictor")
             else:
                 os.close(write_fd)
@@ -518,33 +534,65 @@ class RequestHandler:
         # after munmap a read of the file sees what was written.
         self.pause(conn)
 
-        def written():
-            if conn.sock is not None:
-                self.resume(conn)
+        def written(result):
+            if conn.sock is None:
+                return
+            self.resume(conn)
+            if result < 0:
+                self.refuse(conn, -result, f"unmapped, but writing back {mapping.region.name} "
+                            f"failed: {os.strerror(-result)} (the server tries again)")
+            else:
                 self.reply(conn, Msg.UNMAPPED, protocol.U64.pack(mid))
         self.forget(conn, mapping, written)
 
     def forget(self, conn, mapping, then=None):
         """A mapping is gone: the region goes too when it was the last.  The
         dirty pages of its region are written back first when it was the
-        last or it could write; `then` runs once that is done."""
+        last or it could write; then(result) runs once that is done (the
+        pages written, or -errno: then the region stays, and is written
+        back again later, until that works)."""
         region = mapping.region
-        if mapping.writable and mapping.address is not None:
-            self.buffer.remove_writer(conn.slot, conn.gen, mapping.address)
         region.mappings -= 1
         if region.write_fd < 0 or (region.mappings and not mapping.writable):
             if not region.mappings:
                 self.release(region)
             if then:
-                then()
+                then(0)
             return
 
         def written(result):
+            # A writer leaves the table only now: until its pages are
+            # written back, they are protected in its range too, so that
+            # nothing it writes meanwhile goes unseen.
+            if mapping.writable and mapping.address is not None and conn.sock is not None:
+                self.buffer.remove_writer(conn.slot, conn.gen, mapping.address)
+            if result < 0 and region.mappings == 0 and not self.writeback.stopped:
+                self.unwritten[region.rid] = (time.monotonic() + RETRY_WRITE_BACK_SECONDS,
+                                              region)
             # Mapped again meanwhile: it stays, with whatever is still dirty.
-            if region.mappings == 0 and self.regions.get(region.key) is region:
+            elif region.mappings == 0 and self.regions.get(region.key) is region:
                 self.release(region)
             if then:
-                then()
+                then(result)
+        self.writeback.flush(region, 0, region.npages, written)
+
+    def retry_write_backs(self, now):
+        """Regions whose last write-back failed (a full disk, an I/O error):
+        tried again, and released once their pages are in their files."""
+        for rid, (when, region) in list(self.unwritten.items()):
+            if when > now:
+                continue
+            del self.unwritten[rid]
+            if region.mappings == 0 and self.regions.get(region.key) is region:
+                self.forget_region(region)
+
+    def forget_region(self, region):
+        def written(result):
+            if result < 0 and not self.writeback.stopped:
+                self.unwritten[region.rid] = (time.monotonic() + RETRY_WRITE_BACK_SECONDS,
+                                              region)
+            elif region.mappings == 0 and self.regions.get(region.key) is region:
+                self.release(region)
         self.writeback.flush(region, 0, region.npages, written)
 
     def release(self, region):

@@ -43,10 +43,14 @@ class WriteBack:
         self._evictors = evictors
         self._tokens = itertools.count(1)
         self.pending = {}
+        self.stopped = False  # the evictors are gone: nothing can be written back now
 
     def flush(self, region, first, count, then):
         """Ask for [first, first + count) of a region to be written back and
         synced; then(result) runs with the pages written, or -errno."""
+        if self.stopped:
+            then(-errno.ECANCELED)
+            return
         token = next(self._tokens)
         flush = Flush(region, first, count, then, region.slot % self._evictors)
         self.pending[token] = flush

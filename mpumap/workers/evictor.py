@@ -14,7 +14,7 @@ import selectors
 import time
 
 from mpumap import protocol
-from mpumap.pbm import RegionSlots
+from mpumap.pbm import EvictionFailed, RegionSlots
 from mpumap.protocol import W
 from mpumap.sizing import sizing_now
 from mpumap.workers.base import Worker
@@ -49,6 +49,7 @@ class Evictor(Worker):
         self.next_watch = time.monotonic() + WATCH_SECONDS
         # Asleep, it still wakes this often to beat its heartbeat.
         self.idle = min(IDLE_SECONDS, s.worker_timeout / 4)
+        self.quiet_until = 0.0  # eviction failures are logged once a minute
 
     def run(self):
         selector = selectors.DefaultSelector()
@@ -137,7 +138,15 @@ class Evictor(Worker):
             share = -(-excess // self.settings.evictors)
             # 0: nothing to take, or the oldest page is of a region whose
             # message waits on our socket: the loop reads it first.
-            if self.buffer.evict(share, self.pid, self.region_slots, self.settings.page_size,
-                                 self.client_slots) == 0:
+            try:
+                if self.buffer.evict(share, self.pid, self.region_slots,
+                                     self.settings.page_size, self.client_slots) == 0:
+                    return
+            except EvictionFailed as exc:
+                now = time.monotonic()
+                if now >= self.quiet_until:  # once a minute, not once a round
+                    self.log.error("%s; dirty pages stay in the buffer until they can be "
+                                   "written", exc.strerror)
+                    self.quiet_until = now + 60
                 return
             self.beat()

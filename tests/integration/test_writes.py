@@ -3,6 +3,7 @@ on eviction and at the last unmap, and nothing lost when a client, a
 worker or the server dies.  Every check of the file reads it with O_DIRECT,
 past any page cache."""
 import ctypes
+import errno
 import json
 import mmap
 import os
@@ -257,3 +258,31 @@ def test_an_unprivileged_client_writes(start_server, writers, workdir):
     assert bad_pages(read_direct(path), 0, 1024, "nobody") == []
     proc = writers.start(server.socket, locked, count=1, drop_uid=NOBODY)
     assert writers.line(proc)["error"] == "PermissionError"
+
+
+def test_a_file_written_by_one_user_is_not_mapped_by_another(start_server, writers, readers,
+                                                             workdir):
+    """Regions are per user: two users' buffers of one file would each write
+    back what the other never saw, so the server refuses the second user
+    (EBUSY) while the first writes, whichever maps first."""
+    path = make_file(os.path.join(workdir, "busy.bin"), 1 * MiB, seed=68)
+    os.chmod(path, 0o666)
+    server = start_server("--page-size", "4K", "--buffer-size", "16M",
+                          "--socket-mode", "0666")
+    with mpumap.connect(server.socket) as client, client.map(path, mode="r+") as m:
+        m[:PAGE] = content(0, "root")
+        p = readers.start(server.socket, path, drop_uid=NOBODY)
+        result = readers.result(p)
+        assert result["error"] == "MpumapError" and result["errno"] == errno.EBUSY, result
+    # Unmapped (and written back): the other user maps it, and sees the write.
+    p = readers.start(server.socket, path, drop_uid=NOBODY, pages=1)
+    assert readers.result(p)["mismatch_count"] == 0
+    proc = writers.start(server.socket, path, count=1, stamp="nobody", drop_uid=NOBODY,
+                         go=os.path.join(workdir, "go"))
+    assert writers.line(proc)["wrote"] == 1
+    with mpumap.connect(server.socket) as client:
+        with pytest.raises(OSError) as refused:
+            client.map(path)
+        assert refused.value.errno == errno.EBUSY
+    open(os.path.join(workdir, "go"), "w").close()
+    assert writers.result(proc)["bad_count"] == 0
