@@ -1142,12 +1142,45 @@ void mpu_scan_done(struct mpu_region_slot *r)
     r->scan_ns = 0;
 }
 
+void mpu_filler_region_gone(struct mpu_filler *f, struct mpu_region_slot *r)
+{
+    if (r->scan_fd < 0 || !r->scan_ns) {
+        mpu_scan_done(r);
+        return;
+    }
+    for (int k = 0; k < MPU_LEFTOVERS; k++) {
+        struct mpu_leftover *l = &f->leftovers[k];
+        if (l->fd >= 0)
+            continue;
+        l->fd = fcntl(r->scan_fd, F_DUPFD_CLOEXEC, 3);
+        if (l->fd >= 0) {
+            l->sweeps = SCAN_SWEEPS - 1;
+            l->scan_end = r->scan_end;
+            l->at_ns = mpu_now_ns();
+        }
+        break;
+    }
+    mpu_scan_done(r);
+}
+
 static void drop_scan_leftovers(struct mpu_filler *f)
 {
     uint64_t now = mpu_now_ns();
     if (now - f->swept_ns < SCAN_IDLE_NS / 2)
         return;
     f->swept_ns = now;
+    for (int k = 0; k < MPU_LEFTOVERS; k++) {
+        struct mpu_leftover *l = &f->leftovers[k];
+        if (l->fd < 0 || now - l->at_ns <= SCAN_IDLE_NS << (SCAN_SWEEPS - l->sweeps))
+            continue;
+        struct mpu_region_slot gone = { .scan_fd = l->fd, .scan_end = l->scan_end };
+        drop_leftovers(&gone);
+        l->at_ns = now;
+        if (--l->sweeps == 0) {
+            close(l->fd);
+            l->fd = -1;
+        }
+    }
     for (uint32_t i = 0; i < f->nregions; i++) {
         struct mpu_region_slot *r = &f->regions[i];
         if (!r->live || !r->scan_ns || now - r->scan_ns <= SCAN_IDLE_NS)

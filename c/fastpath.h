@@ -103,6 +103,17 @@ struct mpu_event {
 
 #define MPU_EVENTS_MAX 32
 
+/* What the kernel read ahead past the last scan of a region that went
+ * (its reader's descriptor, kept for this): dropped again later, as for a
+ * region that stays, since read-ahead still under way lands after. */
+struct mpu_leftover {
+    int fd;                    /* -1: a free entry */
+    uint32_t sweeps;           /* drops left */
+    uint64_t scan_end;
+    uint64_t at_ns;            /* the last drop */
+};
+#define MPU_LEFTOVERS 8
+
 struct mpu_filler {
     struct mpu_header *h;
     int sock;                  /* from the server: faults and everything else */
@@ -127,6 +138,7 @@ struct mpu_filler {
     uint32_t nregions;
     struct mpu_client_slot *clients;
     uint32_t nclients;
+    struct mpu_leftover leftovers[MPU_LEFTOVERS];
     struct mpu_event events[MPU_EVENTS_MAX];
     uint32_t nevents;          /* events since the Python side last looked */
     uint32_t lost;             /* ... and those that did not fit */
@@ -145,6 +157,10 @@ int mpu_filler_run(struct mpu_filler *f, int sock, char *buf, int size,
  * from the page cache: before its scan reader is closed, and by the filler
  * once a scan has stopped. */
 void mpu_scan_done(struct mpu_region_slot *r);
+/* A region goes from a filler: what its last scan left is dropped now and
+ * (with a descriptor of the scan reader's kept for that) a few times
+ * more, later. */
+void mpu_filler_region_gone(struct mpu_filler *f, struct mpu_region_slot *r);
 
 /* A prefetch or read-ahead message: fill this filler's share of it.
  * Faults that come meanwhile are served between runs; when another message

@@ -106,6 +106,8 @@ class Filler(Worker):
         f.nregions = len(self.region_slots)
         f.clients = self.client_slots
         f.nclients = lib.MPU_CLIENT_SLOTS
+        for leftover in f.leftovers:
+            leftover.fd = -1
         self.fills = collections.deque()  # prefetch and read-ahead, in order
         self._quiet = {}  # (event, region slot) -> (when to speak again, not said)
         # Idle, the C loop wakes this often to beat its heartbeat and drop
@@ -126,6 +128,7 @@ class Filler(Worker):
         self.region_slots.set(region)
 
     def region_dropped(self, region):
+        lib.mpu_filler_region_gone(self.c, ffi.addressof(self.region_slots.array[region.slot]))
         self.region_slots.clear(region.slot)
         self.objects.pop(region.slot, None)
 
