@@ -533,17 +533,23 @@ class RequestHandler:
         # What it wrote is in the file when the client hears UNMAPPED, as
         # after munmap a read of the file sees what was written.
         self.pause(conn)
+        self.forget(conn, mapping, self.answer_when_written(
+            conn, Msg.UNMAPPED, lambda result: protocol.U64.pack(mid),
+            f"unmapped, but writing back {mapping.region.name} failed (the server tries "
+            "again)"))
 
-        def written(result):
+    def answer_when_written(self, conn, kind, body, failed):
+        """What a paused connection hears once a write-back it waits on is
+        over: `kind` with body(result), or an ERROR saying `failed`."""
+        def answer(result):
             if conn.sock is None:
                 return
             self.resume(conn)
             if result < 0:
-                self.refuse(conn, -result, f"unmapped, but writing back {mapping.region.name} "
-                            f"failed: {os.strerror(-result)} (the server tries again)")
+                self.refuse(conn, -result, f"{failed}: {os.strerror(-result)}")
             else:
-                self.reply(conn, Msg.UNMAPPED, protocol.U64.pack(mid))
-        self.forget(conn, mapping, written)
+                self.reply(conn, kind, body(result))
+        return answer
 
     def forget(self, conn, mapping, then=None):
         """A mapping is gone: the region goes too when it was the last.  The
@@ -566,34 +572,34 @@ class RequestHandler:
             # nothing it writes meanwhile goes unseen.
             if mapping.writable and mapping.address is not None and conn.sock is not None:
                 self.buffer.remove_writer(conn.slot, conn.gen, mapping.address)
-            if result < 0 and region.mappings == 0 and not self.writeback.stopped:
-                self.unwritten[region.rid] = (time.monotonic() + RETRY_WRITE_BACK_SECONDS,
-                                              region)
-            # Mapped again meanwhile: it stays, with whatever is still dirty.
-            elif region.mappings == 0 and self.regions.get(region.key) is region:
-                self.release(region)
             if then:
                 then(result)
+        self.write_back_and_release(region, written)
+
+    def write_back_and_release(self, region, then=None):
+        """Write a region's dirty pages back; then(result) runs when that is
+        over.  Released then if nobody maps it (mapped again meanwhile, it
+        stays, with whatever is still dirty); if the write-back failed,
+        tried again later (retry_write_backs)."""
+        def written(result):
+            if then:
+                then(result)
+            if region.mappings or self.regions.get(region.key) is not region:
+                return
+            if result >= 0:
+                self.release(region)
+            elif not self.writeback.stopped:
+                self.unwritten[region.rid] = (time.monotonic() + RETRY_WRITE_BACK_SECONDS,
+                                              region)
         self.writeback.flush(region, 0, region.npages, written)
 
     def retry_write_backs(self, now):
         """Regions whose last write-back failed (a full disk, an I/O error):
         tried again, and released once their pages are in their files."""
         for rid, (when, region) in list(self.unwritten.items()):
-            if when > now:
-                continue
-            del self.unwritten[rid]
-            if region.mappings == 0 and self.regions.get(region.key) is region:
-                self.forget_region(region)
-
-    def forget_region(self, region):
-        def written(result):
-            if result < 0 and not self.writeback.stopped:
-                self.unwritten[region.rid] = (time.monotonic() + RETRY_WRITE_BACK_SECONDS,
-                                              region)
-            elif region.mappings == 0 and self.regions.get(region.key) is region:
-                self.release(region)
-        self.writeback.flush(region, 0, region.npages, written)
+            if when <= now:
+                del self.unwritten[rid]
+                self.write_back_and_release(region)
 
     def release(self, region):
         drop = region.drop_message()
@@ -610,17 +616,8 @@ class RequestHandler:
             return
         first, end = region.pages_in(offset, length or region.size)
         self.pause(conn)
-
-        def flushed(result):
-            if conn.sock is None:
-                return
-            self.resume(conn)
-            if result < 0:
-                self.refuse(conn, -result, f"writing back {region.name}: "
-                            f"{os.strerror(-result)}")
-            else:
-                self.reply(conn, Msg.FLUSHED, protocol.U64.pack(result))
-        self.writeback.flush(region, first, end - first, flushed)
+        self.writeback.flush(region, first, end - first, self.answer_when_written(
+            conn, Msg.FLUSHED, protocol.U64.pack, f"writing back {region.name}"))
 
     def write_back_all(self):
         """Ask for every dirty page to be written back (the server stops):
