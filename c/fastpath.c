@@ -1568,8 +1568,6 @@ static void serve_one(struct mpu_filler *f, const struct mpu_fault *fault)
         if (present)
             mpu_account(f->h, fault->client, fault->read_at, len, MPU_ANSWER_COPY);
     }
-    if (present && writing)
-        mpu_add64(&f->h->writes, 1);
     mpu_page_filled(f->h, entry, present, writing ? MPU_FILL_DIRTY : 0);
 }
 

@@ -190,6 +190,7 @@ struct mpu_header {
     uint64_t readaround_fills;  /* pages filled around a fault while there was room */
     uint64_t writes;        /* write faults that made a page dirty */
     uint64_t written;       /* pages written back to their files */
+    uint64_t dirty;         /* pages not CLEAN now (DIRTY, OPENING, WRITING) */
     uint64_t latency[MPU_LATENCY_BUCKETS];
     struct mpu_store_stats stores[MPU_STORE_KINDS];
     /* CLOCK_MONOTONIC ns of each worker's last sign of life. */
@@ -300,8 +301,6 @@ int64_t mpu_region_write_back(struct mpu_header *h, uint32_t slot,
                               const struct mpu_client_slot *clients, uint32_t nclients,
                               uint64_t first, uint64_t count, uint32_t owner,
                               uint64_t page_size);
-/* Dirty pages of a region (or of all: slot -1), for the status and tests. */
-uint64_t mpu_region_dirty(struct mpu_header *h, int64_t slot);
 
 /* The writers' table: 0 or -ENOSPC.  Removing takes every entry of that
  * client at that address (address 0: all of the client's). */

@@ -248,6 +248,16 @@ static int by_stamp(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/* Under the lock: every change of a page's dirty word goes through here,
+ * which keeps the count of pages not CLEAN exact for the status. */
+static void set_dirty(struct mpu_header *h, struct mpu_desc *d, uint32_t word)
+{
+    int was = d->dirty != MPU_CLEAN, is = word != MPU_CLEAN;
+    if (was != is)
+        mpu_add64(&h->dirty, is ? 1 : -1);
+    d->dirty = word;
+}
+
 /* In the FIFO: PRESENT, and not being written back. */
 static int in_fifo(const struct mpu_desc *d)
 {
@@ -292,13 +302,16 @@ static void rebuild(struct mpu_header *h)
     }
     h->present = 0;
     uint32_t in_use = 0;
+    uint64_t dirty = 0;
     for (uint32_t i = 1; i <= h->top; i++) {
         uint32_t state = MPU_STATE(d[i - 1].state);
         in_use += state != MPU_FREE;
+        dirty += state != MPU_FREE && d[i - 1].dirty != MPU_CLEAN;
         if (state == MPU_PRESENT)
             count_present(h, d[i - 1].region, 1);
     }
     __atomic_store_n(&h->used, in_use, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&h->dirty, dirty, __ATOMIC_SEQ_CST);
 }
 
 /* ---- the lock ---------------------------------------------------------------- */
@@ -412,7 +425,7 @@ int64_t mpu_region_release(struct mpu_header *h, uint32_t slot, uint32_t gen)
         /* (A page being written back is out of the FIFO: its writer frees
          * it when done.) */
         if (d[i - 1].region == slot && d[i - 1].gen == gen && in_fifo(&d[i - 1])) {
-            d[i - 1].dirty = MPU_CLEAN;
+            set_dirty(h, &d[i - 1], MPU_CLEAN);
             fifo_remove(h, i);
             count_present(h, slot, -1);
             put_free(h, i);
@@ -522,7 +535,7 @@ int mpu_page_claim(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t
             d->gen = gen;
             d->page = page;
             d->flags = 0;
-            d->dirty = MPU_CLEAN;
+            set_dirty(h, d, MPU_CLEAN);
             d->stamp = 0;
             d->older = d->newer = NONE;
             __atomic_store_n(&d->state, MPU_OWNED(MPU_FILLING, owner), __ATOMIC_SEQ_CST);
@@ -570,7 +583,7 @@ void mpu_page_filled(struct mpu_header *h, uint32_t desc, int present, uint32_t 
     if (present && region_live(h, d->region, d->gen)) {
         d->stamp = mpu_add64(&h->clock, 1);
         d->flags = flags & ~MPU_FILL_DIRTY;
-        d->dirty = flags & MPU_FILL_DIRTY ? MPU_DIRTY : MPU_CLEAN;
+        set_dirty(h, d, flags & MPU_FILL_DIRTY ? MPU_DIRTY : MPU_CLEAN);
         __atomic_store_n(&d->state, MPU_PRESENT, __ATOMIC_SEQ_CST);
         /* At the FIFO's tail only now, after the fault it was filled for
          * was answered: no evictor takes it before its reader had it. */
@@ -582,6 +595,8 @@ void mpu_page_filled(struct mpu_header *h, uint32_t desc, int present, uint32_t 
     unlock(h);
     if (present)
         mpu_add64(&h->fills, 1);  /* (whether its region is still there or not) */
+    if (present && (flags & MPU_FILL_DIRTY))
+        mpu_add64(&h->writes, 1);
     wake_page(h, d);
     wake_room(h);
 }
@@ -645,7 +660,7 @@ static void wake_dirty(struct mpu_header *h, struct mpu_desc *d)
 static void take_writing(struct mpu_header *h, uint32_t i, uint32_t owner)
 {
     struct mpu_desc *d = &mpu_descs(h)[i - 1];
-    d->dirty = MPU_OWNED(MPU_WRITING, owner);
+    set_dirty(h, d, MPU_OWNED(MPU_WRITING, owner));
     fifo_remove(h, i);
 }
 
@@ -655,9 +670,9 @@ static void take_writing(struct mpu_header *h, uint32_t i, uint32_t owner)
 static void end_writing(struct mpu_header *h, uint32_t i, int clean)
 {
     struct mpu_desc *d = &mpu_descs(h)[i - 1];
-    d->dirty = clean ? MPU_CLEAN : MPU_DIRTY;
+    set_dirty(h, d, clean ? MPU_CLEAN : MPU_DIRTY);
     if (!region_live(h, d->region, d->gen)) {
-        d->dirty = MPU_CLEAN;
+        set_dirty(h, d, MPU_CLEAN);
         count_present(h, d->region, -1);
         put_free(h, i);
         return;
@@ -885,7 +900,7 @@ int64_t mpu_pbm_evict(struct mpu_header *h, uint32_t max, uint32_t owner,
                 if (wrote == 0) {
                     /* LEAVING, as take_leaving makes it (it is out of the
                      * FIFO already). */
-                    d->dirty = MPU_CLEAN;
+                    set_dirty(h, d, MPU_CLEAN);
                     __atomic_store_n(&d->state, MPU_OWNED(MPU_LEAVING, owner),
                                      __ATOMIC_SEQ_CST);
                     count_present(h, d->region, -1);
@@ -1014,19 +1029,6 @@ int64_t mpu_region_write_back(struct mpu_header *h, uint32_t slot,
     return (int64_t)written;
 }
 
-uint64_t mpu_region_dirty(struct mpu_header *h, int64_t slot)
-{
-    struct mpu_desc *d = mpu_descs(h);
-    uint32_t top = __atomic_load_n(&h->top, __ATOMIC_SEQ_CST);
-    uint64_t n = 0;
-    for (uint32_t i = 1; i <= top; i++)
-        if ((slot < 0 || d[i - 1].region == (uint32_t)slot)
-            && MPU_STATE(__atomic_load_n(&d[i - 1].state, __ATOMIC_SEQ_CST)) != MPU_FREE
-            && __atomic_load_n(&d[i - 1].dirty, __ATOMIC_SEQ_CST) != MPU_CLEAN)
-            n++;
-    return n;
-}
-
 /* ---- writers ------------------------------------------------------------------------ */
 
 int mpu_writer_add(struct mpu_header *h, uint32_t region, uint32_t gen, uint32_t client,
@@ -1071,7 +1073,7 @@ static void open_page(struct mpu_header *h, struct mpu_desc *d, uint32_t owner)
 {
     if (d->dirty == MPU_CLEAN)
         mpu_add64(&h->writes, 1);
-    d->dirty = MPU_OWNED(MPU_OPENING, owner);
+    set_dirty(h, d, MPU_OWNED(MPU_OPENING, owner));
 }
 
 int mpu_page_open_write(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t page,
@@ -1133,7 +1135,7 @@ void mpu_page_opened(struct mpu_header *h, const uint32_t *descs, uint32_t count
     lock(h);
     for (uint32_t k = 0; k < count; k++)
         if (all[descs[k] - 1].dirty == MPU_OWNED(MPU_OPENING, owner))
-            all[descs[k] - 1].dirty = MPU_DIRTY;
+            set_dirty(h, &all[descs[k] - 1], MPU_DIRTY);
     unlock(h);
     for (uint32_t k = 0; k < count; k++)
         wake_dirty(h, &all[descs[k] - 1]);
@@ -1184,7 +1186,7 @@ uint64_t mpu_pbm_recover(struct mpu_header *h, uint32_t owner,
                 if (MPU_STATE(dirty) == MPU_WRITING)
                     end_writing(h, i, 0);
                 else
-                    d->dirty = MPU_DIRTY;
+                    set_dirty(h, d, MPU_DIRTY);
             }
             unlock(h);
             wake_dirty(h, d);
@@ -1206,7 +1208,7 @@ uint64_t mpu_pbm_recover(struct mpu_header *h, uint32_t owner,
                 && region_live(h, d->region, d->gen)) {
                 d->stamp = mpu_add64(&h->clock, 1);
                 d->flags = 0;
-                d->dirty = MPU_DIRTY;
+                set_dirty(h, d, MPU_DIRTY);
                 __atomic_store_n(&d->state, MPU_PRESENT, __ATOMIC_SEQ_CST);
                 fifo_push(h, i);
                 count_present(h, d->region, 1);
@@ -1241,7 +1243,7 @@ int mpu_pbm_check(struct mpu_header *h)
     struct mpu_desc *d = mpu_descs(h);
     int bad = 0;
     lock(h);
-    uint32_t in_use = 0, present = 0, free_count = 0, queued = 0, fifo = 0;
+    uint32_t in_use = 0, present = 0, free_count = 0, queued = 0, fifo = 0, dirty = 0;
     for (uint32_t i = 1; i <= h->top && !bad; i++) {
         uint32_t state = MPU_STATE(d[i - 1].state);
         if (state == MPU_FREE)
@@ -1249,6 +1251,7 @@ int mpu_pbm_check(struct mpu_header *h)
         in_use++;
         present += state == MPU_PRESENT;
         fifo += in_fifo(&d[i - 1]);
+        dirty += d[i - 1].dirty != MPU_CLEAN;
         if (lookup(h, d[i - 1].region, d[i - 1].gen, d[i - 1].page) != i)
             bad = 1;  /* a page in use that the index does not find */
     }
@@ -1270,6 +1273,8 @@ int mpu_pbm_check(struct mpu_header *h)
         bad = 6;
     if (!bad && h->used != in_use)
         bad = 7;  /* a buffer page taken with no page, or a page without one */
+    if (!bad && h->dirty != dirty)
+        bad = 8;  /* the status counts dirty pages that are not (or misses some) */
     unlock(h);
     return bad ? -(1000 + bad) : (int)in_use;
 }

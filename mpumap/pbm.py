@@ -192,7 +192,7 @@ class PageBuffer:
             low=h.low,
             peak_used=h.peak_used,
             present=self.counter("present"),
-            dirty=self.dirty(),
+            dirty=self.counter("dirty"),
             descriptors=h.top,
         )
         return snap
@@ -255,10 +255,6 @@ class PageBuffer:
         return lib.mpu_region_write_back(self.header, slot, ffi.addressof(slots.array[slot]),
                                          clients, len(clients), first, count, owner,
                                          page_size)
-
-    def dirty(self, slot=-1):
-        """Dirty pages of a region (slot -1: of every region)."""
-        return lib.mpu_region_dirty(self.header, slot)
 
     def add_writer(self, slot, gen, client, client_gen, address, length):
         core.check(lib.mpu_writer_add(self.header, slot, gen, client, client_gen, address,
