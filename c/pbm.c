@@ -180,6 +180,17 @@ static void wake_page(struct mpu_header *h, struct mpu_desc *d)
         mpu_futex_wake(&d->state, INT_MAX);
 }
 
+/* Outside the lock: sleeps while a page's state (or dirty) word still reads
+ * `seen`, for timeout_ms at most, counted among the page waiters so that
+ * whoever moves the word wakes it (wake_page, wake_dirty).  0 or -errno. */
+static int sleep_on(struct mpu_header *h, uint32_t *word, uint32_t seen, int timeout_ms)
+{
+    __atomic_add_fetch(&h->page_waiters, 1, __ATOMIC_SEQ_CST);
+    int err = mpu_futex_wait(word, seen, timeout_ms);
+    __atomic_sub_fetch(&h->page_waiters, 1, __ATOMIC_SEQ_CST);
+    return err;
+}
+
 /* After pages were freed, outside the lock: fillers waiting for room
  * look again. */
 static void wake_room(struct mpu_header *h)
@@ -560,10 +571,7 @@ int mpu_page_claim(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t
         if (timeout_ms == 0)
             return (int)MPU_STATE(word);
         /* Woken, the descriptor may be another page's by now: look again. */
-        __atomic_add_fetch(&h->page_waiters, 1, __ATOMIC_SEQ_CST);
-        int err = mpu_futex_wait(&d->state, word, timeout_ms);
-        __atomic_sub_fetch(&h->page_waiters, 1, __ATOMIC_SEQ_CST);
-        if (err == -ETIMEDOUT)
+        if (sleep_on(h, &d->state, word, timeout_ms) == -ETIMEDOUT)
             return (int)MPU_STATE(word);
     }
 }
@@ -613,12 +621,16 @@ int mpu_page_state(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t
 }
 
 /* The page is PRESENT and ours to take out: LEAVING, out of the FIFO. */
+static void mark_leaving(struct mpu_header *h, struct mpu_desc *d, uint32_t owner)
+{
+    __atomic_store_n(&d->state, MPU_OWNED(MPU_LEAVING, owner), __ATOMIC_SEQ_CST);
+    count_present(h, d->region, -1);
+}
+
 static void take_leaving(struct mpu_header *h, uint32_t i, uint32_t owner)
 {
-    struct mpu_desc *d = &mpu_descs(h)[i - 1];
-    __atomic_store_n(&d->state, MPU_OWNED(MPU_LEAVING, owner), __ATOMIC_SEQ_CST);
+    mark_leaving(h, &mpu_descs(h)[i - 1], owner);
     fifo_remove(h, i);
-    count_present(h, d->region, -1);
 }
 
 /* Punches `n` LEAVING pages, consecutive pages of one region, out of its
@@ -747,6 +759,28 @@ static int splice_out(int memfd, int fd, uint64_t at, uint64_t len)
     return 0;
 }
 
+/* [at, at + len) of memfd to the same place in fd, through buf: 0 or -errno. */
+static int copy_out(int memfd, int fd, uint64_t at, uint64_t len, char *buf, size_t size)
+{
+    for (uint64_t end = at + len; at < end;) {
+        size_t want = end - at < size ? (size_t)(end - at) : size;
+        ssize_t got = pread(memfd, buf, want, (off_t)at);
+        if (got <= 0)
+            return got < 0 ? -errno : -EIO;
+        for (ssize_t done = 0; done < got;) {
+            ssize_t put = pwrite(fd, buf + done, (size_t)(got - done),
+                                 (off_t)(at + (uint64_t)done));
+            if (put < 0 && errno == EINTR)
+                continue;
+            if (put <= 0)
+                return put < 0 ? -errno : -EIO;
+            done += put;
+        }
+        at += (uint64_t)got;
+    }
+    return 0;
+}
+
 /* Writes pages [first, first + n) of region r, which the caller holds
  * WRITING, to its file: protected first in every writable mapping, so that
  * a write that comes meanwhile faults (and waits) instead of going
@@ -780,29 +814,12 @@ static int write_pages(struct mpu_header *h, uint32_t slot, const struct mpu_reg
         return err;
     if (end > r->size)
         end = r->size;  /* the file's last page ends where the file does */
-    if (end > start && splice_out(r->memfd, r->write_fd, start, end - start) == 0) {
-        mpu_add64(&h->written, (int64_t)n);
-        if (beating >= 0)
-            mpu_beat(h, (uint32_t)beating);  /* a long write-back is no hang */
-        return 0;
-    }
-    if (!write_chunk && !(write_chunk = malloc(WRITE_CHUNK)))
-        return -ENOMEM;
-    for (uint64_t at = start; at < end;) {
-        size_t want = end - at < WRITE_CHUNK ? (size_t)(end - at) : WRITE_CHUNK;
-        ssize_t got = pread(r->memfd, write_chunk, want, (off_t)at);
-        if (got <= 0)
-            return got < 0 ? -errno : -EIO;
-        for (ssize_t done = 0; done < got;) {
-            ssize_t put = pwrite(r->write_fd, write_chunk + done, (size_t)(got - done),
-                                 (off_t)(at + (uint64_t)done));
-            if (put < 0 && errno == EINTR)
-                continue;
-            if (put <= 0)
-                return put < 0 ? -errno : -EIO;
-            done += put;
-        }
-        at += (uint64_t)got;
+    if (end > start && splice_out(r->memfd, r->write_fd, start, end - start) < 0) {
+        if (!write_chunk && !(write_chunk = malloc(WRITE_CHUNK)))
+            return -ENOMEM;
+        err = copy_out(r->memfd, r->write_fd, start, end - start, write_chunk, WRITE_CHUNK);
+        if (err)
+            return err;
     }
     mpu_add64(&h->written, (int64_t)n);
     if (beating >= 0)
@@ -898,12 +915,8 @@ int64_t mpu_pbm_evict(struct mpu_header *h, uint32_t max, uint32_t owner,
                 if (MPU_STATE(d->dirty) != MPU_WRITING)
                     continue;
                 if (wrote == 0) {
-                    /* LEAVING, as take_leaving makes it (it is out of the
-                     * FIFO already). */
                     set_dirty(h, d, MPU_CLEAN);
-                    __atomic_store_n(&d->state, MPU_OWNED(MPU_LEAVING, owner),
-                                     __ATOMIC_SEQ_CST);
-                    count_present(h, d->region, -1);
+                    mark_leaving(h, d, owner);  /* (out of the FIFO already) */
                 } else {
                     end_writing(h, run[k], 0);
                 }
@@ -973,37 +986,29 @@ int64_t mpu_region_write_back(struct mpu_header *h, uint32_t slot,
              page++, scanned++) {
             uint32_t i = lookup(h, slot, r->gen, page);
             struct mpu_desc *d = i == NONE ? NULL : &descs[i - 1];
+            uint32_t state = d ? MPU_STATE(d->state) : MPU_FREE;
             uint32_t word = d ? d->dirty : MPU_CLEAN;
-            if (d && MPU_STATE(d->state) == MPU_FILLING) {
-                /* A page filled for a write is the writer's before it is
-                 * PRESENT (and DIRTY): once it is, it is written. */
+            /* A page filled for a write is the writer's before it is
+             * PRESENT (and DIRTY); one being opened, or written back by an
+             * evictor, is DIRTY (then written by us) or in the file once
+             * that is over: either is waited for. */
+            uint32_t *busy = state == MPU_FILLING ? &d->state
+                : state == MPU_PRESENT && word != MPU_CLEAN && word != MPU_DIRTY ? &d->dirty
+                : NULL;
+            if (busy) {
                 if (n)
                     break;
-                uint32_t seen = d->state;
-                __atomic_add_fetch(&h->page_waiters, 1, __ATOMIC_SEQ_CST);
+                uint32_t seen = *busy;
                 unlock(h);
-                mpu_futex_wait(&d->state, seen, 200);
-                __atomic_sub_fetch(&h->page_waiters, 1, __ATOMIC_SEQ_CST);
+                sleep_on(h, busy, seen, 200);
                 waited = 1;
                 break;
             }
-            if (!d || MPU_STATE(d->state) != MPU_PRESENT || word == MPU_CLEAN) {
+            if (state != MPU_PRESENT || word == MPU_CLEAN) {
                 if (n)
                     break;
                 run_first = page + 1;
                 continue;
-            }
-            if (word != MPU_DIRTY) {
-                /* Being opened, or written back by an evictor: once that is
-                 * over it is DIRTY (written by us) or in the file. */
-                if (n)
-                    break;
-                __atomic_add_fetch(&h->page_waiters, 1, __ATOMIC_SEQ_CST);
-                unlock(h);
-                mpu_futex_wait(&d->dirty, word, 200);
-                __atomic_sub_fetch(&h->page_waiters, 1, __ATOMIC_SEQ_CST);
-                waited = 1;
-                break;
             }
             take_writing(h, i, owner);
             run[n++] = i;
@@ -1120,10 +1125,7 @@ int mpu_page_open_write(struct mpu_header *h, uint32_t region, uint32_t gen, uin
         unlock(h);
         if (timeout_ms == 0)
             return (int)MPU_STATE(seen);
-        __atomic_add_fetch(&h->page_waiters, 1, __ATOMIC_SEQ_CST);
-        int err = mpu_futex_wait(word, seen, timeout_ms);
-        __atomic_sub_fetch(&h->page_waiters, 1, __ATOMIC_SEQ_CST);
-        if (err == -ETIMEDOUT)
+        if (sleep_on(h, word, seen, timeout_ms) == -ETIMEDOUT)
             return word == &d->dirty ? -EBUSY : (int)MPU_STATE(seen);
     }
 }
@@ -1196,9 +1198,10 @@ uint64_t mpu_pbm_recover(struct mpu_header *h, uint32_t owner,
         uint32_t state = MPU_STATE(word);
         if ((state != MPU_FILLING && state != MPU_LEAVING) || word >> 2 != owner)
             continue;
-        const struct mpu_region_slot *w = d->region < nregions ? &regions[d->region] : NULL;
-        if (state == MPU_FILLING && w && w->live && w->gen == d->gen && w->write_fd >= 0
-            && lseek(w->memfd, (off_t)(d->page * page_size), SEEK_DATA)
+        const struct mpu_region_slot *r = d->region < nregions ? &regions[d->region] : NULL;
+        int known = r && r->live && r->gen == d->gen;
+        if (state == MPU_FILLING && known && r->write_fd >= 0
+            && lseek(r->memfd, (off_t)(d->page * page_size), SEEK_DATA)
                == (off_t)(d->page * page_size)) {
             /* Copied in before the filler died: in a region mapped for
              * writing, a client may have written it since.  PRESENT and
@@ -1219,8 +1222,7 @@ uint64_t mpu_pbm_recover(struct mpu_header *h, uint32_t owner,
         }
         /* A LEAVING page may be half punched: punched again.  (Its memfd may
          * be gone with its region: nothing to punch then.) */
-        const struct mpu_region_slot *r = d->region < nregions ? &regions[d->region] : NULL;
-        if (state == MPU_LEAVING && r && r->live && r->gen == d->gen)
+        if (state == MPU_LEAVING && known)
             mpu_punch(r->memfd, d->page * page_size, page_size);
         lock(h);
         int ours = __atomic_load_n(&d->state, __ATOMIC_SEQ_CST) == word;
