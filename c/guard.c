@@ -164,29 +164,13 @@ static int write_back(const struct range *r)
             break;
         off_t hole = lseek(r->memfd, data, SEEK_HOLE);
         uint64_t stop = hole < 0 || (uint64_t)hole > end ? end : (uint64_t)hole;
-        for (uint64_t pos = (uint64_t)data; pos < stop;) {
-            size_t want = stop - pos < COPY_CHUNK ? (size_t)(stop - pos) : COPY_CHUNK;
-            ssize_t got = pread(r->memfd, chunk, want, (off_t)pos);
-            if (got <= 0) {
-                err = err ? err : got < 0 ? -errno : -EIO;
-                break;
-            }
-            for (ssize_t done = 0; done < got;) {
-                ssize_t put = pwrite(r->fd, chunk + done, (size_t)(got - done),
-                                     (off_t)(pos + (uint64_t)done));
-                if (put < 0 && errno == EINTR)
-                    continue;
-                if (put <= 0) {
-                    err = err ? err : put < 0 ? -errno : -EIO;
-                    break;
-                }
-                done += put;
-            }
-            pos += (uint64_t)got;
-        }
+        int e = mpu_copy_range(r->memfd, r->fd, (uint64_t)data, stop - (uint64_t)data, chunk,
+                               COPY_CHUNK);
         /* Copied: out of the buffer, so that no guard after us writes it
          * again over what the file has been given since. */
-        if (!err)
+        if (e)
+            err = err ? err : e;
+        else if (!err)
             mpu_punch(r->memfd, (uint64_t)data, stop - (uint64_t)data);
         at = stop;
     }

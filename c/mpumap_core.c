@@ -251,6 +251,27 @@ uint64_t mpu_add64(uint64_t *word, int64_t delta)
 
 /* ---- pages ---------------------------------------------------------------- */
 
+int mpu_copy_range(int from, int to, uint64_t at, uint64_t len, char *buf, size_t size)
+{
+    for (uint64_t end = at + len; at < end;) {
+        size_t want = end - at < size ? (size_t)(end - at) : size;
+        ssize_t got = pread(from, buf, want, (off_t)at);
+        if (got <= 0)
+            return got < 0 ? -errno : -EIO;
+        for (ssize_t done = 0; done < got;) {
+            ssize_t put = pwrite(to, buf + done, (size_t)(got - done),
+                                 (off_t)(at + (uint64_t)done));
+            if (put < 0 && errno == EINTR)
+                continue;
+            if (put <= 0)
+                return put < 0 ? -errno : -EIO;
+            done += put;
+        }
+        at += (uint64_t)got;
+    }
+    return 0;
+}
+
 int mpu_punch(int fd, uint64_t offset, uint64_t len)
 {
     if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,

@@ -39,6 +39,9 @@ int mpu_uffd_read_faults(int fd, uint64_t *addrs, int max);
 int mpu_futex_wait(uint32_t *word, uint32_t expected, int timeout_ms);
 
 int mpu_punch(int fd, uint64_t offset, uint64_t len);
+/* [at, at + len) of `from` to the same place in `to`, through buf (size
+ * bytes): what a memfd holds, to its file.  0 or -errno. */
+int mpu_copy_range(int from, int to, uint64_t at, uint64_t len, char *buf, size_t size);
 
 uint64_t mpu_now_ns(void);
 void mpu_account(struct mpu_header *h, uint32_t slot, uint64_t since_ns,

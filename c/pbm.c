@@ -759,28 +759,6 @@ static int splice_out(int memfd, int fd, uint64_t at, uint64_t len)
     return 0;
 }
 
-/* [at, at + len) of memfd to the same place in fd, through buf: 0 or -errno. */
-static int copy_out(int memfd, int fd, uint64_t at, uint64_t len, char *buf, size_t size)
-{
-    for (uint64_t end = at + len; at < end;) {
-        size_t want = end - at < size ? (size_t)(end - at) : size;
-        ssize_t got = pread(memfd, buf, want, (off_t)at);
-        if (got <= 0)
-            return got < 0 ? -errno : -EIO;
-        for (ssize_t done = 0; done < got;) {
-            ssize_t put = pwrite(fd, buf + done, (size_t)(got - done),
-                                 (off_t)(at + (uint64_t)done));
-            if (put < 0 && errno == EINTR)
-                continue;
-            if (put <= 0)
-                return put < 0 ? -errno : -EIO;
-            done += put;
-        }
-        at += (uint64_t)got;
-    }
-    return 0;
-}
-
 /* Writes pages [first, first + n) of region r, which the caller holds
  * WRITING, to its file: protected first in every writable mapping, so that
  * a write that comes meanwhile faults (and waits) instead of going
@@ -817,7 +795,8 @@ static int write_pages(struct mpu_header *h, uint32_t slot, const struct mpu_reg
     if (end > start && splice_out(r->memfd, r->write_fd, start, end - start) < 0) {
         if (!write_chunk && !(write_chunk = malloc(WRITE_CHUNK)))
             return -ENOMEM;
-        err = copy_out(r->memfd, r->write_fd, start, end - start, write_chunk, WRITE_CHUNK);
+        err = mpu_copy_range(r->memfd, r->write_fd, start, end - start, write_chunk,
+                             WRITE_CHUNK);
         if (err)
             return err;
     }
