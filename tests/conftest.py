@@ -20,6 +20,7 @@ from mpumap.testing import MemoryCgroup, NoCgroup, command
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 READER = os.path.join(HERE, "integration", "reader.py")
+WRITER = os.path.join(HERE, "integration", "writer.py")
 
 
 class ServerProcess:
@@ -110,19 +111,25 @@ def start_server(workdir):
     assert not leftovers, f"workers outlived their server: {leftovers}"
 
 
-class Readers:
-    """Client processes running tests/reader.py."""
+class ClientProcesses:
+    """Client processes running one of the tests' client scripts
+    (integration/reader.py, integration/writer.py): each prints JSON lines,
+    the last its result."""
 
-    def __init__(self):
+    def __init__(self, script):
+        self.script = script
+        self.name = os.path.splitext(os.path.basename(script))[0]
         self.procs = []
 
     def start(self, socket_path, *files, cgroup=None, **options):
-        """A reader; options are its flags (value "" for a bare flag);
-        cgroup: the cgroup.procs file it joins before it starts."""
-        args = [sys.executable, READER, socket_path, *files]
-        for key, value in options.items():
+        """A client; options are its flags (value "" for a bare flag, a
+        list for a flag given once per item); cgroup: the cgroup.procs file
+        it joins before it starts."""
+        args = [sys.executable, self.script, socket_path, *files]
+        for key, values in options.items():
             flag = f"--{key.replace('_', '-')}"
-            args += [flag] if value == "" else [flag, str(value)]
+            for value in values if isinstance(values, list) else [values]:
+                args += [flag] if value == "" else [flag, str(value)]
 
         def join_cgroup():
             with open(cgroup, "w") as f:
@@ -136,21 +143,21 @@ class Readers:
         self.procs.append(proc)
         return proc
 
-    @staticmethod
-    def wait_ready(proc, timeout=20):
+    def wait_ready(self, proc, timeout=20):
+        """The first line the client says (once ready, or once written)."""
         line = proc.stdout.readline()
         if not line:
             proc.wait(timeout)
-            raise AssertionError(f"reader failed: {proc.stderr.read().decode()}")
+            raise AssertionError(f"{self.name} failed ({proc.returncode}): "
+                                 f"{proc.stderr.read().decode()}")
         return json.loads(line)
 
-    @staticmethod
-    def result(proc, timeout=120):
+    def result(self, proc, timeout=120):
         out, err = proc.communicate(timeout=timeout)
         proc.error_output = err.decode(errors="replace")
         lines = [json.loads(line) for line in out.decode().splitlines() if line.strip()]
         if not lines or "pages" not in lines[-1] and "error" not in lines[-1]:
-            raise AssertionError(f"reader exited {proc.returncode} without a result:\n"
+            raise AssertionError(f"{self.name} exited {proc.returncode} without a result:\n"
                                  f"{err.decode()}")
         return lines[-1]
 
@@ -166,9 +173,16 @@ class Readers:
 
 @pytest.fixture
 def readers():
-    r = Readers()
+    r = ClientProcesses(READER)
     yield r
     r.cleanup()
+
+
+@pytest.fixture
+def writers():
+    w = ClientProcesses(WRITER)
+    yield w
+    w.cleanup()
 
 
 def pages_served(stats):

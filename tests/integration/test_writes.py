@@ -2,9 +2,7 @@
 on eviction and at the last unmap, and nothing lost when a client, a
 worker or the server dies.  Every check of the file reads it with O_DIRECT,
 past any page cache."""
-import ctypes
 import errno
-import json
 import mmap
 import os
 import signal
@@ -22,7 +20,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from writer import PAGE, content  # noqa: E402
 
-WRITER = os.path.join(HERE, "writer.py")
 MiB = 1 << 20
 NOBODY = 65534
 
@@ -44,54 +41,6 @@ def read_direct(path):
 def bad_pages(data, first, count, stamp):
     return [p for p in range(first, first + count)
             if data[p * PAGE:(p + 1) * PAGE] != content(p, stamp)]
-
-
-class Writers:
-    def __init__(self):
-        self.procs = []
-
-    def start(self, socket_path, path, **options):
-        args = [sys.executable, WRITER, socket_path, path]
-        for key, value in options.items():
-            for v in value if isinstance(value, list) else [value]:
-                flag = f"--{key.replace('_', '-')}"
-                args += [flag] if v == "" else [flag, str(v)]
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                bufsize=0)
-        self.procs.append(proc)
-        return proc
-
-    @staticmethod
-    def line(proc):
-        line = proc.stdout.readline()
-        if not line:
-            proc.wait(30)
-            raise AssertionError(f"writer failed ({proc.returncode}): "
-                                 f"{proc.stderr.read().decode()}")
-        return json.loads(line)
-
-    @staticmethod
-    def result(proc, timeout=120):
-        out, err = proc.communicate(timeout=timeout)
-        lines = [json.loads(x) for x in out.decode().splitlines() if x.strip()]
-        assert lines and "pages" in lines[-1], \
-            f"writer exited {proc.returncode} without a result:\n{err.decode()}"
-        return lines[-1]
-
-    def cleanup(self):
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            for f in (proc.stdout, proc.stderr):
-                f.close()
-
-
-@pytest.fixture
-def writers():
-    w = Writers()
-    yield w
-    w.cleanup()
 
 
 def wait_for(what, timeout=30, step=0.02):
@@ -120,7 +69,7 @@ def test_two_writers_share_a_file_through_a_small_buffer(start_server, writers, 
                            check=f"{(1 - i) * half}:{half}:half{1 - i}")
              for i in range(2)]
     for proc in procs:
-        assert writers.line(proc)["wrote"] == half
+        assert writers.wait_ready(proc)["wrote"] == half
     open(go, "w").close()
     for proc in procs:
         result = writers.result(proc)
@@ -188,7 +137,7 @@ def test_a_writer_killed_after_writing_loses_nothing(start_server, writers, work
     server = start_server("--page-size", "4K", "--buffer-size", "16M")
     proc = writers.start(server.socket, path, stamp="dying", first=0, count=2048,
                          order="random", go=os.path.join(workdir, "never"))
-    assert writers.line(proc)["wrote"] == 2048
+    assert writers.wait_ready(proc)["wrote"] == 2048
     # (A page written as it was filled counts once the fill is over: soon.)
     wait_for(lambda: server.stats()["buffer"]["dirty"] == 2048, timeout=5)
     proc.kill()
@@ -207,7 +156,7 @@ def test_the_server_killed_between_two_halves_loses_nothing(start_server, writer
     proc = writers.start(server.socket, path, stamp="both", first=0, count=pages // 2,
                          order="random", kill=server.proc.pid, then_first=pages // 2,
                          then_count=pages // 2)
-    assert writers.line(proc)["wrote"] == pages // 2
+    assert writers.wait_ready(proc)["wrote"] == pages // 2
     result = writers.result(proc)
     assert result["fell_back"] and result["bad_count"] == 0, result
     assert bad_pages(read_direct(path), 0, pages, "both") == []
@@ -251,13 +200,13 @@ def test_an_unprivileged_client_writes(start_server, writers, workdir):
                           "--socket-mode", "0666")
     proc = writers.start(server.socket, path, stamp="nobody", first=0, count=1024,
                          order="random", drop_uid=NOBODY)
-    ready = writers.line(proc)
+    ready = writers.wait_ready(proc)
     if os.geteuid() == 0:
         assert ready["uffd"] in ("/dev/userfaultfd", "user-mode-only")
     assert writers.result(proc)["bad_count"] == 0
     assert bad_pages(read_direct(path), 0, 1024, "nobody") == []
     proc = writers.start(server.socket, locked, count=1, drop_uid=NOBODY)
-    assert writers.line(proc)["error"] == "PermissionError"
+    assert writers.wait_ready(proc)["error"] == "PermissionError"
 
 
 def test_a_file_written_by_one_user_is_not_mapped_by_another(start_server, writers, readers,
@@ -279,7 +228,7 @@ def test_a_file_written_by_one_user_is_not_mapped_by_another(start_server, write
     assert readers.result(p)["mismatch_count"] == 0
     proc = writers.start(server.socket, path, count=1, stamp="nobody", drop_uid=NOBODY,
                          go=os.path.join(workdir, "go"))
-    assert writers.line(proc)["wrote"] == 1
+    assert writers.wait_ready(proc)["wrote"] == 1
     with mpumap.connect(server.socket) as client:
         with pytest.raises(OSError) as refused:
             client.map(path)
