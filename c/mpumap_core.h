@@ -96,7 +96,9 @@ struct mpu_region_slot {
     uint64_t map_length;       /* what clients map: size in whole system pages */
     int write_fd;              /* the file, opened for writing by a client that
                                   mapped it so (-1: nobody did yet) */
-    uint32_t pad;
+    int direct_fd;             /* an evictor's: write_fd reopened O_DIRECT, for
+                                  a direct store (-1: none, or refused); whoever
+                                  clears the slot closes it */
 };
 
 /* A client's userfaultfd, as a worker holds it. */

@@ -759,6 +759,36 @@ static int splice_out(int memfd, int fd, uint64_t at, uint64_t len)
     return 0;
 }
 
+/* [at, at + len) of memfd to the same place in fd, opened O_DIRECT: no copy
+ * by the CPU and none left in the page cache (the disk reads the memfd's
+ * pages where they are, through a mapping of our own), and the flush's
+ * fdatasync finds nothing left to write.  But each write waits for the
+ * disk: a span shorter than DIRECT_MIN (random writes evict single pages)
+ * goes through the page cache, whose write-back batches them (1 GiB of
+ * random 64 KiB pages went from 0.055 to 0.022 GB/s written directly).
+ * Whole system pages only; 0, or
+ * -errno (then the caller writes the span through the page cache: a file
+ * system that wants larger blocks says EINVAL). */
+#define DIRECT_MIN (1u << 20)
+static int write_direct(int memfd, int fd, uint64_t at, uint64_t len)
+{
+    char *from = mmap(NULL, len, PROT_READ, MAP_SHARED, memfd, (off_t)at);
+    if (from == MAP_FAILED)
+        return -errno;
+    int err = 0;
+    for (uint64_t done = 0; done < len && !err;) {
+        ssize_t n = pwrite(fd, from + done, len - done, (off_t)(at + done));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            err = n < 0 ? -errno : -EIO;
+        else
+            done += (uint64_t)n;
+    }
+    munmap(from, len);
+    return err;
+}
+
 /* Writes pages [first, first + n) of region r, which the caller holds
  * WRITING, to its file: protected first in every writable mapping, so that
  * a write that comes meanwhile faults (and waits) instead of going
@@ -792,6 +822,13 @@ static int write_pages(struct mpu_header *h, uint32_t slot, const struct mpu_reg
         return err;
     if (end > r->size)
         end = r->size;  /* the file's last page ends where the file does */
+    if (r->direct_fd >= 0 && end - start >= DIRECT_MIN) {
+        /* (What the file's last system page holds goes through the cache.) */
+        uint64_t system_page = (uint64_t)sysconf(_SC_PAGESIZE);
+        uint64_t whole = (end - start) / system_page * system_page;
+        if (write_direct(r->memfd, r->direct_fd, start, whole) == 0)
+            start += whole;
+    }
     if (end > start && splice_out(r->memfd, r->write_fd, start, end - start) < 0) {
         if (!write_chunk && !(write_chunk = malloc(WRITE_CHUNK)))
             return -ENOMEM;

@@ -26,7 +26,8 @@ import os
 
 from mpumap import core
 from mpumap._core import ffi, lib
-from mpumap.stores.files import MODE_CODES
+from mpumap.stores import files
+from mpumap.stores.files import DIRECT, MODE_CODES
 
 BUFFER_MAGIC = 0x4D50424D  # "MPBM"
 LAYOUT_VERSION = 3
@@ -318,7 +319,9 @@ class RegionSlots:
         c.memfd = region.memfd
         c.store_fd = region.store_fd
         c.store_mode = MODE_CODES[region.store_mode]  # files.MODES is MPU_STORE_*'s order
-        c.cache_fd = c.scan_fd = -1
+        if c.live and c.gen == region.gen and c.direct_fd >= 0:
+            os.close(c.direct_fd)  # the region again, with a new write_fd
+        c.cache_fd = c.scan_fd = c.direct_fd = -1
         c.no_cache = 0
         c.scan_end = c.scan_ns = c.sweeps = 0
         c.gen = region.gen
@@ -328,12 +331,24 @@ class RegionSlots:
         c.write_fd = region.write_fd
         c.live = 1
 
+    def write_directly(self, region):
+        """An evictor's: write a direct store's region back with O_DIRECT,
+        from a description of its own (write_fd's flags are the client's).
+        Where the file system refuses, it is written through the cache."""
+        c = self.array[region.slot]
+        if c.direct_fd >= 0 or region.write_fd < 0 or region.store_mode != DIRECT:
+            return
+        try:
+            c.direct_fd = files.reopen(region.write_fd, os.O_WRONLY | os.O_DIRECT)
+        except OSError:
+            pass
+
     def clear(self, slot):
         """Forget a region; closes the buffered readers a filler opened for it."""
         c = self.array[slot]
         c.live = 0
         lib.mpu_scan_done(ffi.addressof(c))
-        for fd in (c.cache_fd, c.scan_fd):
+        for fd in (c.cache_fd, c.scan_fd, c.direct_fd):
             if fd >= 0:
                 os.close(fd)
-        c.memfd = c.store_fd = c.cache_fd = c.scan_fd = c.write_fd = -1
+        c.memfd = c.store_fd = c.cache_fd = c.scan_fd = c.write_fd = c.direct_fd = -1

@@ -99,6 +99,7 @@ class Evictor(Worker):
     def region_added(self, region):
         region.drop_store()
         self.region_slots.set(region)
+        self.region_slots.write_directly(region)
 
     def region_dropped(self, region):
         self.region_slots.clear(region.slot)
