@@ -11,7 +11,9 @@
 #include <unistd.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 
 #include "guard.h"
@@ -35,6 +37,7 @@ struct range {
 struct mpu_guard {
     struct mpu_guard *next; /* in the registry of live guards */
     int sock;
+    int server;             /* a pidfd of the server's process (-1: none) */
     int uffd;
     int stopfd;             /* eventfd: written by mpu_guard_stop */
     pthread_t thread;
@@ -145,10 +148,37 @@ static void buffer_lock(int memfd, short how)
         ;
 }
 
-/* Every page the buffer holds, to the file (up to the file's end), each
- * punched out of the buffer once copied; then the file synced.  0, or
- * -errno of the first failure (what follows is still tried). */
-static int write_back(const struct range *r)
+/* The server's process, as a pidfd: the peer of the connection, which is
+ * alive while the connection is (-1 where the kernel has no pidfds, or
+ * the server's pid is not in our namespace). */
+static int server_pidfd(int sock)
+{
+    struct ucred peer;
+    socklen_t len = sizeof peer;
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &peer, &len) < 0 || peer.pid <= 0)
+        return -1;
+    return (int)syscall(SYS_pidfd_open, peer.pid, 0);
+}
+
+/* Whether the server's process is gone (a pidfd polls readable once it
+ * has exited), as against a server that closed our connection and goes
+ * on serving the others.  Without a pidfd it is taken for gone. */
+static int server_gone(const struct mpu_guard *g)
+{
+    struct pollfd p = { .fd = g->server, .events = POLLIN };
+    if (g->server < 0)
+        return 1;
+    int n;
+    while ((n = poll(&p, 1, 0)) < 0 && errno == EINTR)
+        ;
+    return n != 0;
+}
+
+/* Every page the buffer holds, to the file (up to the file's end); then
+ * the file synced.  With `punch` (the server is gone), each page is
+ * punched out of the buffer once copied.  0, or -errno of the first
+ * failure (what follows is still tried). */
+static int write_back(const struct range *r, int punch)
 {
     struct stat st;
     if (fstat(r->fd, &st) < 0)
@@ -167,10 +197,13 @@ static int write_back(const struct range *r)
         int e = mpu_copy_range(r->memfd, r->fd, (uint64_t)data, stop - (uint64_t)data, chunk,
                                COPY_CHUNK);
         /* Copied: out of the buffer, so that no guard after us writes it
-         * again over what the file has been given since. */
+         * again over what the file has been given since.  But a server
+         * that dropped us lives on, its descriptors saying these pages
+         * are there: punched out, its clients would fault on them for
+         * ever.  It writes them back itself. */
         if (e)
             err = err ? err : e;
-        else if (!err)
+        else if (!err && punch)
             mpu_punch(r->memfd, (uint64_t)data, stop - (uint64_t)data);
         at = stop;
     }
@@ -199,11 +232,13 @@ static void fall_back(struct mpu_guard *g)
         while (nanosleep(&grace, &grace) < 0 && errno == EINTR)
             ;
     }
+    /* (After the grace: a server that was killed has exited by then.) */
+    int gone = server_gone(g);
     for (size_t i = 0; i < g->count; i++) {
         const struct range *r = &g->ranges[i];
         if (r->memfd >= 0) {
             buffer_lock(r->memfd, F_WRLCK);
-            if (write_back(r) < 0)
+            if (write_back(r, gone) < 0)
                 unwritten++;
         }
         if (!replace(g, r))
@@ -263,6 +298,7 @@ struct mpu_guard *mpu_guard_start(int server_sock, int uffd)
         errno = err;
         return NULL;
     }
+    g->server = server_pidfd(server_sock);
     pthread_mutex_init(&g->lock, NULL);
 
     /* The thread takes no signals: they are the program's. */
@@ -277,6 +313,8 @@ struct mpu_guard *mpu_guard_start(int server_sock, int uffd)
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (err) {
         close(g->stopfd);
+        if (g->server >= 0)
+            close(g->server);
         pthread_mutex_destroy(&g->lock);
         free(g);
         errno = err;
@@ -375,6 +413,8 @@ static void release(struct mpu_guard *g)
     }
     free(g->ranges);
     close(g->stopfd);
+    if (g->server >= 0)
+        close(g->server);
     free(g);
 }
 

@@ -7,6 +7,7 @@ import errno
 import mmap
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -201,6 +202,38 @@ def test_the_server_killed_between_two_halves_loses_nothing(start_server, writer
     assert result["fell_back"] and result["bad_count"] == 0, result
     assert bad_pages(read_direct(path), 0, pages, "both") == []
     os.unlink(server.socket)  # the dead server's, for the fixture's check
+
+
+def test_a_writer_the_server_drops_takes_nothing_from_the_others(start_server, workdir):
+    """A writer whose connection the server closes while both live (here it
+    hangs up half-way; a client that stops reading its replies is dropped
+    too) falls back to its file with its writes in it; the pages stay in
+    the buffer for the other clients, who read them on (none is punched
+    out from under them), and reach the file through the server too."""
+    path = make_file(os.path.join(workdir, "dropped.bin"), 4 * MiB, seed=66)
+    server = start_server("--page-size", "4K", "--buffer-size", "16M")
+    with mpumap.connect(server.socket) as writer, mpumap.connect(server.socket) as other:
+        w = writer.map(path, mode="r+")
+        r = other.map(path)
+        for p in range(256):
+            w[p * PAGE:(p + 1) * PAGE] = content(p, "dropped")
+        assert r[0:PAGE] == content(0, "dropped")
+        writer._sock.shutdown(socket.SHUT_WR)  # the server sees it go
+        wait_for(lambda: writer.fell_back, timeout=10)
+        assert bad_pages(w[0:256 * PAGE], 0, 256, "dropped") == []
+        # Pages the other client never touched, read by a third process:
+        # a page punched out under its descriptor would fault forever.
+        check = ("import sys, mpumap\n"
+                 "m = mpumap.connect(sys.argv[1]).map(sys.argv[2])\n"
+                 "sys.stdout.buffer.write(m[:256 * 4096])\n")
+        child = subprocess.run([sys.executable, "-c", check, server.socket, path],
+                               capture_output=True, timeout=60)
+        assert child.returncode == 0, child.stderr.decode()
+        assert bad_pages(child.stdout, 0, 256, "dropped") == []
+        assert bad_pages(r[0:256 * PAGE], 0, 256, "dropped") == []
+        r.close()
+    wait_for(lambda: not server.stats()["regions"])
+    assert bad_pages(read_direct(path), 0, 256, "dropped") == []
 
 
 def test_an_evictor_killed_in_the_middle_of_a_write_back(start_server, workdir):
