@@ -162,16 +162,25 @@ static int server_pidfd(int sock)
 
 /* Whether the server's process is gone (a pidfd polls readable once it
  * has exited), as against a server that closed our connection and goes
- * on serving the others.  Without a pidfd it is taken for gone. */
+ * on serving the others.  A server that stops closes its connections
+ * just before it exits: it is waited for up to EXIT_MS.  Without a pidfd
+ * it is taken for gone. */
+#define EXIT_MS 2000
 static int server_gone(const struct mpu_guard *g)
 {
-    struct pollfd p = { .fd = g->server, .events = POLLIN };
     if (g->server < 0)
         return 1;
-    int n;
-    while ((n = poll(&p, 1, 0)) < 0 && errno == EINTR)
-        ;
-    return n != 0;
+    struct pollfd p = { .fd = g->server, .events = POLLIN };
+    struct timespec now, end;
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    end.tv_sec += EXIT_MS / 1000;
+    for (;;) {
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long left = (end.tv_sec - now.tv_sec) * 1000 + (end.tv_nsec - now.tv_nsec) / 1000000;
+        int n = poll(&p, 1, left > 0 ? (int)left : 0);
+        if (n >= 0 || errno != EINTR)
+            return n != 0;
+    }
 }
 
 /* Every page the buffer holds, to the file (up to the file's end); then
@@ -232,7 +241,6 @@ static void fall_back(struct mpu_guard *g)
         while (nanosleep(&grace, &grace) < 0 && errno == EINTR)
             ;
     }
-    /* (After the grace: a server that was killed has exited by then.) */
     int gone = server_gone(g);
     for (size_t i = 0; i < g->count; i++) {
         const struct range *r = &g->ranges[i];

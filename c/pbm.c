@@ -789,6 +789,25 @@ static int write_direct(int memfd, int fd, uint64_t at, uint64_t len)
     return err;
 }
 
+/* A client's guard copies the buffer to the file under a write lock on
+ * the whole memfd (fcntl, see guard.c) when its connection to the server
+ * drops, and the server may live on; a write-back holds a read lock on
+ * its span, so that the two take turns.  Else a page the guard read
+ * before a client wrote it, written by the guard after an evictor wrote
+ * the newer page and marked it clean, would leave the file older than the
+ * buffer.  Waited for beating: a guard copies whole mappings. */
+static void lock_span(struct mpu_header *h, int memfd, uint64_t at, uint64_t len, short how)
+{
+    struct flock l = { .l_type = how, .l_whence = SEEK_SET, .l_start = (off_t)at,
+                       .l_len = (off_t)len };
+    while (fcntl(memfd, F_SETLK, &l) < 0 && how != F_UNLCK
+           && (errno == EACCES || errno == EAGAIN || errno == EINTR)) {
+        if (beating >= 0)
+            mpu_beat(h, (uint32_t)beating);
+        usleep(1000);
+    }
+}
+
 /* Writes pages [first, first + n) of region r, which the caller holds
  * WRITING, to its file: protected first in every writable mapping, so that
  * a write that comes meanwhile faults (and waits) instead of going
@@ -822,8 +841,11 @@ static int write_pages(struct mpu_header *h, uint32_t slot, const struct mpu_reg
         return err;
     if (end > r->size)
         end = r->size;  /* the file's last page ends where the file does */
+    uint64_t span = start, span_len = end - start;
+    lock_span(h, r->memfd, span, span_len, F_RDLCK);
     if (r->direct_fd >= 0 && end - start >= DIRECT_MIN) {
-        /* (What the file's last system page holds goes through the cache.) */
+        /* Whole system pages: a direct write of the file's partial last
+         * page would make the file longer.  That goes through the cache. */
         uint64_t system_page = (uint64_t)sysconf(_SC_PAGESIZE);
         uint64_t whole = (end - start) / system_page * system_page;
         if (write_direct(r->memfd, r->direct_fd, start, whole) == 0)
@@ -831,12 +853,14 @@ static int write_pages(struct mpu_header *h, uint32_t slot, const struct mpu_reg
     }
     if (end > start && splice_out(r->memfd, r->write_fd, start, end - start) < 0) {
         if (!write_chunk && !(write_chunk = malloc(WRITE_CHUNK)))
-            return -ENOMEM;
-        err = mpu_copy_range(r->memfd, r->write_fd, start, end - start, write_chunk,
-                             WRITE_CHUNK);
-        if (err)
-            return err;
+            err = -ENOMEM;
+        else
+            err = mpu_copy_range(r->memfd, r->write_fd, start, end - start, write_chunk,
+                                 WRITE_CHUNK);
     }
+    lock_span(h, r->memfd, span, span_len, F_UNLCK);
+    if (err)
+        return err;
     mpu_add64(&h->written, (int64_t)n);
     if (beating >= 0)
         mpu_beat(h, (uint32_t)beating);  /* a long write-back is no hang */

@@ -306,7 +306,8 @@ class RegionSlots:
     """What one process tells the C side of the regions it holds, by slot: a
     struct mpu_region_slot array.  An entry is live from ``set`` until
     ``clear``, and must be cleared before the region's descriptors close.
-    Owns the buffered reader the C side may open beside a direct store."""
+    Owns the descriptors opened beside a region's: the buffered readers a
+    filler's C side opens by a direct store, an evictor's direct writer."""
 
     def __init__(self, count):
         self.array = ffi.new("struct mpu_region_slot[]", count)
@@ -319,8 +320,8 @@ class RegionSlots:
         c.memfd = region.memfd
         c.store_fd = region.store_fd
         c.store_mode = MODE_CODES[region.store_mode]  # files.MODES is MPU_STORE_*'s order
-        if c.live and c.gen == region.gen and c.direct_fd >= 0:
-            os.close(c.direct_fd)  # the region again, with a new write_fd
+        if c.live:  # the region again (an evictor told its file), or what the slot held
+            self._close_readers(c)
         c.cache_fd = c.scan_fd = c.direct_fd = -1
         c.no_cache = 0
         c.scan_end = c.scan_ns = c.sweeps = 0
@@ -330,6 +331,12 @@ class RegionSlots:
         c.map_length = region.map_length
         c.write_fd = region.write_fd
         c.live = 1
+
+    @staticmethod
+    def _close_readers(c):
+        for fd in (c.cache_fd, c.scan_fd, c.direct_fd):
+            if fd >= 0:
+                os.close(fd)
 
     def write_directly(self, region):
         """An evictor's: write a direct store's region back with O_DIRECT,
@@ -344,11 +351,9 @@ class RegionSlots:
             pass
 
     def clear(self, slot):
-        """Forget a region; closes the buffered readers a filler opened for it."""
+        """Forget a region; closes the descriptors opened beside its own."""
         c = self.array[slot]
         c.live = 0
         lib.mpu_scan_done(ffi.addressof(c))
-        for fd in (c.cache_fd, c.scan_fd, c.direct_fd):
-            if fd >= 0:
-                os.close(fd)
+        self._close_readers(c)
         c.memfd = c.store_fd = c.cache_fd = c.scan_fd = c.write_fd = c.direct_fd = -1

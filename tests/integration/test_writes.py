@@ -142,8 +142,8 @@ def test_long_runs_are_written_back_past_the_page_cache(start_server, workdir):
             m[p * PAGE:(p + 1) * PAGE] = content(p, "direct")
         m[pages * PAGE:size] = b"\x5a" * (size - pages * PAGE)
         assert m.flush() == -(-size // (64 << 10))
-        cached = pages_in_page_cache(path)
-        assert cached <= 16, f"{cached} pages of the file still in the page cache"
+        cached = pages_in_page_cache(path)  # but the last, partial page
+        assert cached <= 1, f"{cached} pages of the file still in the page cache"
         data = read_direct(path)
         assert bad_pages(data, 0, pages, "direct") == []
         assert data[pages * PAGE:size] == b"\x5a" * (size - pages * PAGE)
@@ -204,6 +204,8 @@ def test_the_server_killed_between_two_halves_loses_nothing(start_server, writer
     os.unlink(server.socket)  # the dead server's, for the fixture's check
 
 
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="no pidfds: a lost server is "
+                    "taken for a dead one")
 def test_a_writer_the_server_drops_takes_nothing_from_the_others(start_server, workdir):
     """A writer whose connection the server closes while both live (here it
     hangs up half-way; a client that stops reading its replies is dropped
