@@ -582,9 +582,15 @@ class RequestHandler:
         stays, with whatever is still dirty); if the write-back failed,
         tried again later (retry_write_backs)."""
         def written(result):
+            released = self.regions.get(region.key) is not region
+            if result == -errno.ESTALE and released:
+                # Another write-back of it ended first and released it,
+                # which only one of all of it that worked does, once
+                # nobody maps it: these pages are in the file.
+                result = 0
             if then:
                 then(result)
-            if region.mappings or self.regions.get(region.key) is not region:
+            if region.mappings or released:
                 return
             if result >= 0:
                 self.release(region)
