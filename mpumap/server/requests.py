@@ -11,6 +11,7 @@ import time
 
 from mpumap import core, protocol
 from mpumap._core import lib
+from mpumap.logs import Quiet
 from mpumap.protocol import Advice, Msg, ProtocolError, W
 from mpumap.server.clients import ClientMapping, Connection
 from mpumap.server.offload import Offload
@@ -76,7 +77,7 @@ class RequestHandler:
         self.unwritten = {}  # rid -> (when to try again, region): write-backs that failed
         self.stores = Stores(settings.stores, StoreSettings(settings.store_timeout,
                                                             settings.store_requests))
-        self._quiet = {}  # (what, uid) -> (when to speak again, refusals not logged)
+        self._quiet = Quiet(log, QUIET_SECONDS)  # by (what, uid)
         self.handlers = {
             Msg.HELLO: self.on_hello,
             Msg.MAP: self.on_map,
@@ -265,17 +266,7 @@ class RequestHandler:
     def say_once(self, what, uid, fmt, *args):
         """Log a refusal, but for each kind and user once a minute at most: a
         user who asks thousands of times must not fill the log."""
-        now = time.monotonic()
-        until, quiet = self._quiet.get((what, uid), (0.0, 0))
-        if now < until:
-            self._quiet[(what, uid)] = (until, quiet + 1)
-            return
-        if quiet:
-            fmt += f" (and {quiet} more like it in the last {QUIET_SECONDS:.0f} s)"
-        log.warning(fmt, *args)
-        self._quiet[(what, uid)] = (now + QUIET_SECONDS, 0)
-        if len(self._quiet) > 10000:
-            self._quiet = {k: v for k, v in self._quiet.items() if v[0] > now}
+        self._quiet.say((what, uid), logging.WARNING, fmt, *args)
 
     # -- requests -------------------------------------------------------------------
 

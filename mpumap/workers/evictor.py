@@ -9,11 +9,13 @@ asks them to flush (a client's flush, the last unmap of a file, the server's
 exit).
 """
 import errno
+import logging
 import os
 import selectors
 import time
 
 from mpumap import protocol
+from mpumap.logs import Quiet
 from mpumap.pbm import EvictionFailed, RegionSlots
 from mpumap.protocol import W
 from mpumap.sizing import sizing_now
@@ -49,7 +51,7 @@ class Evictor(Worker):
         self.next_watch = time.monotonic() + WATCH_SECONDS
         # Asleep, it still wakes this often to beat its heartbeat.
         self.idle = min(IDLE_SECONDS, s.worker_timeout / 4)
-        self.quiet_until = 0.0  # eviction failures are logged once a minute
+        self.quiet = Quiet(self.log, 60.0)  # eviction failures: a line a minute
 
     def run(self):
         selector = selectors.DefaultSelector()
@@ -144,10 +146,7 @@ class Evictor(Worker):
                                      self.settings.page_size, self.client_slots) == 0:
                     return
             except EvictionFailed as exc:
-                now = time.monotonic()
-                if now >= self.quiet_until:  # once a minute, not once a round
-                    self.log.error("%s; dirty pages stay in the buffer until they can be "
-                                   "written", exc.strerror)
-                    self.quiet_until = now + 60
+                self.quiet.say("evict", logging.ERROR, "%s; dirty pages stay in the buffer "
+                               "until they can be written", exc.strerror)
                 return
             self.beat()

@@ -17,10 +17,10 @@ import logging
 import mmap
 import socket
 import struct
-import time
 
 from mpumap import core
 from mpumap._core import ffi, lib
+from mpumap.logs import Quiet
 from mpumap.pbm import RegionSlots
 from mpumap.stores import Store, StoreSettings, Stores, scheme_of
 from mpumap.stores.files import CALL
@@ -109,7 +109,7 @@ class Filler(Worker):
         for leftover in f.leftovers:
             leftover.fd = -1
         self.fills = collections.deque()  # prefetch and read-ahead, in order
-        self._quiet = {}  # (event, region slot) -> (when to speak again, not said)
+        self.quiet = Quiet(self.log, QUIET_SECONDS)  # by (event, region slot)
         # Idle, the C loop wakes this often to beat its heartbeat and drop
         # what the kernel read ahead past a scan that stopped.
         seconds = min(0.25, s.worker_timeout / 4)
@@ -155,7 +155,7 @@ class Filler(Worker):
             return self.store_reader.read(store, row, region.url, region.identity, offset,
                                           asked, ffi.buffer(buf, asked))
         except OSError as exc:
-            self.say_once(("store", slot), logging.ERROR, "reading %s at %d: %s", region.url,
+            self.quiet.say(("store", slot), logging.ERROR, "reading %s at %d: %s", region.url,
                           offset, exc.strerror or exc)
             return -(exc.errno or errno.EIO)
 
@@ -208,7 +208,7 @@ class Filler(Worker):
         for event in c.events[0:c.nevents]:
             level, text = EVENTS.get(event.code, (logging.ERROR, "event {code}"))
             region = self.regions.get(event.region)
-            self.say_once((event.code, event.region), level, "%s", text.format(
+            self.quiet.say((event.code, event.region), level, "%s", text.format(
                 code=event.code, page=event.page, value=event.value,
                 name=region.name if region else f"region slot {event.region}",
                 err=errno.errorcode.get(event.err, event.err),
@@ -217,16 +217,3 @@ class Filler(Worker):
             self.log.warning("%d more events like these were not logged", c.lost)
             self.buffer.add("events_lost", c.lost)
         c.nevents = c.lost = 0
-
-    def say_once(self, key, level, fmt, *args):
-        """Log, but once per QUIET_SECONDS for each key at most, counting
-        what was not said."""
-        now = time.monotonic()
-        until, quiet = self._quiet.get(key, (0.0, 0))
-        if now < until:
-            self._quiet[key] = (until, quiet + 1)
-            return
-        self._quiet[key] = (now + QUIET_SECONDS, 0)
-        if quiet:
-            fmt += f" (and {quiet} more like it)"
-        self.log.log(level, fmt, *args)
