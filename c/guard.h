@@ -21,7 +21,9 @@
  * the same meanwhile), then copies every page the memfd holds to the file,
  * punches it out of the memfd (so that a guard that comes later copies
  * nothing stale over what was written to the file since), syncs, and maps
- * the file read-write in its place.
+ * the file read-write in its place.  Punches only if the server's process
+ * has exited: one that closed this connection and serves on keeps the
+ * pages for its other clients, and writes them back itself.
  *
  * Use, for each mapping:  mmap the memfd, MADV_DONTFORK, mpu_guard_add, then
  * REGISTER (so that no registered range is ever unguarded); and to unmap:

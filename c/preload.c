@@ -13,13 +13,14 @@
  * $MPUMAP_SOCKET (connected on the first such call).  munmap() of such a
  * range releases it (what was written is in the file when it returns);
  * msync() of it writes back what was written; a munmap that cuts into one
- * leaves the rest of it as a plain mapping of the file.  Every other call goes to the C library untouched.  When the
- * server cannot serve (none there, or it refuses), the call goes to the C
- * library too, with one warning on stderr per process.
+ * leaves the rest of it as a plain mapping of the file.  Every other call
+ * goes to the C library untouched.  When the server cannot serve (none
+ * there, or it refuses), the call goes to the C library too, with one
+ * warning on stderr per process.
  *
  * The client code is compiled into this library, hidden: it exports mmap,
- * mmap64, munmap and msync only.  The client maps its own memory with raw system
- * calls, so nothing here runs twice for one call.
+ * mmap64, munmap and msync only.  The client maps its own memory with raw
+ * system calls, so nothing here runs twice for one call.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -93,6 +94,13 @@ static int pass_munmap(void *addr, size_t len)
     if (real_munmap)
         return real_munmap(addr, len);
     return mpu_sys_munmap(addr, len);
+}
+
+static int pass_msync(void *addr, size_t len, int flags)
+{
+    if (real_msync)
+        return real_msync(addr, len, flags);
+    return (int)syscall(SYS_msync, addr, len, flags);
 }
 
 static void load_patterns(void)
@@ -234,7 +242,5 @@ EXPORT int msync(void *addr, size_t len, int flags)
         if (handled)
             return r;
     }
-    if (real_msync)
-        return real_msync(addr, len, flags);
-    return (int)syscall(SYS_msync, addr, len, flags);
+    return pass_msync(addr, len, flags);
 }

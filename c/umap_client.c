@@ -700,6 +700,15 @@ static int unmap_locked(struct mapping *m)
 
 /* scheme://..., and not file:// (a scheme: a letter, then letters, digits,
  * '+', '-', '.'). */
+/* Under C.lock: the mapping client_umap made of name, or NULL. */
+static struct mapping *named_locked(const char *name)
+{
+    struct mapping *m = C.maps;
+    while (m && strcmp(m->name, name) != 0)
+        m = m->next;
+    return m;
+}
+
 static int is_url(const char *name)
 {
     const char *c = name;
@@ -967,12 +976,10 @@ MPU_API void *client_umap(const char *filename, int prot, int flags, void *addr)
     char why[WHY];
     void *p = NULL;
     pthread_mutex_lock(&C.lock);
-    for (struct mapping *m = C.maps; m; m = m->next) {
-        if (strcmp(m->name, filename) == 0) {
-            errno = EEXIST;
-            snprintf(why, WHY, "mapped already (client_uunmap it first)");
-            goto out;
-        }
+    if (named_locked(filename)) {
+        errno = EEXIST;
+        snprintf(why, WHY, "mapped already (client_uunmap it first)");
+        goto out;
     }
     if (!connected()) {
         errno = ENOTCONN;
@@ -1014,9 +1021,7 @@ MPU_API int client_uunmap(const char *filename)
     }
     int r = -1;
     pthread_mutex_lock(&C.lock);
-    struct mapping *m = C.maps;
-    while (m && strcmp(m->name, filename) != 0)
-        m = m->next;
+    struct mapping *m = named_locked(filename);
     if (!m) {
         errno = EINVAL;
         say("cannot unmap %s: not mapped", filename);
@@ -1037,9 +1042,7 @@ MPU_API int client_uflush(const char *filename)
         return -1;
     }
     pthread_mutex_lock(&C.lock);
-    struct mapping *m = C.maps;
-    while (m && strcmp(m->name, filename) != 0)
-        m = m->next;
+    struct mapping *m = named_locked(filename);
     uintptr_t addr = m ? m->addr : 0;
     size_t length = m ? m->length : 0;
     int served = m && m->served;

@@ -37,8 +37,8 @@ void close_umap_client(void);
  * prot PROT_READ | PROT_WRITE with MAP_SHARED (the file is opened read-write:
  * every process that maps it through the server sees a write at once, and
  * the server writes what was written back to the file; MAP_PRIVATE with
- * PROT_WRITE is EINVAL).  A non-NULL addr asks for exactly that address and fails with
- * EEXIST when something is mapped there.  The file is opened with the
+ * PROT_WRITE is EINVAL).  A non-NULL addr asks for exactly that address and
+ * fails with EEXIST when something is mapped there.  The file is opened with the
  * caller's own rights (ENOENT, EACCES, ...).  filename may be a URL
  * (s3://bucket/key, https://host/path): the server reads that object with
  * its own credentials if its --allow-remote lets it (EACCES otherwise).
