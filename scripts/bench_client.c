@@ -23,29 +23,14 @@
 
 #include <umap/umap-client.h>
 
-#define TOUCH 4096
+#include "bench_common.h"
 
-static uint64_t next_random(uint64_t *state)    /* xorshift64* */
-{
-    uint64_t x = *state;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    *state = x;
-    return x * 2685821657736338717ULL;
-}
+#define TOUCH 4096
 
 static void wait_for(const char *path)
 {
     while (access(path, F_OK) != 0)
         usleep(200);
-}
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
 int main(int argc, char **argv)
@@ -80,17 +65,10 @@ int main(int argc, char **argv)
             return 1;
         }
     }
-    size_t *order = malloc(pages * sizeof *order);
+    size_t *order = page_order(pages, random_order, seed);
     unsigned char *touched = malloc(pages);
     if (!order || !touched)
         return 1;
-    for (size_t i = 0; i < pages; i++)
-        order[i] = i;
-    for (size_t i = pages - 1; random_order && i > 0; i--) {
-        size_t j = next_random(&seed) % (i + 1), t = order[i];
-        order[i] = order[j];
-        order[j] = t;
-    }
     printf("ready\n");
     fflush(stdout);
     wait_for(go);

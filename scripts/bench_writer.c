@@ -25,24 +25,9 @@
 
 #include <umap/umap-client.h>
 
+#include "bench_common.h"
+
 #define TOUCH 4096
-
-static uint64_t next_random(uint64_t *state)    /* xorshift64* */
-{
-    uint64_t x = *state;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    *state = x;
-    return x * 2685821657736338717ULL;
-}
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
 
 int main(int argc, char **argv)
 {
@@ -77,16 +62,9 @@ int main(int argc, char **argv)
             return 1;
         }
     }
-    size_t *order = malloc(pages * sizeof *order);
+    size_t *order = page_order(pages, random_order, seed);
     if (!order)
         return 1;
-    for (size_t i = 0; i < pages; i++)
-        order[i] = i;
-    for (size_t i = pages - 1; random_order && i > 0; i--) {
-        size_t j = next_random(&seed) % (i + 1), t = order[i];
-        order[i] = order[j];
-        order[j] = t;
-    }
     double t0 = now();
     unsigned sum = 0;
     for (size_t i = 0; present && i < pages; i++)

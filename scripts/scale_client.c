@@ -26,22 +26,7 @@
 
 #include <umap/umap-client.h>
 
-static uint64_t next_random(uint64_t *state)    /* xorshift64* */
-{
-    uint64_t x = *state;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    *state = x;
-    return x * 2685821657736338717ULL;
-}
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
+#include "bench_common.h"
 
 static int wait_for_line(void)
 {
