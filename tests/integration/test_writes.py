@@ -20,7 +20,7 @@ from mpumap.testing import make_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from writer import PAGE, content  # noqa: E402
+from writer import PAGE, content, write_span  # noqa: E402
 
 MiB = 1 << 20
 NOBODY = 65534
@@ -174,8 +174,7 @@ def test_long_runs_are_written_back_past_the_page_cache(start_server, workdir):
     server = start_server("--page-size", "64K", "--buffer-size", "64M")
     pages = size // PAGE
     with mpumap.connect(server.socket) as client, client.map(path, mode="r+") as m:
-        for p in range(pages):
-            m[p * PAGE:(p + 1) * PAGE] = content(p, "direct")
+        write_span(m, 0, pages, "direct", "seq", 0)
         m[pages * PAGE:size] = b"\x5a" * (size - pages * PAGE)
         assert m.flush() == -(-size // (64 << 10))
         cached = pages_in_page_cache(path)  # but the last, partial page
