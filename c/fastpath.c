@@ -945,17 +945,28 @@ static int scan_reader(struct mpu_region_slot *r)
     return r->scan_fd = fd >= 0 ? fd : -2;
 }
 
-/* Whether a scan's window is read through the scan reader, and dropped
- * behind: unless the page cache holds all of it and it does not go on
- * from where this filler's scan reader last read (there, what the cache
- * holds is what the kernel read ahead for us).  A file another process
- * keeps in the page cache is copied from there, and left there. */
+/* A scan's full window, in bytes. */
+static uint64_t scan_window(const struct mpu_filler *f)
+{
+    return (f->read_ahead + 1) * f->page_size;
+}
+
+/* Whether a scan's window (or what is left of it) is read through the scan
+ * reader, and dropped behind: unless the page cache holds all of it and it
+ * does not start at, or a little past, where this filler's scan reader last
+ * read (there, what the cache holds is what the kernel read ahead for us).
+ * A little past: a program that outruns its read-ahead faults on the first
+ * page of a window before the window is read, and the rest of the window
+ * starts a page late; pages a scan skipped lie within what drop_behind
+ * drops.  A file another process keeps in the page cache is copied from
+ * there, and left there. */
 static int scan_through_reader(struct mpu_filler *f, struct mpu_region_slot *r,
                                uint64_t offset, uint64_t want)
 {
     if (r->store_mode != MPU_STORE_DIRECT)
         return 0;
-    if (r->scan_ns && offset == r->scan_end)
+    if (r->scan_ns && offset >= r->scan_end
+        && offset - r->scan_end < SCAN_DROP_BEHIND * scan_window(f))
         return 1;
     return r->no_cache || !in_page_cache(f, r, offset, want);
 }
@@ -1042,7 +1053,7 @@ static int64_t splice_run(struct mpu_filler *f, struct mpu_region_slot *r, uint6
     }
     beat(f);
     if (got)
-        drop_behind(r, fd, offset, got, want);
+        drop_behind(r, fd, offset, got, scan_window(f));
     mpu_add64(&f->h->read_ns, (int64_t)(mpu_now_ns() - started));
     mpu_add64(&f->h->bytes_read, (int64_t)got);
     return (int64_t)got;
@@ -1109,7 +1120,7 @@ static int64_t read_run(struct mpu_filler *f, struct mpu_region_slot *r,
     if (got < want)
         memset(f->chunk + got, 0, want - got);
     if (drop && got)
-        drop_behind(r, fd, offset, got, want);
+        drop_behind(r, fd, offset, got, scan_window(f));
     if (r->store_mode == MPU_STORE_DROP && got)
         posix_fadvise(r->store_fd, (off_t)offset, (off_t)got, POSIX_FADV_DONTNEED);
     mpu_add64(&f->h->read_ns, (int64_t)(mpu_now_ns() - started));

@@ -224,6 +224,35 @@ def test_read_ahead_follows_each_threads_scan(start_server, programs, workdir):
     assert buffer["faults"] < pages / 16, buffer["faults"]
 
 
+def test_a_scan_faster_than_its_read_ahead_leaves_no_copy_in_the_page_cache(
+        start_server, programs, workdir):
+    """A program that scans faster than its read-ahead windows come (one byte
+    a page, in C) faults ahead of them now and then, and the window it
+    faulted in is read short: what the scan read is dropped behind it all the
+    same.  (It used to leave the scan reader there and copy the rest of the
+    file from the page cache, where the kernel's read-ahead kept it: most of
+    a 512 MiB file stayed in the cache beside the buffer.)"""
+    size = 192 * MiB
+    path = make_file(os.path.join(workdir, "fast.bin"), size, seed=86)
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    server = start_server("--page-size", "4K", "--buffer-size", "256M")
+    exe = programs.build(os.path.join(SOURCES, "striped_reader.c"), flags=[])
+    env = clean_env(**native.preload_env([path], server.socket))
+    proc = programs.start([exe, "1", path, "pause"], env, stdin=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == "scanned", proc.communicate(timeout=60)
+    cached = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", path],
+                            capture_output=True, text=True, check=True).stdout
+    out, err = proc.communicate("\n", timeout=120)
+    assert proc.returncode == 0, (out, err)
+    assert fields(out)["wrong"] == "0"
+    buffer = server.stats()["buffer"]
+    assert buffer["readahead_fills"] > size // 4096 * 0.9, buffer
+    assert int(cached) <= 16 * MiB, f"{int(cached) / MiB:.0f} MiB of the file in the page cache"
+
+
 def test_threads_on_the_same_random_pages_read_nothing_ahead(start_server, programs, workdir):
     """Four threads fault on the same pages at once, in random order: each
     page's faults are one fault each, not a scan (the buffer, which holds

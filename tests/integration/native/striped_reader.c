@@ -2,9 +2,12 @@
  * OpenMP loop do: mmap() FILE read-only, start THREADS threads together, let
  * each read its stripe front to back, then check every byte against pread.
  * With "same", every thread reads the whole mapping in one random page
- * order instead, so that they fault on the same pages at once.
+ * order instead, so that they fault on the same pages at once.  With
+ * "pause", it prints "scanned" once the threads are done and waits for a
+ * line on stdin before it checks (the check reads the file: the page cache
+ * is for the caller to look at first).
  *
- *     striped_reader THREADS FILE [same]
+ *     striped_reader THREADS FILE [same|pause]
  * Prints "bytes=N wrong=W"; exit 0 only if every byte was right. */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -12,6 +15,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -36,10 +40,11 @@ static void *scan(void *arg)
 int main(int argc, char **argv)
 {
     if (argc < 3 || argc > 4) {
-        fprintf(stderr, "usage: striped_reader THREADS FILE [same]\n");
+        fprintf(stderr, "usage: striped_reader THREADS FILE [same|pause]\n");
         return 2;
     }
-    int same = argc == 4;
+    int same = argc == 4 && strcmp(argv[3], "same") == 0;
+    int pause = argc == 4 && strcmp(argv[3], "pause") == 0;
     int threads = atoi(argv[1]);
     int fd = open(argv[2], O_RDONLY);
     struct stat st;
@@ -79,6 +84,13 @@ int main(int argc, char **argv)
     }
     for (int t = 0; t < threads; t++)
         pthread_join(ids[t], NULL);
+    if (pause) {
+        char line[16];
+        printf("scanned\n");
+        fflush(stdout);
+        if (!fgets(line, sizeof line, stdin))
+            return 2;
+    }
 
     static unsigned char buf[1 << 20];
     size_t wrong = 0;
