@@ -109,13 +109,19 @@ int mpu_pbm_init(struct mpu_header *h, uint32_t capacity, uint32_t max_regions)
 
 /* ---- the index, the free list, the FIFO (under the lock) ---------------------- */
 
+/* Neighbouring pages share a cache line of buckets (BUCKET_RUN of them):
+ * a scan walks the index in order instead of missing the cache on every
+ * page.  The runs themselves are spread by a hash, so that pages a stride
+ * apart do not pile up in one bucket. */
+#define BUCKET_RUN 16u
+
 static uint32_t bucket_of(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t page)
 {
-    uint64_t x = page * 0x9E3779B97F4A7C15ull ^ ((uint64_t)region << 32 | gen);
+    uint64_t x = page / BUCKET_RUN * 0x9E3779B97F4A7C15ull ^ ((uint64_t)region << 32 | gen);
     x ^= x >> 31;
     x *= 0xBF58476D1CE4E5B9ull;
     x ^= x >> 29;
-    return (uint32_t)x & (h->nbuckets - 1);
+    return (uint32_t)(x * BUCKET_RUN + page % BUCKET_RUN) & (h->nbuckets - 1);
 }
 
 static uint32_t lookup(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t page)
