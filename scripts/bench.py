@@ -396,6 +396,12 @@ def run_writer(binary, kind, sock, path, order, value, present, timeout=1800):
     return result
 
 
+def holding_buffer(size, page):
+    """A buffer that holds size bytes below the high watermark (90%), with
+    a page to spare: the evictors start once the pages in use reach it."""
+    return (-(-size // page) * 10 // 9 + 2) * page
+
+
 def write_rows(path, size, pages_sizes, orders, runs, folder):
     binary = build_c_program(os.path.join(HERE, "bench_writer.c"), folder)
     rows, value = [], 0
@@ -432,7 +438,8 @@ def write_rows(path, size, pages_sizes, orders, runs, folder):
                     pass
             if kind == "mpumap":
                 with running_server("--page-size", page, "--buffer-size",
-                                    f"{-(-size * 10 // 9) >> 10}K", "--read-ahead", 0) as (sock, _):
+                                    f"{holding_buffer(size, page) >> 10}K",
+                                    "--read-ahead", 0) as (sock, _):
                     r = run_writer(binary, kind, sock, path, "random", value, True)
             else:
                 r = run_writer(binary, kind, None, path, "random", value, True)
@@ -532,8 +539,8 @@ def main():
                     map(int, split(args.clients)), split(args.order), split(args.cache),
                     split(args.read_ahead), split(args.store_io), split(args.client)):
                 page, fraction = case[:2]
-                want = size * fraction / (0.9 if fraction >= 1 else 1)
-                buffer = max(page * 16, -(-int(want) // page) * page)
+                part = -(-int(size * fraction) // page) * page
+                buffer = max(page * 16, holding_buffer(part, page) if fraction >= 1 else part)
                 case = (page, buffer, *case[2:])
                 rows.append(median_row([measure(path, size, case, args.fillers, folder,
                                                 c_binary, args.pin, args.kernel_budget)
