@@ -44,7 +44,11 @@ int main(int argc, char **argv)
         return 2;
     }
     int same = argc == 4 && strcmp(argv[3], "same") == 0;
-    int pause = argc == 4 && strcmp(argv[3], "pause") == 0;
+    int hold = argc == 4 && strcmp(argv[3], "pause") == 0;
+    if (argc == 4 && !same && !hold) {
+        fprintf(stderr, "striped_reader: %s: neither same nor pause\n", argv[3]);
+        return 2;
+    }
     int threads = atoi(argv[1]);
     int fd = open(argv[2], O_RDONLY);
     struct stat st;
@@ -84,7 +88,7 @@ int main(int argc, char **argv)
     }
     for (int t = 0; t < threads; t++)
         pthread_join(ids[t], NULL);
-    if (pause) {
+    if (hold) {
         char line[16];
         printf("scanned\n");
         fflush(stdout);
