@@ -14,7 +14,12 @@ memory budget; root only), and "x" mpumap's throughput over it.  "disk1" and
 "disk2" are what the disk itself gives for the pattern: O_DIRECT reads of one
 umap page each in the same order, one and two at a time (the floor for a
 fault that goes to the disk), to set beside "read", what mpumap read from
-the file a second.  Clients are written in Python (numpy's gather
+the file a second.  Where the buffer is smaller than the file, "fill" is
+what the machine gives, without mpumap, for the work of the random rows'
+faults (scripts/bench_floor.c: as many threads as clients, each reading a
+page at random with O_DIRECT and copying it with UFFDIO_COPY into a memfd
+mapping over the oldest page, punched out first): a floor for "read" that
+counts the copying and evicting too.  Clients are written in Python (numpy's gather
 does the touching) or in C (scripts/bench_client.c, built against
 libmpumapclient).  --cache cold drops the file from the page cache before
 every run, of mpumap and of the kernel alike.
@@ -245,7 +250,18 @@ def disk_floor(path, page_size, order, readers, seconds=2.0):
         os.close(fd)
 
 
-def measure(path, size, case, fillers, folder, c_binary, pin=None, kernel_budget=True):
+def fill_floor(binary, path, page_size, threads):
+    """GB/s read by scripts/bench_floor.c: `threads` threads doing the work
+    of random faults through a full buffer, with no server and no fault.
+    None where it cannot run here (no O_DIRECT, no userfaultfd)."""
+    count = max(2000, (64 << 20) // page_size)
+    proc = subprocess.run([binary, path, str(page_size), str(threads), str(count)],
+                          capture_output=True, text=True, timeout=300)
+    return json.loads(proc.stdout)["read_gbps"] if proc.returncode == 0 else None
+
+
+def measure(path, size, case, fillers, folder, c_binary, pin=None, kernel_budget=True,
+            floor_binary=None):
     page_size, buffer, clients, order, cache, read_ahead, store_io, language = case
     row = {"client": language, "order": order, "cache": cache, "clients": clients,
            "page_size": page_size, "buffer": buffer, "size": size,
@@ -276,6 +292,8 @@ def measure(path, size, case, fillers, folder, c_binary, pin=None, kernel_budget
                                            max(60.0, 10 * row["mpumap"]["seconds"]))
                             if kernel_budget else None)
     row["disk"] = {readers: disk_floor(path, page_size, order, readers) for readers in (1, 2)}
+    row["fill"] = (fill_floor(floor_binary, path, page_size, clients)
+                   if floor_binary and order == "random" and buffer < size else None)
     return row
 
 
@@ -337,11 +355,12 @@ def gbps_text(value):
 def print_table(rows):
     head = (f"{'client':7}{'order':7}{'cache':6}{'io':7}{'ra':>5}{'cl':>3}{'page':>6}"
             f"{'buffer':>8}  {'mpumap':>8}{'mmap':>8}{'ratio':>7}{'k-budget':>9}{'x':>7}"
-            f"{'read':>7}{'disk1':>7}{'disk2':>7}  {'mpumap f/s':>11}{'mmap f/s':>10}{'us/fault':>9}"
+            f"{'read':>7}{'disk1':>7}{'disk2':>7}{'fill':>7}  {'mpumap f/s':>11}{'mmap f/s':>10}{'us/fault':>9}"
             f"{'srv us/f':>9}  ok")
     print("GB/s; k-budget: the kernel's mmap in a memory cgroup of the buffer's size, x: "
           "mpumap over it; read: what mpumap read from the file; disk1, disk2: O_DIRECT reads of "
-          "one page in the same order, 1 and 2 at a time")
+          "one page in the same order, 1 and 2 at a time; fill: the random faults' work "
+          "without mpumap (bench_floor), a thread a client")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -357,6 +376,7 @@ def print_table(rows):
               f"{r['buffer'] >> 20:>7}M  {u['gbps']:>8.3f}{k['gbps']:>8.3f}{r['ratio']:>7.2f}"
               f"{budget_text(b):>9}{times:>7}"
               f"{gbps_text(u.get('read_gbps')):>7}{gbps_text(r['disk'][1]):>7}{gbps_text(r['disk'][2]):>7}"
+              f"{gbps_text(r.get('fill')):>7}"
               f"  {u['faults_per_s']:>11.0f}{k['faults_per_s']:>10.0f}{u['us_per_fault']:>9.1f}"
               f"{u['server_cpu_us_per_fault']:>9.1f}"
               f"  {'yes' if u['ok'] and k['ok'] and (b is None or b['ok']) else 'NO'}",
@@ -532,6 +552,7 @@ def main():
         if "reads" in parts:
             path = args.file or make_file(os.path.join(folder, "bench.bin"), size, seed=7)
             c_binary = build_c_client(folder) if "c" in split(args.client) else None
+            floor_binary = build_c_program(os.path.join(HERE, "bench_floor.c"), folder)
             print(f"file {path}: {size >> 20} MiB; one byte touched per {TOUCH} B page; "
                   f"{args.runs} run(s) a row", flush=True)
             for case in itertools.product(
@@ -543,7 +564,8 @@ def main():
                 buffer = max(page * 16, holding_buffer(part, page) if fraction >= 1 else part)
                 case = (page, buffer, *case[2:])
                 rows.append(median_row([measure(path, size, case, args.fillers, folder,
-                                                c_binary, args.pin, args.kernel_budget)
+                                                c_binary, args.pin, args.kernel_budget,
+                                                floor_binary)
                                         for _ in range(args.runs)]))
             print()
             print_table(rows)
