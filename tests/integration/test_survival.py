@@ -73,8 +73,13 @@ def test_workers_killed_again_and_again(start_server, readers, workdir):
     assert kills >= 20
     for p in procs:
         assert_clean(readers.result(p, timeout=120))
+    # The last worker killed may still be on its way back when the readers
+    # end (a fresh clone's run read 23 restarts for 24 kills).
+    deadline = time.monotonic() + 15
+    while server.stats()["buffer"]["restarts"] < kills:
+        assert time.monotonic() < deadline, (server.stats()["buffer"]["restarts"], kills)
+        time.sleep(0.05)
     stats = server.stats()
-    assert stats["buffer"]["restarts"] >= kills
     latency = stats["latency"]["buckets"]
     slowest = max(i for i, n in enumerate(latency) if n)
     from mpumap.pbm import bucket_floor_us
