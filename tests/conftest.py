@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 import mpumap
-from mpumap.testing import MemoryCgroup, NoCgroup, command
+from mpumap.testing import MemoryCgroup, NoCgroup, command, drop_from_page_cache, make_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 READER = os.path.join(HERE, "integration", "reader.py")
@@ -183,6 +183,20 @@ def writers():
     w = ClientProcesses(WRITER)
     yield w
     w.cleanup()
+
+
+def uncached_file(path, size, seed):
+    """make_file, then out of the kernel's page cache."""
+    make_file(path, size, seed)
+    drop_from_page_cache(path)
+    return path
+
+
+def page_cache_bytes(path):
+    """How much of the file the kernel's page cache holds (fincore)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", path],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip())
 
 
 def pages_served(stats):

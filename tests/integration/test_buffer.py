@@ -4,31 +4,15 @@ import errno
 import mmap
 import os
 import random
-import subprocess
 import time
 
 import pytest
 
 import mpumap
-from conftest import assert_clean
+from conftest import assert_clean, page_cache_bytes, uncached_file
 from mpumap.testing import MiB, make_file
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def uncached_file(path, size, seed):
-    make_file(path, size, seed)
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
-    return path
-
-
-def page_cache_bytes(path):
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", path],
-                         capture_output=True, text=True, check=True).stdout
-    return int(out.strip())
 
 
 def server_memory(server):

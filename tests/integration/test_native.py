@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import clean_env, config, pages_served
+from conftest import clean_env, config, page_cache_bytes, pages_served, uncached_file
 from mpumap.testing import MiB, make_file
 from mpumap import native
 
@@ -233,24 +233,19 @@ def test_a_scan_faster_than_its_read_ahead_leaves_no_copy_in_the_page_cache(
     file from the page cache, where the kernel's read-ahead kept it: most of
     a 512 MiB file stayed in the cache beside the buffer.)"""
     size = 192 * MiB
-    path = make_file(os.path.join(workdir, "fast.bin"), size, seed=86)
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
+    path = uncached_file(os.path.join(workdir, "fast.bin"), size, seed=86)
     server = start_server("--page-size", "4K", "--buffer-size", "256M")
     exe = programs.build(os.path.join(SOURCES, "striped_reader.c"), flags=[])
     env = clean_env(**native.preload_env([path], server.socket))
     proc = programs.start([exe, "1", path, "pause"], env, stdin=subprocess.PIPE)
     assert proc.stdout.readline().strip() == "scanned", proc.communicate(timeout=60)
-    cached = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", path],
-                            capture_output=True, text=True, check=True).stdout
+    cached = page_cache_bytes(path)
     out, err = proc.communicate("\n", timeout=120)
     assert proc.returncode == 0, (out, err)
     assert fields(out)["wrong"] == "0"
     buffer = server.stats()["buffer"]
     assert buffer["readahead_fills"] > size // 4096 * 0.9, buffer
-    assert int(cached) <= 16 * MiB, f"{int(cached) / MiB:.0f} MiB of the file in the page cache"
+    assert cached <= 16 * MiB, f"{cached / MiB:.0f} MiB of the file in the page cache"
 
 
 def test_threads_on_the_same_random_pages_read_nothing_ahead(start_server, programs, workdir):

@@ -2,7 +2,6 @@
 on eviction and at the last unmap, and nothing lost when a client, a
 worker or the server dies.  Every check of the file reads it with O_DIRECT,
 past any page cache."""
-import ctypes
 import errno
 import mmap
 import os
@@ -16,6 +15,7 @@ import time
 import pytest
 
 import mpumap
+from conftest import page_cache_bytes
 from mpumap.testing import make_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -146,23 +146,6 @@ def test_flush_makes_writes_durable_while_the_mapping_stays(start_server, workdi
         mpumap.connect(server.socket).map(path, mode="w")
 
 
-def pages_in_page_cache(path):
-    """How many of the file's system pages the kernel's page cache holds:
-    mincore of a private mapping of it, which no page of it has been
-    copied into."""
-    size = os.path.getsize(path)
-    vec = ctypes.create_string_buffer(-(-size // mmap.PAGESIZE))
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
-        view = ctypes.c_char.from_buffer(m)
-        failed = libc.mincore(ctypes.addressof(view), size, vec)
-        del view  # the mapping closes only once nothing points into it
-    if failed:
-        raise OSError(ctypes.get_errno(), "mincore")
-    return sum(b & 1 for b in vec.raw)
-
-
 def test_long_runs_are_written_back_past_the_page_cache(start_server, workdir):
     """A flush writes runs of dirty pages with O_DIRECT: the bytes reach the
     disk, none is left in the page cache (the file's pages read into the
@@ -170,14 +153,14 @@ def test_long_runs_are_written_back_past_the_page_cache(start_server, workdir):
     written too."""
     size = 32 * MiB + 1000
     path = make_file(os.path.join(workdir, "direct.bin"), size, seed=64)
-    assert pages_in_page_cache(path) > 0  # just written: the cache holds it
+    assert page_cache_bytes(path) // mmap.PAGESIZE > 0  # just written: the cache holds it
     server = start_server("--page-size", "64K", "--buffer-size", "64M")
     pages = size // PAGE
     with mpumap.connect(server.socket) as client, client.map(path, mode="r+") as m:
         write_span(m, 0, pages, "direct", "seq", 0)
         m[pages * PAGE:size] = b"\x5a" * (size - pages * PAGE)
         assert m.flush() == -(-size // (64 << 10))
-        cached = pages_in_page_cache(path)  # but the last, partial page
+        cached = page_cache_bytes(path) // mmap.PAGESIZE  # but the last, partial page
         assert cached <= 1, f"{cached} pages of the file still in the page cache"
         data = read_direct(path)
         assert bad_pages(data, 0, pages, "direct") == []
