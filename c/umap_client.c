@@ -698,8 +698,6 @@ static int unmap_locked(struct mapping *m)
     return r;
 }
 
-/* scheme://..., and not file:// (a scheme: a letter, then letters, digits,
- * '+', '-', '.'). */
 /* Under C.lock: the mapping client_umap made of name, or NULL. */
 static struct mapping *named_locked(const char *name)
 {
@@ -709,6 +707,8 @@ static struct mapping *named_locked(const char *name)
     return m;
 }
 
+/* scheme://..., and not file:// (a scheme: a letter, then letters, digits,
+ * '+', '-', '.'). */
 static int is_url(const char *name)
 {
     const char *c = name;

@@ -321,7 +321,7 @@ class RegionSlots:
         c.store_fd = region.store_fd
         c.store_mode = MODE_CODES[region.store_mode]  # files.MODES is MPU_STORE_*'s order
         if c.live:  # the region again (an evictor told its file), or what the slot held
-            self._close_readers(c)
+            self._close_beside(c)
         c.cache_fd = c.scan_fd = c.direct_fd = -1
         c.no_cache = 0
         c.scan_end = c.scan_ns = c.sweeps = 0
@@ -333,7 +333,7 @@ class RegionSlots:
         c.live = 1
 
     @staticmethod
-    def _close_readers(c):
+    def _close_beside(c):
         for fd in (c.cache_fd, c.scan_fd, c.direct_fd):
             if fd >= 0:
                 os.close(fd)
@@ -355,5 +355,5 @@ class RegionSlots:
         c = self.array[slot]
         c.live = 0
         lib.mpu_scan_done(ffi.addressof(c))
-        self._close_readers(c)
+        self._close_beside(c)
         c.memfd = c.store_fd = c.cache_fd = c.scan_fd = c.write_fd = c.direct_fd = -1

@@ -19,9 +19,9 @@ what the machine gives, without mpumap, for the work of the random rows'
 faults (scripts/bench_floor.c: as many threads as clients, each reading a
 page at random with O_DIRECT and copying it with UFFDIO_COPY into a memfd
 mapping over the oldest page, punched out first): a floor for "read" that
-counts the copying and evicting too.  Clients are written in Python (numpy's gather
-does the touching) or in C (scripts/bench_client.c, built against
-libmpumapclient).  --cache cold drops the file from the page cache before
+counts the copying and evicting too.  Clients are written in Python
+(numpy's gather does the touching) or in C (scripts/bench_client.c, built
+against libmpumapclient).  --cache cold drops the file from the page cache before
 every run, of mpumap and of the kernel alike.
 
 --parts writes (or reads,writes) adds the write rows: one C process

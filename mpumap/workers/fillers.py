@@ -156,7 +156,7 @@ class Filler(Worker):
                                           asked, ffi.buffer(buf, asked))
         except OSError as exc:
             self.quiet.say(("store", slot), logging.ERROR, "reading %s at %d: %s", region.url,
-                          offset, exc.strerror or exc)
+                           offset, exc.strerror or exc)
             return -(exc.errno or errno.EIO)
 
     def _read_store_failed(self, exc_type, exc, tb):
