@@ -132,6 +132,8 @@ struct mpu_filler {
     uint32_t *descs;           /* max_run: the descriptors of a run being filled */
     uint64_t max_run;
     uint64_t swept_ns;         /* when scan leftovers were last looked for */
+    int fill_uffd;             /* its own userfaultfd, for filling through its
+                                  own mappings of the memfds (-1: none, pwrite) */
     int splice_pipe[2];        /* for scans: the page cache to the memfd */
     uint32_t splicing;         /* 0: not tried yet, 1: the pipe is there, 2: no */
     struct mpu_region_slot *regions;
@@ -152,6 +154,15 @@ struct mpu_filler {
  * (SO_RCVTIMEO) makes it beat its heartbeat while idle. */
 int mpu_filler_run(struct mpu_filler *f, int sock, char *buf, int size,
                    int *fds, int *nfds, int maxfds);
+
+/* A region comes to a filler: with a userfaultfd of its own, the filler
+ * maps the memfd (read-only) and registers that mapping, so that it fills
+ * pages no client waits for with UFFDIO_COPY there rather than by writing
+ * the memfd.  Every write to a memfd and every punch takes its inode lock,
+ * so writes serialise all the region's fillers and evictors; UFFDIO_COPY
+ * takes no such lock.  0, or -errno (the filler then writes the memfd).
+ * mpu_filler_region_gone unmaps it. */
+int mpu_filler_region_added(struct mpu_filler *f, struct mpu_region_slot *r);
 
 /* What the kernel read ahead past the last scan of a region is dropped
  * from the page cache: before its scan reader is closed, and by the filler

@@ -99,6 +99,9 @@ struct mpu_region_slot {
     int direct_fd;             /* an evictor's: write_fd reopened O_DIRECT, for
                                   a direct store (-1: none, or refused); whoever
                                   clears the slot closes it */
+    uint64_t fill_map;         /* a filler's: its own mapping of the memfd,
+                                  registered with its own userfaultfd (0: none);
+                                  see mpu_filler_region_added */
 };
 
 /* A client's userfaultfd, as a worker holds it. */

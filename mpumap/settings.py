@@ -26,6 +26,7 @@ MAX_WORKERS = lib.MPU_MAX_WORKERS
 MAX_READ_AHEAD = 1024
 MAX_SPIN_US = 10_000
 STORE_MODES = ("direct", "drop", "cached")
+FILL_WAYS = ("copy", "write")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -288,6 +289,17 @@ SPECS = (
          help="How fillers read files: direct (O_DIRECT, no second copy in the page cache; "
               "'drop' where the file system refuses it), drop (buffered, then dropped from "
               "the page cache), cached (buffered, left in the page cache)."),
+    Spec("fill_by", "--fill-by", "UMAP_FILL_BY",
+         lambda text: parse_choice(text, FILL_WAYS, "--fill-by"), default="copy",
+         metavar="[" + "|".join(FILL_WAYS) + "]",
+         summary="how fillers put pages no client waits for (read-ahead, prefetch) into the "
+                 "buffer: `copy` (UFFDIO_COPY through a mapping of their own), `write` "
+                 "(write or splice into the memfd)",
+         help="How fillers put pages no client waits for into the buffer: copy (UFFDIO_COPY "
+              "through a mapping of the memfd of their own; 'write' where no userfaultfd "
+              "can be had) or write (write, and splice for scans, into the memfd: one copy "
+              "fewer for a scan, but every write takes the memfd's inode lock, which the "
+              "other fillers and the evictors' punches take too)."),
     Spec("allow_remote", "--allow-remote", "UMAP_ALLOW_REMOTE", parse_pattern, default=(),
          multiple=True, metavar="PATTERN", in_stats=False,
          summary="URLs clients may map (`s3://bucket/*`); repeatable, the variable holds "

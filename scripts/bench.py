@@ -260,7 +260,7 @@ def fill_floor(binary, path, page_size, threads):
     return json.loads(proc.stdout)["read_gbps"] if proc.returncode == 0 else None
 
 
-def measure(path, size, case, fillers, folder, c_binary, pin=None, kernel_budget=True,
+def measure(path, size, case, server_args, folder, c_binary, pin=None, kernel_budget=True,
             floor_binary=None):
     page_size, buffer, clients, order, cache, read_ahead, store_io, language = case
     row = {"client": language, "order": order, "cache": cache, "clients": clients,
@@ -270,7 +270,7 @@ def measure(path, size, case, fillers, folder, c_binary, pin=None, kernel_budget
     pinned = ["--cpus", pin] if pin else []
     ahead = [] if read_ahead == "auto" else ["--read-ahead", read_ahead]
     with running_server("--page-size", page_size, "--buffer-size", f"{buffer >> 10}K",
-                        "--fillers", fillers, "--store-io", store_io, *ahead,
+                        *server_args, "--store-io", store_io, *ahead,
                         *pinned) as (sock, proc):
         if cache == "cold":
             drop_from_page_cache(path)
@@ -512,7 +512,9 @@ def main():
                    help="store reads: cached, drop, direct (cached,direct)")
     p.add_argument("--client", default="c,python", help="client languages (c,python)")
     p.add_argument("--runs", type=int, default=1, help="runs of each row; the median is shown")
-    p.add_argument("--fillers", type=int, default=2)
+    p.add_argument("--fillers", type=int, default=2, help="the server's --fillers (2)")
+    p.add_argument("--fill-by", choices=("copy", "write"),
+                   help="the server's --fill-by (its default)")
     p.add_argument("--no-kernel-budget", dest="kernel_budget", action="store_false",
                    help="skip the kernel's mmap in a memory cgroup of the buffer's size "
                         "(slow: squeezed so, it thrashes; stopped after 10x mpumap's time)")
@@ -528,10 +530,14 @@ def main():
         return python_client(kind, sock, path, order, int(seed), go)
 
     split = lambda text: text.split(",")  # noqa: E731
+    server_args = ["--fillers", args.fillers, *(["--fill-by", args.fill_by] if args.fill_by
+                                                else [])]
     parts = split(args.parts)
     if set(parts) - {"reads", "writes"}:
         p.error(f"--parts is reads, writes or both, not {args.parts}")
     with tempfile.TemporaryDirectory(prefix="mpumap-bench-", dir="/var/tmp") as folder:
+        if args.file and not os.path.isfile(args.file):
+            p.error(f"--file {args.file}: no such file")
         size = os.path.getsize(args.file) if args.file else parse_size(args.size)
         rows = []
         if "writes" in parts:
@@ -563,7 +569,7 @@ def main():
                 part = -(-int(size * fraction) // page) * page
                 buffer = max(page * 16, holding_buffer(part, page) if fraction >= 1 else part)
                 case = (page, buffer, *case[2:])
-                rows.append(median_row([measure(path, size, case, args.fillers, folder,
+                rows.append(median_row([measure(path, size, case, server_args, folder,
                                                 c_binary, args.pin, args.kernel_budget,
                                                 floor_binary)
                                         for _ in range(args.runs)]))

@@ -4,8 +4,9 @@ client that faulted, UFFDIO_WAKE every other client that waits on it.
 All faults on one page come to the same filler, in the order the monitor saw
 them, so a filler never races itself on a fault; the page-state word guards
 against the evictors and against read-ahead by other fillers.  Read-ahead and
-prefetch fill pages no client waits for: those are written straight into the
-region's memfd, where every client finds them without a fault.
+prefetch fill pages no client waits for: those go straight into the region's
+memfd, where every client finds them without a fault, copied with UFFDIO_COPY
+through a mapping of the filler's own (`--fill-by copy`) or written.
 
 The serving itself is the C core's (c/fastpath.c), once per batch of faults;
 this class keeps the C tables of clients and regions in step with the
@@ -15,6 +16,7 @@ import collections
 import errno
 import logging
 import mmap
+import os
 import socket
 import struct
 
@@ -92,6 +94,7 @@ class Filler(Worker):
         f.system_page = mmap.PAGESIZE
         f.page_size = s.page_size
         f.read_ahead = s.read_ahead
+        f.fill_uffd = self._fill_uffd() if s.fill_by == "copy" else -1
         self.stores = Stores(s.stores, StoreSettings(s.store_timeout, s.store_requests))
         self.objects = {}  # region slot -> (store, its row of counters), or the OSError
         self.store_reader = None
@@ -125,7 +128,27 @@ class Filler(Worker):
                 self.objects[region.slot] = exc  # each read fails with it
             else:
                 self.objects[region.slot] = (store, self.stores.index(scheme_of(region.url)))
+        slot = ffi.addressof(self.region_slots.array[region.slot])
+        if slot.live:  # what the slot held goes first: its mapping with it
+            lib.mpu_filler_region_gone(self.c, slot)
         self.region_slots.set(region)
+        err = lib.mpu_filler_region_added(self.c, slot)
+        if err:
+            self.log.warning("%s: cannot fill it through a mapping (%s); writing its "
+                             "buffer pages instead", region.url, os.strerror(-err))
+
+    def _fill_uffd(self):
+        """A userfaultfd of the filler's own, with which it fills pages no
+        client waits for (mpu_filler_region_added); -1 where none can be
+        had, and the filler writes them into the memfd instead."""
+        try:
+            fd, _ = core.uffd_open()
+        except OSError as exc:
+            self.log.warning("no userfaultfd of its own (%s): read-ahead is written "
+                             "into the buffer instead", exc.strerror)
+            return -1
+        self._keep.append(fd)  # for the life of the process
+        return fd
 
     def region_dropped(self, region):
         lib.mpu_filler_region_gone(self.c, ffi.addressof(self.region_slots.array[region.slot]))

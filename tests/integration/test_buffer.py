@@ -43,12 +43,17 @@ def test_bounded_memory_and_no_second_copy(start_server, readers, workdir):
     assert stats["buffer"]["evictions"] > 0
 
 
-def test_a_scan_reads_through_the_page_cache_and_drops_behind(start_server, readers, workdir):
+FILL_WAYS = pytest.mark.parametrize("fill_by", ["copy", "write"])
+
+
+@FILL_WAYS
+def test_a_scan_reads_through_the_page_cache_and_drops_behind(start_server, readers, workdir,
+                                                              fill_by):
     """A direct store reads a scan's full windows buffered, with the kernel's
     read-ahead, and drops each behind it: the scan leaves the page cache as
-    it found it."""
+    it found it (copied in, or spliced into the memfd)."""
     path = uncached_file(os.path.join(workdir, "scan.bin"), 64 * MiB, seed=29)
-    server = start_server("--page-size", "4K", "--buffer-size", "128M")
+    server = start_server("--page-size", "4K", "--buffer-size", "128M", "--fill-by", fill_by)
     p = readers.start(server.socket, path, order="seq", chunk=1 << 20, direct="")
     assert_clean(readers.result(p))
     b = server.stats()["buffer"]
@@ -230,18 +235,21 @@ def test_advice_says_how_a_mapping_is_read(start_server, workdir):
                 m.advise(mmap.MADV_WILLNEED, len(m) - 1, 2)
 
 
-def test_read_ahead_stays_within_the_buffer(start_server, readers, workdir):
+@FILL_WAYS
+def test_read_ahead_stays_within_the_buffer(start_server, readers, workdir, fill_by):
     path = make_file(os.path.join(workdir, "scan.bin"), 32 * MiB, seed=24)
-    server = start_server("--page-size", "4K", "--buffer-size", 256, "--read-ahead", 32)
+    server = start_server("--page-size", "4K", "--buffer-size", 256, "--read-ahead", 32,
+                          "--fill-by", fill_by)
     p = readers.start(server.socket, path, order="seq")
     assert_clean(readers.result(p))
     b = server.stats()["buffer"]
     assert b["peak_used"] <= 256 and b["readahead_fills"] > 0 and b["evictions"] > 0
 
 
-def test_prefetch_fills_ahead_of_use(start_server, workdir):
+@FILL_WAYS
+def test_prefetch_fills_ahead_of_use(start_server, workdir, fill_by):
     path = make_file(os.path.join(workdir, "pre.bin"), 8 * MiB + 100, seed=25)
-    server = start_server("--page-size", "64K", "--buffer-size", "16M")
+    server = start_server("--page-size", "64K", "--buffer-size", "16M", "--fill-by", fill_by)
     with mpumap.connect(server.socket) as client, client.map(path) as m:
         started = time.monotonic()
         assert m.prefetch() == 129
