@@ -61,9 +61,11 @@ class Filler(Worker):
 
     Owns, besides what every worker holds: the C filler state (struct
     mpu_filler) with its tables of region and client slots, a page-aligned
-    chunk to read into, and for objects (regions with no descriptor) the
-    stores that read them and the threads that wait on those (a
-    StoreReader, made with the first object).
+    chunk to read into, a userfaultfd of its own with, for each region, a
+    mapping of the memfd registered with it (made and unmapped by the C
+    side as regions come and go), and for objects (regions with no
+    descriptor) the stores that read them and the threads that wait on those
+    (a StoreReader, made with the first object).
     The C tables point at the descriptors of the regions and clients dicts:
     an entry is cleared before its descriptors are closed.
     """
@@ -135,7 +137,7 @@ class Filler(Worker):
         err = lib.mpu_filler_region_added(self.c, slot)
         if err:
             self.log.warning("%s: cannot fill it through a mapping (%s); writing its "
-                             "buffer pages instead", region.url, os.strerror(-err))
+                             "buffer pages instead", region.name, os.strerror(-err))
 
     def _fill_uffd(self):
         """A userfaultfd of the filler's own, with which it fills pages no
