@@ -390,7 +390,11 @@ static uint64_t read_ahead_depth(struct mpu_monitor *m, uint64_t window)
  * aligned window around it, when the buffer is at least two such windows
  * below its high watermark and the evictors have not run within the last
  * CHURN_NS (room they just made is not room: read around there, a random
- * fault would read a window to use one page).  The window starts at
+ * fault would read a window to use one page).  For a region that does not
+ * fit, below its low watermark: evictions keep a full buffer between the
+ * two, and when faults come slowly (from a cold disk) the climb from one
+ * to the other outlasts CHURN_NS; read around there, each climb would be
+ * windows of pages used once in a while.  The window starts at
  * 1 + most pages; while the whole region fits in the room left (all that is
  * read around stays until it is used) it doubles at each read-around, up
  * to AROUND_MAX_BYTES, and it falls back to 1 + most once the region no
@@ -407,6 +411,7 @@ static uint64_t read_around_of(struct mpu_monitor *m, struct range *r, uint64_t 
     struct mpu_header *h = m->h;
     uint32_t used = __atomic_load_n(&h->used, __ATOMIC_RELAXED);
     uint32_t high = __atomic_load_n(&h->high, __ATOMIC_RELAXED);
+    uint32_t low = __atomic_load_n(&h->low, __ATOMIC_RELAXED);
     uint64_t now = mpu_now_ns(), evictions = mpu_load64(&h->evictions);
     if (evictions != m->evictions_seen) {
         m->evictions_seen = evictions;
@@ -420,10 +425,10 @@ static uint64_t read_around_of(struct mpu_monitor *m, struct range *r, uint64_t 
         largest = base;
     const struct mpu_region_info *info = &mpu_regions(h)[r->r.region];
     uint64_t missing = info->npages - __atomic_load_n(&info->present, __ATOMIC_RELAXED);
-    uint64_t w = r->around_window ? r->around_window : base;
+    uint64_t w = r->around_window ? r->around_window : base, room = high;
     if (used + missing > high)
-        w = base;  /* the region does not fit: what is read around may be pushed out */
-    if (base < 2 || m->churning || (uint64_t)used + 2 * w > high) {
+        w = base, room = low;  /* the region does not fit: what is read around may be pushed out */
+    if (base < 2 || m->churning || (uint64_t)used + 2 * w > room) {
         /* No more reading around: a random fault that lands at either
          * edge of the last window is no scan going through it. */
         r->around = r->around_end = 0;

@@ -42,6 +42,9 @@ def main():
     p.add_argument("--chunk", type=int, default=0, help="bytes per read (default: page)")
     p.add_argument("--go", help="wait for this file to exist before reading")
     p.add_argument("--pages", type=int, default=0, help="read only the first N chunks")
+    p.add_argument("--take", type=int, default=0,
+                   help="read only N chunks (after --order has ordered them)")
+    p.add_argument("--pause", type=float, default=0, help="seconds to wait after each read")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--seconds", type=float, default=0,
                    help="go on with more rounds until this much time has passed")
@@ -106,6 +109,8 @@ def main():
                 offsets = offsets[:args.pages]
             if args.order == "random":
                 rng.shuffle(offsets)
+            if args.take:
+                offsets = offsets[:args.take]
             for off in offsets:
                 t = time.monotonic()
                 got = m[off:off + chunk]
@@ -115,6 +120,8 @@ def main():
                 pages += 1
                 if got != want:
                     mismatches.append([m.path, off])
+                if args.pause:
+                    time.sleep(args.pause)
             os.close(fd)
     elapsed = time.monotonic() - started
     result = {

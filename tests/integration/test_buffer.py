@@ -161,6 +161,24 @@ def test_random_faults_read_around_while_the_buffer_has_room(start_server, reade
     assert full["readahead_fills"] < 0.05 * pages, full["readahead_fills"]
 
 
+def test_slow_random_faults_in_a_full_buffer_read_nothing_around(start_server, readers,
+                                                                  workdir):
+    """Evictions keep a full buffer between its watermarks: the room below
+    the high one is theirs, not room to read around in, even when faults
+    come too slowly (a cold disk) for the evictors to run often.  Here the
+    climb from the low watermark to the high one takes about a second."""
+    path = make_file(os.path.join(workdir, "random.bin"), 16 * MiB, seed=27)
+    server = start_server("--page-size", "4K", "--buffer-size", 1024, "--read-ahead", 15)
+    p = readers.start(server.socket, path, order="random", chunk=4096, take=3072, pause=0.003)
+    assert_clean(readers.result(p))
+    b = server.stats()["buffer"]
+    assert b["evictions"] > 1000, b["evictions"]
+    # The first faults read around until the buffer is near its low
+    # watermark (716 pages), and the monitor lags what the fillers claim:
+    # up to a buffer's worth.  Never again after.
+    assert b["readaround_fills"] <= 1024, b["readaround_fills"]
+
+
 def test_a_scan_goes_on_while_the_client_maps_more(start_server, workdir):
     """A data loader maps the next files while it scans one: the scan keeps
     its read-ahead across the new mappings."""
