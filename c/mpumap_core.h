@@ -102,6 +102,7 @@ struct mpu_region_slot {
     uint64_t fill_map;         /* a filler's: its own mapping of the memfd,
                                   registered with its own userfaultfd (0: none);
                                   see mpu_filler_region_added */
+    uint64_t fill_copied;      /* ... bytes copied through it since it was made */
 };
 
 /* A client's userfaultfd, as a worker holds it. */
