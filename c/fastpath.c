@@ -9,14 +9,12 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
-#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
-#include <linux/userfaultfd.h>
 
 #include "fastpath.h"
 #include "mpumap_core_internal.h"
@@ -1329,30 +1327,15 @@ static uint64_t copy_in(struct mpu_filler *f, struct mpu_region_slot *r, uint32_
                         uint64_t offset, const char *from, uint64_t len)
 {
     char *map = (char *)(uintptr_t)r->fill_map;
-    uint64_t done = 0;
-    int punched = 0;
-    for (int tries = 0; done < len && tries < 10000; tries++) {
-        struct uffdio_copy c = { .dst = (uint64_t)(uintptr_t)(map + offset + done),
-                                 .src = (uint64_t)(uintptr_t)(from + done),
-                                 .len = len - done };
-        if (ioctl(f->fill_uffd, UFFDIO_COPY, &c) == 0) {
-            done = len;
-            break;
-        }
-        int err = errno;
-        if (c.copy > 0)
-            done += (uint64_t)c.copy;
-        if (err == EEXIST && c.copy <= 0) {
-            if (punched++)
-                break;
-            uint64_t page = (offset + done) / f->page_size;
-            event(f, MPU_EV_UNFILLED, region, page, 0, 0);
-            mpu_punch(r->memfd, page * f->page_size, f->page_size);
-        } else if (err == EAGAIN) {
-            sched_yield();  /* the filler's mappings changing: never for long */
-        } else if (err != EEXIST) {
-            break;
-        }
+    uint64_t done, more = 0;
+    if (mpu_uffd_copy(f->fill_uffd, (uint64_t)(uintptr_t)(map + offset), from, len, 0,
+                      &done) == -EEXIST) {
+        uint64_t page = (offset + done) / f->page_size;
+        event(f, MPU_EV_UNFILLED, region, page, 0, 0);
+        mpu_punch(r->memfd, page * f->page_size, f->page_size);
+        mpu_uffd_copy(f->fill_uffd, (uint64_t)(uintptr_t)(map + offset + done), from + done,
+                      len - done, 0, &more);
+        done += more;
     }
     if (done) {
         madvise(map + offset, done, MADV_DONTNEED);
@@ -1362,12 +1345,21 @@ static uint64_t copy_in(struct mpu_filler *f, struct mpu_region_slot *r, uint32_
     return done;
 }
 
+/* len bytes from `from` into the memfd at `offset`: copied in through the
+ * filler's own mapping where it has one, else written.  The bytes put. */
+static ssize_t put_in(struct mpu_filler *f, struct mpu_region_slot *r, uint32_t region,
+                      uint64_t offset, const char *from, uint64_t len)
+{
+    if (r->fill_map)
+        return (ssize_t)copy_in(f, r, region, offset, from, len);
+    return pwrite(r->memfd, from, len, (off_t)offset);
+}
+
 /* Writes claimed pages [first, first+count) (descriptors in descs) from the
  * chunk (the first at chunk page `slot`) into the memfd, PRESENT; failures
- * go back to FREE.  Through the filler's own mapping (copy_in) where it has
- * one; else one write for the run (each write takes the memfd's inode
- * lock, which other fillers and the evictors want too), page by page only
- * where that one fell short.  Returns the pages written. */
+ * go back to FREE.  One put_in for the run (were it a write, each takes the
+ * memfd's inode lock, which other fillers and the evictors want too), page
+ * by page only where that one fell short.  Returns the pages written. */
 static uint64_t write_run(struct mpu_filler *f, struct mpu_region_slot *r, uint32_t region,
                           uint64_t first, uint64_t count, uint64_t slot, uint32_t flags,
                           const uint32_t *descs)
@@ -1375,24 +1367,16 @@ static uint64_t write_run(struct mpu_filler *f, struct mpu_region_slot *r, uint3
     if (!count)
         return 0;
     uint64_t whole = (count - 1) * f->page_size + fill_length(f, r, first + count - 1);
-    ssize_t n;
-    if (r->fill_map)
-        n = (ssize_t)copy_in(f, r, region, first * f->page_size,
-                             f->chunk + slot * f->page_size, whole);
-    else
-        n = pwrite(r->memfd, f->chunk + slot * f->page_size, whole,
-                   (off_t)(first * f->page_size));
+    ssize_t n = put_in(f, r, region, first * f->page_size, f->chunk + slot * f->page_size,
+                       whole);
     uint64_t wrote = n < 0 ? 0 : (uint64_t)n, done = 0;
     for (uint64_t k = 0; k < count; k++) {
         uint64_t page = first + k;
         uint64_t len = fill_length(f, r, page);
         int ok = wrote >= k * f->page_size + len;
         if (!ok) {
-            ssize_t m = r->fill_map ? (ssize_t)copy_in(f, r, region, page * f->page_size,
-                                                       f->chunk + (slot + k) * f->page_size,
-                                                       len)
-                                    : pwrite(r->memfd, f->chunk + (slot + k) * f->page_size,
-                                             len, (off_t)(page * f->page_size));
+            ssize_t m = put_in(f, r, region, page * f->page_size,
+                               f->chunk + (slot + k) * f->page_size, len);
             ok = m == (ssize_t)len;
             if (!ok)
                 event(f, MPU_EV_WRITE_FAILED, region, page, m < 0 ? errno : EIO, 0);
@@ -1428,13 +1412,13 @@ static int copy(struct mpu_filler *f, struct mpu_region_slot *r, uint32_t region
                 int wp)
 {
     uint64_t started = mpu_now_ns();
-    int err = -mpu_uffd_copy(uffd, address, f->chunk + from, len, wp);
+    int err = -mpu_uffd_copy(uffd, address, f->chunk + from, len, wp, NULL);
     if (err == EEXIST) {
         /* The memfd has a page we never filled (its state said FREE): it
          * cannot be trusted.  Punch it out and copy ours in. */
         event(f, MPU_EV_UNFILLED, region, page, 0, 0);
         mpu_punch(r->memfd, page * f->page_size, f->page_size);
-        err = -mpu_uffd_copy(uffd, address, f->chunk + from, len, wp);
+        err = -mpu_uffd_copy(uffd, address, f->chunk + from, len, wp, NULL);
     }
     mpu_add64(&f->h->copy_ns, (int64_t)(mpu_now_ns() - started));
     if (err) {

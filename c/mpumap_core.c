@@ -124,21 +124,29 @@ int mpu_uffd_writeprotect(int fd, uint64_t start, uint64_t len, int protect)
 
 /* EAGAIN means the client's mappings are changing under us: try again.  A
  * partial copy reports how far it got; go on from there. */
-int mpu_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, int wp)
+int mpu_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, int wp,
+                  uint64_t *copied)
 {
     const char *from = src;
+    uint64_t unused;
+    if (!copied)
+        copied = &unused;
+    *copied = 0;
     for (int tries = 0; tries < 10000; tries++) {
         struct uffdio_copy copy = {
             .dst = dst, .src = (uint64_t)(uintptr_t)from, .len = len,
             .mode = wp ? UFFDIO_COPY_MODE_WP : 0,
         };
-        if (ioctl(fd, UFFDIO_COPY, &copy) == 0)
+        if (ioctl(fd, UFFDIO_COPY, &copy) == 0) {
+            *copied += len;
             return 0;
+        }
         int err = errno;
         if (copy.copy > 0) {
             dst += copy.copy;
             from += copy.copy;
             len -= copy.copy;
+            *copied += copy.copy;
             if (len == 0)
                 return 0;
         }

@@ -31,8 +31,11 @@
 #define MPU_ANSWER_COPY 1
 #define MPU_ANSWER_WAKE 2
 
-/* wp: the page lands write-protected (a region mapped for writing, read). */
-int mpu_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, int wp);
+/* wp: the page lands write-protected (a region mapped for writing, read).
+ * *copied (unless NULL): the bytes copied, all of len on success, those
+ * before the failure else. */
+int mpu_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, int wp,
+                  uint64_t *copied);
 int mpu_uffd_poison(int fd, uint64_t start, uint64_t len, int wake);
 int mpu_uffd_read_faults(int fd, uint64_t *addrs, int max);
 
