@@ -57,7 +57,7 @@ import numpy as np
 import psutil
 
 import mpumap
-from mpumap.settings import parse_size
+from mpumap.settings import FILL_WAYS, parse_size
 from mpumap.testing import (MemoryCgroup, NoCgroup, build_c_program, drop_from_page_cache,
                             make_file, running_server)
 
@@ -513,7 +513,7 @@ def main():
     p.add_argument("--client", default="c,python", help="client languages (c,python)")
     p.add_argument("--runs", type=int, default=1, help="runs of each row; the median is shown")
     p.add_argument("--fillers", type=int, default=2, help="the server's --fillers (2)")
-    p.add_argument("--fill-by", choices=("copy", "write"),
+    p.add_argument("--fill-by", choices=FILL_WAYS,
                    help="the server's --fill-by (its default)")
     p.add_argument("--no-kernel-budget", dest="kernel_budget", action="store_false",
                    help="skip the kernel's mmap in a memory cgroup of the buffer's size "
