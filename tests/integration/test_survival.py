@@ -340,7 +340,8 @@ def test_soak(start_server, readers, workdir):
     of the data, for a bounded time: no mismatch, memory flat, no fd growth."""
     files = [make_file(os.path.join(workdir, f"soak{i}.bin"), 8 * MiB, seed=70 + i)
              for i in range(8)]
-    server = start_server("--page-size", "64K", "--buffer-size", "6400K", "--fillers", 2)
+    fillers = 2
+    server = start_server("--page-size", "64K", "--buffer-size", "6400K", "--fillers", fillers)
     procs = []
     for k in range(32):
         mine = [files[(k + j) % 8] for j in range(4)]
@@ -368,10 +369,13 @@ def test_soak(start_server, readers, workdir):
     memory = [m for m, _ in second_half]
     assert max(memory) - min(memory) < 6 * MiB, [m // MiB for m in memory]
     assert max(memory) < 6400 * 1024 + 32 * MiB
-    # No growth: a leak grows with the faults (thousands a second).  A few
-    # descriptors come and go: a filler opens a buffered reader beside a
-    # region's direct store once it finds pages in the page cache.
+    # No growth: a leak grows with the faults (thousands a second).  Some
+    # descriptors come and go: each filler opens, the first time it needs
+    # them, a buffered reader and a scan reader beside a region's direct
+    # store (one region a file), keeps a stopped scan's reader a while,
+    # and the stats open a connection.
     fds = [f for _, f in second_half]
-    assert max(fds) - min(fds) <= 8, [f for _, f in samples]
+    opened_on_demand = fillers * 2 * len(files)
+    assert max(fds) - min(fds) <= opened_on_demand + 4, [f for _, f in samples]
     stats = server.stats()["buffer"]
     assert stats["peak_used"] <= 100 and stats["evictions"] > 0
