@@ -385,22 +385,24 @@ static uint64_t read_ahead_depth(struct mpu_monitor *m, uint64_t window)
 
 /* Read-around, as the kernel's mmap does it but only while the buffer has
  * room: a fault that starts a stream (no scan yet) also asks for the
- * aligned window around it, when the buffer is at least two such windows
- * below its high watermark and the evictors have not run within the last
+ * aligned window around it, unless the evictors ran within the last
  * CHURN_NS (room they just made is not room: read around there, a random
- * fault would read a window to use one page).  For a region that does not
- * fit, below its low watermark: evictions keep a full buffer between the
- * two, and when faults come slowly (from a cold disk) the climb from one
- * to the other outlasts CHURN_NS; read around there, each climb would be
- * windows of pages used once in a while.  The window starts at
- * 1 + most pages; while the whole region fits in the room left (all that is
- * read around stays until it is used) it doubles at each read-around, up
- * to AROUND_MAX_BYTES, and it falls back to 1 + most once the region no
- * longer fits.  A data set that fits is then read in large reads whatever
- * the order; in a full buffer a random fault reads its page alone, and what
- * is read around never pushes a page out (the fillers claim it as they
- * claim a prefetch).  Returns the window's first page + 1 (0: none), its
- * size in *window. */
+ * fault would read a window to use one page).  A region fits when the
+ * pages present in the others and all of its own stay below the high
+ * watermark (present pages, not pages in use: a page being filled is in
+ * use and missing both, and a buffer that held the file with a few pages
+ * to spare looked full while its fills were in flight).  What is read
+ * around a region that fits stays until it is used (the fillers claim it as
+ * they claim a prefetch, and never push a page out for it); its window
+ * starts at 1 + most pages and doubles at each read-around, up to
+ * AROUND_MAX_BYTES.  A data set that fits is then read in large reads
+ * whatever the order.  A region that does not fit reads windows of
+ * 1 + most pages, only while two of them fit below the low watermark:
+ * evictions keep a full buffer between the two watermarks, and when faults
+ * come slowly (from a cold disk) the climb from one to the other outlasts
+ * CHURN_NS; read around there, each climb would be windows of pages used
+ * once in a while.  In a full buffer a random fault reads its page alone.
+ * Returns the window's first page + 1 (0: none), its size in *window. */
 #define CHURN_NS 500000000ull
 #define AROUND_MAX_BYTES (8ull << 20)
 static uint64_t read_around_of(struct mpu_monitor *m, struct range *r, uint64_t page,
@@ -422,11 +424,11 @@ static uint64_t read_around_of(struct mpu_monitor *m, struct range *r, uint64_t 
     if (largest < base)
         largest = base;
     const struct mpu_region_info *info = &mpu_regions(h)[r->r.region];
-    uint64_t missing = info->npages - __atomic_load_n(&info->present, __ATOMIC_RELAXED);
-    uint64_t w = r->around_window ? r->around_window : base, room = high;
-    if (used + missing > high)
-        w = base, room = low;  /* the region does not fit: what is read around may be pushed out */
-    if (base < 2 || m->churning || (uint64_t)used + 2 * w > room) {
+    uint64_t mine = __atomic_load_n(&info->present, __ATOMIC_RELAXED);
+    uint64_t all = mpu_load64(&h->present);
+    int fits = (all > mine ? all - mine : 0) + info->npages <= high;
+    uint64_t w = fits && r->around_window ? r->around_window : base;
+    if (base < 2 || m->churning || (!fits && (uint64_t)used + 2 * w > low)) {
         /* No more reading around: a random fault that lands at either
          * edge of the last window is no scan going through it. */
         r->around = r->around_end = 0;
@@ -437,7 +439,7 @@ static uint64_t read_around_of(struct mpu_monitor *m, struct range *r, uint64_t 
         return 0;  /* asked for already: another fault in the window */
     r->around = first + 1;
     r->around_end = first + w;
-    r->around_window = (uint32_t)(used + missing <= high && 2 * w <= largest ? 2 * w : w);
+    r->around_window = (uint32_t)(fits && 2 * w <= largest ? 2 * w : w);
     *window = w;
     return first + 1;
 }

@@ -161,6 +161,23 @@ def test_random_faults_read_around_while_the_buffer_has_room(start_server, reade
     assert full["readahead_fills"] < 0.05 * pages, full["readahead_fills"]
 
 
+def test_a_buffer_that_just_holds_the_file_reads_it_around(start_server, readers, workdir):
+    """A buffer that holds the file below its high watermark with two pages
+    to spare reads it in windows, as a roomy one does: a page being filled
+    is in use and missing both, and counted twice, the pages in flight made
+    the file look too large for the buffer."""
+    pages = 16 * MiB // 4096
+    path = make_file(os.path.join(workdir, "random.bin"), 16 * MiB, seed=28)
+    server = start_server("--page-size", "4K", "--buffer-size", pages * 10 // 9 + 2)
+    p = readers.start(server.socket, path, order="random", chunk=4096)
+    assert_clean(readers.result(p))
+    b = server.stats()["buffer"]
+    assert pages <= b["high"] < pages + 8, b["high"]  # what the test is about
+    assert b["evictions"] == 0, b["evictions"]
+    assert b["faults"] < pages / 4, b["faults"]
+    assert b["readaround_fills"] > 3 * pages / 4, b["readaround_fills"]
+
+
 def test_slow_random_faults_in_a_full_buffer_read_nothing_around(start_server, readers,
                                                                   workdir):
     """Evictions keep a full buffer between its watermarks: the room below
