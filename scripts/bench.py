@@ -10,7 +10,9 @@ clients; the kernel's minor and major faults for mmap), the server's CPU time
 per fault, and the ratio mpumap/mmap.  Where the buffer is smaller than the
 file, "k-budget" is the kernel's mmap again with its clients in a memory
 cgroup of the buffer's size plus 8 MiB a client for its own memory (the same
-memory budget; root only), and "x" mpumap's throughput over it.  "disk1" and
+memory budget; root only), and "x" mpumap's throughput over it; a kernel
+that thrashes there is stopped after ten times mpumap's time (">N s"), and
+not run there again for that row.  "disk1" and
 "disk2" are what the disk itself gives for the pattern: O_DIRECT reads of one
 umap page each in the same order, one and two at a time (the floor for a
 fault that goes to the disk), to set beside "read", what mpumap read from
@@ -517,7 +519,8 @@ def main():
                    help="the server's --fill-by (its default)")
     p.add_argument("--no-kernel-budget", dest="kernel_budget", action="store_false",
                    help="skip the kernel's mmap in a memory cgroup of the buffer's size "
-                        "(slow: squeezed so, it thrashes; stopped after 10x mpumap's time)")
+                        "(slow: squeezed so, it thrashes; stopped after 10x mpumap's time, "
+                        "and not run again for the row)")
     p.add_argument("--pin", metavar="CPUS",
                    help="run the server (--cpus) and the clients (taskset) on these CPUs")
     p.add_argument("--parts", default="reads",
@@ -569,10 +572,20 @@ def main():
                 part = -(-int(size * fraction) // page) * page
                 buffer = max(page * 16, holding_buffer(part, page) if fraction >= 1 else part)
                 case = (page, buffer, *case[2:])
-                rows.append(median_row([measure(path, size, case, server_args, folder,
-                                                c_binary, args.pin, args.kernel_budget,
-                                                floor_binary)
-                                        for _ in range(args.runs)]))
+                # The kernel that thrashed in the budget once is not run
+                # there again: each such run goes on to its cut-off.
+                runs, thrashed = [], None
+                for _ in range(args.runs):
+                    run = measure(path, size, case, server_args, folder, c_binary, args.pin,
+                                  args.kernel_budget and thrashed is None, floor_binary)
+                    budget = run["kernel_budget"]
+                    if budget is not None and budget["gbps"] is None:
+                        thrashed = thrashed or budget
+                    runs.append(run)
+                row = median_row(runs)
+                if thrashed:
+                    row["kernel_budget"] = thrashed
+                rows.append(row)
             print()
             print_table(rows)
     if args.json:
