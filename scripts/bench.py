@@ -580,7 +580,7 @@ def main():
                                   args.kernel_budget and thrashed is None, floor_binary)
                     budget = run["kernel_budget"]
                     if budget is not None and budget["gbps"] is None:
-                        thrashed = thrashed or budget
+                        thrashed = budget
                     runs.append(run)
                 row = median_row(runs)
                 if thrashed:
