@@ -20,11 +20,22 @@ from mpumap.testing import MemoryCgroup, NoCgroup, command, drop_from_page_cache
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 READER = os.path.join(HERE, "integration", "reader.py")
+NOBODY = 65534  # the unprivileged user tests become
 WRITER = os.path.join(HERE, "integration", "writer.py")
 
 
+# mpumap-server as another user (a uid): the switch comes after the imports,
+# for root's home, where this Python may live, is closed to other users.
+SERVER_AS_USER = (
+    "import os, sys, mpumap.cli, mpumap.server, mpumap.workers.fillers, mpumap.workers.evictor\n"
+    "uid = int(sys.argv[1])\n"
+    "os.setgroups([]); os.setgid(uid); os.setuid(uid)\n"
+    "sys.argv[:2] = ['mpumap-server']\n"
+    "mpumap.cli.server_main()\n")
+
+
 class ServerProcess:
-    def __init__(self, socket_path, args, log_path, env=None, cgroup=None):
+    def __init__(self, socket_path, args, log_path, env=None, cgroup=None, user=None):
         self.socket = socket_path
         self.log_path = log_path
         self.log = open(log_path, "wb")
@@ -33,8 +44,10 @@ class ServerProcess:
             with open(cgroup, "w") as f:
                 f.write(str(os.getpid()))
 
+        server = (command("mpumap-server") if user is None
+                  else [sys.executable, "-c", SERVER_AS_USER, str(user)])
         self.proc = subprocess.Popen(
-            command("mpumap-server") + ["--socket", socket_path, *args],
+            server + ["--socket", socket_path, *args],
             stdout=self.log, stderr=subprocess.STDOUT, env=env,
             preexec_fn=join_cgroup if cgroup else None)
         self.wait_ready()
@@ -96,10 +109,18 @@ def workdir():
 def start_server(workdir):
     servers = []
 
-    def start(*args, env=None, cgroup=None):
-        sock = os.path.join(workdir, f"s{len(servers)}.sock")
+    def start(*args, env=None, cgroup=None, user=None):
+        """A server; user: the uid it runs as (root only), its socket in a
+        folder of that user's."""
+        folder = workdir
+        if user is not None:
+            folder = os.path.join(workdir, f"home{len(servers)}")
+            os.mkdir(folder)
+            os.chown(folder, user, user)
+        sock = os.path.join(folder, f"s{len(servers)}.sock")
         server = ServerProcess(sock, [str(a) for a in args],
-                               os.path.join(workdir, f"server{len(servers)}.log"), env, cgroup)
+                               os.path.join(workdir, f"server{len(servers)}.log"), env, cgroup,
+                               user)
         servers.append(server)
         return server
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 import mpumap
-from conftest import assert_clean
+from conftest import NOBODY, assert_clean
 from mpumap.testing import MiB, make_file
 
 pytestmark = pytest.mark.timeout(180)
@@ -183,17 +183,41 @@ def test_a_client_that_is_not_root(start_server, readers, workdir):
     secret = make_file(os.path.join(workdir, "secret.bin"), 1 * MiB, seed=8)
     os.chmod(readable, 0o644)
     os.chmod(secret, 0o600)
-    nobody = 65534
     server = start_server("--page-size", "64K", "--buffer-size", 16, "--socket-mode", "0666")
-    p = readers.start(server.socket, readable, order="random", drop_uid=nobody)
+    p = readers.start(server.socket, readable, order="random", drop_uid=NOBODY)
     ready = readers.wait_ready(p)
     if os.geteuid() == 0:
         assert ready["uffd"] in ("/dev/userfaultfd", "user-mode-only") or \
             open("/proc/sys/vm/unprivileged_userfaultfd").read().strip() == "1"
     assert_clean(readers.result(p))
-    p = readers.start(server.socket, secret, drop_uid=nobody)
+    p = readers.start(server.socket, secret, drop_uid=NOBODY)
     result = readers.result(p)
     assert result["error"] == "PermissionError"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody")
+def test_a_server_that_is_not_root(start_server, readers, workdir):
+    """A user's own server, run as that user: each filler gets a userfaultfd
+    of its own the way a client does (here the plain syscall and
+    /dev/userfaultfd are refused to nobody, so user-mode-only) and fills
+    read-ahead through it; a client of that user reads the file's bytes."""
+    path = make_file(os.path.join(workdir, "mine.bin"), 16 * MiB, seed=9)
+    os.chmod(path, 0o644)
+    server = start_server("--page-size", "64K", "--buffer-size", 64, "--fillers", 2,
+                          user=NOBODY)
+    workers = server.workers()
+    assert {p.uids().real for p in [server.ps, *workers]} == {NOBODY}
+    fillers = [p for p in workers if p.name().startswith("mpumap-filler")]
+    assert len(fillers) == 2
+    assert [fds_of(p.pid, "anon_inode:[userfaultfd]") for p in fillers] == [1, 1]
+    for order in ("seq", "random"):
+        p = readers.start(server.socket, path, order=order, drop_uid=NOBODY)
+        assert_clean(readers.result(p))
+    buffer = server.stats()["buffer"]
+    assert buffer["readahead_fills"] > 0 and buffer["evictions"] > 0, buffer
+    log = server.output()
+    assert "no userfaultfd of its own" not in log, log
+    assert "cannot fill it through a mapping" not in log, log
 
 
 def test_an_idle_server_does_not_spin(start_server, workdir):

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import clean_env, config, page_cache_bytes, pages_served, uncached_file
+from conftest import NOBODY, clean_env, config, page_cache_bytes, pages_served, uncached_file
 from mpumap.testing import MiB, make_file
 from mpumap import native
 
@@ -21,7 +21,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 SOURCES = os.path.join(HERE, "native")
 EXAMPLE = os.path.join(ROOT, "examples", "read_random.c")
-NOBODY = 65534
 
 pytestmark = [
     pytest.mark.timeout(180),

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 import mpumap
-from conftest import assert_clean
+from conftest import NOBODY, assert_clean
 from mpumap.testing import MiB, command, make_file
 
 pytestmark = [
@@ -25,7 +25,6 @@ pytestmark = [
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ATTACKER = os.path.join(HERE, "attacker.py")
-NOBODY = 65534
 
 
 def line(proc, timeout):
