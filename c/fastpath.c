@@ -1310,13 +1310,15 @@ int mpu_filler_region_added(struct mpu_filler *f, struct mpu_region_slot *r)
  * region ever filled, 8 GiB by a filler that filled 4 TiB.  A new mapping
  * every FILL_REMAP_BYTES keeps them to 2 MiB. */
 #define FILL_REMAP_BYTES (1ull << 30)
-static void remap_when_due(struct mpu_filler *f, struct mpu_region_slot *r)
+static void remap_when_due(struct mpu_filler *f, struct mpu_region_slot *r, uint32_t region)
 {
     if (r->fill_copied < FILL_REMAP_BYTES)
         return;
     munmap((void *)(uintptr_t)r->fill_map, r->map_length);
     r->fill_map = 0;
-    mpu_filler_region_added(f, r);  /* if that fails, the filler writes the memfd */
+    int err = mpu_filler_region_added(f, r);
+    if (err)  /* the filler writes the memfd from now on */
+        event(f, MPU_EV_NO_FILL_MAP, region, 0, -err, 0);
 }
 
 /* UFFDIO_COPY of len bytes from `from` to the memfd at `offset`, through
@@ -1342,7 +1344,7 @@ static uint64_t copy_in(struct mpu_filler *f, struct mpu_region_slot *r, uint32_
     if (done) {
         madvise(map + offset, done, MADV_DONTNEED);
         r->fill_copied += done;
-        remap_when_due(f, r);
+        remap_when_due(f, r, region);
     }
     return done;
 }

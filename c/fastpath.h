@@ -92,6 +92,7 @@ typedef int64_t (*mpu_read_store)(uint32_t region, uint64_t offset, char *buf, u
 #define MPU_EV_SHRANK 7        /* the file ends at `value` now: SIGBUS past it */
 #define MPU_EV_NO_POISON 8     /* UFFDIO_POISON failed (err): zeros instead */
 #define MPU_EV_WRITE_FAILED 9  /* writing a page into the memfd failed (err) */
+#define MPU_EV_NO_FILL_MAP 10  /* the fill mapping could not be made again (err) */
 
 struct mpu_event {
     uint32_t code;

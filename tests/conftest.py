@@ -20,8 +20,8 @@ from mpumap.testing import MemoryCgroup, NoCgroup, command, drop_from_page_cache
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 READER = os.path.join(HERE, "integration", "reader.py")
-NOBODY = 65534  # the unprivileged user tests become
 WRITER = os.path.join(HERE, "integration", "writer.py")
+NOBODY = 65534  # the unprivileged user tests become
 
 
 # mpumap-server as another user (a uid): the switch comes after the imports,

@@ -48,6 +48,8 @@ EVENTS = {
                                           "past the end of {name}"),
     lib.MPU_EV_WRITE_FAILED: (logging.ERROR, "writing page {page} of {name} into the "
                                              "buffer: {err}"),
+    lib.MPU_EV_NO_FILL_MAP: (logging.WARNING, "cannot fill {name} through a mapping any "
+                                              "more ({err}); writing its buffer pages instead"),
 }
 
 
