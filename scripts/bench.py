@@ -262,6 +262,19 @@ def fill_floor(binary, path, page_size, threads):
     return json.loads(proc.stdout)["read_gbps"] if proc.returncode == 0 else None
 
 
+def set_page_cache(path, cache):
+    """The file out of the page cache ("cold") or read into it ("warm"),
+    just before a run: the kernel reclaims page cache it sees idle (this
+    machine's DAMON takes some within seconds), so a file warmed rows
+    before may be warm no longer."""
+    if cache == "cold":
+        drop_from_page_cache(path)
+        return
+    with open(path, "rb") as f:
+        while f.read(64 << 20):
+            pass
+
+
 def measure(path, size, case, server_args, folder, c_binary, pin=None, kernel_budget=True,
             floor_binary=None):
     page_size, buffer, clients, order, cache, read_ahead, store_io, language = case
@@ -274,17 +287,11 @@ def measure(path, size, case, server_args, folder, c_binary, pin=None, kernel_bu
     with running_server("--page-size", page_size, "--buffer-size", f"{buffer >> 10}K",
                         *server_args, "--store-io", store_io, *ahead,
                         *pinned) as (sock, proc):
-        if cache == "cold":
-            drop_from_page_cache(path)
+        set_page_cache(path, cache)
         results, cpu = run_clients(language, "mpumap", sock, path, order, clients, folder,
                                    c_binary, server=proc, pin=pin)
         row["mpumap"] = summary(results, touched, clients, cpu)
-    if cache == "cold":
-        drop_from_page_cache(path)
-    else:
-        with open(path, "rb") as f:  # warm: the file in the page cache, as mpumap had it
-            while f.read(64 << 20):
-                pass
+    set_page_cache(path, cache)
     results, _ = run_clients(language, "mmap", None, path, order, clients, folder, c_binary,
                              pin=pin)
     row["mmap"] = summary(results, touched, clients)
@@ -455,9 +462,7 @@ def write_rows(path, size, pages_sizes, orders, runs, folder):
     for _ in range(runs):
         for kind in ("mpumap", "mmap"):
             value += 1
-            with open(path, "rb") as f:  # warm: the faults, not the disk
-                while f.read(64 << 20):
-                    pass
+            set_page_cache(path, "warm")  # the faults, not the disk
             if kind == "mpumap":
                 with running_server("--page-size", page, "--buffer-size",
                                     f"{holding_buffer(size, page) >> 10}K",
