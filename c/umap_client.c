@@ -125,17 +125,18 @@ static void why_errno(char *why, const char *what)
 
 static int send_msg(int kind, const void *payload, size_t len, int fd)
 {
-    unsigned char buf[HEADER_SIZE + 64];
+    unsigned char head[HEADER_SIZE];
     uint16_t version = htole16(MPU_PROTOCOL_VERSION), type = htole16((uint16_t)kind);
     uint32_t length = htole32((uint32_t)len);
-    memcpy(buf, "MPUM", 4);
-    memcpy(buf + 4, &version, 2);
-    memcpy(buf + 6, &type, 2);
-    memcpy(buf + 8, &length, 4);
-    memcpy(buf + HEADER_SIZE, payload, len);
+    memcpy(head, "MPUM", 4);
+    memcpy(head + 4, &version, 2);
+    memcpy(head + 6, &type, 2);
+    memcpy(head + 8, &length, 4);
 
-    struct iovec iov = { .iov_base = buf, .iov_len = HEADER_SIZE + len };
-    struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+    /* The payload from where it is: a URL is up to MPU_MAX_URL bytes. */
+    struct iovec iov[2] = { { .iov_base = head, .iov_len = HEADER_SIZE },
+                            { .iov_base = (void *)payload, .iov_len = len } };
+    struct msghdr mh = { .msg_iov = iov, .msg_iovlen = len ? 2 : 1 };
     union {
         char buf[CMSG_SPACE(sizeof(int))];
         struct cmsghdr align;
@@ -176,7 +177,7 @@ static int timed_out(char *why, const char *what)
     return -1;
 }
 
-static void release(uint64_t id, int writable);
+static int release(uint64_t id, int writable);
 
 static int call(int kind, const void *payload, size_t len, int fd_send,
                 int expect, void *out, size_t size, int *fd_out, char *why)
@@ -297,6 +298,22 @@ static int connected(void)
 static int server_lost(void)
 {
     return mpu_guard_fell_back(C.guard);
+}
+
+/* After a request failed: whether that was the server going, with the
+ * guard falling back (it sees the hang-up within milliseconds; waited for
+ * up to a second). */
+static int lost_meanwhile(void)
+{
+    int err = errno;
+    if (err != EPIPE && err != ECONNRESET && err != ENOTCONN)
+        return 0;
+    for (int i = 0; i < 100 && !server_lost(); i++) {
+        struct timespec ms10 = { 0, 10 * 1000000L };
+        nanosleep(&ms10, NULL);
+    }
+    errno = err;
+    return server_lost();
 }
 
 /* What a connection holds, closed; mappings stay (they are plain ones now,
@@ -498,21 +515,28 @@ static int call_writing_back(int kind, const void *payload, size_t len, int expe
     return r;
 }
 
-/* UNMAP; for a mapping that wrote, answered once its writes are in the file. */
-static void release(uint64_t id, int writable)
+/* UNMAP; for a mapping that wrote, answered once its writes are in the
+ * file.  -1 with errno set (and a line on stderr) when they may not be:
+ * the server said it could not write them back, or never answered. */
+static int release(uint64_t id, int writable)
 {
     if (!connected() || server_lost() || C.unfit)
-        return;
+        return 0;
     uint64_t body = htole64(id), out;
     char why[WHY];
     int saved = errno;
-    if (writable)
-        call_writing_back(MPU_MSG_UNMAP, &body, sizeof body, MPU_MSG_UNMAPPED, &out,
-                          sizeof out, why);
-    else
+    if (writable) {
+        if (call_writing_back(MPU_MSG_UNMAP, &body, sizeof body, MPU_MSG_UNMAPPED, &out,
+                              sizeof out, why) < 0) {
+            say("unmapped, but the writes may not be in the file: %s", why);
+            return -1;
+        }
+    } else {
         call(MPU_MSG_UNMAP, &body, sizeof body, -1, MPU_MSG_UNMAPPED, &out, sizeof out, NULL,
              why);
+    }
     errno = saved;
+    return 0;
 }
 
 /* Maps what fd names (a file), or the object url names (fd -1); writable:
@@ -691,8 +715,10 @@ static int unmap_locked(struct mapping *m)
         mpu_guard_remove(C.guard, m->addr);
     int r = mpu_sys_munmap((void *)m->addr, m->length);
     int err = errno;
-    if (m->served)
-        release(m->id, m->writable);
+    if (m->served && release(m->id, m->writable) < 0 && r == 0) {
+        r = -1;
+        err = errno;
+    }
     forget(m);
     errno = err;
     return r;
@@ -846,6 +872,8 @@ static void make_plain(struct mapping *m)
 int mpu_client_flush(void *addr, size_t len, int *handled)
 {
     *handled = 0;
+    if (server_lost())
+        return 0;  /* the file's own mappings now: the kernel's msync */
     uintptr_t start = (uintptr_t)addr, end = start + len;
     int r = 0;
     char why[WHY];
@@ -861,6 +889,11 @@ int mpu_client_flush(void *addr, size_t len, int *handled)
         uint64_t pages;
         if (call_writing_back(MPU_MSG_FLUSH, &span, sizeof span, MPU_MSG_FLUSHED, &pages,
                               sizeof pages, why) < 0) {
+            if (lost_meanwhile()) {  /* the guard wrote the buffer back, and synced */
+                *handled = 0;
+                r = 0;
+                break;
+            }
             say("cannot flush %s: %s", m->name, why);
             r = -1;
             break;
@@ -909,8 +942,10 @@ int mpu_client_munmap(void *addr, size_t len, int *handled)
         for (struct mapping *m = C.maps, *next; m; m = next) {
             next = m->next;
             if (m->addr >= start && m->addr + m->length <= end) {
-                if (m->served)
-                    release(m->id, m->writable);
+                if (m->served && release(m->id, m->writable) < 0 && r == 0) {
+                    r = -1;
+                    err = errno;
+                }
                 forget(m);
             }
         }
@@ -1026,7 +1061,7 @@ MPU_API int client_uunmap(const char *filename)
         errno = EINVAL;
         say("cannot unmap %s: not mapped", filename);
     } else if ((r = unmap_locked(m)) < 0) {
-        say("cannot unmap %s: munmap: %s", filename, strerror(errno));
+        say("cannot unmap %s: %s", filename, strerror(errno));
     }
     int saved = errno;
     pthread_mutex_unlock(&C.lock);
@@ -1052,10 +1087,10 @@ MPU_API int client_uflush(const char *filename)
         say("cannot flush %s: not mapped", filename);
         return -1;
     }
-    if (!served)  /* the file's own mapping now: msync it */
+    int handled = 0, r = served ? mpu_client_flush((void *)addr, length, &handled) : 0;
+    if (!handled)  /* the file's own mapping now (or since the server was lost): msync it */
         return msync((void *)addr, length, MS_SYNC);
-    int handled;
-    return mpu_client_flush((void *)addr, length, &handled);
+    return r;
 }
 
 MPU_API long umapcfg_get_system_page_size(void)

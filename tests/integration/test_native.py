@@ -409,6 +409,30 @@ def test_program_reads_on_when_the_server_is_killed(start_server, programs, work
     assert len(lost) == 1 and "1 mapping(s) now use their file directly" in lost[0], err
 
 
+def test_a_writer_syncs_its_file_once_the_server_is_killed(start_server, programs, workdir):
+    """client_uflush and client_uunmap after the server died: the guard
+    wrote the buffer back and mapped the file in its place, so they sync
+    the file (not ask a server that is gone), and what was written before
+    and after is all in it."""
+    path = make_file(os.path.join(workdir, "w.bin"), 4 * MiB, seed=81)
+    server = start_server("--page-size", "4K", "--buffer-size", "8M")
+    exe = programs.build(os.path.join(SOURCES, "lost_flush.c"))
+    proc = programs.start([exe, path], clean_env(MPUMAP_SOCKET=server.socket),
+                          stdin=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == "wrote", \
+        proc.poll() is not None and proc.stderr.read()
+    os.kill(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(10)
+    os.unlink(server.socket)   # a killed server leaves its socket behind
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, (out, err)
+    assert out.splitlines()[-1] == "flush=0 errno=0 unmap=0 errno=0", (out, err)
+    with open(path, "rb") as f:
+        assert f.read() == b"a" * (2 * MiB) + b"b" * (2 * MiB)
+
+
 def test_the_c_library_gives_up_with_etimedout(start_server, programs, workdir):
     """Against a stopped server, client_umap fails with ETIMEDOUT after
     $MPUMAP_TIMEOUT, the connection takes no more requests, and

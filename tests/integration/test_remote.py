@@ -182,7 +182,9 @@ def test_the_c_client_maps_urls(start_server, programs, workdir, s3):
     from conftest import clean_env
 
     path = make_file(os.path.join(workdir, "object.bin"), 3 * MiB + 123, seed=8)
-    url = put_file(s3, "object.bin", path)
+    # A URL longer than the client's requests once had room for.
+    url = put_file(s3, "a-key-that-makes-the-url-longer-than-" + "x" * 90 + ".bin", path)
+    assert len(url) > 128
     server = serve(start_server, s3)
     exe = programs.build(os.path.join(os.path.dirname(__file__), "native", "url_reader.c"))
     env = clean_env(MPUMAP_SOCKET=server.socket)
