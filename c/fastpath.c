@@ -1334,9 +1334,12 @@ static uint64_t copy_in(struct mpu_filler *f, struct mpu_region_slot *r, uint32_
     uint64_t done, more = 0;
     if (mpu_uffd_copy(f->fill_uffd, (uint64_t)(uintptr_t)(map + offset), from, len, 0,
                       &done) == -EEXIST) {
+        /* The punch takes the whole umap page, with what this copy put in
+         * it before the page that was there: copied again from its start. */
         uint64_t page = (offset + done) / f->page_size;
         event(f, MPU_EV_UNFILLED, region, page, 0, 0);
         mpu_punch(r->memfd, page * f->page_size, f->page_size);
+        done = page * f->page_size - offset;
         mpu_uffd_copy(f->fill_uffd, (uint64_t)(uintptr_t)(map + offset + done), from + done,
                       len - done, 0, &more);
         done += more;
