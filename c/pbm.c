@@ -368,6 +368,19 @@ static void unlock(struct mpu_header *h)
 
 /* ---- the index follows the limit ---------------------------------------------- */
 
+/* Whether the memfd holds every byte of a page that clients map. */
+static int whole_in(const struct mpu_region_slot *r, uint64_t page, uint64_t page_size)
+{
+    uint64_t start = page * page_size;
+    if (start >= r->map_length)
+        return 0;
+    uint64_t end = r->map_length - start < page_size ? r->map_length : start + page_size;
+    if (lseek(r->memfd, (off_t)start, SEEK_DATA) != (off_t)start)
+        return 0;
+    off_t hole = lseek(r->memfd, (off_t)start, SEEK_HOLE);
+    return hole >= 0 && (uint64_t)hole >= end;
+}
+
 int mpu_pbm_fit_index(struct mpu_header *h, uint32_t limit)
 {
     uint32_t want = pow2_at_least(limit);
@@ -378,16 +391,22 @@ int mpu_pbm_fit_index(struct mpu_header *h, uint32_t limit)
     uint32_t had = h->nbuckets;
     /* A factor of four of slack each way: a limit that wobbles does not
      * rebuild the index each time. */
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
     if (want > had || (uint64_t)want * 4 < had) {
+        /* A shrink gave back the system pages past the buckets it kept,
+         * but not the rest of the page the last one is in: old heads wait
+         * there for a growth, which clears them. */
+        uint64_t written = align((uint64_t)had * sizeof(uint32_t), page) / sizeof(uint32_t);
         h->nbuckets = want;
-        rebuild_index(h, had);
+        rebuild_index(h, written < want ? (uint32_t)written : want);
     }
     if ((uint64_t)want * 4 < had) {  /* the buckets no longer used go back */
-        uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
         char *from = (char *)(buckets(h) + want), *to = (char *)(buckets(h) + had);
         char *start = (char *)(uintptr_t)align((uint64_t)(uintptr_t)from, page);
-        if (to > start && madvise(start, (size_t)(to - start), MADV_REMOVE) < 0)
+        if (to > start && madvise(start, (size_t)(to - start), MADV_REMOVE) < 0) {
             err = -errno;
+            memset(start, 0, (size_t)(to - start));  /* kept, but holding nothing */
+        }
     }
     unlock(h);
     return err;
@@ -1246,12 +1265,11 @@ uint64_t mpu_pbm_recover(struct mpu_header *h, uint32_t owner,
             continue;
         const struct mpu_region_slot *r = d->region < nregions ? &regions[d->region] : NULL;
         int known = r && r->live && r->gen == d->gen;
-        if (state == MPU_FILLING && known && r->write_fd >= 0
-            && lseek(r->memfd, (off_t)(d->page * page_size), SEEK_DATA)
-               == (off_t)(d->page * page_size)) {
+        if (state == MPU_FILLING && known && r->write_fd >= 0 && whole_in(r, d->page, page_size)) {
             /* Copied in before the filler died: in a region mapped for
              * writing, a client may have written it since.  PRESENT and
-             * DIRTY, to be written back, rather than dropped. */
+             * DIRTY, to be written back, rather than dropped.  (Not a page
+             * copied in part: its holes would go to the file as zeros.) */
             lock(h);
             if (__atomic_load_n(&d->state, __ATOMIC_SEQ_CST) == word
                 && region_live(h, d->region, d->gen)) {
