@@ -38,6 +38,7 @@ WRITE_BACK_SECONDS = 300.0
 QUICK_DEATH_SECONDS = 1.0
 MAX_QUICK_DEATHS = 5
 LOOP_SECONDS = 1.0  # the main loop wakes at least this often
+RESPAWN_SECONDS = 1.0  # between tries to start a worker whose start failed
 ACCEPTS_PER_PASS = 32
 
 
@@ -73,6 +74,7 @@ class Arbiter:
         self.workers = {}  # pid -> Worker
         self.by_slot = {}  # (role, index) -> Worker
         self.quick_deaths = collections.Counter()
+        self.unstarted = {}  # (role, index) -> when to try again: a spawn that failed
         self.stopping = False
         self.stop_now = False
         self.exit_status = 0
@@ -141,6 +143,7 @@ class Arbiter:
 
     def housekeeping(self):
         now = time.monotonic()
+        self.respawn_due(now)
         self.check_heartbeats()
         self.handler.expire(now)
         listening = self.selector.get_map().get(self.listener.fileno()) is not None
@@ -200,19 +203,29 @@ class Arbiter:
     # -- workers ------------------------------------------------------------------
 
     def spawn(self, role, index, restarted=False):
+        """Start a worker for a slot; OSError (no memory or descriptors for
+        it) leaves nothing behind."""
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for sock in (parent_sock, child_sock):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WORKER_SOCKET_BUFFER)
-        worker = ROLES[role](index, self.settings, self.buffer, self.evict_fds, self.pid)
-        self.buffer.beat(worker.heartbeat_slot)  # a fresh worker has a fresh heartbeat
-        # Keep the interpreter's pages shared with the child: nothing the
-        # child's collector visits is copied for it.
-        gc.freeze()
-        pid = self.fork()
-        if pid == 0:
-            parent_sock.detach()
-            worker.init_process(child_sock)  # never returns
-        gc.unfreeze()
+        try:
+            for sock in (parent_sock, child_sock):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WORKER_SOCKET_BUFFER)
+            worker = ROLES[role](index, self.settings, self.buffer, self.evict_fds, self.pid)
+            self.buffer.beat(worker.heartbeat_slot)  # a fresh worker has a fresh heartbeat
+            # Keep the interpreter's pages shared with the child: nothing the
+            # child's collector visits is copied for it.
+            gc.freeze()
+            try:
+                pid = self.fork()
+            finally:
+                if os.getpid() == self.pid:
+                    gc.unfreeze()
+            if pid == 0:
+                parent_sock.detach()
+                worker.init_process(child_sock)  # never returns
+        except BaseException:
+            parent_sock.close()
+            child_sock.close()
+            raise
         child_sock.close()
         worker.pid = pid
         worker.channel = Channel(parent_sock,
@@ -333,8 +346,26 @@ class Arbiter:
             self.stopping = True
             self.exit_status = 1
             return
+        self.restart_slot(slot)
+
+    def respawn_due(self, now):
+        for slot, when in list(self.unstarted.items()):
+            if now >= when and not self.stopping:
+                del self.unstarted[slot]
+                self.restart_slot(slot)
+
+    def restart_slot(self, slot):
+        """A worker for a slot whose worker died; if none can be started
+        now (fork or socketpair failed: memory, descriptors), the slot is
+        tried again RESPAWN_SECONDS later, and the server serves on."""
+        try:
+            self.spawn(*slot, restarted=True)
+        except OSError as exc:
+            log.error("cannot start %s %d again (%s): trying again in %g s", *slot,
+                      exc.strerror or exc, RESPAWN_SECONDS)
+            self.unstarted[slot] = time.monotonic() + RESPAWN_SECONDS
+            return
         self.buffer.add("restarts")
-        self.spawn(*slot, restarted=True)
 
     def check_heartbeats(self):
         """Kill the workers that gave no sign of life for --worker-timeout

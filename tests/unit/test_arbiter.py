@@ -108,6 +108,31 @@ def test_a_dead_filler_is_reaped_replaced_and_its_clients_woken(arbiter):
     assert old.channel.sock.fileno() == -1  # its socket is closed
 
 
+def test_a_worker_that_cannot_be_started_again_is_tried_again_later(arbiter, monkeypatch):
+    old = slot(arbiter, "filler", 1)
+    old.started -= 10
+    fork = arbiter.procs.fork
+
+    def no_memory():
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(Arbiter, "fork", staticmethod(no_memory))
+    arbiter.procs.end(old.pid, 9)
+    arbiter.reap()
+    assert not arbiter.stopping  # the server serves on without it
+    assert ("filler", 1) not in arbiter.by_slot and arbiter.monitor.fillers[1] == -1
+    arbiter.respawn_due(time.monotonic() + 10)  # fails again: still waiting
+    assert list(arbiter.unstarted) == [("filler", 1)]
+    monkeypatch.setattr(Arbiter, "fork", staticmethod(fork))
+    arbiter.respawn_due(time.monotonic())  # not due yet
+    assert ("filler", 1) not in arbiter.by_slot
+    arbiter.respawn_due(time.monotonic() + 10)
+    new = slot(arbiter, "filler", 1)
+    assert new.restarted and new.pid in arbiter.procs.alive and not arbiter.unstarted
+    assert arbiter.monitor.fillers[1] == new.channel.fileno()
+    assert arbiter.buffer.counter("restarts") == 1
+
+
 def test_a_worker_that_dies_at_once_again_and_again_stops_the_server(arbiter):
     for death in range(MAX_QUICK_DEATHS):
         assert not arbiter.stopping
