@@ -175,8 +175,9 @@ def client_command():
               help="When the command ends, print (on stderr) what its processes used: "
                    "faults, bytes filled, time their threads waited on faults.")
 @click.option("--map", "patterns", multiple=True, metavar="PATTERN",
-              help="Serve the command's own read-only mmap() of files matching this "
-                   "pattern (fnmatch, on the whole path) through the server; repeatable.")
+              help="Serve the command's own mmap() of files matching this pattern "
+                   "(fnmatch, on the whole path; shared mappings, read-only or "
+                   "read-write) through the server; repeatable.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run_command(socket_path, stats, patterns, command):
     """Run COMMAND with MPUMAP_SOCKET set, so that every mpumap client in it
@@ -198,6 +199,8 @@ def run_command(socket_path, stats, patterns, command):
             env = native.preload_env(list(patterns), S.socket_path(socket_path))
         except native.NativeMissing as exc:
             raise click.ClickException(str(exc)) from None
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--map") from None
     return launcher.main_run(list(command), socket_path, stats, env)
 
 

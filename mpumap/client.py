@@ -138,7 +138,7 @@ def _reply(data, rfds, expect):
     return payload, values
 
 
-def server_stats(socket_path=None, session=None, timeout=None):
+def server_stats(socket_path=None, timeout=None, *, session=None):
     """The server's status, asked without mapping anything (and so without a
     userfaultfd): settings, buffer counters, workers, clients, regions; with
     a session tag, also what the clients of that session used.  A user who

@@ -25,7 +25,8 @@ def launch(command, socket_path=None, env_extra=None):
     """Run command with MPUMAP_SOCKET and a session tag set; return
     (exit status, session).  The status is the shell's: 128+N for a
     command killed by signal N."""
-    path = resolve_socket_path(socket_path)
+    # Absolute: the command may change directory before it connects.
+    path = os.path.abspath(resolve_socket_path(socket_path))
     try:
         mpumap.server_stats(path)
     except (OSError, ValueError) as exc:
@@ -46,6 +47,8 @@ def launch(command, socket_path=None, env_extra=None):
             raise LaunchError(f"{command[0]}: command not found", 127) from None
         except PermissionError:
             raise LaunchError(f"{command[0]}: permission denied", 126) from None
+        except OSError as exc:  # not a program (ENOEXEC), and the like: as a shell says
+            raise LaunchError(f"{command[0]}: {exc.strerror}", 126) from None
         while proc.poll() is None:
             info = signal.sigtimedwait(watched, 0.5)
             if info is None or info.si_signo == signal.SIGCHLD:
@@ -62,7 +65,7 @@ def launch(command, socket_path=None, env_extra=None):
 def session_report(socket_path, session):
     """One line on what a session's clients used, or None if the server is gone."""
     try:
-        report = mpumap.server_stats(socket_path, session)["session"]
+        report = mpumap.server_stats(socket_path, session=session)["session"]
     except (OSError, ValueError):
         return None
     served = report["copies"] + report["wakes"]

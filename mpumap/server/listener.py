@@ -5,6 +5,7 @@ import logging
 import os
 import resource
 import socket
+import stat
 import time
 
 log = logging.getLogger("mpumap.arbiter")
@@ -81,7 +82,10 @@ class Listener:
             os.close(fd)
 
     def _bind(self, mode, group):
-        if os.path.exists(self.path):
+        if os.path.lexists(self.path):
+            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                raise RuntimeError(f"{self.path} is there and is not a socket: "
+                                   "choose another --socket")
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             probe.settimeout(2.0)
             try:

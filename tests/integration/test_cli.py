@@ -36,3 +36,32 @@ def test_bad_settings_fail_in_one_line(args, env, message):
     assert message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not os.path.exists("/tmp/unused.sock")
+
+
+def test_a_socket_path_that_is_a_file_is_refused_and_left_alone(tmp_path):
+    path = tmp_path / "not-a-socket"
+    path.write_text("someone's notes\n")
+    proc = subprocess.run([sys.executable, "-m", "mpumap.cli", "--socket", str(path),
+                           "--buffer-size", "8M"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "is not a socket" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert path.read_text() == "someone's notes\n"
+
+
+def client_run(*args, cwd=None):
+    code = "from mpumap.cli import client_main; client_main()"
+    return subprocess.run([sys.executable, "-c", code, "run", *args], capture_output=True,
+                          text=True, timeout=60, cwd=cwd)
+
+
+def test_run_refuses_a_bad_pattern_and_a_command_it_cannot_run(start_server, tmp_path):
+    server = start_server("--buffer-size", "8M")
+    proc = client_run("--socket", server.socket, "--map", "a:b", "--", "true")
+    assert proc.returncode == 2 and "--map" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    script = tmp_path / "no-shebang"
+    script.write_bytes(b"\x7fELF but not a program\n")
+    script.chmod(0o755)
+    proc = client_run("--socket", server.socket, "--", str(script))
+    assert proc.returncode == 126, proc.stderr
+    assert proc.stderr.strip() == f"mpumap-client: {script}: Exec format error", proc.stderr
