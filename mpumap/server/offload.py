@@ -4,11 +4,16 @@ Opening a client's file for the store can wait (a hung NFS server); so can
 reading another process's /proc/<pid>/maps, or registering a range of its
 address space.  Such steps run in threads, bounded in number and in time,
 and their results come back to the main loop, which alone touches the
-server's tables.
+server's tables.  What must not run in the server's process at all (a
+store's client) runs in a child forked for it (`in_child`).
 """
 import collections
+import errno
+import json
 import os
 import queue
+import select
+import signal
 import threading
 import time
 
@@ -132,3 +137,71 @@ class Offload:
     def close(self):
         os.close(self._wake_read)
         os.close(self._wake_write)
+
+
+def in_child(fn, seconds):
+    """fn() run in a child process forked for it: its result (what JSON
+    carries), or the OSError it raised, raised here; TimeoutError, with
+    the child killed, after `seconds`.
+
+    For a store's client library, which the server must not run itself: it
+    may start threads that a fork does not copy (obstore's tokio runtime),
+    and a worker the server forks later would find it unusable, each of its
+    reads hanging.  Call it from an offload thread: it waits.  The arbiter
+    reaps the child, as it reaps every child that ends."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = os.fork()
+    except BaseException:
+        os.close(read_end)
+        os.close(write_end)
+        raise
+    if pid == 0:  # pragma: no cover (the child's coverage is not collected)
+        _child(fn, read_end, write_end)
+    os.close(write_end)
+    deadline = time.monotonic() + seconds
+    data = b""
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([read_end], [], [], left)[0]:
+                # No end of the pipe: the child has not exited, so the pid
+                # is still its own.
+                os.kill(pid, signal.SIGKILL)
+                raise TimeoutError(f"no answer in {seconds:g} s")
+            chunk = os.read(read_end, 65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(read_end)
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise OSError(errno.EIO, "the child that asked died without a word") from None
+    if "errno" in reply:
+        raise OSError(reply["errno"], reply["message"])
+    return reply["result"]
+
+
+def _child(fn, read_end, write_end):
+    status = 1
+    try:
+        os.close(read_end)
+        # The arbiter's signal handlers write to its wakeup pipe: not ours.
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                       signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        try:
+            reply = {"result": fn()}
+        except OSError as exc:
+            reply = {"errno": exc.errno or errno.EIO, "message": exc.strerror or str(exc)}
+        except Exception as exc:
+            reply = {"errno": errno.EIO, "message": f"{type(exc).__name__}: {exc}"}
+        data = json.dumps(reply).encode()
+        while data:
+            data = data[os.write(write_end, data):]
+        status = 0
+    finally:
+        os._exit(status)  # nothing of the server's to clean up: it is the parent's

@@ -14,10 +14,10 @@ from mpumap._core import lib
 from mpumap.logs import Quiet
 from mpumap.protocol import Advice, Msg, ProtocolError, W
 from mpumap.server.clients import ClientMapping, Connection
-from mpumap.server.offload import Offload
+from mpumap.server.offload import Offload, in_child
 from mpumap.server.stats import LISTED, server_stats
 from mpumap.settings import SYSTEM_PAGE_SIZE
-from mpumap.stores import StoreSettings, Stores, allowed, check_url
+from mpumap.stores import ObjectInfo, StoreSettings, Stores, allowed, check_url
 from mpumap.stores.files import CALL, open_store
 from mpumap.workers.fillers import STORE_WINDOW_BYTES, prefetch_run
 
@@ -355,7 +355,8 @@ class RequestHandler:
         store = self.stores.for_url(url)
         self.may_map(conn)
         page_size = asked or store.page_size
-        self.open_for(conn, lambda: OpenedObject(url, store.stat(url), store.window, page_size))
+        self.open_for(conn, lambda: OpenedObject(url, object_info(store, url), store.window,
+                                                 page_size))
 
     def open_for(self, conn, open_, discard=None):
         """Open what a map names off the main loop (a file's fstat may wait
@@ -759,6 +760,17 @@ class OpenedFile:
         if self.write_fd >= 0:
             os.close(self.write_fd)
             self.write_fd = -1
+
+
+def object_info(store, url):
+    """What the store says of the object at url, asked in a child: the
+    server never starts a store's client itself (see in_child); the fillers
+    read through their own."""
+    def ask():
+        info = store.stat(url)
+        return [info.size, info.identity]
+
+    return ObjectInfo(*in_child(ask, OFFLOAD_SECONDS))
 
 
 class OpenedObject:

@@ -213,3 +213,35 @@ def test_http_objects_map_too(start_server, workdir, s3):
         with client.map(url, page_size=256 << 10) as again:
             assert again[:10] == m[:10]  # the same region: its first page size holds
             assert client.stats()["regions"][0]["page_size"] == 64 << 10
+
+
+def test_fillers_started_again_read_objects(start_server, workdir, s3):
+    """The server asks the store about an object (its size and ETag) before
+    any filler reads it; fillers started after that, in place of ones that
+    died, read objects as the first ones did (a store's client started in
+    the server would be unusable in what it forks later: obstore's was)."""
+    path = make_file(os.path.join(workdir, "object.bin"), 4 * MiB, seed=10)
+    url = put_file(s3, "object.bin", path)
+    server = serve(start_server, s3, "--page-size", "64K", "--buffer-size", "1M")
+    with open(path, "rb") as f:
+        want = f.read()
+    with mpumap.connect(server.socket) as client, client.map(url) as m:
+        assert m[:MiB] == want[:MiB]
+    time.sleep(1.2)  # up a while: a worker that dies at once is a crash loop
+    fillers = [w for w in server.workers() if "filler" in " ".join(w.cmdline())]
+    assert len(fillers) == 2
+    for w in fillers:
+        w.send_signal(signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while server.stats()["buffer"]["restarts"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # 4 MiB through a 1 MiB buffer, in a child (a fault that fails is a SIGBUS).
+    read = textwrap.dedent("""
+        import sys, mpumap
+        with mpumap.connect(sys.argv[1]) as c, c.map(sys.argv[2]) as m, open(sys.argv[3], "rb") as f:
+            sys.exit(0 if m[:] == f.read() else 1)
+    """)
+    proc = subprocess.run([sys.executable, "-c", read, server.socket, url, path],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
