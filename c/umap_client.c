@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <pwd.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -406,6 +407,39 @@ static int open_socket(const struct sockaddr_un *sa, char *why)
     return sock;
 }
 
+/* Whether the server's user may have this process's memory: HELLO hands
+ * it our userfaultfd, with which it writes into us, and each MAP a
+ * descriptor of ours; anyone may bind a socket in /tmp while the real
+ * server is down.  Root, our own user, and the user $MPUMAP_SERVER_USER
+ * names (a name or a uid) may. */
+static int trusted_server(int sock, char *why)
+{
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
+        why_errno(why, "SO_PEERCRED");
+        return 0;
+    }
+    if (cred.uid == 0 || cred.uid == geteuid())
+        return 1;
+    const char *named = getenv("MPUMAP_SERVER_USER");
+    if (named && *named) {
+        char *end;
+        unsigned long uid = strtoul(named, &end, 10);
+        if (*end) {
+            struct passwd *pw = getpwnam(named);
+            uid = pw ? pw->pw_uid : (unsigned long)-1;
+        }
+        if (uid == cred.uid)
+            return 1;
+    }
+    errno = EPERM;
+    snprintf(why, WHY, "the server at %s runs as uid %u, neither root nor this process's "
+             "user: not handing it this process's memory (MPUMAP_SERVER_USER=%u trusts that "
+             "user)", C.path, (unsigned)cred.uid, (unsigned)cred.uid);
+    return 0;
+}
+
 static int connect_locked(const char *sock_path, char *why)
 {
     if (connected() && !server_lost())
@@ -430,6 +464,12 @@ static int connect_locked(const char *sock_path, char *why)
     int sock = open_socket(&sa, why);
     if (sock < 0)
         return -1;
+    if (!trusted_server(sock, why)) {
+        int err = errno;
+        close(sock);
+        errno = err;
+        return -1;
+    }
 
     /* Our own userfaultfd, kept for as long as any mapping lives. */
     int how;

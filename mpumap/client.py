@@ -15,8 +15,10 @@ import json
 import logging
 import mmap
 import os
+import pwd
 import socket
 import stat
+import struct
 import threading
 import time
 import urllib.parse
@@ -63,6 +65,34 @@ def connect(socket_path=None, timeout=None):
     default) and return a Client.  Its requests give up after `timeout`
     seconds (else $MPUMAP_TIMEOUT, else 10) with mpumap.TimeoutError."""
     return Client(socket_path, timeout)
+
+
+def _trusted_uids():
+    """Whose server a client hands its memory: root's, its own user's, and
+    the user $MPUMAP_SERVER_USER names (a name or a uid)."""
+    uids = {0, os.geteuid()}
+    named = os.environ.get("MPUMAP_SERVER_USER", "").strip()
+    if named.isdigit():
+        uids.add(int(named))
+    elif named:
+        try:
+            uids.add(pwd.getpwnam(named).pw_uid)
+        except KeyError:
+            pass
+    return uids
+
+
+def _check_server_user(sock, path):
+    """Refuse a server run by a user not trusted with this process's
+    memory: HELLO hands it our userfaultfd, with which it writes into us,
+    and each MAP a descriptor of ours.  Anyone may bind a socket in /tmp
+    while the real server is down."""
+    _, uid, _ = struct.unpack("iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                     struct.calcsize("iII")))
+    if uid not in _trusted_uids():
+        raise PermissionError(errno.EPERM, f"the server at {path} runs as uid {uid}, neither "
+                              f"root nor this process's user: not handing it this process's "
+                              f"memory (MPUMAP_SERVER_USER={uid} trusts that user)")
 
 
 def _open_socket(path, timeout):
@@ -206,6 +236,11 @@ class Client:
         self._uffd = None
         self._unfit = None  # why requests may no longer be made
         self._sock = _open_socket(self.socket_path, self.timeout)
+        try:
+            _check_server_user(self._sock, self.socket_path)
+        except BaseException:
+            self._sock.close()
+            raise
         self._sock.settimeout(self.timeout)
         # We keep our userfaultfd open for as long as any mapping lives: were
         # the server's copy the last one, its death would unregister our

@@ -196,7 +196,7 @@ def test_a_client_that_is_not_root(start_server, readers, workdir):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody")
-def test_a_server_that_is_not_root(start_server, readers, workdir):
+def test_a_server_that_is_not_root(start_server, readers, workdir, monkeypatch):
     """A user's own server, run as that user: each filler gets a userfaultfd
     of its own the way a client does (here the plain syscall and
     /dev/userfaultfd are refused to nobody, so user-mode-only) and fills
@@ -218,6 +218,13 @@ def test_a_server_that_is_not_root(start_server, readers, workdir):
     log = server.output()
     assert "no userfaultfd of its own" not in log, log
     assert "cannot fill it through a mapping" not in log, log
+    # This process is root's: it hands nobody's server nothing of its own,
+    # unless told to trust that user.
+    with pytest.raises(PermissionError, match=f"MPUMAP_SERVER_USER={NOBODY}"):
+        mpumap.connect(server.socket)
+    monkeypatch.setenv("MPUMAP_SERVER_USER", "nobody")
+    with mpumap.connect(server.socket) as client, client.map(path) as m, open(path, "rb") as f:
+        assert m[:] == f.read()
 
 
 def test_an_idle_server_does_not_spin(start_server, workdir):

@@ -118,6 +118,23 @@ def test_no_server_fails_without_exiting(programs, workdir):
     assert all(line.startswith("mpumap-client: ") for line in err.splitlines())
 
 
+def test_a_server_of_another_user_is_trusted_only_when_named(start_server, programs, workdir):
+    """A root C client hands a server that nobody runs neither its
+    userfaultfd nor its files, unless MPUMAP_SERVER_USER names that user."""
+    path = make_file(os.path.join(workdir, "f.bin"), MiB, seed=82)
+    os.chmod(path, 0o644)
+    server = start_server("--page-size", "4K", "--buffer-size", "8M", user=NOBODY)
+    exe = programs.build(os.path.join(SOURCES, "probe.c"))
+    code, out, err = programs.run([exe, "nosrv", server.socket, path], clean_env())
+    v = values(out)
+    assert code == 0 and v["init_errno"] == errno.EPERM and v["map_null"] == 1, (out, err)
+    assert f"runs as uid {NOBODY}" in err and f"MPUMAP_SERVER_USER={NOBODY}" in err, err
+    code, out, err = programs.run([exe, "nosrv", server.socket, path],
+                                  clean_env(MPUMAP_SERVER_USER="nobody"))
+    v = values(out)
+    assert code == 0 and v["init_errno"] == 0 and v["map_right"] == 1, (out, err)
+
+
 def test_missing_file_misuse_and_settings(start_server, programs, workdir):
     good = make_file(os.path.join(workdir, "good.bin"), 3 * 65536 + 100, seed=72)
     server = start_server("--page-size", "64K", "--buffer-size", 64, "--fillers", 2,
