@@ -1489,6 +1489,8 @@ static void past_the_end(struct mpu_filler *f, struct mpu_region_slot *r, uint32
     uint64_t end_page = page + 1, end = page * f->page_size + got;
     if (fstat(r->store_fd, &st) == 0) {
         end = (uint64_t)st.st_size;
+        if (end >= r->size)
+            return;  /* it did not shrink: the read failed */
         end_page = end / f->page_size;
     }
     /* Said once per shrink, not once per fault past the end. */
