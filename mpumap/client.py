@@ -431,6 +431,11 @@ class Client:
             self._call(Msg.UNMAP, protocol.U64.pack(mid), expect=Msg.UNMAPPED,
                        timeout=FLUSH_SECONDS if writable else None)
         except ServerUnavailable as exc:
+            # A server that is gone: the guard wrote the pages to the file
+            # itself.  A connection that takes no more requests (one timed
+            # out) cannot tell whether they got there: the caller hears.
+            if writable and self._unfit and not self.fell_back:
+                raise
             log.debug("unmapping %d: %s", mid, exc)
         except OSError as exc:
             if writable:
