@@ -66,6 +66,9 @@ struct mpu_region_info {
     uint64_t present;   /* pages PRESENT now */
     uint64_t covered;   /* pages the file covers, as far as the fillers know:
                            npages, until one finds it shorter */
+    int32_t write_error;  /* errno of a write-back whose pages were dropped
+                             (see mpu_pbm_evict), until a flush reports it */
+    uint32_t pad;
 };
 
 /* What a process knows of a region to work on its pages: filled in by
@@ -197,6 +200,7 @@ struct mpu_header {
     uint64_t writes;        /* write faults that made a page dirty */
     uint64_t written;       /* pages written back to their files */
     uint64_t dirty;         /* pages not CLEAN now (DIRTY, OPENING, WRITING) */
+    uint64_t lost_writes;   /* dirty pages dropped: their file would not take them */
     uint64_t latency[MPU_LATENCY_BUCKETS];
     struct mpu_store_stats stores[MPU_STORE_KINDS];
     /* CLOCK_MONOTONIC ns of each worker's last sign of life. */
@@ -294,7 +298,10 @@ int mpu_page_state(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t
  * write-back that failed).  A dirty page is written back first.  Stops at a
  * page of a live region it has no memfd (or no writable file) for, or whose
  * writers' clients it has not heard of yet: -EAGAIN when nothing was
- * evicted for that reason. */
+ * evicted for that reason.  Dirty pages whose file will not take them
+ * (mpu_lost_write: a full disk, a quota, an I/O error) are dropped, as the
+ * kernel drops them, rather than kept for ever: the region's write_error
+ * says so, until mpu_region_take_write_error. */
 int64_t mpu_pbm_evict(struct mpu_header *h, uint32_t max, uint32_t owner,
                       const struct mpu_region_slot *regions, uint32_t nregions,
                       const struct mpu_client_slot *clients, uint32_t nclients,
@@ -302,6 +309,12 @@ int64_t mpu_pbm_evict(struct mpu_header *h, uint32_t max, uint32_t owner,
 /* Writes the dirty pages of [first, first + count) of region `slot` to its
  * file and syncs it (what msync(MS_SYNC) does): the pages written, or
  * -errno (-EAGAIN: a writer's client is not known here yet). */
+/* Whether a write-back that failed with -err failed for good: its pages
+ * would never be written. */
+int mpu_lost_write(int err);
+/* The errno of the write-back whose pages mpu_pbm_evict dropped for region
+ * slot (generation gen), 0 if none; reported once: cleared. */
+int mpu_region_take_write_error(struct mpu_header *h, uint32_t slot, uint32_t gen);
 int64_t mpu_region_write_back(struct mpu_header *h, uint32_t slot,
                               const struct mpu_region_slot *r,
                               const struct mpu_client_slot *clients, uint32_t nclients,

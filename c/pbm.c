@@ -425,8 +425,33 @@ int mpu_region_open(struct mpu_header *h, uint32_t slot, uint32_t gen, uint64_t 
     r->npages = npages;
     r->present = 0;
     r->covered = npages;
+    r->write_error = 0;
     unlock(h);
     return 0;
+}
+
+int mpu_region_take_write_error(struct mpu_header *h, uint32_t slot, uint32_t gen)
+{
+    if (slot >= h->max_regions)
+        return 0;
+    struct mpu_region_info *r = &mpu_regions(h)[slot];
+    lock(h);
+    int err = r->gen == gen ? r->write_error : 0;
+    if (err)
+        r->write_error = 0;
+    unlock(h);
+    return err;
+}
+
+int mpu_lost_write(int err)
+{
+    switch (-err) {
+    case ENOSPC: case EDQUOT: case EFBIG: case EROFS: case EIO: case EPERM: case EACCES:
+    case EBADF:
+        return 1;
+    default:
+        return 0;  /* (EAGAIN: a message on its way; ENOMEM: memory may come) */
+    }
 }
 
 static int region_live(struct mpu_header *h, uint32_t slot, uint32_t gen)
@@ -974,18 +999,32 @@ int64_t mpu_pbm_evict(struct mpu_header *h, uint32_t max, uint32_t owner,
                 k = j > k ? j : k + 1;
             }
             uint32_t kept = 0;
+            /* A file that will never take them (a full disk, say) would
+             * keep them in the buffer for ever, and every client of every
+             * region would wait for room: dropped, as the kernel drops
+             * them, and the region's next flush says so. */
+            int lost = wrote < 0 && mpu_lost_write(wrote);
             lock(h);
+            if (lost) {
+                struct mpu_region_info *info = &mpu_regions(h)[slot];
+                if (info->gen == descs[run[0] - 1].gen && !info->write_error)
+                    info->write_error = -wrote;
+            }
             for (uint32_t k = 0; k < n; k++) {
                 struct mpu_desc *d = &descs[run[k] - 1];
                 if (MPU_STATE(d->dirty) != MPU_WRITING)
                     continue;
-                if (wrote == 0) {
+                if (wrote == 0 || lost) {
                     set_dirty(h, d, MPU_CLEAN);
                     mark_leaving(h, d, owner);  /* (out of the FIFO already) */
+                    if (lost)
+                        mpu_add64(&h->lost_writes, 1);
                 } else {
                     end_writing(h, run[k], 0);
                 }
             }
+            if (lost)
+                wrote = 0;  /* the run goes, as written */
             if (wrote) {
                 /* Only the clean pages of the run go. */
                 for (uint32_t k = 0; k < n; k++)

@@ -60,6 +60,7 @@ COUNTERS = (
     "hangs",
     "writes",
     "written",
+    "lost_writes",
 )
 CLIENT_COUNTERS = ("faults", "copies", "wakes", "bytes", "wait_ns")
 
@@ -245,10 +246,17 @@ class PageBuffer:
         if n == -errno.EAGAIN:
             return 0
         if n < 0:
-            # A punch or a write-back that failed (a full disk): the pages
-            # stay, dirty ones dirty, and the next round tries again.
+            # A punch or a write-back that failed for now: the pages stay,
+            # dirty ones dirty, and the next round tries again.  (Those a
+            # file will never take are dropped: see take_write_error.)
             raise EvictionFailed(-n, f"evicting pages: {os.strerror(-n)}")
         return n
+
+    def take_write_error(self, slot, gen):
+        """The errno of a write-back whose dirty pages eviction dropped
+        (their file would not take them: a full disk, say), 0 if none;
+        cleared, so that one flush reports it."""
+        return lib.mpu_region_take_write_error(self.header, slot, gen)
 
     def write_back(self, slot, slots, clients, first, count, owner, page_size):
         """Write the dirty pages of [first, first + count) of a region to its

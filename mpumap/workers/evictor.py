@@ -122,6 +122,9 @@ class Evictor(Worker):
             self.beat()
             if result < 0:
                 self.log.error("writing back %s: %s", region.name, os.strerror(-result))
+            else:  # what was written, but not what eviction had to drop before
+                lost = self.buffer.take_write_error(slot, gen)
+                result = -lost if lost else result
         self.sock.send(protocol.W_FLUSH.pack(W.FLUSHED, slot, gen, 0, first, count, token,
                                              result))
     def evict(self):
@@ -139,14 +142,21 @@ class Evictor(Worker):
             if excess <= 0:
                 return
             share = -(-excess // self.settings.evictors)
-            # 0: nothing to take, or the oldest page is of a region whose
-            # message waits on our socket: the loop reads it first.
+            lost = self.buffer.counter("lost_writes")
             try:
-                if self.buffer.evict(share, self.pid, self.region_slots,
-                                     self.settings.page_size, self.client_slots) == 0:
-                    return
+                evicted = self.buffer.evict(share, self.pid, self.region_slots,
+                                            self.settings.page_size, self.client_slots)
             except EvictionFailed as exc:
                 self.quiet.say("evict", logging.ERROR, "%s; dirty pages stay in the buffer "
                                "until they can be written", exc.strerror)
+                return
+            dropped = self.buffer.counter("lost_writes") - lost
+            if dropped:
+                self.log.error("%d dirty pages dropped: their file would not take them (a "
+                               "full disk, a quota, an I/O error); its next flush or unmap "
+                               "says which error", dropped)
+            # 0: nothing to take, or the oldest page is of a region whose
+            # message waits on our socket: the loop reads it first.
+            if evicted == 0:
                 return
             self.beat()

@@ -3,6 +3,7 @@ on eviction and at the last unmap, and nothing lost when a client, a
 worker or the server dies.  Every check of the file reads it with O_DIRECT,
 past any page cache."""
 import errno
+import json
 import mmap
 import os
 import signal
@@ -328,3 +329,56 @@ def test_a_file_written_by_one_user_is_not_mapped_by_another(start_server, write
         assert refused.value.errno == errno.EBUSY
     open(os.path.join(workdir, "go"), "w").close()
     assert writers.result(proc)["bad_count"] == 0
+
+
+FULL_DISK_WRITER = """
+import json, sys, mpumap
+sock, path, other = sys.argv[1:]
+PAGE = 4096
+out = {}
+with mpumap.connect(sock) as client:
+    m = client.map(path, mode="r+")
+    for p in range(len(m) // PAGE):
+        m[p * PAGE:(p + 1) * PAGE] = b"w" * PAGE
+    out["wrote"] = True
+    try:
+        m.flush()
+    except OSError as exc:
+        out["flush_errno"] = exc.errno
+    with client.map(other) as o, open(other, "rb") as f:
+        out["other_right"] = o[:] == f.read()
+    try:
+        m.close()
+    except OSError as exc:
+        out["close_errno"] = exc.errno
+print(json.dumps(out))
+"""
+
+
+def test_writes_a_full_disk_will_not_take_are_dropped_and_said_so(start_server, workdir):
+    """Dirty pages that their file's full file system will never take are
+    dropped, as the kernel drops them, rather than kept until the buffer is
+    all dirty and every client of every file waits for room for ever: the
+    writer's flush says ENOSPC, and the server serves on."""
+    small = os.path.join(workdir, "small-fs")
+    os.mkdir(small)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", small],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        path = os.path.join(small, "sparse.bin")
+        with open(path, "wb") as f:
+            f.truncate(8 * MiB)  # 8 MiB that the file system has room for one of
+        other = make_file(os.path.join(workdir, "other.bin"), 4 * MiB, seed=84)
+        server = start_server("--page-size", "4K", "--buffer-size", "2M")
+        proc = subprocess.run([sys.executable, "-c", FULL_DISK_WRITER, server.socket, path,
+                               other], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["wrote"] and out["other_right"], out
+        assert out["flush_errno"] == errno.ENOSPC, out
+        stats = server.stats()
+        assert stats["buffer"]["lost_writes"] > 0, stats["buffer"]
+        assert "dirty pages dropped" in server.output()
+    finally:
+        subprocess.run(["umount", "-l", small], capture_output=True)
