@@ -64,6 +64,19 @@ def uffd_wake(fd, start, length):
     return -lib.mpu_uffd_wake(fd, start, length)
 
 
+def close_all_but(keep):
+    """In a child just forked from the server: close every descriptor but
+    those in `keep`.  The rest are the server's (its clients' sockets and
+    userfaultfds, the regions' memfds, the listening socket): a child that
+    held them would keep the server's clients from seeing it die."""
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) not in keep:
+            try:
+                os.close(int(name))
+            except OSError:
+                pass
+
+
 def die_with_parent(parent_pid):
     import signal
 

@@ -17,6 +17,8 @@ import signal
 import threading
 import time
 
+from mpumap import core
+
 
 class Job:
     __slots__ = ("uid", "fn", "done", "abandon", "discard", "deadline", "result", "error",
@@ -150,6 +152,7 @@ def in_child(fn, seconds):
     reads hanging.  Call it from an offload thread: it waits.  The arbiter
     reaps the child, as it reaps every child that ends."""
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    parent = os.getpid()
     try:
         pid = os.fork()
     except BaseException:
@@ -157,16 +160,18 @@ def in_child(fn, seconds):
         os.close(write_end)
         raise
     if pid == 0:  # pragma: no cover (the child's coverage is not collected)
-        _child(fn, read_end, write_end)
+        _child(fn, write_end, parent, seconds)
     os.close(write_end)
     deadline = time.monotonic() + seconds
     data = b""
+    poller = select.poll()  # (select.select takes no descriptor past 1023)
+    poller.register(read_end, select.POLLIN)
     try:
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([read_end], [], [], left)[0]:
-                # No end of the pipe: the child has not exited, so the pid
-                # is still its own.
+            if left <= 0 or not poller.poll(left * 1000):
+                # No end of the pipe, which only the child holds: it has not
+                # exited, so the pid is still its own.
                 os.kill(pid, signal.SIGKILL)
                 raise TimeoutError(f"no answer in {seconds:g} s")
             chunk = os.read(read_end, 65536)
@@ -184,15 +189,19 @@ def in_child(fn, seconds):
     return reply["result"]
 
 
-def _child(fn, read_end, write_end):
+def _child(fn, write_end, parent, seconds):
     status = 1
     try:
-        os.close(read_end)
+        # Nothing of the server's: not its clients' sockets (they must see
+        # it die), nor another call's pipe (whose end it would hold open).
+        core.close_all_but({0, 1, 2, write_end})
         # The arbiter's signal handlers write to its wakeup pipe: not ours.
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
                        signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
+        core.die_with_parent(parent)
+        signal.alarm(max(1, int(seconds + 1)))  # a deadline of its own, too
         try:
             reply = {"result": fn()}
         except OSError as exc:

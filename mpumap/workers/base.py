@@ -83,13 +83,7 @@ class Worker:
         try:
             self.pid = os.getpid()
             self.sock = sock
-            keep = {0, 1, 2, sock.fileno(), self.buffer.fd, *self.evict_fds}
-            for name in os.listdir("/proc/self/fd"):
-                if int(name) not in keep:
-                    try:
-                        os.close(int(name))
-                    except OSError:
-                        pass
+            core.close_all_but({0, 1, 2, sock.fileno(), self.buffer.fd, *self.evict_fds})
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
