@@ -307,7 +307,7 @@ static int server_lost(void)
 static int lost_meanwhile(void)
 {
     int err = errno;
-    if (err != EPIPE && err != ECONNRESET && err != ENOTCONN)
+    if (C.unfit || (err != EPIPE && err != ECONNRESET && err != ENOTCONN))
         return 0;
     for (int i = 0; i < 100 && !server_lost(); i++) {
         struct timespec ms10 = { 0, 10 * 1000000L };
@@ -560,8 +560,15 @@ static int call_writing_back(int kind, const void *payload, size_t len, int expe
  * the server said it could not write them back, or never answered. */
 static int release(uint64_t id, int writable)
 {
-    if (!connected() || server_lost() || C.unfit)
-        return 0;
+    if (!connected() || server_lost())
+        return 0;  /* (the guard wrote a lost server's pages back itself) */
+    if (C.unfit) {
+        if (!writable)
+            return 0;
+        errno = ENOTCONN;  /* a request timed out: nobody can say they are in */
+        say("unmapped, but the writes may not be in the file: a request timed out before");
+        return -1;
+    }
     uint64_t body = htole64(id), out;
     char why[WHY];
     int saved = errno;
@@ -912,12 +919,14 @@ static void make_plain(struct mapping *m)
 int mpu_client_flush(void *addr, size_t len, int *handled)
 {
     *handled = 0;
-    if (server_lost())
-        return 0;  /* the file's own mappings now: the kernel's msync */
     uintptr_t start = (uintptr_t)addr, end = start + len;
     int r = 0;
     char why[WHY];
     pthread_mutex_lock(&C.lock);
+    if (server_lost()) {  /* (under the lock: a reconnection frees the guard) */
+        pthread_mutex_unlock(&C.lock);
+        return 0;  /* the file's own mappings now: the kernel's msync */
+    }
     for (struct mapping *m = C.maps; m; m = m->next) {
         uintptr_t mend = m->addr + m->length;
         if (!m->served || m->addr >= end || mend <= start)
@@ -982,10 +991,10 @@ int mpu_client_munmap(void *addr, size_t len, int *handled)
         for (struct mapping *m = C.maps, *next; m; m = next) {
             next = m->next;
             if (m->addr >= start && m->addr + m->length <= end) {
-                if (m->served && release(m->id, m->writable) < 0 && r == 0) {
-                    r = -1;
-                    err = errno;
-                }
+                /* A write-back that failed is said on stderr: munmap
+                 * itself never fails for it (the range is gone). */
+                if (m->served)
+                    release(m->id, m->writable);
                 forget(m);
             }
         }
