@@ -66,9 +66,10 @@ struct mpu_region_info {
     uint64_t present;   /* pages PRESENT now */
     uint64_t covered;   /* pages the file covers, as far as the fillers know:
                            npages, until one finds it shorter */
-    int32_t write_error;  /* errno of a write-back whose pages were dropped
-                             (see mpu_pbm_evict), until a flush reports it */
-    uint32_t pad;
+    uint32_t write_errors;  /* write-backs whose pages were dropped (see
+                               mpu_pbm_evict): each mapping reports those
+                               since it last looked, once */
+    int32_t write_error;    /* ... the errno of the last */
 };
 
 /* What a process knows of a region to work on its pages: filled in by
@@ -300,8 +301,9 @@ int mpu_page_state(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t
  * writers' clients it has not heard of yet: -EAGAIN when nothing was
  * evicted for that reason.  Dirty pages whose file will not take them
  * (mpu_lost_write: a full disk, a quota, an I/O error) are dropped, as the
- * kernel drops them, rather than kept for ever: the region's write_error
- * says so, until mpu_region_take_write_error. */
+ * kernel drops them, rather than kept for ever (mpu_region_write_errors
+ * counts it); the pages of a span that was not written are tried one by
+ * one, and only those the file refuses are dropped. */
 int64_t mpu_pbm_evict(struct mpu_header *h, uint32_t max, uint32_t owner,
                       const struct mpu_region_slot *regions, uint32_t nregions,
                       const struct mpu_client_slot *clients, uint32_t nclients,
@@ -312,9 +314,10 @@ int64_t mpu_pbm_evict(struct mpu_header *h, uint32_t max, uint32_t owner,
 /* Whether a write-back that failed with -err failed for good: its pages
  * would never be written. */
 int mpu_lost_write(int err);
-/* The errno of the write-back whose pages mpu_pbm_evict dropped for region
- * slot (generation gen), 0 if none; reported once: cleared. */
-int mpu_region_take_write_error(struct mpu_header *h, uint32_t slot, uint32_t gen);
+/* How many write-backs of region slot (generation gen) had their pages
+ * dropped (mpu_pbm_evict), and in *last the errno of the last. */
+uint32_t mpu_region_write_errors(struct mpu_header *h, uint32_t slot, uint32_t gen,
+                                 int *last);
 int64_t mpu_region_write_back(struct mpu_header *h, uint32_t slot,
                               const struct mpu_region_slot *r,
                               const struct mpu_client_slot *clients, uint32_t nclients,

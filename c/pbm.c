@@ -425,22 +425,24 @@ int mpu_region_open(struct mpu_header *h, uint32_t slot, uint32_t gen, uint64_t 
     r->npages = npages;
     r->present = 0;
     r->covered = npages;
+    r->write_errors = 0;
     r->write_error = 0;
     unlock(h);
     return 0;
 }
 
-int mpu_region_take_write_error(struct mpu_header *h, uint32_t slot, uint32_t gen)
+uint32_t mpu_region_write_errors(struct mpu_header *h, uint32_t slot, uint32_t gen, int *last)
 {
+    *last = 0;
     if (slot >= h->max_regions)
         return 0;
     struct mpu_region_info *r = &mpu_regions(h)[slot];
     lock(h);
-    int err = r->gen == gen ? r->write_error : 0;
-    if (err)
-        r->write_error = 0;
+    uint32_t count = r->gen == gen ? r->write_errors : 0;
+    if (count)
+        *last = r->write_error;
     unlock(h);
-    return err;
+    return count;
 }
 
 int mpu_lost_write(int err)
@@ -921,6 +923,8 @@ static int write_pages(struct mpu_header *h, uint32_t slot, const struct mpu_reg
  * consecutive pages, and a punch (which zaps every client's mapping of
  * the range) costs about the same for one page as for many. */
 #define EVICT_RUN 256
+#define WRITTEN 1           /* how a dirty page of an eviction run ended */
+#define DROPPED 2
 
 int64_t mpu_pbm_evict(struct mpu_header *h, uint32_t max, uint32_t owner,
                       const struct mpu_region_slot *regions, uint32_t nregions,
@@ -987,8 +991,13 @@ int64_t mpu_pbm_evict(struct mpu_header *h, uint32_t max, uint32_t owner,
         if (dirty) {
             /* The dirty pages' spans written (never a clean page: the file
              * may have been written since it was read), then LEAVING like
-             * the others.  (The WRITING pages are ours: read unlocked.) */
-            int wrote = 0;
+             * the others.  (The WRITING pages are ours: read unlocked.)
+             * A span the file will never take (a full disk, say) would stay
+             * in the buffer for ever, and every client of every region
+             * wait for room: its pages are tried one by one, and those
+             * refused dropped, as the kernel drops them. */
+            uint8_t how[EVICT_RUN] = { 0 };  /* WRITTEN, DROPPED, 0: dirty again */
+            int wrote = 0, dropped = 0;
             for (uint32_t k = 0; k < n && !wrote;) {
                 uint32_t j = k;
                 while (j < n && MPU_STATE(descs[run[j] - 1].dirty) == MPU_WRITING)
@@ -996,37 +1005,46 @@ int64_t mpu_pbm_evict(struct mpu_header *h, uint32_t max, uint32_t owner,
                 if (j > k)
                     wrote = write_pages(h, slot, r, clients, nclients, descs[run[k] - 1].page,
                                         j - k, page_size);
+                for (uint32_t m = k; m < j && wrote < 0 && mpu_lost_write(wrote); m++) {
+                    int e = write_pages(h, slot, r, clients, nclients, descs[run[m] - 1].page,
+                                        1, page_size);
+                    if (e < 0 && !mpu_lost_write(e)) {
+                        wrote = e;  /* for now: the rest stays dirty */
+                        break;
+                    }
+                    how[m] = e ? DROPPED : WRITTEN;
+                    dropped = e ? e : dropped;
+                    if (m + 1 == j)
+                        wrote = 0;  /* the span is settled: on to the next */
+                }
+                for (uint32_t m = k; m < j && !wrote; m++)
+                    how[m] = how[m] ? how[m] : WRITTEN;
                 k = j > k ? j : k + 1;
             }
             uint32_t kept = 0;
-            /* A file that will never take them (a full disk, say) would
-             * keep them in the buffer for ever, and every client of every
-             * region would wait for room: dropped, as the kernel drops
-             * them, and the region's next flush says so. */
-            int lost = wrote < 0 && mpu_lost_write(wrote);
             lock(h);
-            if (lost) {
+            if (dropped) {
                 struct mpu_region_info *info = &mpu_regions(h)[slot];
-                if (info->gen == descs[run[0] - 1].gen && !info->write_error)
-                    info->write_error = -wrote;
+                if (info->gen == descs[run[0] - 1].gen) {
+                    info->write_errors++;
+                    info->write_error = -dropped;
+                }
             }
             for (uint32_t k = 0; k < n; k++) {
                 struct mpu_desc *d = &descs[run[k] - 1];
                 if (MPU_STATE(d->dirty) != MPU_WRITING)
                     continue;
-                if (wrote == 0 || lost) {
+                if (how[k]) {
                     set_dirty(h, d, MPU_CLEAN);
                     mark_leaving(h, d, owner);  /* (out of the FIFO already) */
-                    if (lost)
+                    if (how[k] == DROPPED)
                         mpu_add64(&h->lost_writes, 1);
                 } else {
                     end_writing(h, run[k], 0);
                 }
             }
-            if (lost)
-                wrote = 0;  /* the run goes, as written */
             if (wrote) {
-                /* Only the clean pages of the run go. */
+                /* Only the pages of the run that are clean now go. */
                 for (uint32_t k = 0; k < n; k++)
                     if (MPU_STATE(descs[run[k] - 1].state) == MPU_LEAVING)
                         run[kept++] = run[k];

@@ -248,15 +248,17 @@ class PageBuffer:
         if n < 0:
             # A punch or a write-back that failed for now: the pages stay,
             # dirty ones dirty, and the next round tries again.  (Those a
-            # file will never take are dropped: see take_write_error.)
+            # file will never take are dropped: see write_errors.)
             raise EvictionFailed(-n, f"evicting pages: {os.strerror(-n)}")
         return n
 
-    def take_write_error(self, slot, gen):
-        """The errno of a write-back whose dirty pages eviction dropped
-        (their file would not take them: a full disk, say), 0 if none;
-        cleared, so that one flush reports it."""
-        return lib.mpu_region_take_write_error(self.header, slot, gen)
+    def write_errors(self, slot, gen):
+        """(How many write-backs of a region had their dirty pages dropped
+        by eviction, because the file would not take them (a full disk,
+        say); the errno of the last.)"""
+        last = ffi.new("int *")
+        count = lib.mpu_region_write_errors(self.header, slot, gen, last)
+        return count, last[0]
 
     def write_back(self, slot, slots, clients, first, count, owner, page_size):
         """Write the dirty pages of [first, first + count) of a region to its

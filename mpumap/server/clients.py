@@ -16,16 +16,20 @@ class ClientMapping:
     """A client's mapping of a region, as the server keeps it: a reference
     to the region, once registered where the client mapped it, what the
     client advised of its access (protocol.Advice), and whether it may
-    write (then it is in the buffer's table of writers while registered)."""
+    write (then it is in the buffer's table of writers while registered);
+    and how many of the region's write-backs whose pages were dropped it
+    has been told of (`seen_errors`: each flush or unmap of it says so of
+    those since, once)."""
 
-    __slots__ = ("mid", "region", "address", "advice", "writable")
+    __slots__ = ("mid", "region", "address", "advice", "writable", "seen_errors")
 
-    def __init__(self, mid, region, writable=False):
+    def __init__(self, mid, region, writable=False, seen_errors=0):
         self.mid = mid
         self.region = region
         self.address = None
         self.advice = 0  # Advice.NORMAL
         self.writable = writable
+        self.seen_errors = seen_errors
 
 
 class Connection:

@@ -416,7 +416,9 @@ class RequestHandler:
                 self.tell(*region.write_fd_message(), "evictor")
             else:
                 os.close(write_fd)
-        mapping = ClientMapping(next(self.ids), region, writable=write_fd >= 0)
+        mapping = ClientMapping(next(self.ids), region, writable=write_fd >= 0,
+                                seen_errors=self.buffer.write_errors(region.slot,
+                                                                     region.gen)[0])
         region.mappings += 1
         self.clients.add_mapping(conn, mapping)
         reply = (protocol.MAPPED.pack(mapping.mid, region.rid, region.size, region.map_length),
@@ -526,21 +528,29 @@ class RequestHandler:
         # after munmap a read of the file sees what was written.
         self.pause(conn)
         self.forget(conn, mapping, self.answer_when_written(
-            conn, Msg.UNMAPPED, lambda result: protocol.U64.pack(mid),
+            conn, mapping, Msg.UNMAPPED, lambda result: protocol.U64.pack(mid),
             f"unmapped, but writing back {mapping.region.name} failed (the server tries "
             "again)"))
 
-    def answer_when_written(self, conn, kind, body, failed):
+    def answer_when_written(self, conn, mapping, kind, body, failed):
         """What a paused connection hears once a write-back it waits on is
-        over: `kind` with body(result), or an ERROR saying `failed`."""
+        over: `kind` with body(result), or an ERROR saying `failed`; or,
+        where pages of the mapping's region were dropped since it last
+        heard (its file would not take them), an ERROR saying so."""
         def answer(result):
             if conn.sock is None:
                 return
             self.resume(conn)
+            region = mapping.region
+            count, last = self.buffer.write_errors(region.slot, region.gen)
             if result < 0:
                 self.refuse(conn, -result, f"{failed}: {os.strerror(-result)}")
+            elif count > mapping.seen_errors:  # (0: released meanwhile)
+                self.refuse(conn, last, f"pages written to {region.name} were dropped: the "
+                            f"file would not take them ({os.strerror(last)})")
             else:
                 self.reply(conn, kind, body(result))
+            mapping.seen_errors = max(count, mapping.seen_errors)
         return answer
 
     def forget(self, conn, mapping, then=None):
@@ -615,7 +625,7 @@ class RequestHandler:
         first, end = region.pages_in(offset, length or region.size)
         self.pause(conn)
         self.writeback.flush(region, first, end - first, self.answer_when_written(
-            conn, Msg.FLUSHED, protocol.U64.pack, f"writing back {region.name}"))
+            conn, mapping, Msg.FLUSHED, protocol.U64.pack, f"writing back {region.name}"))
 
     def write_back_all(self):
         """Ask for every dirty page to be written back (the server stops):

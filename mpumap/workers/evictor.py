@@ -122,9 +122,6 @@ class Evictor(Worker):
             self.beat()
             if result < 0:
                 self.log.error("writing back %s: %s", region.name, os.strerror(-result))
-            else:  # what was written, but not what eviction had to drop before
-                lost = self.buffer.take_write_error(slot, gen)
-                result = -lost if lost else result
         self.sock.send(protocol.W_FLUSH.pack(W.FLUSHED, slot, gen, 0, first, count, token,
                                              result))
     def evict(self):
