@@ -205,11 +205,16 @@ def test_a_server_that_is_not_root(start_server, readers, workdir, monkeypatch):
     os.chmod(path, 0o644)
     server = start_server("--page-size", "64K", "--buffer-size", 64, "--fillers", 2,
                           user=NOBODY)
-    workers = server.workers()
-    assert {p.uids().real for p in [server.ps, *workers]} == {NOBODY}
-    fillers = [p for p in workers if p.name().startswith("mpumap-filler")]
-    assert len(fillers) == 2
-    assert [fds_of(p.pid, "anon_inode:[userfaultfd]") for p in fillers] == [1, 1]
+
+    def filler_uffds():  # the socket is there before the workers have started
+        fillers = [p for p in server.workers() if p.name().startswith("mpumap-filler")]
+        return [fds_of(p.pid, "anon_inode:[userfaultfd]") for p in fillers]
+
+    deadline = time.monotonic() + 30
+    while filler_uffds() != [1, 1] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert filler_uffds() == [1, 1]
+    assert {p.uids().real for p in [server.ps, *server.workers()]} == {NOBODY}
     for order in ("seq", "random"):
         p = readers.start(server.socket, path, order=order, drop_uid=NOBODY)
         assert_clean(readers.result(p))
