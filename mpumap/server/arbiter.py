@@ -39,6 +39,11 @@ QUICK_DEATH_SECONDS = 1.0
 MAX_QUICK_DEATHS = 5
 LOOP_SECONDS = 1.0  # the main loop wakes at least this often
 RESPAWN_SECONDS = 1.0  # between tries to start a worker whose start failed
+RESPAWN_GIVE_UP_SECONDS = 30.0  # ... and how long such tries go on: then the server stops
+
+
+class SpawnFailed(OSError):
+    """No worker process could be made (fork, socketpair): nothing was."""
 ACCEPTS_PER_PASS = 32
 
 
@@ -74,7 +79,7 @@ class Arbiter:
         self.workers = {}  # pid -> Worker
         self.by_slot = {}  # (role, index) -> Worker
         self.quick_deaths = collections.Counter()
-        self.unstarted = {}  # (role, index) -> when to try again: a spawn that failed
+        self.unstarted = {}  # (role, index) -> (when to try again, when it first failed)
         self.stopping = False
         self.stop_now = False
         self.exit_status = 0
@@ -222,9 +227,11 @@ class Arbiter:
             if pid == 0:
                 parent_sock.detach()
                 worker.init_process(child_sock)  # never returns
-        except BaseException:
+        except BaseException as exc:
             parent_sock.close()
             child_sock.close()
+            if isinstance(exc, OSError):
+                raise SpawnFailed(exc.errno, exc.strerror) from exc
             raise
         child_sock.close()
         worker.pid = pid
@@ -349,21 +356,31 @@ class Arbiter:
         self.restart_slot(slot)
 
     def respawn_due(self, now):
-        for slot, when in list(self.unstarted.items()):
+        for slot, (when, _) in list(self.unstarted.items()):
             if now >= when and not self.stopping:
-                del self.unstarted[slot]
                 self.restart_slot(slot)
 
     def restart_slot(self, slot):
-        """A worker for a slot whose worker died; if none can be started
-        now (fork or socketpair failed: memory, descriptors), the slot is
-        tried again RESPAWN_SECONDS later, and the server serves on."""
+        """A worker for a slot whose worker died.  If none can be made now
+        (fork or socketpair failed: memory, descriptors), the slot is tried
+        again every RESPAWN_SECONDS while the server serves on; after
+        RESPAWN_GIVE_UP_SECONDS of that, the server stops, and its clients
+        read their files themselves (a filler's share of the faults has
+        nobody to serve it meanwhile)."""
+        now = time.monotonic()
+        _, since = self.unstarted.pop(slot, (None, now))
         try:
             self.spawn(*slot, restarted=True)
-        except OSError as exc:
+        except SpawnFailed as exc:
+            if now - since >= RESPAWN_GIVE_UP_SECONDS:
+                log.error("cannot start %s %d again (%s) for %.0f s: stopping the server",
+                          *slot, exc.strerror, now - since)
+                self.stopping = True
+                self.exit_status = 1
+                return
             log.error("cannot start %s %d again (%s): trying again in %g s", *slot,
-                      exc.strerror or exc, RESPAWN_SECONDS)
-            self.unstarted[slot] = time.monotonic() + RESPAWN_SECONDS
+                      exc.strerror, RESPAWN_SECONDS)
+            self.unstarted[slot] = (now + RESPAWN_SECONDS, since)
             return
         self.buffer.add("restarts")
 

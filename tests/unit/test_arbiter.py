@@ -9,7 +9,7 @@ import time
 import pytest
 
 from mpumap import settings as S
-from mpumap.server.arbiter import MAX_QUICK_DEATHS, Arbiter
+from mpumap.server.arbiter import MAX_QUICK_DEATHS, RESPAWN_GIVE_UP_SECONDS, Arbiter
 
 
 class Processes:
@@ -131,6 +131,23 @@ def test_a_worker_that_cannot_be_started_again_is_tried_again_later(arbiter, mon
     assert new.restarted and new.pid in arbiter.procs.alive and not arbiter.unstarted
     assert arbiter.monitor.fillers[1] == new.channel.fileno()
     assert arbiter.buffer.counter("restarts") == 1
+    assert not arbiter.stopping
+
+
+def test_a_worker_that_cannot_be_started_for_long_stops_the_server(arbiter, monkeypatch):
+    old = slot(arbiter, "evictor", 0)
+    old.started -= 10
+
+    def no_memory():
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(Arbiter, "fork", staticmethod(no_memory))
+    arbiter.procs.end(old.pid, 9)
+    arbiter.reap()
+    when, since = arbiter.unstarted["evictor", 0]
+    monkeypatch.setattr(time, "monotonic", lambda: since + RESPAWN_GIVE_UP_SECONDS + 1)
+    arbiter.respawn_due(since + RESPAWN_GIVE_UP_SECONDS + 1)
+    assert arbiter.stopping and arbiter.exit_status == 1
 
 
 def test_a_worker_that_dies_at_once_again_and_again_stops_the_server(arbiter):
