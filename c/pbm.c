@@ -1398,6 +1398,13 @@ int mpu_pbm_check(struct mpu_header *h)
         bad = 7;  /* a buffer page taken with no page, or a page without one */
     if (!bad && h->dirty != dirty)
         bad = 8;  /* the status counts dirty pages that are not (or misses some) */
+    for (uint32_t b = 0; b < h->nbuckets && !bad; b++) {
+        uint32_t steps = 0;
+        for (uint32_t i = buckets(h)[b]; i != NONE && !bad; i = d[i - 1].chain)
+            if (i > h->top || ++steps > in_use || MPU_STATE(d[i - 1].state) == MPU_FREE
+                || bucket_of(h, d[i - 1].region, d[i - 1].gen, d[i - 1].page) != b)
+                bad = 9;  /* a chain loops, or holds a free page or one of another bucket */
+    }
     unlock(h);
     return bad ? -(1000 + bad) : (int)in_use;
 }

@@ -258,3 +258,32 @@ def test_no_c_source_assumes_a_4k_page():
                 for number, line in enumerate(f, 1):
                     if page_like.search(line) and not any(a in line for a in allowed):
                         raise AssertionError(f"c/{name}:{number} {line.strip()}")
+
+
+def test_an_index_that_shrinks_and_grows_stays_whole():
+    """The index follows the limit (16384 buckets, then 1024, and back),
+    with pages in use and churning: every chain holds only pages in use
+    that hash to it (mpu_pbm_check walks them), and every page is found."""
+    buf = PageBuffer.create(16384, 90, 50, capacity=16384)
+    region = FakeRegion(1, 5, 1)
+    slots = RegionSlots(64)
+    rng = random.Random(3)
+    try:
+        buf.open_region(1, 5, 1 << 20)
+        slots.set(region)
+        live = set()
+        for step in range(4000):
+            if buf.used >= 500:
+                buf.evict(200, 2, slots, PAGE)
+                live = {p for p in live if buf.page_state(1, 5, p) == core.PRESENT}
+                buf.set_limit(rng.choice([512, 16384]), 90, 50)
+                assert lib.mpu_pbm_check(buf.header) == buf.used
+            page = rng.randrange(50_000)
+            if buf.page_state(1, 5, page) == core.FREE:
+                fill(buf, region, page)
+                live.add(page)
+        assert lib.mpu_pbm_check(buf.header) == buf.used
+        assert all(buf.page_state(1, 5, p) == core.PRESENT for p in live)
+    finally:
+        region.close()
+        buf.close()
