@@ -64,17 +64,26 @@ def uffd_wake(fd, start, length):
     return -lib.mpu_uffd_wake(fd, start, length)
 
 
-def close_all_but(keep):
-    """In a child just forked from the server: close every descriptor but
-    those in `keep`.  The rest are the server's (its clients' sockets and
-    userfaultfds, the regions' memfds, the listening socket): a child that
-    held them would keep the server's clients from seeing it die."""
+def leave_server(keep, parent_pid):
+    """In a child just forked from the server (a worker, a store's stat):
+    close every descriptor but those in `keep`, undo the arbiter's signal
+    handling, and die with the server.  The descriptors are the server's
+    (its clients' sockets and userfaultfds, the regions' memfds, the
+    listening socket): a child that held them would keep the server's
+    clients from seeing it die.  The arbiter's handlers write to its wakeup
+    pipe."""
+    import signal
+
     for name in os.listdir("/proc/self/fd"):
         if int(name) not in keep:
             try:
                 os.close(int(name))
             except OSError:
                 pass
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    die_with_parent(parent_pid)
 
 
 def die_with_parent(parent_pid):

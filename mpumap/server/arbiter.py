@@ -40,11 +40,11 @@ MAX_QUICK_DEATHS = 5
 LOOP_SECONDS = 1.0  # the main loop wakes at least this often
 RESPAWN_SECONDS = 1.0  # between tries to start a worker whose start failed
 RESPAWN_GIVE_UP_SECONDS = 30.0  # ... and how long such tries go on: then the server stops
+ACCEPTS_PER_PASS = 32
 
 
 class SpawnFailed(OSError):
     """No worker process could be made (fork, socketpair): nothing was."""
-ACCEPTS_PER_PASS = 32
 
 
 class Arbiter:

@@ -192,15 +192,8 @@ def in_child(fn, seconds):
 def _child(fn, write_end, parent, seconds):
     status = 1
     try:
-        # Nothing of the server's: not its clients' sockets (they must see
-        # it die), nor another call's pipe (whose end it would hold open).
-        core.close_all_but({0, 1, 2, write_end})
-        # The arbiter's signal handlers write to its wakeup pipe: not ours.
-        signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-                       signal.SIGCHLD):
-            signal.signal(signum, signal.SIG_DFL)
-        core.die_with_parent(parent)
+        # (Nor another call's pipe, whose end it would hold open.)
+        core.leave_server({0, 1, 2, write_end}, parent)
         signal.alarm(max(1, int(seconds + 1)))  # a deadline of its own, too
         try:
             reply = {"result": fn()}

@@ -83,14 +83,11 @@ class Worker:
         try:
             self.pid = os.getpid()
             self.sock = sock
-            core.close_all_but({0, 1, 2, sock.fileno(), self.buffer.fd, *self.evict_fds})
-            signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_DFL)
+            core.leave_server({0, 1, 2, sock.fileno(), self.buffer.fd, *self.evict_fds},
+                              self.parent_pid)
             # Ctrl-C reaches the whole process group: the server decides when we stop.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             gc.enable()
-            core.die_with_parent(self.parent_pid)
             core.set_process_title(f"mpumap-{self.name}",
                                    f"mpumap-server: {self.role} {self.index} "
                                    f"[{self.settings.socket}]")
