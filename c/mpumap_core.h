@@ -308,9 +308,6 @@ int64_t mpu_pbm_evict(struct mpu_header *h, uint32_t max, uint32_t owner,
                       const struct mpu_region_slot *regions, uint32_t nregions,
                       const struct mpu_client_slot *clients, uint32_t nclients,
                       uint64_t page_size);
-/* Writes the dirty pages of [first, first + count) of region `slot` to its
- * file and syncs it (what msync(MS_SYNC) does): the pages written, or
- * -errno (-EAGAIN: a writer's client is not known here yet). */
 /* Whether a write-back that failed with -err failed for good: its pages
  * would never be written. */
 int mpu_lost_write(int err);
@@ -318,6 +315,9 @@ int mpu_lost_write(int err);
  * dropped (mpu_pbm_evict), and in *last the errno of the last. */
 uint32_t mpu_region_write_errors(struct mpu_header *h, uint32_t slot, uint32_t gen,
                                  int *last);
+/* Writes the dirty pages of [first, first + count) of region `slot` to its
+ * file and syncs it (what msync(MS_SYNC) does): the pages written, or
+ * -errno (-EAGAIN: a writer's client is not known here yet). */
 int64_t mpu_region_write_back(struct mpu_header *h, uint32_t slot,
                               const struct mpu_region_slot *r,
                               const struct mpu_client_slot *clients, uint32_t nclients,

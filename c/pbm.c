@@ -375,9 +375,7 @@ static int whole_in(const struct mpu_region_slot *r, uint64_t page, uint64_t pag
     if (start >= r->map_length)
         return 0;
     uint64_t end = r->map_length - start < page_size ? r->map_length : start + page_size;
-    if (lseek(r->memfd, (off_t)start, SEEK_DATA) != (off_t)start)
-        return 0;
-    off_t hole = lseek(r->memfd, (off_t)start, SEEK_HOLE);
+    off_t hole = lseek(r->memfd, (off_t)start, SEEK_HOLE);  /* start itself, in a hole */
     return hole >= 0 && (uint64_t)hole >= end;
 }
 
@@ -1005,20 +1003,23 @@ int64_t mpu_pbm_evict(struct mpu_header *h, uint32_t max, uint32_t owner,
                 if (j > k)
                     wrote = write_pages(h, slot, r, clients, nclients, descs[run[k] - 1].page,
                                         j - k, page_size);
-                for (uint32_t m = k; m < j && wrote < 0 && mpu_lost_write(wrote); m++) {
-                    int e = write_pages(h, slot, r, clients, nclients, descs[run[m] - 1].page,
-                                        1, page_size);
-                    if (e < 0 && !mpu_lost_write(e)) {
-                        wrote = e;  /* for now: the rest stays dirty */
-                        break;
+                if (wrote < 0 && mpu_lost_write(wrote)) {
+                    /* Which of them the file refuses: one at a time. */
+                    wrote = 0;
+                    for (uint32_t m = k; m < j && !wrote; m++) {
+                        int e = write_pages(h, slot, r, clients, nclients,
+                                            descs[run[m] - 1].page, 1, page_size);
+                        if (e < 0 && !mpu_lost_write(e)) {
+                            wrote = e;  /* for now: this page and the rest stay dirty */
+                        } else {
+                            how[m] = e ? DROPPED : WRITTEN;
+                            dropped = e ? e : dropped;
+                        }
                     }
-                    how[m] = e ? DROPPED : WRITTEN;
-                    dropped = e ? e : dropped;
-                    if (m + 1 == j)
-                        wrote = 0;  /* the span is settled: on to the next */
+                } else if (!wrote) {
+                    for (uint32_t m = k; m < j; m++)
+                        how[m] = WRITTEN;
                 }
-                for (uint32_t m = k; m < j && !wrote; m++)
-                    how[m] = how[m] ? how[m] : WRITTEN;
                 k = j > k ? j : k + 1;
             }
             uint32_t kept = 0;
