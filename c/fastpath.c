@@ -833,6 +833,20 @@ static uint32_t slot_of(const struct mpu_filler *f, const struct mpu_region_slot
     return (uint32_t)(r - f->regions);
 }
 
+/* What this filler reads from now on (NULL: nothing), in its `reading`
+ * word: the supervisor that finds it hung knows then whose store hangs. */
+static void reading(struct mpu_filler *f, const struct mpu_region_slot *r)
+{
+    uint64_t word = r ? (uint64_t)r->gen << 32 | (slot_of(f, r) + 1) : 0;
+    __atomic_store_n(&f->h->reading[f->worker], word, __ATOMIC_RELEASE);
+}
+
+/* Whether a read of the region's store hung a filler (mpu_region_stall). */
+static int stalled(const struct mpu_filler *f, const struct mpu_region_slot *r)
+{
+    return (int)__atomic_load_n(&mpu_regions(f->h)[slot_of(f, r)].stalled, __ATOMIC_ACQUIRE);
+}
+
 static uint64_t fill_length(const struct mpu_filler *f, const struct mpu_region_slot *r,
                             uint64_t page)
 {
@@ -1027,13 +1041,16 @@ static int64_t splice_run(struct mpu_filler *f, struct mpu_region_slot *r, uint6
     uint64_t want = npages * f->page_size, offset = first * f->page_size, got = 0;
     uint64_t started = mpu_now_ns();
     beat(f);
+    reading(f, r);
     while (got < want) {
         loff_t in = (loff_t)(offset + got);
         ssize_t n = splice(fd, &in, f->splice_pipe[1], NULL, want - got, SPLICE_F_MOVE);
         if (n < 0 && errno == EINTR)
             continue;
-        if (n < 0 && got == 0 && errno == EINVAL)
+        if (n < 0 && got == 0 && errno == EINVAL) {
+            reading(f, NULL);
             return f->splicing = 2, -1;  /* this file system cannot */
+        }
         if (n <= 0)
             break;
         for (ssize_t moved = 0; moved < n;) {
@@ -1052,6 +1069,7 @@ static int64_t splice_run(struct mpu_filler *f, struct mpu_region_slot *r, uint6
                         break;
                     left -= k;
                 }
+                reading(f, NULL);
                 beat(f);
                 return (int64_t)(got + (uint64_t)moved);
             }
@@ -1059,6 +1077,7 @@ static int64_t splice_run(struct mpu_filler *f, struct mpu_region_slot *r, uint6
         }
         got += (uint64_t)n;
     }
+    reading(f, NULL);
     beat(f);
     if (got)
         drop_behind(r, fd, offset, got, scan_window(f));
@@ -1098,7 +1117,8 @@ static int64_t read_run(struct mpu_filler *f, struct mpu_region_slot *r,
     uint64_t started = mpu_now_ns();
     beat(f);
     if (r->store_mode == MPU_STORE_CALL)
-        return call_store(f, r, offset, want, started);
+        return call_store(f, r, offset, want, started);  /* (it has deadlines) */
+    reading(f, r);
     int fd = r->store_fd, direct = r->store_mode == MPU_STORE_DIRECT, drop = 0;
     if (scan && direct && (fd = scan_reader(r)) >= 0)
         direct = 0, drop = 1;
@@ -1109,14 +1129,16 @@ static int64_t read_run(struct mpu_filler *f, struct mpu_region_slot *r,
     uint64_t cached = drop ? 0 : read_from_page_cache(f, r, offset, want), got = cached;
     /* What the cache gave may end at the file's end, unaligned: the store
      * must not be asked for more then. */
-    uint64_t reading = cached && offset + cached >= r->size ? cached : want;
-    while (got < reading) {
+    uint64_t asked = cached && offset + cached >= r->size ? cached : want;
+    while (got < asked) {
         ssize_t n = pread(fd, f->chunk + got, want - got, (off_t)(offset + got));
         if (n < 0) {
             if (errno == EINTR)
                 continue;
+            int err = errno;
+            reading(f, NULL);
             beat(f);
-            return -errno;
+            return -err;
         }
         if (n == 0)
             break;
@@ -1124,6 +1146,7 @@ static int64_t read_run(struct mpu_filler *f, struct mpu_region_slot *r,
         if (direct && got % 512)
             break;  /* a short O_DIRECT read ends at the end of the file */
     }
+    reading(f, NULL);
     beat(f);
     if (got < want)
         memset(f->chunk + got, 0, want - got);
@@ -1578,6 +1601,30 @@ static void serve_write(struct mpu_filler *f, const struct mpu_fault *fault,
     }
 }
 
+/* A fault of a region whose store hung a filler: the page if the buffer
+ * holds it, else SIGBUS at once (as a soft-mounted NFS file's EIO), never a
+ * read, nor a wait for a page that a filler still stuck in that store
+ * holds.  Without UFFDIO_POISON the thread is left waiting, as a read of
+ * that store would leave it: woken, it would only fault again. */
+static void refuse(struct mpu_filler *f, const struct mpu_fault *fault, int uffd, uint64_t len)
+{
+    uint32_t entry, flags = 0;
+    int state = mpu_page_claim(f->h, fault->region, fault->region_gen, fault->page, f->pid,
+                               MPU_CLAIM_PREFETCH, 0, f->evict_fds, f->nevict, &entry, &flags);
+    if (state == MPU_FREE)
+        mpu_page_filled(f->h, entry, 0, 0);  /* back: nothing was read */
+    if (state == MPU_PRESENT || state == -ESTALE) {
+        wake(f, uffd, fault->region, fault->page, fault->address, len);
+        return;
+    }
+    mpu_add64(&f->h->fill_errors, 1);
+    int err = -mpu_uffd_poison(uffd, fault->address, len, 1);
+    if (err == EEXIST)  /* the page came in meanwhile */
+        wake(f, uffd, fault->region, fault->page, fault->address, len);
+    else if (err && !gone(err))
+        event(f, MPU_EV_NO_POISON, fault->region, fault->page, err, 0);
+}
+
 static void serve_one(struct mpu_filler *f, const struct mpu_fault *fault)
 {
     struct mpu_client_slot *c;
@@ -1597,6 +1644,10 @@ static void serve_one(struct mpu_filler *f, const struct mpu_fault *fault)
     uint64_t len = fill_length(f, r, page);
     uint32_t entry, flags = 0;
     mpu_add64(&f->h->queue_ns, (int64_t)(mpu_now_ns() - fault->read_at));
+    if (stalled(f, r)) {
+        refuse(f, fault, uffd, len);
+        return;
+    }
 
     for (;;) {
         int state = mpu_page_claim(f->h, fault->region, fault->region_gen, page, f->pid,
@@ -1853,7 +1904,7 @@ static void fill_span(struct mpu_filler *f, uint32_t region, uint64_t first, uin
 int mpu_filler_fill(struct mpu_filler *f, struct mpu_w_fill *fill)
 {
     if (fill->region >= f->nregions || !f->regions[fill->region].live
-        || f->regions[fill->region].gen != fill->gen)
+        || f->regions[fill->region].gen != fill->gen || stalled(f, &f->regions[fill->region]))
         return 0;
     uint64_t started = mpu_now_ns();
     int interrupted = 0;

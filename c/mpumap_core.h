@@ -70,6 +70,11 @@ struct mpu_region_info {
                                mpu_pbm_evict): each mapping reports those
                                since it last looked, once */
     int32_t write_error;    /* ... the errno of the last */
+    uint32_t stalled;       /* a read of its store outlasted --worker-timeout
+                               (a file system that hangs): what the buffer does
+                               not hold is refused (SIGBUS) from then on, so
+                               that no other filler is caught in that store */
+    uint32_t pad;
 };
 
 /* What a process knows of a region to work on its pages: filled in by
@@ -206,6 +211,10 @@ struct mpu_header {
     struct mpu_store_stats stores[MPU_STORE_KINDS];
     /* CLOCK_MONOTONIC ns of each worker's last sign of life. */
     uint64_t heartbeat[MPU_WORKER_SLOTS];
+    /* What each worker is reading from a store now: its region's slot + 1,
+     * the region's generation in the high half (0: nothing).  Told of a
+     * worker that hangs, the supervisor knows whose store hung it. */
+    uint64_t reading[MPU_WORKER_SLOTS];
     struct mpu_client_stats clients[MPU_CLIENT_SLOTS];
     struct mpu_writer writers[MPU_MAX_WRITERS];  /* under the lock below */
     /* The page directory, which follows in the segment (c/pbm.c): guarded
@@ -315,6 +324,12 @@ int mpu_lost_write(int err);
  * dropped (mpu_pbm_evict), and in *last the errno of the last. */
 uint32_t mpu_region_write_errors(struct mpu_header *h, uint32_t slot, uint32_t gen,
                                  int *last);
+/* The region worker `worker` is reading from now (mpu_header.reading): 1
+ * and its slot and generation, or 0 when it reads none. */
+int mpu_worker_reading(struct mpu_header *h, uint32_t worker, uint32_t *slot, uint32_t *gen);
+/* Marks region slot (generation gen) stalled (see mpu_region_info).  0, or
+ * -ENOENT when the slot holds another region now, or none. */
+int mpu_region_stall(struct mpu_header *h, uint32_t slot, uint32_t gen);
 /* Writes the dirty pages of [first, first + count) of region `slot` to its
  * file and syncs it (what msync(MS_SYNC) does): the pages written, or
  * -errno (-EAGAIN: a writer's client is not known here yet). */

@@ -425,8 +425,32 @@ int mpu_region_open(struct mpu_header *h, uint32_t slot, uint32_t gen, uint64_t 
     r->covered = npages;
     r->write_errors = 0;
     r->write_error = 0;
+    r->stalled = 0;
     unlock(h);
     return 0;
+}
+
+int mpu_worker_reading(struct mpu_header *h, uint32_t worker, uint32_t *slot, uint32_t *gen)
+{
+    if (worker >= MPU_WORKER_SLOTS)
+        return 0;
+    uint64_t word = __atomic_load_n(&h->reading[worker], __ATOMIC_ACQUIRE);
+    *slot = (uint32_t)word - 1;
+    *gen = (uint32_t)(word >> 32);
+    return (uint32_t)word != 0;
+}
+
+int mpu_region_stall(struct mpu_header *h, uint32_t slot, uint32_t gen)
+{
+    if (slot >= h->max_regions)
+        return -ENOENT;
+    struct mpu_region_info *r = &mpu_regions(h)[slot];
+    lock(h);
+    int found = r->gen == gen && !r->dead;
+    if (found)
+        __atomic_store_n(&r->stalled, 1, __ATOMIC_RELEASE);
+    unlock(h);
+    return found ? 0 : -ENOENT;
 }
 
 uint32_t mpu_region_write_errors(struct mpu_header *h, uint32_t slot, uint32_t gen, int *last)

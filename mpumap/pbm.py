@@ -30,7 +30,7 @@ from mpumap.stores import files
 from mpumap.stores.files import DIRECT, MODE_CODES
 
 BUFFER_MAGIC = 0x4D50424D  # "MPBM"
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 # Descriptors are numbered in 31 bits (and the limit is a u32).
 MAX_CAPACITY = (1 << 31) - 1
 
@@ -251,6 +251,19 @@ class PageBuffer:
             # file will never take are dropped: see write_errors.)
             raise EvictionFailed(-n, f"evicting pages: {os.strerror(-n)}")
         return n
+
+    def reading(self, worker_slot):
+        """(slot, generation) of the region a worker reads from now, or
+        None."""
+        slot, gen = ffi.new("uint32_t *"), ffi.new("uint32_t *")
+        if not lib.mpu_worker_reading(self.header, worker_slot, slot, gen):
+            return None
+        return slot[0], gen[0]
+
+    def stall_region(self, slot, gen):
+        """Its store hangs: the region's faults on pages not in the buffer
+        get SIGBUS from now on.  False if the slot holds another region."""
+        return lib.mpu_region_stall(self.header, slot, gen) == 0
 
     def write_errors(self, slot, gen):
         """(How many write-backs of a region had their dirty pages dropped

@@ -40,6 +40,7 @@ MAX_QUICK_DEATHS = 5
 LOOP_SECONDS = 1.0  # the main loop wakes at least this often
 RESPAWN_SECONDS = 1.0  # between tries to start a worker whose start failed
 RESPAWN_GIVE_UP_SECONDS = 30.0  # ... and how long such tries go on: then the server stops
+ABANDON_SECONDS = 5.0  # a hung worker that SIGKILL did not end by then is replaced anyway
 ACCEPTS_PER_PASS = 32
 
 
@@ -57,10 +58,12 @@ class Arbiter:
     region tables and the request handler, which own what they hold.
 
     Invariants: a live worker is in `workers` (by pid) and `by_slot` (by
-    role and index) until it is reaped; the fault monitor sends a filler
-    faults only once that filler was told every client and region that
-    existed when it started (`_ready`); a worker whose heartbeat is older
-    than --worker-timeout is killed, once, and replaced when reaped.
+    role and index) until it is reaped, or abandoned (then it is in
+    `abandoned` until reaped, and has no slot); the fault monitor sends a
+    filler faults only once that filler was told every client and region
+    that existed when it started (`_ready`); a worker whose heartbeat is
+    older than --worker-timeout is killed, once, and replaced when reaped
+    or abandoned.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD)
@@ -77,6 +80,7 @@ class Arbiter:
         self.selector = selectors.DefaultSelector()
         self.signals = collections.deque()
         self.workers = {}  # pid -> Worker
+        self.abandoned = {}  # pid -> Worker: hung, killed, not ended, replaced
         self.by_slot = {}  # (role, index) -> Worker
         self.quick_deaths = collections.Counter()
         self.unstarted = {}  # (role, index) -> (when to try again, when it first failed)
@@ -317,6 +321,7 @@ class Arbiter:
                 return
             worker = self.workers.pop(pid, None)
             if worker is None:
+                self._reap_abandoned(pid)
                 continue
             self._forget(worker)
             how = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
@@ -325,10 +330,20 @@ class Arbiter:
                 log.debug("%s ended with %s", worker, how)
                 continue
             log.warning("%s died with %s; starting another", worker, how)
+            self.regions.worker_ended(pid)
             freed = self.regions.recover(pid)
             if freed:
                 log.info("took back %d pages that %s held", freed, worker)
             self.restart(worker)
+
+    def _reap_abandoned(self, pid):
+        worker = self.abandoned.pop(pid, None)
+        if worker is None:
+            return
+        self.regions.worker_ended(pid)
+        freed = self.regions.recover(pid)
+        log.warning("%s, left behind hung, has ended at last%s", worker,
+                    f"; took back {freed} buffer pages it held" if freed else "")
 
     def _forget(self, worker):
         try:
@@ -387,21 +402,49 @@ class Arbiter:
     def check_heartbeats(self):
         """Kill the workers that gave no sign of life for --worker-timeout
         seconds (a store read that hangs, a stopped process); they are
-        replaced once reaped, through the path a crash takes."""
+        replaced once reaped, through the path a crash takes.
+
+        A filler caught in a read of a store first stalls that region: its
+        faults on pages the buffer does not hold get SIGBUS from then on,
+        so that no successor is caught in the same store (and every other
+        file's clients are served on).  A worker that SIGKILL has not ended
+        after ABANDON_SECONDS (a read the kernel does not interrupt: a FUSE
+        daemon that hangs, some parallel file systems) is left behind and
+        replaced all the same; the pages it claimed stay taken until it
+        ends."""
         limit = int(self.settings.worker_timeout * 1e9)
         now = time.monotonic_ns()
         for worker in list(self.workers.values()):
+            if worker.hung:
+                if now - worker.hung >= ABANDON_SECONDS * 1e9:
+                    self.abandon(worker)
+                continue
             silent = now - self.buffer.heartbeat(worker.heartbeat_slot)
-            if worker.hung or silent <= limit:
+            if silent <= limit:
                 continue
             log.error("%s gave no sign of life for %.1f s (--worker-timeout): killing it",
                       worker, silent / 1e9)
-            worker.hung = True
+            if worker.role == "filler":
+                region = self.regions.stall_reads_of(worker)
+                if region is not None:
+                    log.error("region %d (%s): its store hung %s; pages of it that the "
+                              "buffer does not hold raise SIGBUS from now on, in this "
+                              "mapping and in new ones until that read ends", region.rid,
+                              region.name, worker)
+            worker.hung = now
             self.buffer.add("hangs")
             try:
                 self.kill(worker.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+    def abandon(self, worker):
+        log.error("%s has not ended %.0f s after SIGKILL (stuck in the kernel, in a store "
+                  "that hangs): starting another beside it", worker, ABANDON_SECONDS)
+        del self.workers[worker.pid]
+        self.abandoned[worker.pid] = worker
+        self._forget(worker)
+        self.restart(worker)
 
     # -- stopping -----------------------------------------------------------------
 
@@ -471,12 +514,20 @@ class Arbiter:
                 self.kill(worker.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        while self.workers:
+        # SIGKILL does not end a worker that the kernel keeps waiting (on a
+        # FUSE daemon that hangs): such a one is left behind, not waited for.
+        deadline = time.monotonic() + ABANDON_SECONDS
+        while self.workers and time.monotonic() < deadline:
             try:
-                pid, _ = self.waitpid(-1, 0)
+                pid, _ = self.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 break
+            if pid == 0:
+                time.sleep(0.01)
             self.workers.pop(pid, None)
+        for worker in self.workers.values():
+            log.error("%s has not ended %.0f s after SIGKILL (stuck in the kernel): left "
+                      "behind", worker, ABANDON_SECONDS)
 
     def remove_pidfile(self):
         if self.settings.pidfile:

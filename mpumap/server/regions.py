@@ -32,6 +32,7 @@ class RegionTable:
         self.slots = RegionSlots(buffer.max_regions)  # what the C side sees of them
         self._free_slots = collections.deque(range(buffer.max_regions))
         self.per_user = collections.Counter()
+        self.stalled = {}  # a hung store's file (key[:2]) -> pids of workers caught in it
 
     def __len__(self):
         return len(self._regions)
@@ -58,6 +59,8 @@ class RegionTable:
             self._free_slots.appendleft(slot)
             raise
         self.buffer.open_region(slot, region.gen, region.npages)
+        if key[:2] in self.stalled:
+            self.buffer.stall_region(slot, region.gen)
         self.slots.set(region)
         self._regions[key] = region
         self.per_user[region.uid] += 1
@@ -96,6 +99,29 @@ class RegionTable:
                     and (writable or region.write_fd >= 0):
                 return region
         return None
+
+    def stall_reads_of(self, worker):
+        """The region whose store a hung worker is caught in, stalled (see
+        mpu_region_info.stalled), and its file too: a region made for it
+        again is stalled from the start while the worker has not ended (see
+        worker_ended).  None when the worker reads no region."""
+        reading = self.buffer.reading(worker.heartbeat_slot)
+        region = next((r for r in self._regions.values()
+                       if reading == (r.slot, r.gen)), None)
+        if region is None:
+            return None
+        self.buffer.stall_region(region.slot, region.gen)
+        self.stalled.setdefault(region.key[:2], set()).add(worker.pid)
+        return region
+
+    def worker_ended(self, pid):
+        """A worker that was caught in a store ended: the store answered
+        (or its connection went), and a new map of its file reads it
+        again."""
+        for store, pids in list(self.stalled.items()):
+            pids.discard(pid)
+            if not pids:
+                del self.stalled[store]
 
     def recover(self, pid):
         """Free the pages a dead worker held FILLING or LEAVING."""

@@ -53,7 +53,7 @@ class Worker:
         self.channel = None
         self.started = time.monotonic()
         self.restarted = False  # in place of one that died
-        self.hung = False  # killed for giving no sign of life
+        self.hung = 0  # when it was killed for giving no sign of life (monotonic ns)
         self.regions = {}
         self.clients = {}
         self.sock = None

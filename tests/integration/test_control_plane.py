@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 import mpumap
+import stallfs
 from conftest import assert_clean
 from mpumap._core import lib
 from mpumap.testing import MiB, make_file
@@ -90,6 +91,60 @@ def test_a_stopped_filler_stalls_nobody_else_and_is_replaced(start_server, reade
     assert took < 3.0, f"SIGTERM took {took:.2f} s"
     gone, alive = psutil.wait_procs(workers, timeout=2)
     assert not alive
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no FUSE here (/dev/fuse)")
+def test_a_store_that_hangs_fails_its_own_pages_and_stalls_nobody_else(start_server, readers,
+                                                                        workdir):
+    """A file system whose reads never come back (a FUSE daemon that hangs;
+    not even SIGKILL ends the filler caught in it): that file's missing
+    pages raise SIGBUS, at once once the server knows, every other file is
+    served on, and the caught fillers are replaced beside themselves."""
+    size = 1 * MiB
+    expected = os.path.join(workdir, "expected.bin")
+    with open(expected, "wb") as f:
+        f.write(stallfs.pattern(0, size))
+    other = make_file(os.path.join(workdir, "other.bin"), 8 * MiB, seed=82)
+    server = start_server("--buffer-size", "64M", "--fillers", 2, "--worker-timeout", 2)
+    fillers = {worker_pid(server, "filler", i) for i in range(2)}
+    with stallfs.mounted(os.path.join(workdir, "fs"), f"slow.bin:{size}:stall",
+                         f"fine.bin:{size}") as fs:
+        # The file system serves mpumap: a file of it that answers reads right.
+        assert_clean(readers.result(readers.start(server.socket, os.path.join(fs, "fine.bin"),
+                                                  expect=expected), timeout=30))
+        caught = readers.start(server.socket, os.path.join(fs, "slow.bin"), expect=expected)
+        readers.wait_ready(caught)
+        time.sleep(0.5)  # its first fault is in a filler's read
+        started = time.monotonic()
+        assert_clean(readers.result(readers.start(server.socket, other, order="random"),
+                                    timeout=30))
+        # It waited at most for the caught filler's successor (--worker-timeout,
+        # then the arbiter's ABANDON_SECONDS).
+        assert time.monotonic() - started < 2 + 5 + 5
+        assert caught.wait(timeout=30) == -signal.SIGBUS
+        hangs = server.stats()["buffer"]["hangs"]
+        assert hangs in (1, 2)  # the fault's filler, and perhaps one reading around it
+        stuck = [pid for pid in fillers
+                 if psutil.pid_exists(pid) and psutil.Process(pid).status() == "disk-sleep"]
+        assert len(stuck) == hangs
+        assert {worker_pid(server, "filler", i) for i in range(2)}.isdisjoint(stuck)
+
+        # Known now: the next reader of that file gets SIGBUS without a wait,
+        # and no other filler is caught.
+        again = readers.start(server.socket, os.path.join(fs, "slow.bin"), expect=expected)
+        readers.wait_ready(again)
+        asked = time.monotonic()
+        assert again.wait(timeout=30) == -signal.SIGBUS
+        assert time.monotonic() - asked < 1.5
+        assert server.stats()["buffer"]["hangs"] == hangs
+    # Unmounted: the caught fillers' reads fail, they end and are reaped.
+    deadline = time.monotonic() + 10
+    while server.output().count("has ended at last") < hangs:
+        assert time.monotonic() < deadline, server.output()
+        time.sleep(0.1)
+    log = server.output()
+    assert "slow.bin): its store hung filler" in log
+    assert "starting another beside it" in log
 
 
 def test_a_terabyte_prefetch_leaves_the_main_loop_free(start_server, workdir):

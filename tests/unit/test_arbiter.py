@@ -9,7 +9,9 @@ import time
 import pytest
 
 from mpumap import settings as S
-from mpumap.server.arbiter import MAX_QUICK_DEATHS, RESPAWN_GIVE_UP_SECONDS, Arbiter
+from mpumap.server import arbiter as arbiter_module
+from mpumap.server.arbiter import (ABANDON_SECONDS, MAX_QUICK_DEATHS, RESPAWN_GIVE_UP_SECONDS,
+                                   Arbiter)
 
 
 class Processes:
@@ -21,6 +23,7 @@ class Processes:
         self.alive = set()
         self.ended = []  # (pid, wait status)
         self.killed = []
+        self.unkillable = set()  # stuck in the kernel: SIGKILL waits
 
     def fork(self):
         self.next_pid += 1
@@ -29,7 +32,8 @@ class Processes:
 
     def kill(self, pid, sig):
         self.killed.append((pid, sig))
-        self.end(pid, sig)  # a wait status whose low bits are a signal: killed by it
+        if pid not in self.unkillable:
+            self.end(pid, sig)  # a wait status whose low bits are a signal: killed by it
 
     def end(self, pid, status):
         if pid in self.alive:
@@ -176,6 +180,49 @@ def test_a_silent_worker_is_killed_once_and_replaced(arbiter):
     arbiter.reap()
     assert slot(arbiter, "filler", 1).pid != quiet.pid
     assert all(w.pid in arbiter.workers for w in others)
+
+
+def test_a_hung_worker_that_sigkill_cannot_end_is_replaced_beside_it(arbiter, monkeypatch):
+    stuck = slot(arbiter, "filler", 0)
+    stuck.started -= 10
+    arbiter.procs.unkillable.add(stuck.pid)
+    arbiter.buffer.header.heartbeat[stuck.heartbeat_slot] = time.monotonic_ns() - 10 * 10**9
+    for w in arbiter.workers.values():
+        if w is not stuck:
+            arbiter.buffer.beat(w.heartbeat_slot)
+    arbiter.check_heartbeats()
+    arbiter.reap()
+    assert slot(arbiter, "filler", 0) is stuck  # killed, not ended: it still holds the slot
+    later = time.monotonic_ns() + int(ABANDON_SECONDS * 1e9) + 1
+    monkeypatch.setattr(time, "monotonic_ns", lambda: later)
+    for w in arbiter.workers.values():
+        if w is not stuck:
+            arbiter.buffer.header.heartbeat[w.heartbeat_slot] = later
+    arbiter.check_heartbeats()
+    new = slot(arbiter, "filler", 0)
+    assert new is not stuck and new.restarted and new.pid in arbiter.workers
+    assert stuck.pid not in arbiter.workers and arbiter.abandoned == {stuck.pid: stuck}
+    assert arbiter.monitor.fillers[0] == new.channel.fileno()
+    assert arbiter.procs.killed == [(stuck.pid, signal.SIGKILL)]  # once
+    # Its read ends at last: reaped, nothing replaced again.
+    arbiter.procs.unkillable.discard(stuck.pid)
+    arbiter.procs.end(stuck.pid, signal.SIGKILL)
+    arbiter.reap()
+    assert not arbiter.abandoned and slot(arbiter, "filler", 0) is new
+    assert arbiter.buffer.counter("restarts") == 1
+
+
+def test_stopping_does_not_wait_for_a_worker_sigkill_cannot_end(arbiter, monkeypatch):
+    monkeypatch.setattr(arbiter_module, "STOP_GRACE_SECONDS", 0.05)
+    monkeypatch.setattr(arbiter_module, "ABANDON_SECONDS", 0.2)
+    stuck = slot(arbiter, "evictor", 0)
+    arbiter.procs.unkillable.add(stuck.pid)
+    arbiter.stopping = True
+    started = time.monotonic()
+    arbiter.stop_workers()
+    assert time.monotonic() - started < 2
+    assert list(arbiter.workers) == [stuck.pid]  # left behind
+    assert (stuck.pid, signal.SIGKILL) in arbiter.procs.killed
 
 
 def test_stopping_reaps_without_replacing(arbiter):

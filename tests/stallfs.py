@@ -1,0 +1,186 @@
+"""A FUSE file system whose reads of some files never come back: a store
+that hangs (a dead NFS server, a stuck FUSE daemon), for tests.
+
+    python stallfs.py MOUNTPOINT NAME:SIZE[:stall] ...
+
+serves each NAME, SIZE bytes of `pattern(offset)`, read-only; reads of a
+file marked `stall` are never answered.  It speaks the kernel's FUSE
+protocol itself over /dev/fuse (root only: it mounts with mount(2)), so that
+a test needs no FUSE library; it answers what reading a file takes and
+ENOSYS to the rest.  It unmounts when stopped (SIGTERM), which fails the
+reads still waiting."""
+import contextlib
+import ctypes
+import errno
+import os
+import signal
+import stat
+import struct
+import subprocess
+import sys
+
+# Opcodes (include/uapi/linux/fuse.h).
+LOOKUP, FORGET, GETATTR = 1, 2, 3
+OPEN, READ, STATFS, RELEASE = 14, 15, 17, 18
+FLUSH, INIT, OPENDIR, READDIR, RELEASEDIR = 25, 26, 27, 28, 29
+ACCESS, INTERRUPT, DESTROY, BATCH_FORGET = 34, 36, 38, 42
+NO_REPLY = (FORGET, BATCH_FORGET, INTERRUPT)
+
+IN_HEADER = struct.Struct("<IIQQIIII")    # len, opcode, unique, nodeid, uid, gid, pid, pad
+OUT_HEADER = struct.Struct("<IiQ")        # len, error, unique
+ATTR = struct.Struct("<QQQQQQIIIIIIIIII")  # fuse_attr: 88 bytes
+ROOT = 1
+MS_NOSUID, MS_NODEV, MNT_DETACH = 2, 4, 2
+BLOCK = 4096
+
+
+def pattern(offset, length):
+    """The bytes a file holds at [offset, offset + length): each 8-byte word
+    is its own offset, so that a wrong page shows."""
+    first = offset // 8
+    words = struct.pack(f"<{(length + 15) // 8 + 1}Q",
+                        *range(first * 8, (first + (length + 15) // 8 + 1) * 8, 8))
+    skip = offset - first * 8
+    return words[skip:skip + length]
+
+
+class StallFS:
+    """Owns the /dev/fuse descriptor and the files (name -> (node, size,
+    stalls)); the reads it leaves unanswered stay in `held` until the
+    connection goes."""
+
+    def __init__(self, mountpoint, files):
+        self.mountpoint = mountpoint
+        self.nodes = {}
+        for node, (name, size, stalls) in enumerate(files, start=ROOT + 1):
+            self.nodes[node] = (name, size, stalls)
+        self.names = {name: node for node, (name, _, _) in self.nodes.items()}
+        self.held = []
+        self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        libc = ctypes.CDLL(None, use_errno=True)
+        options = (f"fd={self.fd},rootmode={stat.S_IFDIR | 0o755:o},user_id=0,group_id=0,"
+                   "allow_other,default_permissions")
+        if libc.mount(b"stallfs", mountpoint.encode(), b"fuse.stallfs",
+                      ctypes.c_ulong(MS_NOSUID | MS_NODEV),
+                      options.encode()) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mount {mountpoint}: {os.strerror(err)}")
+
+    def attr(self, node):
+        if node == ROOT:
+            mode, size, nlink = stat.S_IFDIR | 0o755, 0, 2
+        else:
+            mode, size, nlink = stat.S_IFREG | 0o444, self.nodes[node][1], 1
+        return ATTR.pack(node, size, (size + 511) // 512, 0, 0, 0, 0, 0, 0,
+                         mode, nlink, 0, 0, 0, BLOCK, 0)
+
+    def reply(self, unique, error=0, payload=b""):
+        try:
+            os.write(self.fd, OUT_HEADER.pack(OUT_HEADER.size + len(payload), -error, unique)
+                     + payload)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # the request was interrupted meanwhile
+                raise
+
+    def answer(self, opcode, unique, node, body):
+        if opcode == INIT:
+            major, minor, readahead = struct.unpack_from("<III", body)
+            # fuse_init_out up to flags2 and max_stack_depth, then unused[6]
+            return 0, struct.pack("<IIIIHHIIHHII24x", 7, 31, readahead, 0, 16, 12,
+                                  1 << 17, 1, 0, 0, 0, 0)
+        if opcode == LOOKUP:
+            name = body.split(b"\0", 1)[0].decode()
+            if node != ROOT or name not in self.names:
+                return errno.ENOENT, b""
+            found = self.names[name]
+            return 0, struct.pack("<QQQQII", found, 0, 3600, 3600, 0, 0) + self.attr(found)
+        if opcode == GETATTR:
+            if node != ROOT and node not in self.nodes:
+                return errno.ENOENT, b""
+            return 0, struct.pack("<QII", 3600, 0, 0) + self.attr(node)
+        if opcode in (OPEN, OPENDIR):
+            return 0, struct.pack("<QII", 0, 0, 0)
+        if opcode == READ:
+            offset, size = struct.unpack_from("<QQI", body)[1:]
+            name, length, stalls = self.nodes[node]
+            if stalls:
+                self.held.append(unique)
+                return None
+            size = max(0, min(size, length - offset))
+            return 0, pattern(offset, size)
+        if opcode == READDIR:
+            return 0, b""
+        if opcode == STATFS:
+            return 0, struct.pack("<QQQQQIII4x24x", 1 << 20, 0, 0, len(self.nodes), 0,
+                                  BLOCK, 255, BLOCK)
+        if opcode in (RELEASE, RELEASEDIR, FLUSH, ACCESS, DESTROY):
+            return 0, b""
+        return errno.ENOSYS, b""
+
+    def serve(self):
+        while True:
+            try:
+                request = os.read(self.fd, (1 << 17) + (1 << 12))
+            except OSError as exc:
+                if exc.errno in (errno.EINTR, errno.ENOENT):
+                    continue
+                if exc.errno == errno.ENODEV:  # unmounted
+                    return
+                raise
+            _, opcode, unique, node, *_ = IN_HEADER.unpack_from(request)
+            if opcode in NO_REPLY:
+                continue
+            answer = self.answer(opcode, unique, node, request[IN_HEADER.size:])
+            if answer is not None:
+                self.reply(unique, *answer)
+            if opcode == DESTROY:
+                return
+
+    def unmount(self):
+        ctypes.CDLL(None, use_errno=True).umount2(self.mountpoint.encode(), MNT_DETACH)
+
+
+@contextlib.contextmanager
+def mounted(mountpoint, *specs):
+    """This file system on `mountpoint` (made if missing), served by a
+    process of its own for the block; unmounted after it, which fails the
+    reads it kept waiting."""
+    os.makedirs(mountpoint, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), mountpoint, *specs],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        if proc.stdout.readline().strip() != b"ready":
+            proc.wait(10)
+            raise RuntimeError(f"stallfs did not start: {proc.stderr.read().decode()}")
+        yield mountpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+        ctypes.CDLL(None, use_errno=True).umount2(mountpoint.encode(), MNT_DETACH)
+
+
+def main(argv):
+    mountpoint, specs = argv[0], argv[1:]
+    files = []
+    for spec in specs:
+        name, size, *flags = spec.split(":")
+        files.append((name, int(size), "stall" in flags))
+    fs = StallFS(mountpoint, files)
+
+    def stop(signum, frame):
+        fs.unmount()
+        os._exit(0)  # closing /dev/fuse ends the connection: held reads fail
+
+    signal.signal(signal.SIGTERM, stop)
+    print("ready", flush=True)
+    fs.serve()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
