@@ -833,12 +833,11 @@ static uint32_t slot_of(const struct mpu_filler *f, const struct mpu_region_slot
     return (uint32_t)(r - f->regions);
 }
 
-/* What this filler reads from now on (NULL: nothing), in its `reading`
- * word: the supervisor that finds it hung knows then whose store hangs. */
+/* What this filler reads from now on (NULL: nothing), for the supervisor
+ * that finds it hung to know whose store hangs (mpu_set_in_store). */
 static void reading(struct mpu_filler *f, const struct mpu_region_slot *r)
 {
-    uint64_t word = r ? (uint64_t)r->gen << 32 | (slot_of(f, r) + 1) : 0;
-    __atomic_store_n(&f->h->reading[f->worker], word, __ATOMIC_RELEASE);
+    mpu_set_in_store(f->h, (int32_t)f->worker, r ? slot_of(f, r) : 0, r ? r->gen : 0);
 }
 
 /* Whether a read of the region's store hung a filler (mpu_region_stall). */

@@ -211,10 +211,10 @@ struct mpu_header {
     struct mpu_store_stats stores[MPU_STORE_KINDS];
     /* CLOCK_MONOTONIC ns of each worker's last sign of life. */
     uint64_t heartbeat[MPU_WORKER_SLOTS];
-    /* What each worker is reading from a store now: its region's slot + 1,
-     * the region's generation in the high half (0: nothing).  Told of a
-     * worker that hangs, the supervisor knows whose store hung it. */
-    uint64_t reading[MPU_WORKER_SLOTS];
+    /* The store each worker reads or writes now, by its region (see
+     * mpu_worker_in_store): told of a worker that hangs, the supervisor
+     * knows whose store hung it. */
+    uint64_t in_store[MPU_WORKER_SLOTS];
     struct mpu_client_stats clients[MPU_CLIENT_SLOTS];
     struct mpu_writer writers[MPU_MAX_WRITERS];  /* under the lock below */
     /* The page directory, which follows in the segment (c/pbm.c): guarded
@@ -324,12 +324,16 @@ int mpu_lost_write(int err);
  * dropped (mpu_pbm_evict), and in *last the errno of the last. */
 uint32_t mpu_region_write_errors(struct mpu_header *h, uint32_t slot, uint32_t gen,
                                  int *last);
-/* The region worker `worker` is reading from now (mpu_header.reading): 1
- * and its slot and generation, or 0 when it reads none. */
-int mpu_worker_reading(struct mpu_header *h, uint32_t worker, uint32_t *slot, uint32_t *gen);
-/* Marks region slot (generation gen) stalled (see mpu_region_info).  0, or
- * -ENOENT when the slot holds another region now, or none. */
-int mpu_region_stall(struct mpu_header *h, uint32_t slot, uint32_t gen);
+/* Worker `worker` (a heartbeat slot) reads or writes the store of region
+ * slot, generation gen, from now on (gen 0: none). */
+void mpu_set_in_store(struct mpu_header *h, int32_t worker, uint32_t slot, uint32_t gen);
+/* ... and which it is: 1 and its slot and generation, or 0 for none. */
+int mpu_worker_in_store(struct mpu_header *h, uint32_t worker, uint32_t *slot, uint32_t *gen);
+/* Marks region slot (generation gen) stalled, or no longer (see
+ * mpu_region_info): faults on pages not in the buffer get SIGBUS, its
+ * write-backs fail (EIO; an eviction drops those pages: mpu_pbm_evict).
+ * 0, or -ENOENT when the slot holds another region now, or none. */
+int mpu_region_stall(struct mpu_header *h, uint32_t slot, uint32_t gen, int stalled);
 /* Writes the dirty pages of [first, first + count) of region `slot` to its
  * file and syncs it (what msync(MS_SYNC) does): the pages written, or
  * -errno (-EAGAIN: a writer's client is not known here yet). */

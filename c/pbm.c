@@ -430,17 +430,26 @@ int mpu_region_open(struct mpu_header *h, uint32_t slot, uint32_t gen, uint64_t 
     return 0;
 }
 
-int mpu_worker_reading(struct mpu_header *h, uint32_t worker, uint32_t *slot, uint32_t *gen)
+/* The word: slot + 1, and the generation in the high half (0: none). */
+void mpu_set_in_store(struct mpu_header *h, int32_t worker, uint32_t slot, uint32_t gen)
+{
+    if (worker < 0 || worker >= MPU_WORKER_SLOTS)
+        return;
+    uint64_t word = gen ? (uint64_t)gen << 32 | (slot + 1) : 0;
+    __atomic_store_n(&h->in_store[worker], word, __ATOMIC_RELEASE);
+}
+
+int mpu_worker_in_store(struct mpu_header *h, uint32_t worker, uint32_t *slot, uint32_t *gen)
 {
     if (worker >= MPU_WORKER_SLOTS)
         return 0;
-    uint64_t word = __atomic_load_n(&h->reading[worker], __ATOMIC_ACQUIRE);
+    uint64_t word = __atomic_load_n(&h->in_store[worker], __ATOMIC_ACQUIRE);
     *slot = (uint32_t)word - 1;
     *gen = (uint32_t)(word >> 32);
-    return (uint32_t)word != 0;
+    return word != 0;
 }
 
-int mpu_region_stall(struct mpu_header *h, uint32_t slot, uint32_t gen)
+int mpu_region_stall(struct mpu_header *h, uint32_t slot, uint32_t gen, int stalled)
 {
     if (slot >= h->max_regions)
         return -ENOENT;
@@ -448,7 +457,7 @@ int mpu_region_stall(struct mpu_header *h, uint32_t slot, uint32_t gen)
     lock(h);
     int found = r->gen == gen && !r->dead;
     if (found)
-        __atomic_store_n(&r->stalled, 1, __ATOMIC_RELEASE);
+        __atomic_store_n(&r->stalled, stalled ? 1u : 0u, __ATOMIC_RELEASE);
     unlock(h);
     return found ? 0 : -ENOENT;
 }
@@ -863,6 +872,12 @@ static int write_direct(int memfd, int fd, uint64_t at, uint64_t len)
     return err;
 }
 
+/* Whether the region's store hung a worker (mpu_region_stall). */
+static int stalled(struct mpu_header *h, uint32_t slot)
+{
+    return (int)__atomic_load_n(&mpu_regions(h)[slot].stalled, __ATOMIC_ACQUIRE);
+}
+
 /* A client's guard copies the buffer to the file under a write lock on
  * the whole memfd (fcntl, see guard.c) when its connection to the server
  * drops, and the server may live on; a write-back holds a read lock on
@@ -913,8 +928,11 @@ static int write_pages(struct mpu_header *h, uint32_t slot, const struct mpu_reg
     unlock(h);
     if (err)
         return err;
+    if (stalled(h, slot))
+        return -EIO;  /* its store hung a worker: no other is sent in */
     if (end > r->size)
         end = r->size;  /* the file's last page ends where the file does */
+    mpu_set_in_store(h, beating, slot, r->gen);
     lock_span(h, r->memfd, start, end - start, F_RDLCK);
     uint64_t at = start;  /* what is left goes through the page cache */
     if (r->direct_fd >= 0 && end - start >= DIRECT_MIN) {
@@ -933,6 +951,7 @@ static int write_pages(struct mpu_header *h, uint32_t slot, const struct mpu_reg
                                  WRITE_CHUNK);
     }
     lock_span(h, r->memfd, start, end - start, F_UNLCK);
+    mpu_set_in_store(h, beating, 0, 0);
     if (err)
         return err;
     mpu_add64(&h->written, (int64_t)n);
@@ -1122,6 +1141,8 @@ int64_t mpu_region_write_back(struct mpu_header *h, uint32_t slot,
         uint32_t n = 0;
         uint64_t run_first = page;
         int waited = 0;
+        if (stalled(h, slot))
+            return -EIO;  /* its store hangs: nothing written, no sync */
         lock(h);
         if (!region_live(h, slot, r->gen)) {
             unlock(h);
@@ -1148,6 +1169,9 @@ int64_t mpu_region_write_back(struct mpu_header *h, uint32_t slot,
                 uint32_t seen = *busy;
                 unlock(h);
                 sleep_on(h, busy, seen, 200);
+                if (beating >= 0)
+                    mpu_beat(h, (uint32_t)beating);  /* (a worker caught in a store
+                                                        is the one that hangs) */
                 waited = 1;
                 break;
             }
@@ -1176,9 +1200,12 @@ int64_t mpu_region_write_back(struct mpu_header *h, uint32_t slot,
     }
     if (err)
         return err;
-    if (r->write_fd >= 0 && fdatasync(r->write_fd) < 0)
-        return -errno;
-    return (int64_t)written;
+    if (stalled(h, slot))
+        return -EIO;
+    mpu_set_in_store(h, beating, slot, r->gen);
+    err = r->write_fd >= 0 && fdatasync(r->write_fd) < 0 ? -errno : 0;
+    mpu_set_in_store(h, beating, 0, 0);
+    return err ? err : (int64_t)written;
 }
 
 /* ---- writers ------------------------------------------------------------------------ */

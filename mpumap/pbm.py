@@ -252,18 +252,19 @@ class PageBuffer:
             raise EvictionFailed(-n, f"evicting pages: {os.strerror(-n)}")
         return n
 
-    def reading(self, worker_slot):
-        """(slot, generation) of the region a worker reads from now, or
-        None."""
+    def in_store(self, worker_slot):
+        """(slot, generation) of the region whose store a worker reads or
+        writes now, or None."""
         slot, gen = ffi.new("uint32_t *"), ffi.new("uint32_t *")
-        if not lib.mpu_worker_reading(self.header, worker_slot, slot, gen):
+        if not lib.mpu_worker_in_store(self.header, worker_slot, slot, gen):
             return None
         return slot[0], gen[0]
 
-    def stall_region(self, slot, gen):
-        """Its store hangs: the region's faults on pages not in the buffer
-        get SIGBUS from now on.  False if the slot holds another region."""
-        return lib.mpu_region_stall(self.header, slot, gen) == 0
+    def stall_region(self, slot, gen, stalled=True):
+        """Its store hangs (stalled), or answers again: the region's faults
+        on pages not in the buffer get SIGBUS meanwhile, and its write-backs
+        fail (EIO).  False if the slot holds another region."""
+        return lib.mpu_region_stall(self.header, slot, gen, stalled) == 0
 
     def write_errors(self, slot, gen):
         """(How many write-backs of a region had their dirty pages dropped

@@ -1,10 +1,12 @@
 """A FUSE file system whose reads of some files never come back: a store
 that hangs (a dead NFS server, a stuck FUSE daemon), for tests.
 
-    python stallfs.py MOUNTPOINT NAME:SIZE[:stall] ...
+    python stallfs.py MOUNTPOINT NAME:SIZE[:stall|:stallwrite] ...
 
-serves each NAME, SIZE bytes of `pattern(offset)`, read-only; reads of a
-file marked `stall` are never answered.  It speaks the kernel's FUSE
+serves each NAME, SIZE bytes of `pattern(offset)`.  Reads of a file marked
+`stall` are never answered; a file marked `stallwrite` reads, and may be
+opened for writing, but its writes are never answered; others are
+read-only.  It speaks the kernel's FUSE
 protocol itself over /dev/fuse (root only: it mounts with mount(2)), so that
 a test needs no FUSE library; it answers what reading a file takes and
 ENOSYS to the rest.  It unmounts when stopped (SIGTERM), which fails the
@@ -21,7 +23,7 @@ import sys
 
 # Opcodes (include/uapi/linux/fuse.h).
 LOOKUP, FORGET, GETATTR = 1, 2, 3
-OPEN, READ, STATFS, RELEASE = 14, 15, 17, 18
+OPEN, READ, WRITE, STATFS, RELEASE, FSYNC = 14, 15, 16, 17, 18, 20
 FLUSH, INIT, OPENDIR, READDIR, RELEASEDIR = 25, 26, 27, 28, 29
 ACCESS, INTERRUPT, DESTROY, BATCH_FORGET = 34, 36, 38, 42
 NO_REPLY = (FORGET, BATCH_FORGET, INTERRUPT)
@@ -53,7 +55,7 @@ class StallFS:
         self.mountpoint = mountpoint
         self.nodes = {}
         for node, (name, size, stalls) in enumerate(files, start=ROOT + 1):
-            self.nodes[node] = (name, size, stalls)
+            self.nodes[node] = (name, size, stalls)  # stalls: "", "stall", "stallwrite"
         self.names = {name: node for node, (name, _, _) in self.nodes.items()}
         self.held = []
         self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
@@ -70,7 +72,8 @@ class StallFS:
         if node == ROOT:
             mode, size, nlink = stat.S_IFDIR | 0o755, 0, 2
         else:
-            mode, size, nlink = stat.S_IFREG | 0o444, self.nodes[node][1], 1
+            _, size, stalls = self.nodes[node]
+            mode, nlink = stat.S_IFREG | (0o644 if stalls == "stallwrite" else 0o444), 1
         return ATTR.pack(node, size, (size + 511) // 512, 0, 0, 0, 0, 0, 0,
                          mode, nlink, 0, 0, 0, BLOCK, 0)
 
@@ -103,17 +106,22 @@ class StallFS:
         if opcode == READ:
             offset, size = struct.unpack_from("<QQI", body)[1:]
             name, length, stalls = self.nodes[node]
-            if stalls:
+            if stalls == "stall":
                 self.held.append(unique)
                 return None
             size = max(0, min(size, length - offset))
             return 0, pattern(offset, size)
+        if opcode == WRITE:
+            if self.nodes.get(node, ("", 0, ""))[2] != "stallwrite":
+                return errno.EROFS, b""
+            self.held.append(unique)
+            return None
         if opcode == READDIR:
             return 0, b""
         if opcode == STATFS:
             return 0, struct.pack("<QQQQQIII4x24x", 1 << 20, 0, 0, len(self.nodes), 0,
                                   BLOCK, 255, BLOCK)
-        if opcode in (RELEASE, RELEASEDIR, FLUSH, ACCESS, DESTROY):
+        if opcode in (RELEASE, RELEASEDIR, FLUSH, FSYNC, ACCESS, DESTROY):
             return 0, b""
         return errno.ENOSYS, b""
 
@@ -170,7 +178,7 @@ def main(argv):
     files = []
     for spec in specs:
         name, size, *flags = spec.split(":")
-        files.append((name, int(size), "stall" in flags))
+        files.append((name, int(size), flags[0] if flags else ""))
     fs = StallFS(mountpoint, files)
 
     def stop(signum, frame):

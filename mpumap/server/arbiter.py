@@ -330,7 +330,7 @@ class Arbiter:
                 log.debug("%s ended with %s", worker, how)
                 continue
             log.warning("%s died with %s; starting another", worker, how)
-            self.regions.worker_ended(pid)
+            self.regions.worker_ended(pid, by_itself=False)
             freed = self.regions.recover(pid)
             if freed:
                 log.info("took back %d pages that %s held", freed, worker)
@@ -340,7 +340,7 @@ class Arbiter:
         worker = self.abandoned.pop(pid, None)
         if worker is None:
             return
-        self.regions.worker_ended(pid)
+        self.regions.worker_ended(pid, by_itself=True)
         freed = self.regions.recover(pid)
         log.warning("%s, left behind hung, has ended at last%s", worker,
                     f"; took back {freed} buffer pages it held" if freed else "")
@@ -404,10 +404,10 @@ class Arbiter:
         seconds (a store read that hangs, a stopped process); they are
         replaced once reaped, through the path a crash takes.
 
-        A filler caught in a read of a store first stalls that region: its
-        faults on pages the buffer does not hold get SIGBUS from then on,
-        so that no successor is caught in the same store (and every other
-        file's clients are served on).  A worker that SIGKILL has not ended
+        A worker caught in a read or write of a store first stalls that
+        region (see RegionTable.stall_store_of), so that no successor is
+        caught in the same store, and every other file's clients are served
+        on.  A worker that SIGKILL has not ended
         after ABANDON_SECONDS (a read the kernel does not interrupt: a FUSE
         daemon that hangs, some parallel file systems) is left behind and
         replaced all the same; the pages it claimed stay taken until it
@@ -424,13 +424,12 @@ class Arbiter:
                 continue
             log.error("%s gave no sign of life for %.1f s (--worker-timeout): killing it",
                       worker, silent / 1e9)
-            if worker.role == "filler":
-                region = self.regions.stall_reads_of(worker)
-                if region is not None:
-                    log.error("region %d (%s): its store hung %s; pages of it that the "
-                              "buffer does not hold raise SIGBUS from now on, in this "
-                              "mapping and in new ones until that read ends", region.rid,
-                              region.name, worker)
+            region = self.regions.stall_store_of(worker)
+            if region is not None:
+                log.error("region %d (%s): its store hung %s; from now on its pages that "
+                          "the buffer does not hold raise SIGBUS, and its dirty pages are "
+                          "dropped (EIO), in every mapping of it, new ones too, until that "
+                          "worker ends", region.rid, region.name, worker)
             worker.hung = now
             self.buffer.add("hangs")
             try:

@@ -100,28 +100,36 @@ class RegionTable:
                 return region
         return None
 
-    def stall_reads_of(self, worker):
-        """The region whose store a hung worker is caught in, stalled (see
-        mpu_region_info.stalled), and its file too: a region made for it
-        again is stalled from the start while the worker has not ended (see
-        worker_ended).  None when the worker reads no region."""
-        reading = self.buffer.reading(worker.heartbeat_slot)
-        region = next((r for r in self._regions.values()
-                       if reading == (r.slot, r.gen)), None)
+    def stall_store_of(self, worker):
+        """The region whose store a hung worker is caught in, stalled: its
+        faults on pages the buffer does not hold get SIGBUS, its write-backs
+        fail (EIO: the pages are dropped).  Its file too: a region made for
+        it again is stalled from the start, while the worker lives (see
+        worker_ended).  None when the worker was in no region's store."""
+        busy = self.buffer.in_store(worker.heartbeat_slot)
+        region = next((r for r in self._regions.values() if busy == (r.slot, r.gen)), None)
         if region is None:
             return None
         self.buffer.stall_region(region.slot, region.gen)
         self.stalled.setdefault(region.key[:2], set()).add(worker.pid)
         return region
 
-    def worker_ended(self, pid):
-        """A worker that was caught in a store ended: the store answered
-        (or its connection went), and a new map of its file reads it
-        again."""
+    def worker_ended(self, pid, by_itself):
+        """A worker that was caught in a store ended: a new map of its file
+        tries the store again.  If it ended `by_itself` (SIGKILL could not
+        end it: the store answered at last, or its connection went), the
+        file's regions read and write it again too; else they stay stalled
+        (pages a client was refused stay refused in that mapping)."""
         for store, pids in list(self.stalled.items()):
             pids.discard(pid)
-            if not pids:
-                del self.stalled[store]
+            if pids:
+                continue
+            del self.stalled[store]
+            for region in self._regions.values() if by_itself else ():
+                if region.key[:2] == store:
+                    self.buffer.stall_region(region.slot, region.gen, False)
+                    log.warning("region %d (%s): its store answers again", region.rid,
+                                region.name)
 
     def recover(self, pid):
         """Free the pages a dead worker held FILLING or LEAVING."""

@@ -1,5 +1,6 @@
 """The control plane never blocks: a stuck filler stalls nobody else and is
 replaced; a prefetch of any size leaves the main loop free."""
+import errno
 import json
 import os
 import signal
@@ -145,6 +146,66 @@ def test_a_store_that_hangs_fails_its_own_pages_and_stalls_nobody_else(start_ser
     log = server.output()
     assert "slow.bin): its store hung filler" in log
     assert "starting another beside it" in log
+
+
+HUNG_WRITER = """
+import json, sys, time, mpumap
+sock, path = sys.argv[1:]
+PAGE = 4096
+out = {}
+with mpumap.connect(sock) as client:
+    m = client.map(path, mode="r+")
+    for p in range(len(m) // PAGE):
+        m[p * PAGE:(p + 1) * PAGE] = b"w" * PAGE
+    print(json.dumps({"wrote": True}), flush=True)
+    started = time.monotonic()
+    for key in ("flush", "again", "close"):
+        try:
+            out[key] = m.close() if key == "close" else m.flush()
+        except OSError as exc:
+            out[key] = -exc.errno
+    out["seconds"] = time.monotonic() - started
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no FUSE here (/dev/fuse)")
+def test_a_store_that_hangs_on_writes_fails_their_flush_and_stalls_nobody_else(
+        start_server, readers, workdir):
+    """Writes that never come back: the evictor caught in one is replaced
+    beside itself, the writer's flushes and its close say EIO instead of
+    waiting for ever, other files are served on, and once the store
+    answers (here: it is gone) the file is written to again."""
+    other = make_file(os.path.join(workdir, "other.bin"), 8 * MiB, seed=83)
+    server = start_server("--buffer-size", "64M", "--evictors", 1, "--worker-timeout", 2)
+    with stallfs.mounted(os.path.join(workdir, "fs"), f"w.bin:{MiB}:stallwrite") as fs:
+        writer = subprocess.Popen([sys.executable, "-c", HUNG_WRITER, server.socket,
+                                   os.path.join(fs, "w.bin")], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            assert json.loads(writer.stdout.readline()) == {"wrote": True}, \
+                writer.poll() is not None and writer.stderr.read()
+            started = time.monotonic()
+            assert_clean(readers.result(readers.start(server.socket, other, order="random"),
+                                        timeout=30))
+            assert time.monotonic() - started < 2 + 5 + 5
+            out, err = writer.communicate(timeout=60)
+        finally:
+            writer.kill()
+            writer.wait()
+        assert writer.returncode == 0, err
+        result = json.loads(out)
+        eio = -errno.EIO
+        assert (result["flush"], result["again"], result["close"]) == (eio, eio, eio), result
+        assert result["seconds"] < 2 + 5 + 5, result
+        assert server.stats()["buffer"]["hangs"] == 1
+    deadline = time.monotonic() + 10
+    while "has ended at last" not in server.output():
+        assert time.monotonic() < deadline, server.output()
+        time.sleep(0.1)
+    log = server.output()
+    assert "w.bin): its store hung evictor 0" in log
+    assert "w.bin): its store answers again" in log
 
 
 def test_a_terabyte_prefetch_leaves_the_main_loop_free(start_server, workdir):
