@@ -148,6 +148,11 @@ class StallFS:
         ctypes.CDLL(None, use_errno=True).umount2(self.mountpoint.encode(), MNT_DETACH)
 
 
+class MountFailed(RuntimeError):
+    """The file system could not be mounted here (no FUSE, not root, a
+    container without the right)."""
+
+
 @contextlib.contextmanager
 def mounted(mountpoint, *specs):
     """This file system on `mountpoint` (made if missing), served by a
@@ -159,7 +164,8 @@ def mounted(mountpoint, *specs):
     try:
         if proc.stdout.readline().strip() != b"ready":
             proc.wait(10)
-            raise RuntimeError(f"stallfs did not start: {proc.stderr.read().decode()}")
+            said = proc.stderr.read().decode().strip().splitlines()
+            raise MountFailed(said[-1] if said else f"exit status {proc.returncode}")
         yield mountpoint
     finally:
         proc.terminate()

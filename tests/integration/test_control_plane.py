@@ -1,5 +1,6 @@
 """The control plane never blocks: a stuck filler stalls nobody else and is
 replaced; a prefetch of any size leaves the main loop free."""
+import contextlib
 import errno
 import json
 import os
@@ -94,7 +95,21 @@ def test_a_stopped_filler_stalls_nobody_else_and_is_replaced(start_server, reade
     assert not alive
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no FUSE here (/dev/fuse)")
+@contextlib.contextmanager
+def stalling_fs(mountpoint, *specs):
+    """stallfs.mounted, or the test skipped where FUSE cannot be mounted."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.skip("mounting FUSE takes root and /dev/fuse")
+    mount = stallfs.mounted(mountpoint, *specs)
+    try:
+        fs = mount.__enter__()
+    except stallfs.MountFailed as exc:
+        pytest.skip(f"cannot mount FUSE here: {exc}")
+    with contextlib.ExitStack() as stack:
+        stack.push(mount)
+        yield fs
+
+
 def test_a_store_that_hangs_fails_its_own_pages_and_stalls_nobody_else(start_server, readers,
                                                                         workdir):
     """A file system whose reads never come back (a FUSE daemon that hangs;
@@ -108,7 +123,7 @@ def test_a_store_that_hangs_fails_its_own_pages_and_stalls_nobody_else(start_ser
     other = make_file(os.path.join(workdir, "other.bin"), 8 * MiB, seed=82)
     server = start_server("--buffer-size", "64M", "--fillers", 2, "--worker-timeout", 2)
     fillers = {worker_pid(server, "filler", i) for i in range(2)}
-    with stallfs.mounted(os.path.join(workdir, "fs"), f"slow.bin:{size}:stall",
+    with stalling_fs(os.path.join(workdir, "fs"), f"slow.bin:{size}:stall",
                          f"fine.bin:{size}") as fs:
         # The file system serves mpumap: a file of it that answers reads right.
         assert_clean(readers.result(readers.start(server.socket, os.path.join(fs, "fine.bin"),
@@ -169,7 +184,6 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no FUSE here (/dev/fuse)")
 def test_a_store_that_hangs_on_writes_fails_their_flush_and_stalls_nobody_else(
         start_server, readers, workdir):
     """Writes that never come back: the evictor caught in one is replaced
@@ -178,7 +192,7 @@ def test_a_store_that_hangs_on_writes_fails_their_flush_and_stalls_nobody_else(
     answers (here: it is gone) the file is written to again."""
     other = make_file(os.path.join(workdir, "other.bin"), 8 * MiB, seed=83)
     server = start_server("--buffer-size", "64M", "--evictors", 1, "--worker-timeout", 2)
-    with stallfs.mounted(os.path.join(workdir, "fs"), f"w.bin:{MiB}:stallwrite") as fs:
+    with stalling_fs(os.path.join(workdir, "fs"), f"w.bin:{MiB}:stallwrite") as fs:
         writer = subprocess.Popen([sys.executable, "-c", HUNG_WRITER, server.socket,
                                    os.path.join(fs, "w.bin")], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
