@@ -2,6 +2,7 @@
 
 Every server gets its own short socket path (Unix socket paths are limited to
 108 bytes) and is stopped, with its workers, when the test ends."""
+import contextlib
 import json
 import os
 import shlex
@@ -17,6 +18,7 @@ import pytest
 
 import mpumap
 from mpumap.testing import MemoryCgroup, NoCgroup, command, drop_from_page_cache, make_file
+import stallfs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 READER = os.path.join(HERE, "integration", "reader.py")
@@ -302,3 +304,18 @@ def programs(workdir):
     p = Programs(workdir)
     yield p
     p.cleanup()
+
+
+@contextlib.contextmanager
+def stalling_fs(mountpoint, *specs):
+    """stallfs.mounted, or the test skipped where FUSE cannot be mounted."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.skip("mounting FUSE takes root and /dev/fuse")
+    mount = stallfs.mounted(mountpoint, *specs)
+    try:
+        fs = mount.__enter__()
+    except stallfs.MountFailed as exc:
+        pytest.skip(f"cannot mount FUSE here: {exc}")
+    with contextlib.ExitStack() as stack:
+        stack.push(mount)
+        yield fs

@@ -1,6 +1,5 @@
 """The control plane never blocks: a stuck filler stalls nobody else and is
 replaced; a prefetch of any size leaves the main loop free."""
-import contextlib
 import errno
 import json
 import os
@@ -14,7 +13,7 @@ import pytest
 
 import mpumap
 import stallfs
-from conftest import assert_clean
+from conftest import assert_clean, stalling_fs
 from mpumap._core import lib
 from mpumap.testing import MiB, make_file
 
@@ -93,21 +92,6 @@ def test_a_stopped_filler_stalls_nobody_else_and_is_replaced(start_server, reade
     assert took < 3.0, f"SIGTERM took {took:.2f} s"
     gone, alive = psutil.wait_procs(workers, timeout=2)
     assert not alive
-
-
-@contextlib.contextmanager
-def stalling_fs(mountpoint, *specs):
-    """stallfs.mounted, or the test skipped where FUSE cannot be mounted."""
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        pytest.skip("mounting FUSE takes root and /dev/fuse")
-    mount = stallfs.mounted(mountpoint, *specs)
-    try:
-        fs = mount.__enter__()
-    except stallfs.MountFailed as exc:
-        pytest.skip(f"cannot mount FUSE here: {exc}")
-    with contextlib.ExitStack() as stack:
-        stack.push(mount)
-        yield fs
 
 
 def test_a_store_that_hangs_fails_its_own_pages_and_stalls_nobody_else(start_server, readers,

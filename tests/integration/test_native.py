@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from conftest import NOBODY, clean_env, config, page_cache_bytes, pages_served, uncached_file
+from conftest import (NOBODY, clean_env, config, page_cache_bytes, pages_served, stalling_fs,
+                      uncached_file)
 from mpumap.testing import MiB, make_file
 from mpumap import native
 
@@ -448,6 +449,26 @@ def test_a_writer_syncs_its_file_once_the_server_is_killed(start_server, program
     assert out.splitlines()[-1] == "flush=0 errno=0 unmap=0 errno=0", (out, err)
     with open(path, "rb") as f:
         assert f.read() == b"a" * (2 * MiB) + b"b" * (2 * MiB)
+
+
+def test_a_c_writer_hears_eio_from_flush_and_unmap_when_its_file_hangs(start_server, programs,
+                                                                       workdir):
+    """client_uflush and client_uunmap of a mapping whose file system
+    stopped answering writes: each returns -1 with EIO (the evictor caught
+    in the write is replaced, the file stalled) instead of waiting for
+    ever, or saying 0."""
+    server = start_server("--page-size", "4K", "--buffer-size", "8M", "--worker-timeout", 2)
+    exe = programs.build(os.path.join(SOURCES, "lost_flush.c"))
+    with stalling_fs(os.path.join(workdir, "fs"), f"w.bin:{MiB}:stallwrite") as fs:
+        proc = programs.start([exe, os.path.join(fs, "w.bin")],
+                              clean_env(MPUMAP_SOCKET=server.socket), stdin=subprocess.PIPE)
+        assert proc.stdout.readline().strip() == "wrote", \
+            proc.poll() is not None and proc.stderr.read()
+        out, err = proc.communicate("go\n", timeout=60)
+    assert proc.returncode == 0, (out, err)
+    eio = errno.EIO
+    assert out.splitlines()[-1] == f"flush=-1 errno={eio} unmap=-1 errno={eio}", (out, err)
+    assert "w.bin): its store hung evictor" in server.output()
 
 
 def test_the_c_library_gives_up_with_etimedout(start_server, programs, workdir):
