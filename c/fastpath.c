@@ -840,7 +840,7 @@ static void reading(struct mpu_filler *f, const struct mpu_region_slot *r)
     mpu_set_in_store(f->h, (int32_t)f->worker, r ? slot_of(f, r) : 0, r ? r->gen : 0);
 }
 
-/* Whether a read of the region's store hung a filler (mpu_region_stall). */
+/* Whether the region's store hung a worker (mpu_region_stall). */
 static int stalled(const struct mpu_filler *f, const struct mpu_region_slot *r)
 {
     return (int)__atomic_load_n(&mpu_regions(f->h)[slot_of(f, r)].stalled, __ATOMIC_ACQUIRE);
@@ -1034,13 +1034,17 @@ static void make_splice_pipe(struct mpu_filler *f)
 static int64_t splice_run(struct mpu_filler *f, struct mpu_region_slot *r, uint64_t first,
                           uint64_t npages)
 {
-    int fd;
-    if (f->splicing != 1 || r->store_mode != MPU_STORE_DIRECT || (fd = scan_reader(r)) < 0)
+    if (f->splicing != 1 || r->store_mode != MPU_STORE_DIRECT)
         return -1;
+    reading(f, r);  /* opening the scan reader asks the store too */
+    int fd = scan_reader(r);
+    if (fd < 0) {
+        reading(f, NULL);
+        return -1;
+    }
     uint64_t want = npages * f->page_size, offset = first * f->page_size, got = 0;
     uint64_t started = mpu_now_ns();
     beat(f);
-    reading(f, r);
     while (got < want) {
         loff_t in = (loff_t)(offset + got);
         ssize_t n = splice(fd, &in, f->splice_pipe[1], NULL, want - got, SPLICE_F_MOVE);
@@ -1509,7 +1513,10 @@ static void past_the_end(struct mpu_filler *f, struct mpu_region_slot *r, uint32
      * falls in has bytes past the end too. */
     struct stat st;
     uint64_t end_page = page + 1, end = page * f->page_size + got;
-    if (fstat(r->store_fd, &st) == 0) {
+    reading(f, r);
+    int known = fstat(r->store_fd, &st) == 0;
+    reading(f, NULL);
+    if (known) {
         end = (uint64_t)st.st_size;
         if (end >= r->size)
             return;  /* it did not shrink: the read failed */
@@ -1600,7 +1607,7 @@ static void serve_write(struct mpu_filler *f, const struct mpu_fault *fault,
     }
 }
 
-/* A fault of a region whose store hung a filler: the page if the buffer
+/* A fault of a region whose store hung a worker: the page if the buffer
  * holds it, else SIGBUS at once (as a soft-mounted NFS file's EIO), never a
  * read, nor a wait for a page that a filler still stuck in that store
  * holds.  Without UFFDIO_POISON the thread is left waiting, as a read of
@@ -1643,12 +1650,14 @@ static void serve_one(struct mpu_filler *f, const struct mpu_fault *fault)
     uint64_t len = fill_length(f, r, page);
     uint32_t entry, flags = 0;
     mpu_add64(&f->h->queue_ns, (int64_t)(mpu_now_ns() - fault->read_at));
-    if (stalled(f, r)) {
-        refuse(f, fault, uffd, len);
-        return;
-    }
 
     for (;;) {
+        /* Asked again after every wait: the page we wait for may be one
+         * that a filler caught in the store holds, and never fills. */
+        if (stalled(f, r)) {
+            refuse(f, fault, uffd, len);
+            return;
+        }
         int state = mpu_page_claim(f->h, fault->region, fault->region_gen, page, f->pid,
                                    MPU_CLAIM_FAULT, WAIT_MS, f->evict_fds, f->nevict,
                                    &entry, &flags);
@@ -1671,8 +1680,12 @@ static void serve_one(struct mpu_filler *f, const struct mpu_fault *fault)
                 mpu_account(f->h, fault->client, fault->read_at, 0, MPU_ANSWER_WAKE);
             return;
         }
-        if (state == MPU_FREE)
+        if (state == MPU_FREE && !stalled(f, r))
             break;
+        if (state == MPU_FREE) {
+            mpu_page_filled(f->h, entry, 0, 0);  /* its store hung meanwhile */
+            continue;
+        }
         beat(f);
         event(f, MPU_EV_STUCK, fault->region, page, 0, (uint64_t)state);
     }
@@ -1861,7 +1874,7 @@ static void fill_span(struct mpu_filler *f, uint32_t region, uint64_t first, uin
                         : kind == MPU_W_READ_AROUND ? &f->h->readaround_fills
                         : &f->h->prefetch_fills;
     uint64_t page = first, end = first + count < r->npages ? first + count : r->npages;
-    while (page < end) {
+    while (page < end && !stalled(f, r)) {
         int full;
         uint64_t want = end - page < f->max_run ? end - page : f->max_run;
         uint64_t run = claim_run(f, r, page, want, how, &full, f->descs);

@@ -70,10 +70,12 @@ struct mpu_region_info {
                                mpu_pbm_evict): each mapping reports those
                                since it last looked, once */
     int32_t write_error;    /* ... the errno of the last */
-    uint32_t stalled;       /* a read of its store outlasted --worker-timeout
-                               (a file system that hangs): what the buffer does
-                               not hold is refused (SIGBUS) from then on, so
-                               that no other filler is caught in that store */
+    uint32_t stalled;       /* a read or write of its store outlasted
+                               --worker-timeout (a file system that hangs):
+                               what the buffer does not hold is refused
+                               (SIGBUS) and write-backs fail (EIO) until the
+                               supervisor says otherwise, so that no other
+                               worker is caught in that store */
     uint32_t pad;
 };
 

@@ -260,6 +260,11 @@ class PageBuffer:
             return None
         return slot[0], gen[0]
 
+    def set_in_store(self, worker_slot, slot=0, gen=0):
+        """A worker reads or writes the store of region slot (generation
+        gen) from now on; gen 0: none."""
+        lib.mpu_set_in_store(self.header, worker_slot, slot, gen)
+
     def stall_region(self, slot, gen, stalled=True):
         """Its store hangs (stalled), or answers again: the region's faults
         on pages not in the buffer get SIGBUS meanwhile, and its write-backs

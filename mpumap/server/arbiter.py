@@ -154,6 +154,7 @@ class Arbiter:
         now = time.monotonic()
         self.respawn_due(now)
         self.check_heartbeats()
+        self._wake_if(self.regions.unstall_due(now))
         self.handler.expire(now)
         listening = self.selector.get_map().get(self.listener.fileno()) is not None
         if not listening and now >= self.listener.paused_until and not self.stopping:
@@ -220,6 +221,7 @@ class Arbiter:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WORKER_SOCKET_BUFFER)
             worker = ROLES[role](index, self.settings, self.buffer, self.evict_fds, self.pid)
             self.buffer.beat(worker.heartbeat_slot)  # a fresh worker has a fresh heartbeat
+            self.buffer.set_in_store(worker.heartbeat_slot)  # ... and is in no store
             # Keep the interpreter's pages shared with the child: nothing the
             # child's collector visits is copied for it.
             gc.freeze()
@@ -330,7 +332,7 @@ class Arbiter:
                 log.debug("%s ended with %s", worker, how)
                 continue
             log.warning("%s died with %s; starting another", worker, how)
-            self.regions.worker_ended(pid, by_itself=False)
+            self._wake_if(self.regions.worker_ended(pid, False, time.monotonic()))
             freed = self.regions.recover(pid)
             if freed:
                 log.info("took back %d pages that %s held", freed, worker)
@@ -340,10 +342,16 @@ class Arbiter:
         worker = self.abandoned.pop(pid, None)
         if worker is None:
             return
-        self.regions.worker_ended(pid, by_itself=True)
+        self._wake_if(self.regions.worker_ended(pid, True, time.monotonic()))
         freed = self.regions.recover(pid)
         log.warning("%s, left behind hung, has ended at last%s", worker,
                     f"; took back {freed} buffer pages it held" if freed else "")
+
+    def _wake_if(self, unstalled):
+        # Threads a stalled region's faults left waiting (no UFFDIO_POISON)
+        # fault again, and are served.
+        if unstalled:
+            self.handler.wake_all()
 
     def _forget(self, worker):
         try:
@@ -405,13 +413,12 @@ class Arbiter:
         replaced once reaped, through the path a crash takes.
 
         A worker caught in a read or write of a store first stalls that
-        region (see RegionTable.stall_store_of), so that no successor is
-        caught in the same store, and every other file's clients are served
-        on.  A worker that SIGKILL has not ended
-        after ABANDON_SECONDS (a read the kernel does not interrupt: a FUSE
-        daemon that hangs, some parallel file systems) is left behind and
-        replaced all the same; the pages it claimed stay taken until it
-        ends."""
+        file (RegionTable.stall), so that no successor is caught in the same
+        store, and every other file's clients are served on.  A worker that
+        SIGKILL has not ended after ABANDON_SECONDS (a read the kernel does
+        not interrupt: a FUSE daemon that hangs, some parallel file
+        systems) is left behind and replaced all the same; the pages it
+        claimed stay taken until it ends."""
         limit = int(self.settings.worker_timeout * 1e9)
         now = time.monotonic_ns()
         for worker in list(self.workers.values()):
@@ -419,17 +426,21 @@ class Arbiter:
                 if now - worker.hung >= ABANDON_SECONDS * 1e9:
                     self.abandon(worker)
                 continue
-            silent = now - self.buffer.heartbeat(worker.heartbeat_slot)
+            beat = self.buffer.heartbeat(worker.heartbeat_slot)
+            silent = now - beat
             if silent <= limit:
                 continue
+            busy = self.buffer.in_store(worker.heartbeat_slot)
+            if self.buffer.heartbeat(worker.heartbeat_slot) != beat:
+                continue  # it went on meanwhile: `busy` may be a store that answers
             log.error("%s gave no sign of life for %.1f s (--worker-timeout): killing it",
                       worker, silent / 1e9)
-            region = self.regions.stall_store_of(worker)
+            region = self.regions.stall(busy, worker.pid)
             if region is not None:
-                log.error("region %d (%s): its store hung %s; from now on its pages that "
-                          "the buffer does not hold raise SIGBUS, and its dirty pages are "
-                          "dropped (EIO), in every mapping of it, new ones too, until that "
-                          "worker ends", region.rid, region.name, worker)
+                log.error("region %d (%s): its store hung %s; until the store is tried "
+                          "again, the file's pages that the buffer does not hold raise "
+                          "SIGBUS and its write-backs fail (EIO), in every mapping of it",
+                          region.rid, region.name, worker)
             worker.hung = now
             self.buffer.add("hangs")
             try:
@@ -443,7 +454,8 @@ class Arbiter:
         del self.workers[worker.pid]
         self.abandoned[worker.pid] = worker
         self._forget(worker)
-        self.restart(worker)
+        if not self.stopping:
+            self.restart(worker)
 
     # -- stopping -----------------------------------------------------------------
 
@@ -516,7 +528,7 @@ class Arbiter:
         # SIGKILL does not end a worker that the kernel keeps waiting (on a
         # FUSE daemon that hangs): such a one is left behind, not waited for.
         deadline = time.monotonic() + ABANDON_SECONDS
-        while self.workers and time.monotonic() < deadline:
+        while self.workers and time.monotonic() < deadline and not self.stop_at_once():
             try:
                 pid, _ = self.waitpid(-1, os.WNOHANG)
             except ChildProcessError:

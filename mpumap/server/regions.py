@@ -8,6 +8,63 @@ from mpumap.region import Region
 
 log = logging.getLogger("mpumap.regions")
 
+STALL_RETRY_FIRST = 120.0  # seconds a store that hung waits to be tried again ...
+STALL_RETRY_MOST = 3600.0  # ... doubling each time it hangs again, up to this
+
+
+class Stalls:
+    """The stores (a file: its key[:2]) that hung a worker past
+    --worker-timeout, and when each is tried again.
+
+    Owns, per store: the pids of the workers caught in it that have not
+    ended, when it is tried again, and how many times it hung.  A store is
+    stalled while a worker caught in it lives, and after the last one
+    ended, until its retry time: at once if that worker ended by itself
+    (SIGKILL could not end it, so its read or write came back: the store
+    answers), else `first` seconds after, doubled for each time the store
+    hung before (up to STALL_RETRY_MOST), since a killed worker says
+    nothing of the store.  Pure bookkeeping: RegionTable applies it.
+    """
+
+    def __init__(self, first=STALL_RETRY_FIRST):
+        self.first = first
+        self._caught = {}  # store -> set of pids
+        self._retry_at = {}  # store -> monotonic seconds
+        self._hangs = collections.Counter()  # store -> times it hung
+
+    def stalled(self, store):
+        return store in self._caught or store in self._retry_at
+
+    def caught(self, store, pid):
+        self._caught.setdefault(store, set()).add(pid)
+        self._retry_at.pop(store, None)
+        self._hangs[store] += 1
+
+    def ended(self, pid, by_itself, now):
+        """The stores tried again now that worker `pid` ended."""
+        again = set()
+        for store, pids in list(self._caught.items()):
+            if pid not in pids:
+                continue
+            pids.discard(pid)
+            if pids:
+                continue
+            del self._caught[store]
+            if by_itself:
+                del self._hangs[store]
+                again.add(store)
+            else:
+                wait = self.first * 2 ** (self._hangs[store] - 1)
+                self._retry_at[store] = now + min(wait, STALL_RETRY_MOST)
+        return again
+
+    def due(self, now):
+        """The stores whose retry time came."""
+        again = {store for store, when in self._retry_at.items() if now >= when}
+        for store in again:
+            del self._retry_at[store]
+        return again
+
 
 class RegionTable:
     """Every region the server serves.
@@ -32,7 +89,7 @@ class RegionTable:
         self.slots = RegionSlots(buffer.max_regions)  # what the C side sees of them
         self._free_slots = collections.deque(range(buffer.max_regions))
         self.per_user = collections.Counter()
-        self.stalled = {}  # a hung store's file (key[:2]) -> pids of workers caught in it
+        self.stalls = Stalls()
 
     def __len__(self):
         return len(self._regions)
@@ -59,7 +116,7 @@ class RegionTable:
             self._free_slots.appendleft(slot)
             raise
         self.buffer.open_region(slot, region.gen, region.npages)
-        if key[:2] in self.stalled:
+        if self.stalls.stalled(key[:2]):
             self.buffer.stall_region(slot, region.gen)
         self.slots.set(region)
         self._regions[key] = region
@@ -100,36 +157,37 @@ class RegionTable:
                 return region
         return None
 
-    def stall_store_of(self, worker):
-        """The region whose store a hung worker is caught in, stalled: its
-        faults on pages the buffer does not hold get SIGBUS, its write-backs
-        fail (EIO: the pages are dropped).  Its file too: a region made for
-        it again is stalled from the start, while the worker lives (see
-        worker_ended).  None when the worker was in no region's store."""
-        busy = self.buffer.in_store(worker.heartbeat_slot)
+    def stall(self, busy, pid):
+        """A worker (pid) hung in the store of region `busy` ((slot,
+        generation), from PageBuffer.in_store; None: in no store): every
+        region of that file is stalled (see mpu_region_info.stalled), and
+        so is a region made for it later, until the store is tried again
+        (see Stalls).  The region, or None."""
         region = next((r for r in self._regions.values() if busy == (r.slot, r.gen)), None)
         if region is None:
             return None
-        self.buffer.stall_region(region.slot, region.gen)
-        self.stalled.setdefault(region.key[:2], set()).add(worker.pid)
+        self.stalls.caught(region.key[:2], pid)
+        for other in self._regions.values():
+            if other.key[:2] == region.key[:2]:
+                self.buffer.stall_region(other.slot, other.gen)
         return region
 
-    def worker_ended(self, pid, by_itself):
-        """A worker that was caught in a store ended: a new map of its file
-        tries the store again.  If it ended `by_itself` (SIGKILL could not
-        end it: the store answered at last, or its connection went), the
-        file's regions read and write it again too; else they stay stalled
-        (pages a client was refused stay refused in that mapping)."""
-        for store, pids in list(self.stalled.items()):
-            pids.discard(pid)
-            if pids:
-                continue
-            del self.stalled[store]
-            for region in self._regions.values() if by_itself else ():
-                if region.key[:2] == store:
-                    self.buffer.stall_region(region.slot, region.gen, False)
-                    log.warning("region %d (%s): its store answers again", region.rid,
-                                region.name)
+    def worker_ended(self, pid, by_itself, now):
+        """A worker ended; if it was caught in a store, see Stalls.  The
+        regions that read and write their store again."""
+        return self._unstall(self.stalls.ended(pid, by_itself, now))
+
+    def unstall_due(self, now):
+        """The regions whose store is tried again now (Stalls)."""
+        return self._unstall(self.stalls.due(now))
+
+    def _unstall(self, stores):
+        regions = [r for r in self._regions.values() if r.key[:2] in stores]
+        for region in regions:
+            self.buffer.stall_region(region.slot, region.gen, False)
+            log.warning("region %d (%s): its store is read and written again", region.rid,
+                        region.name)
+        return regions
 
     def recover(self, pid):
         """Free the pages a dead worker held FILLING or LEAVING."""

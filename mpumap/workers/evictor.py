@@ -101,7 +101,10 @@ class Evictor(Worker):
     def region_added(self, region):
         region.drop_store()
         self.region_slots.set(region)
+        # Opening the file again asks its store: it may hang there.
+        self.buffer.set_in_store(self.heartbeat_slot, region.slot, region.gen)
         self.region_slots.write_directly(region)
+        self.buffer.set_in_store(self.heartbeat_slot)
 
     def region_dropped(self, region):
         self.region_slots.clear(region.slot)

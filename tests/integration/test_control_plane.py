@@ -94,51 +94,83 @@ def test_a_stopped_filler_stalls_nobody_else_and_is_replaced(start_server, reade
     assert not alive
 
 
+TOUCH_PAGE = """
+import sys, mpumap
+with mpumap.connect(sys.argv[1]) as client:
+    m = client.map(sys.argv[2])
+    if sys.argv[3] == "prefetch":
+        m.prefetch()
+        print("asked", flush=True)
+        sys.stdin.read()
+    else:
+        m[int(sys.argv[3]) * 4096]
+"""
+
+
 def test_a_store_that_hangs_fails_its_own_pages_and_stalls_nobody_else(start_server, readers,
                                                                         workdir):
     """A file system whose reads never come back (a FUSE daemon that hangs;
     not even SIGKILL ends the filler caught in it): that file's missing
-    pages raise SIGBUS, at once once the server knows, every other file is
-    served on, and the caught fillers are replaced beside themselves."""
+    pages raise SIGBUS, at once once the server knows, also for faults that
+    waited on a page the caught filler holds, every other file is served
+    on, and the caught fillers are replaced beside themselves."""
     size = 1 * MiB
     expected = os.path.join(workdir, "expected.bin")
     with open(expected, "wb") as f:
         f.write(stallfs.pattern(0, size))
     other = make_file(os.path.join(workdir, "other.bin"), 8 * MiB, seed=82)
-    server = start_server("--buffer-size", "64M", "--fillers", 2, "--worker-timeout", 2)
-    fillers = {worker_pid(server, "filler", i) for i in range(2)}
+    server = start_server("--buffer-size", "64M", "--fillers", 3, "--worker-timeout", 2)
+    fillers = {worker_pid(server, "filler", i) for i in range(3)}
     with stalling_fs(os.path.join(workdir, "fs"), f"slow.bin:{size}:stall",
-                         f"fine.bin:{size}") as fs:
+                     f"fine.bin:{size}") as fs:
+        slow = os.path.join(fs, "slow.bin")
         # The file system serves mpumap: a file of it that answers reads right.
         assert_clean(readers.result(readers.start(server.socket, os.path.join(fs, "fine.bin"),
                                                   expect=expected), timeout=30))
-        caught = readers.start(server.socket, os.path.join(fs, "slow.bin"), expect=expected)
-        readers.wait_ready(caught)
-        time.sleep(0.5)  # its first fault is in a filler's read
-        started = time.monotonic()
-        assert_clean(readers.result(readers.start(server.socket, other, order="random"),
-                                    timeout=30))
-        # It waited at most for the caught filler's successor (--worker-timeout,
-        # then the arbiter's ABANDON_SECONDS).
-        assert time.monotonic() - started < 2 + 5 + 5
-        assert caught.wait(timeout=30) == -signal.SIGBUS
+        # A prefetch: a filler claims a run of pages, reads, and never
+        # comes back.
+        prefetching = subprocess.Popen([sys.executable, "-c", TOUCH_PAGE, server.socket, slow,
+                                        "prefetch"], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert prefetching.stdout.readline() == b"asked\n"
+        time.sleep(0.5)
+        # Faults on pages of that run: the other fillers wait for them.
+        caught = subprocess.Popen([sys.executable, "-c", TOUCH_PAGE, server.socket, slow, "9"],
+                                  stderr=subprocess.DEVNULL)
+        touching = [subprocess.Popen([sys.executable, "-c", TOUCH_PAGE, server.socket, slow,
+                                      str(page)], stderr=subprocess.DEVNULL)
+                    for page in range(10, 40, 3)]
+        try:
+            started = time.monotonic()
+            assert_clean(readers.result(readers.start(server.socket, other, order="random"),
+                                        timeout=60))
+            # It waited at most for the caught fillers' successors
+            # (--worker-timeout, then the arbiter's ABANDON_SECONDS), not for ever.
+            assert time.monotonic() - started < 30
+            assert caught.wait(timeout=60) == -signal.SIGBUS
+            assert [t.wait(timeout=60) for t in touching] == [-signal.SIGBUS] * len(touching)
+        finally:
+            for t in [prefetching, caught, *touching]:
+                t.kill()
+                t.wait()
         hangs = server.stats()["buffer"]["hangs"]
-        assert hangs in (1, 2)  # the fault's filler, and perhaps one reading around it
+        assert hangs in (1, 2, 3)  # the fillers caught before the server knew
         stuck = [pid for pid in fillers
                  if psutil.pid_exists(pid) and psutil.Process(pid).status() == "disk-sleep"]
-        assert len(stuck) == hangs
-        assert {worker_pid(server, "filler", i) for i in range(2)}.isdisjoint(stuck)
+        assert 1 <= len(stuck) <= hangs
+        assert {worker_pid(server, "filler", i) for i in range(3)}.isdisjoint(stuck)
 
         # Known now: the next reader of that file gets SIGBUS without a wait,
         # and no other filler is caught.
-        again = readers.start(server.socket, os.path.join(fs, "slow.bin"), expect=expected)
+        again = readers.start(server.socket, slow, expect=expected)
         readers.wait_ready(again)
         asked = time.monotonic()
         assert again.wait(timeout=30) == -signal.SIGBUS
-        assert time.monotonic() - asked < 1.5
+        assert time.monotonic() - asked < 5
         assert server.stats()["buffer"]["hangs"] == hangs
-    # Unmounted: the caught fillers' reads fail, they end and are reaped.
-    deadline = time.monotonic() + 10
+    # Unmounted: the caught fillers' reads fail, they end and are reaped, and
+    # the file is read again.
+    deadline = time.monotonic() + 20
     while server.output().count("has ended at last") < hangs:
         assert time.monotonic() < deadline, server.output()
         time.sleep(0.1)
@@ -186,7 +218,7 @@ def test_a_store_that_hangs_on_writes_fails_their_flush_and_stalls_nobody_else(
             started = time.monotonic()
             assert_clean(readers.result(readers.start(server.socket, other, order="random"),
                                         timeout=30))
-            assert time.monotonic() - started < 2 + 5 + 5
+            assert time.monotonic() - started < 30
             out, err = writer.communicate(timeout=60)
         finally:
             writer.kill()
@@ -195,7 +227,7 @@ def test_a_store_that_hangs_on_writes_fails_their_flush_and_stalls_nobody_else(
         result = json.loads(out)
         eio = -errno.EIO
         assert (result["flush"], result["again"], result["close"]) == (eio, eio, eio), result
-        assert result["seconds"] < 2 + 5 + 5, result
+        assert result["seconds"] < 30, result  # (not for ever)
         assert server.stats()["buffer"]["hangs"] == 1
     deadline = time.monotonic() + 10
     while "has ended at last" not in server.output():
@@ -203,7 +235,7 @@ def test_a_store_that_hangs_on_writes_fails_their_flush_and_stalls_nobody_else(
         time.sleep(0.1)
     log = server.output()
     assert "w.bin): its store hung evictor 0" in log
-    assert "w.bin): its store answers again" in log
+    assert "w.bin): its store is read and written again" in log
 
 
 def test_a_terabyte_prefetch_leaves_the_main_loop_free(start_server, workdir):
