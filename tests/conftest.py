@@ -23,6 +23,7 @@ import stallfs
 HERE = os.path.dirname(os.path.abspath(__file__))
 READER = os.path.join(HERE, "integration", "reader.py")
 WRITER = os.path.join(HERE, "integration", "writer.py")
+OVERWRITER = os.path.join(HERE, "integration", "overwriter.py")
 NOBODY = 65534  # the unprivileged user tests become
 
 

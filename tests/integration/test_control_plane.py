@@ -13,7 +13,7 @@ import pytest
 
 import mpumap
 import stallfs
-from conftest import assert_clean, stalling_fs
+from conftest import OVERWRITER, assert_clean, stalling_fs
 from mpumap._core import lib
 from mpumap.testing import MiB, make_file
 
@@ -179,27 +179,6 @@ def test_a_store_that_hangs_fails_its_own_pages_and_stalls_nobody_else(start_ser
     assert "starting another beside it" in log
 
 
-HUNG_WRITER = """
-import json, sys, time, mpumap
-sock, path = sys.argv[1:]
-PAGE = 4096
-out = {}
-with mpumap.connect(sock) as client:
-    m = client.map(path, mode="r+")
-    for p in range(len(m) // PAGE):
-        m[p * PAGE:(p + 1) * PAGE] = b"w" * PAGE
-    print(json.dumps({"wrote": True}), flush=True)
-    started = time.monotonic()
-    for key in ("flush", "again", "close"):
-        try:
-            out[key] = m.close() if key == "close" else m.flush()
-        except OSError as exc:
-            out[key] = -exc.errno
-    out["seconds"] = time.monotonic() - started
-print(json.dumps(out))
-"""
-
-
 def test_a_store_that_hangs_on_writes_fails_their_flush_and_stalls_nobody_else(
         start_server, readers, workdir):
     """Writes that never come back: the evictor caught in one is replaced
@@ -209,12 +188,14 @@ def test_a_store_that_hangs_on_writes_fails_their_flush_and_stalls_nobody_else(
     other = make_file(os.path.join(workdir, "other.bin"), 8 * MiB, seed=83)
     server = start_server("--buffer-size", "64M", "--evictors", 1, "--worker-timeout", 2)
     with stalling_fs(os.path.join(workdir, "fs"), f"w.bin:{MiB}:stallwrite") as fs:
-        writer = subprocess.Popen([sys.executable, "-c", HUNG_WRITER, server.socket,
-                                   os.path.join(fs, "w.bin")], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
+        writer = subprocess.Popen([sys.executable, OVERWRITER, server.socket,
+                                   os.path.join(fs, "w.bin")], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             assert json.loads(writer.stdout.readline()) == {"wrote": True}, \
                 writer.poll() is not None and writer.stderr.read()
+            writer.stdin.write("flush\n")
+            writer.stdin.flush()
             started = time.monotonic()
             assert_clean(readers.result(readers.start(server.socket, other, order="random"),
                                         timeout=30))

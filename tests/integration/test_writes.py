@@ -17,7 +17,7 @@ import time
 import pytest
 
 import mpumap
-from conftest import page_cache_bytes
+from conftest import OVERWRITER, page_cache_bytes
 from mpumap.testing import make_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -332,29 +332,6 @@ def test_a_file_written_by_one_user_is_not_mapped_by_another(start_server, write
     assert writers.result(proc)["bad_count"] == 0
 
 
-FULL_DISK_WRITER = """
-import json, sys, mpumap
-sock, path, other = sys.argv[1:]
-PAGE = 4096
-out = {}
-with mpumap.connect(sock) as client:
-    m = client.map(path, mode="r+")
-    for p in range(len(m) // PAGE):
-        m[p * PAGE:(p + 1) * PAGE] = b"w" * PAGE
-    print(json.dumps({"wrote": True}), flush=True)
-    sys.stdin.readline()  # room on the disk again, meanwhile
-    for key in ("flush", "again"):
-        try:
-            out[key] = m.flush()
-        except OSError as exc:
-            out[key] = -exc.errno
-    with client.map(other) as o, open(other, "rb") as f:
-        out["other_right"] = o[:] == f.read()
-    m.close()
-print(json.dumps(out))
-"""
-
-
 def test_writes_a_full_disk_will_not_take_are_dropped_and_said_so(start_server, workdir):
     """Dirty pages that their file's full file system will not take are
     dropped, as the kernel drops them, rather than kept until the buffer is
@@ -373,9 +350,9 @@ def test_writes_a_full_disk_will_not_take_are_dropped_and_said_so(start_server, 
             f.truncate(8 * MiB)  # 8 MiB that the file system has room for one of
         other = make_file(os.path.join(workdir, "other.bin"), 4 * MiB, seed=84)
         server = start_server("--page-size", "4K", "--buffer-size", "2M")
-        proc = subprocess.Popen([sys.executable, "-c", FULL_DISK_WRITER, server.socket, path,
-                                 other], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, OVERWRITER, server.socket, path,
+                                 "--other", other], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             ready, _, _ = select.select([proc.stdout], [], [], 60)
             assert ready and json.loads(proc.stdout.readline()) == {"wrote": True}, \
