@@ -1601,6 +1601,10 @@ static void serve_write(struct mpu_filler *f, const struct mpu_fault *fault,
             wake(f, c->uffd, fault->region, fault->page, fault->address, len);
             return;
         }
+        if (state == -EBUSY && stalled(f, r))
+            return;  /* written back by a worker caught in the store: the thread
+                        waits, as on a hung file's page under write-back, and is
+                        woken when the store is tried again */
         beat(f);
         event(f, MPU_EV_STUCK, fault->region, fault->page, 0,
               (uint64_t)(state < 0 ? MPU_PRESENT : state));
@@ -1684,7 +1688,8 @@ static void serve_one(struct mpu_filler *f, const struct mpu_fault *fault)
             break;
         if (state == MPU_FREE) {
             mpu_page_filled(f->h, entry, 0, 0);  /* its store hung meanwhile */
-            continue;
+            refuse(f, fault, uffd, len);
+            return;
         }
         beat(f);
         event(f, MPU_EV_STUCK, fault->region, page, 0, (uint64_t)state);

@@ -336,6 +336,8 @@ int mpu_worker_in_store(struct mpu_header *h, uint32_t worker, uint32_t *slot, u
  * write-backs fail (EIO; an eviction drops those pages: mpu_pbm_evict).
  * 0, or -ENOENT when the slot holds another region now, or none. */
 int mpu_region_stall(struct mpu_header *h, uint32_t slot, uint32_t gen, int stalled);
+/* Whether region slot (generation gen) is stalled now. */
+int mpu_region_stalled(struct mpu_header *h, uint32_t slot, uint32_t gen);
 /* Writes the dirty pages of [first, first + count) of region `slot` to its
  * file and syncs it (what msync(MS_SYNC) does): the pages written, or
  * -errno (-EAGAIN: a writer's client is not known here yet). */

@@ -462,6 +462,14 @@ int mpu_region_stall(struct mpu_header *h, uint32_t slot, uint32_t gen, int stal
     return found ? 0 : -ENOENT;
 }
 
+int mpu_region_stalled(struct mpu_header *h, uint32_t slot, uint32_t gen)
+{
+    if (slot >= h->max_regions)
+        return 0;
+    struct mpu_region_info *r = &mpu_regions(h)[slot];
+    return r->gen == gen && __atomic_load_n(&r->stalled, __ATOMIC_ACQUIRE);
+}
+
 uint32_t mpu_region_write_errors(struct mpu_header *h, uint32_t slot, uint32_t gen, int *last)
 {
     *last = 0;

@@ -260,6 +260,10 @@ class PageBuffer:
             return None
         return slot[0], gen[0]
 
+    def region_stalled(self, slot, gen):
+        """Whether the region's store hung a worker (see stall_region)."""
+        return bool(lib.mpu_region_stalled(self.header, slot, gen))
+
     def set_in_store(self, worker_slot, slot=0, gen=0):
         """A worker reads or writes the store of region slot (generation
         gen) from now on; gen 0: none."""

@@ -330,10 +330,11 @@ class Arbiter:
                    else f"status {os.waitstatus_to_exitcode(status)}")
             if self.stopping:
                 log.debug("%s ended with %s", worker, how)
+                self._gone_while_stopping(worker)
                 continue
             log.warning("%s died with %s; starting another", worker, how)
-            self._wake_if(self.regions.worker_ended(pid, False, time.monotonic()))
             freed = self.regions.recover(pid)
+            self._wake_if(self.regions.worker_ended(pid, False, time.monotonic()))
             if freed:
                 log.info("took back %d pages that %s held", freed, worker)
             self.restart(worker)
@@ -342,8 +343,8 @@ class Arbiter:
         worker = self.abandoned.pop(pid, None)
         if worker is None:
             return
-        self._wake_if(self.regions.worker_ended(pid, True, time.monotonic()))
         freed = self.regions.recover(pid)
+        self._wake_if(self.regions.worker_ended(pid, True, time.monotonic()))
         log.warning("%s, left behind hung, has ended at last%s", worker,
                     f"; took back {freed} buffer pages it held" if freed else "")
 
@@ -435,12 +436,11 @@ class Arbiter:
                 continue  # it went on meanwhile: `busy` may be a store that answers
             log.error("%s gave no sign of life for %.1f s (--worker-timeout): killing it",
                       worker, silent / 1e9)
-            region = self.regions.stall(busy, worker.pid)
-            if region is not None:
-                log.error("region %d (%s): its store hung %s; until the store is tried "
-                          "again, the file's pages that the buffer does not hold raise "
-                          "SIGBUS and its write-backs fail (EIO), in every mapping of it",
-                          region.rid, region.name, worker)
+            name = self.regions.stall(busy, worker.pid)
+            if name is not None:
+                log.error("%s: its store hung %s; until the store is tried again, the "
+                          "file's pages that the buffer does not hold raise SIGBUS and its "
+                          "write-backs fail (EIO), in every mapping of it", name, worker)
             worker.hung = now
             self.buffer.add("hangs")
             try:
@@ -454,8 +454,14 @@ class Arbiter:
         del self.workers[worker.pid]
         self.abandoned[worker.pid] = worker
         self._forget(worker)
-        if not self.stopping:
+        if self.stopping:
+            self._gone_while_stopping(worker)
+        else:
             self.restart(worker)
+
+    def _gone_while_stopping(self, worker):
+        if worker.role == "evictor":
+            self.writeback.evictor_gone(worker.index)
 
     # -- stopping -----------------------------------------------------------------
 

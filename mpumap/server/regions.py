@@ -10,6 +10,7 @@ log = logging.getLogger("mpumap.regions")
 
 STALL_RETRY_FIRST = 120.0  # seconds a store that hung waits to be tried again ...
 STALL_RETRY_MOST = 3600.0  # ... doubling each time it hangs again, up to this
+RELEASED_KEPT = 256  # regions released lately whose store a hung worker may still name
 
 
 class Stalls:
@@ -23,7 +24,8 @@ class Stalls:
     (SIGKILL could not end it, so its read or write came back: the store
     answers), else `first` seconds after, doubled for each time the store
     hung before (up to STALL_RETRY_MOST), since a killed worker says
-    nothing of the store.  Pure bookkeeping: RegionTable applies it.
+    nothing of the store.  Workers caught in it at once are one hang.
+    Pure bookkeeping: RegionTable applies it.
     """
 
     def __init__(self, first=STALL_RETRY_FIRST):
@@ -36,9 +38,10 @@ class Stalls:
         return store in self._caught or store in self._retry_at
 
     def caught(self, store, pid):
+        if store not in self._caught:
+            self._hangs[store] += 1
         self._caught.setdefault(store, set()).add(pid)
         self._retry_at.pop(store, None)
-        self._hangs[store] += 1
 
     def ended(self, pid, by_itself, now):
         """The stores tried again now that worker `pid` ended."""
@@ -54,7 +57,7 @@ class Stalls:
                 del self._hangs[store]
                 again.add(store)
             else:
-                wait = self.first * 2 ** (self._hangs[store] - 1)
+                wait = self.first * 2 ** min(self._hangs[store] - 1, 32)
                 self._retry_at[store] = now + min(wait, STALL_RETRY_MOST)
         return again
 
@@ -90,6 +93,7 @@ class RegionTable:
         self._free_slots = collections.deque(range(buffer.max_regions))
         self.per_user = collections.Counter()
         self.stalls = Stalls()
+        self._released = collections.OrderedDict()  # (slot, gen) -> (store, name), lately
 
     def __len__(self):
         return len(self._regions)
@@ -135,6 +139,9 @@ class RegionTable:
             del self.per_user[region.uid]
         self.buffer.release_region(region.slot, region.gen)
         self.slots.clear(region.slot)
+        self._released[region.slot, region.gen] = (region.key[:2], region.name)
+        if len(self._released) > RELEASED_KEPT:
+            self._released.popitem(last=False)
         region.close()
         self._free_slots.append(region.slot)
         log.debug("region %d released", region.rid)
@@ -162,15 +169,20 @@ class RegionTable:
         generation), from PageBuffer.in_store; None: in no store): every
         region of that file is stalled (see mpu_region_info.stalled), and
         so is a region made for it later, until the store is tried again
-        (see Stalls).  The region, or None."""
+        (see Stalls); also when the region was released meanwhile.  The
+        file's name, or None."""
         region = next((r for r in self._regions.values() if busy == (r.slot, r.gen)), None)
-        if region is None:
+        if region is not None:
+            store, name = region.key[:2], region.name
+        elif busy in self._released:
+            store, name = self._released[busy]
+        else:
             return None
-        self.stalls.caught(region.key[:2], pid)
+        self.stalls.caught(store, pid)
         for other in self._regions.values():
-            if other.key[:2] == region.key[:2]:
+            if other.key[:2] == store:
                 self.buffer.stall_region(other.slot, other.gen)
-        return region
+        return name
 
     def worker_ended(self, pid, by_itself, now):
         """A worker ended; if it was caught in a store, see Stalls.  The
@@ -182,6 +194,8 @@ class RegionTable:
         return self._unstall(self.stalls.due(now))
 
     def _unstall(self, stores):
+        if not stores:
+            return []
         regions = [r for r in self._regions.values() if r.key[:2] in stores]
         for region in regions:
             self.buffer.stall_region(region.slot, region.gen, False)

@@ -82,6 +82,14 @@ class WriteBack:
             if flush.evictor == index:
                 self._send(token, flush)
 
+    def evictor_gone(self, index):
+        """An evictor went while the server stops: nobody will write back
+        what it was asked."""
+        for token, flush in list(self.pending.items()):
+            if flush.evictor == index:
+                del self.pending[token]
+                flush.then(-errno.ECANCELED)
+
     def abandon(self):
         """The server stops without waiting any longer."""
         for flush in self.pending.values():

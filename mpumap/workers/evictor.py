@@ -101,7 +101,11 @@ class Evictor(Worker):
     def region_added(self, region):
         region.drop_store()
         self.region_slots.set(region)
-        # Opening the file again asks its store: it may hang there.
+        # Opening the file again asks its store: it may hang there, and a
+        # store that hung a worker is not asked (the file's own descriptor
+        # writes, once the store is tried again).
+        if self.buffer.region_stalled(region.slot, region.gen):
+            return
         self.buffer.set_in_store(self.heartbeat_slot, region.slot, region.gen)
         self.region_slots.write_directly(region)
         self.buffer.set_in_store(self.heartbeat_slot)

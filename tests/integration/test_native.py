@@ -468,7 +468,7 @@ def test_a_c_writer_hears_eio_from_flush_and_unmap_when_its_file_hangs(start_ser
     assert proc.returncode == 0, (out, err)
     eio = errno.EIO
     assert out.splitlines()[-1] == f"flush=-1 errno={eio} unmap=-1 errno={eio}", (out, err)
-    assert "w.bin): its store hung evictor" in server.output()
+    assert "w.bin: its store hung evictor" in server.output()
 
 
 def test_the_c_library_gives_up_with_etimedout(start_server, programs, workdir):

@@ -43,6 +43,15 @@ def test_a_killed_worker_frees_its_store_after_a_wait_that_doubles():
     assert stalls.due(10) == {"nfs"}
 
 
+def test_workers_caught_at_once_are_one_hang():
+    stalls = Stalls(first=10)
+    for pid in (1, 2, 3):
+        stalls.caught("nfs", pid)
+    for pid in (1, 2, 3):
+        stalls.ended(pid, False, 0)
+    assert stalls.due(9) == set() and stalls.due(10) == {"nfs"}
+
+
 def test_a_hang_while_waiting_to_try_again_stalls_until_that_worker_ends():
     stalls = Stalls(first=10)
     stalls.caught("nfs", 1)
