@@ -12,7 +12,7 @@ import os
 from mpumap import protocol
 from mpumap.protocol import W
 from mpumap.settings import SYSTEM_PAGE_SIZE
-from mpumap.stores.files import CALL, MODE_CODES, MODES
+from mpumap.stores.files import CALL, MODE_CODES, MODES, close_aside
 
 
 def round_up(n, multiple):
@@ -138,12 +138,12 @@ class Region:
         store (an evictor): a descriptor per region is what bounds how
         many regions a process can hold (RLIMIT_NOFILE)."""
         if self.store_fd >= 0:
-            os.close(self.store_fd)
+            close_aside(self.store_fd)
             self.store_fd = -1
 
     def set_write_fd(self, fd):
         if self.write_fd >= 0:
-            os.close(self.write_fd)
+            close_aside(self.write_fd)
         self.write_fd = fd
 
     def write_fd_message(self):
@@ -155,5 +155,5 @@ class Region:
         os.close(self.memfd)
         self.drop_store()
         if self.write_fd >= 0:
-            os.close(self.write_fd)
+            close_aside(self.write_fd)
             self.write_fd = -1

@@ -1,12 +1,14 @@
 """A FUSE file system whose reads of some files never come back: a store
 that hangs (a dead NFS server, a stuck FUSE daemon), for tests.
 
-    python stallfs.py MOUNTPOINT NAME:SIZE[:stall|:stallwrite] ...
+    python stallfs.py MOUNTPOINT [--hold-flush-of PIDFILE] NAME:SIZE[:stall|:stallwrite] ...
 
 serves each NAME, SIZE bytes of `pattern(offset)`.  Reads of a file marked
 `stall` are never answered; a file marked `stallwrite` reads, and may be
 opened for writing, but its writes are never answered; others are
-read-only.  It speaks the kernel's FUSE
+read-only.  With --hold-flush-of, the FLUSH that a close() sends is never
+answered for the threads of the process whose pid PIDFILE holds (once it
+exists).  It speaks the kernel's FUSE
 protocol itself over /dev/fuse (root only: it mounts with mount(2)), so that
 a test needs no FUSE library; it answers what reading a file takes and
 ENOSYS to the rest.  It unmounts when stopped (SIGTERM), which fails the
@@ -51,8 +53,9 @@ class StallFS:
     stalls)); the reads it leaves unanswered stay in `held` until the
     connection goes."""
 
-    def __init__(self, mountpoint, files):
+    def __init__(self, mountpoint, files, hold_flush_of=None):
         self.mountpoint = mountpoint
+        self.hold_flush_of = hold_flush_of
         self.nodes = {}
         for node, (name, size, stalls) in enumerate(files, start=ROOT + 1):
             self.nodes[node] = (name, size, stalls)  # stalls: "", "stall", "stallwrite"
@@ -85,7 +88,18 @@ class StallFS:
             if exc.errno != errno.ENOENT:  # the request was interrupted meanwhile
                 raise
 
-    def answer(self, opcode, unique, node, body):
+    def holds_flush(self, tid):
+        """Whether a FLUSH from thread `tid` is one never to answer."""
+        try:
+            with open(self.hold_flush_of) as f:
+                held = f.read().strip()
+            with open(f"/proc/{tid}/status") as f:
+                tgid = next(line.split()[1] for line in f if line.startswith("Tgid:"))
+        except (OSError, TypeError, StopIteration):
+            return False
+        return tgid == held
+
+    def answer(self, opcode, unique, node, body, tid=0):
         if opcode == INIT:
             major, minor, readahead = struct.unpack_from("<III", body)
             # fuse_init_out up to flags2 and max_stack_depth, then unused[6]
@@ -121,6 +135,9 @@ class StallFS:
         if opcode == STATFS:
             return 0, struct.pack("<QQQQQIII4x24x", 1 << 20, 0, 0, len(self.nodes), 0,
                                   BLOCK, 255, BLOCK)
+        if opcode == FLUSH and self.holds_flush(tid):
+            self.held.append(unique)
+            return None
         if opcode in (RELEASE, RELEASEDIR, FLUSH, FSYNC, ACCESS, DESTROY):
             return 0, b""
         return errno.ENOSYS, b""
@@ -135,10 +152,10 @@ class StallFS:
                 if exc.errno == errno.ENODEV:  # unmounted
                     return
                 raise
-            _, opcode, unique, node, *_ = IN_HEADER.unpack_from(request)
+            _, opcode, unique, node, _, _, tid, _ = IN_HEADER.unpack_from(request)
             if opcode in NO_REPLY:
                 continue
-            answer = self.answer(opcode, unique, node, request[IN_HEADER.size:])
+            answer = self.answer(opcode, unique, node, request[IN_HEADER.size:], tid)
             if answer is not None:
                 self.reply(unique, *answer)
             if opcode == DESTROY:
@@ -181,11 +198,14 @@ def mounted(mountpoint, *specs):
 
 def main(argv):
     mountpoint, specs = argv[0], argv[1:]
+    hold_flush_of = None
+    if specs[:1] == ["--hold-flush-of"]:
+        hold_flush_of, specs = specs[1], specs[2:]
     files = []
     for spec in specs:
         name, size, *flags = spec.split(":")
         files.append((name, int(size), flags[0] if flags else ""))
-    fs = StallFS(mountpoint, files)
+    fs = StallFS(mountpoint, files, hold_flush_of)
 
     def stop(signum, frame):
         fs.unmount()

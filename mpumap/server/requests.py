@@ -18,7 +18,7 @@ from mpumap.server.offload import Offload, in_child
 from mpumap.server.stats import LISTED, server_stats
 from mpumap.settings import SYSTEM_PAGE_SIZE
 from mpumap.stores import ObjectInfo, StoreSettings, Stores, allowed, check_url
-from mpumap.stores.files import CALL, open_store
+from mpumap.stores.files import CALL, close_aside, open_store
 from mpumap.workers.fillers import STORE_WINDOW_BYTES, prefetch_run
 
 log = logging.getLogger("mpumap.requests")
@@ -334,7 +334,7 @@ class RequestHandler:
         client_fd = fds.pop()
         store_io = self.settings.store_io
         self.open_for(conn, lambda: open_for_map(client_fd, store_io, asked, writable),
-                      discard=lambda: os.close(client_fd))
+                      discard=lambda: close_aside(client_fd))
 
     def on_map_url(self, conn, values, payload, fds):
         if len(payload) < 4:
@@ -393,7 +393,7 @@ class RequestHandler:
         if other is not None:
             opened.close()
             if write_fd >= 0:
-                os.close(write_fd)
+                close_aside(write_fd)
             self.refuse(conn, errno.EBUSY, f"{opened.name} is mapped "
                         f"{'for writing ' if write_fd < 0 else ''}by another user through "
                         "this server")
@@ -406,7 +406,7 @@ class RequestHandler:
         except OSError as exc:
             opened.close()
             if write_fd >= 0:
-                os.close(write_fd)
+                close_aside(write_fd)
             self.refuse(conn, exc.errno or errno.EIO, exc.strerror or str(exc))
             return
         if write_fd >= 0:
@@ -415,7 +415,7 @@ class RequestHandler:
                 self.regions.set_write_fd(region, write_fd)
                 self.tell(*region.write_fd_message(), "evictor")
             else:
-                os.close(write_fd)
+                close_aside(write_fd)
         mapping = ClientMapping(next(self.ids), region, writable=write_fd >= 0,
                                 seen_errors=self.buffer.write_errors(region.slot,
                                                                      region.gen)[0])
@@ -765,10 +765,10 @@ class OpenedFile:
 
     def close(self):
         if self.store_fd is not None:
-            os.close(self.store_fd)
+            close_aside(self.store_fd)
             self.store_fd = None
         if self.write_fd >= 0:
-            os.close(self.write_fd)
+            close_aside(self.write_fd)
             self.write_fd = -1
 
 

@@ -10,6 +10,7 @@ the page cache already, for whatever reason, from there: that is 30 to 50
 times cheaper than the disk and adds nothing to memory.
 """
 import os
+import threading
 
 DIRECT = "direct"  # O_DIRECT reads into aligned buffers
 DROP = "drop"  # buffered reads, then POSIX_FADV_DONTNEED
@@ -17,6 +18,13 @@ CACHED = "cached"  # buffered reads that stay in the page cache
 CALL = "python"  # no descriptor: a Python store reads it (mpumap.stores)
 MODES = (DIRECT, DROP, CACHED, CALL)  # in the order of the C core's MPU_STORE_*
 MODE_CODES = {mode: code for code, mode in enumerate(MODES)}
+
+
+def close_aside(fd):
+    """Close a descriptor of a file on a thread of its own.  Closing asks
+    the file system (FUSE sends FLUSH, NFS its server), and one that hangs
+    must cost a thread, not the server's main loop."""
+    threading.Thread(target=os.close, args=(fd,), name="close", daemon=True).start()
 
 
 def reopen(fd, flags):

@@ -224,6 +224,56 @@ def test_a_store_that_hangs_on_writes_fails_their_flush_and_stalls_nobody_else(
     assert "w.bin): its store is read and written again" in log
 
 
+def held_in_fuse(pid):
+    """Threads of process pid waiting for a FUSE daemon's answer."""
+    tasks = f"/proc/{pid}/task"
+    waiting = []
+    for tid in os.listdir(tasks):
+        try:
+            with open(f"{tasks}/{tid}/wchan") as f:
+                if f.read() == "request_wait_answer":
+                    waiting.append(int(tid))
+        except OSError:
+            pass
+    return waiting
+
+
+def test_a_file_system_that_hangs_on_close_does_not_stop_the_server(start_server, readers,
+                                                                     workdir):
+    """Closing a descriptor asks its file system (FUSE sends FLUSH, NFS its
+    server).  The server closes the descriptors of a region it releases
+    aside: a close that never comes back costs a thread, and the server
+    serves on."""
+    size = MiB
+    expected = os.path.join(workdir, "expected.bin")
+    with open(expected, "wb") as f:
+        f.write(stallfs.pattern(0, size))
+    other = make_file(os.path.join(workdir, "other.bin"), 8 * MiB, seed=84)
+    server = start_server("--buffer-size", "64M")
+    held_for = os.path.join(workdir, "hold-flush-of")
+    with stalling_fs(os.path.join(workdir, "fs"), "--hold-flush-of", held_for,
+                     f"f.bin:{size}") as fs:
+        # Mapped and read while the file system answers; released (the
+        # reader gone) once the server's closes are held.
+        reader = readers.start(server.socket, os.path.join(fs, "f.bin"), expect=expected,
+                               go=os.path.join(workdir, "go"))
+        readers.wait_ready(reader)
+        with open(held_for, "w") as f:
+            f.write(str(server.proc.pid))
+        open(os.path.join(workdir, "go"), "w").close()
+        assert_clean(readers.result(reader, timeout=30))
+        deadline = time.monotonic() + 10
+        while not held_in_fuse(server.proc.pid):
+            assert time.monotonic() < deadline, "the server closed nothing on that file"
+            time.sleep(0.05)
+        started = time.monotonic()
+        assert_clean(readers.result(readers.start(server.socket, other, order="random"),
+                                    timeout=30))
+        assert time.monotonic() - started < 20
+        assert server.stats()["buffer"]["hangs"] == 0
+        assert held_in_fuse(server.proc.pid)  # still waiting, aside
+
+
 def test_a_terabyte_prefetch_leaves_the_main_loop_free(start_server, workdir):
     huge = os.path.join(workdir, "huge.bin")
     with open(huge, "wb") as f:
