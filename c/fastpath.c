@@ -843,7 +843,7 @@ static void reading(struct mpu_filler *f, const struct mpu_region_slot *r)
 /* Whether the region's store hung a worker (mpu_region_stall). */
 static int stalled(const struct mpu_filler *f, const struct mpu_region_slot *r)
 {
-    return (int)__atomic_load_n(&mpu_regions(f->h)[slot_of(f, r)].stalled, __ATOMIC_ACQUIRE);
+    return mpu_region_stalled(f->h, slot_of(f, r), r->gen);
 }
 
 static uint64_t fill_length(const struct mpu_filler *f, const struct mpu_region_slot *r,
@@ -1618,12 +1618,10 @@ static void serve_write(struct mpu_filler *f, const struct mpu_fault *fault,
  * that store would leave it: woken, it would only fault again. */
 static void refuse(struct mpu_filler *f, const struct mpu_fault *fault, int uffd, uint64_t len)
 {
-    uint32_t entry, flags = 0;
-    int state = mpu_page_claim(f->h, fault->region, fault->region_gen, fault->page, f->pid,
-                               MPU_CLAIM_PREFETCH, 0, f->evict_fds, f->nevict, &entry, &flags);
-    if (state == MPU_FREE)
-        mpu_page_filled(f->h, entry, 0, 0);  /* back: nothing was read */
-    if (state == MPU_PRESENT || state == -ESTALE) {
+    /* A page that is there, or a region no longer stalled (tried again, or
+     * gone): woken, the thread faults again and finds out. */
+    if (mpu_page_state(f->h, fault->region, fault->region_gen, fault->page) == MPU_PRESENT
+        || !mpu_region_stalled(f->h, fault->region, fault->region_gen)) {
         wake(f, uffd, fault->region, fault->page, fault->address, len);
         return;
     }

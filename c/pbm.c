@@ -880,12 +880,6 @@ static int write_direct(int memfd, int fd, uint64_t at, uint64_t len)
     return err;
 }
 
-/* Whether the region's store hung a worker (mpu_region_stall). */
-static int stalled(struct mpu_header *h, uint32_t slot)
-{
-    return (int)__atomic_load_n(&mpu_regions(h)[slot].stalled, __ATOMIC_ACQUIRE);
-}
-
 /* A client's guard copies the buffer to the file under a write lock on
  * the whole memfd (fcntl, see guard.c) when its connection to the server
  * drops, and the server may live on; a write-back holds a read lock on
@@ -936,7 +930,7 @@ static int write_pages(struct mpu_header *h, uint32_t slot, const struct mpu_reg
     unlock(h);
     if (err)
         return err;
-    if (stalled(h, slot))
+    if (mpu_region_stalled(h, slot, r->gen))
         return -EIO;  /* its store hung a worker: no other is sent in */
     if (end > r->size)
         end = r->size;  /* the file's last page ends where the file does */
@@ -1149,7 +1143,7 @@ int64_t mpu_region_write_back(struct mpu_header *h, uint32_t slot,
         uint32_t n = 0;
         uint64_t run_first = page;
         int waited = 0;
-        if (stalled(h, slot))
+        if (mpu_region_stalled(h, slot, r->gen))
             return -EIO;  /* its store hangs: nothing written, no sync */
         lock(h);
         if (!region_live(h, slot, r->gen)) {
@@ -1208,7 +1202,7 @@ int64_t mpu_region_write_back(struct mpu_header *h, uint32_t slot,
     }
     if (err)
         return err;
-    if (stalled(h, slot))
+    if (mpu_region_stalled(h, slot, r->gen))
         return -EIO;
     mpu_set_in_store(h, beating, slot, r->gen);
     err = r->write_fd >= 0 && fdatasync(r->write_fd) < 0 ? -errno : 0;
