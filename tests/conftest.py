@@ -307,6 +307,20 @@ def programs(workdir):
     p.cleanup()
 
 
+def held_in_fuse(pid):
+    """Threads of process pid waiting for a FUSE daemon's answer."""
+    tasks = f"/proc/{pid}/task"
+    waiting = []
+    for tid in os.listdir(tasks):
+        try:
+            with open(f"{tasks}/{tid}/wchan") as f:
+                if f.read() == "request_wait_answer":
+                    waiting.append(int(tid))
+        except OSError:
+            pass
+    return waiting
+
+
 @contextlib.contextmanager
 def stalling_fs(mountpoint, *specs):
     """stallfs.mounted, or the test skipped where FUSE cannot be mounted."""

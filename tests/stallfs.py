@@ -1,14 +1,18 @@
 """A FUSE file system whose reads of some files never come back: a store
 that hangs (a dead NFS server, a stuck FUSE daemon), for tests.
 
-    python stallfs.py MOUNTPOINT [--hold-flush-of PIDFILE] NAME:SIZE[:stall|:stallwrite] ...
+    python stallfs.py MOUNTPOINT [--hold-flush-of PIDFILE] [--fail-reads-when PATH]
+                      NAME:SIZE[:stall|:stallwrite|:hold|:eio] ...
 
 serves each NAME, SIZE bytes of `pattern(offset)`.  Reads of a file marked
 `stall` are never answered; a file marked `stallwrite` reads, and may be
-opened for writing, but its writes are never answered; others are
-read-only.  With --hold-flush-of, the FLUSH that a close() sends is never
+opened for writing, but its writes are never answered; reads of a file
+marked `hold` are held until one of them is interrupted (the reader
+killed: EINTR), and answered from then on, and its writes are taken and
+forgotten (a mount that hangs a while, killably); others are read-only.  With --hold-flush-of, the FLUSH that a close() sends is never
 answered for the threads of the process whose pid PIDFILE holds (once it
-exists).  It speaks the kernel's FUSE
+exists).  With --fail-reads-when, reads of the files marked `eio` fail
+with EIO once PATH exists (a disk that goes bad).  It speaks the kernel's FUSE
 protocol itself over /dev/fuse (root only: it mounts with mount(2)), so that
 a test needs no FUSE library; it answers what reading a file takes and
 ENOSYS to the rest.  It unmounts when stopped (SIGTERM), which fails the
@@ -53,14 +57,17 @@ class StallFS:
     stalls)); the reads it leaves unanswered stay in `held` until the
     connection goes."""
 
-    def __init__(self, mountpoint, files, hold_flush_of=None):
+    def __init__(self, mountpoint, files, hold_flush_of=None, fail_reads_when=None):
         self.mountpoint = mountpoint
         self.hold_flush_of = hold_flush_of
+        self.fail_reads_when = fail_reads_when
         self.nodes = {}
         for node, (name, size, stalls) in enumerate(files, start=ROOT + 1):
-            self.nodes[node] = (name, size, stalls)  # stalls: "", "stall", "stallwrite"
+            self.nodes[node] = (name, size, stalls)  # "", "stall", "stallwrite", "eio"
         self.names = {name: node for node, (name, _, _) in self.nodes.items()}
         self.held = []
+        self.interruptible = set()  # held reads that a signal ends
+        self.interrupted = False  # one was: `hold` files read from now on
         self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
         libc = ctypes.CDLL(None, use_errno=True)
         options = (f"fd={self.fd},rootmode={stat.S_IFDIR | 0o755:o},user_id=0,group_id=0,"
@@ -76,7 +83,8 @@ class StallFS:
             mode, size, nlink = stat.S_IFDIR | 0o755, 0, 2
         else:
             _, size, stalls = self.nodes[node]
-            mode, nlink = stat.S_IFREG | (0o644 if stalls == "stallwrite" else 0o444), 1
+            writable = stalls in ("stallwrite", "hold")
+            mode, nlink = stat.S_IFREG | (0o644 if writable else 0o444), 1
         return ATTR.pack(node, size, (size + 511) // 512, 0, 0, 0, 0, 0, 0,
                          mode, nlink, 0, 0, 0, BLOCK, 0)
 
@@ -123,10 +131,18 @@ class StallFS:
             if stalls == "stall":
                 self.held.append(unique)
                 return None
+            if stalls == "hold" and not self.interrupted:
+                self.interruptible.add(unique)
+                return None
+            if stalls == "eio" and self.fail_reads_when and os.path.exists(self.fail_reads_when):
+                return errno.EIO, b""
             size = max(0, min(size, length - offset))
             return 0, pattern(offset, size)
         if opcode == WRITE:
-            if self.nodes.get(node, ("", 0, ""))[2] != "stallwrite":
+            stalls = self.nodes.get(node, ("", 0, ""))[2]
+            if stalls == "hold":
+                return 0, struct.pack("<II", struct.unpack_from("<QQI", body)[2], 0)
+            if stalls != "stallwrite":
                 return errno.EROFS, b""
             self.held.append(unique)
             return None
@@ -153,6 +169,13 @@ class StallFS:
                     return
                 raise
             _, opcode, unique, node, _, _, tid, _ = IN_HEADER.unpack_from(request)
+            if opcode == INTERRUPT:
+                (interrupted,) = struct.unpack_from("<Q", request, IN_HEADER.size)
+                if interrupted in self.interruptible:
+                    self.interruptible.discard(interrupted)
+                    self.interrupted = True
+                    self.reply(interrupted, errno.EINTR)
+                continue
             if opcode in NO_REPLY:
                 continue
             answer = self.answer(opcode, unique, node, request[IN_HEADER.size:], tid)
@@ -198,14 +221,14 @@ def mounted(mountpoint, *specs):
 
 def main(argv):
     mountpoint, specs = argv[0], argv[1:]
-    hold_flush_of = None
-    if specs[:1] == ["--hold-flush-of"]:
-        hold_flush_of, specs = specs[1], specs[2:]
+    options = {"--hold-flush-of": None, "--fail-reads-when": None}
+    while specs[:1] and specs[0] in options:
+        options[specs[0]], specs = specs[1], specs[2:]
     files = []
     for spec in specs:
         name, size, *flags = spec.split(":")
         files.append((name, int(size), flags[0] if flags else ""))
-    fs = StallFS(mountpoint, files, hold_flush_of)
+    fs = StallFS(mountpoint, files, options["--hold-flush-of"], options["--fail-reads-when"])
 
     def stop(signum, frame):
         fs.unmount()

@@ -9,8 +9,12 @@ from the page cache instead.  A direct store copies the pages that are in
 the page cache already, for whatever reason, from there: that is 30 to 50
 times cheaper than the disk and adds nothing to memory.
 """
+import collections
+import logging
 import os
 import threading
+
+log = logging.getLogger("mpumap.stores")
 
 DIRECT = "direct"  # O_DIRECT reads into aligned buffers
 DROP = "drop"  # buffered reads, then POSIX_FADV_DONTNEED
@@ -20,11 +24,53 @@ MODES = (DIRECT, DROP, CACHED, CALL)  # in the order of the C core's MPU_STORE_*
 MODE_CODES = {mode: code for code, mode in enumerate(MODES)}
 
 
-def close_aside(fd):
-    """Close a descriptor of a file on a thread of its own.  Closing asks
-    the file system (FUSE sends FLUSH, NFS its server), and one that hangs
-    must cost a thread, not the server's main loop."""
-    threading.Thread(target=os.close, args=(fd,), name="close", daemon=True).start()
+CLOSING_THREADS = 8  # the most threads closes that never come back can hold
+
+
+class Closer:
+    """Closes descriptors off the caller's thread: closing asks the file
+    system (FUSE sends FLUSH, NFS its server), and one that hangs must cost
+    a thread, not the server's main loop.
+
+    Owns the descriptors waiting to be closed and the count of its threads.
+    Invariants: at most `most` threads, each of which closes what waits
+    until nothing does, then ends; a descriptor waits only while that many
+    are busy (say, each in a close that hangs)."""
+
+    def __init__(self, most=CLOSING_THREADS):
+        self.most = most
+        self.forget()
+        # A child forked while a thread held the lock would wait on it for
+        # ever, and it has none of the threads.
+        os.register_at_fork(after_in_child=self.forget)
+
+    def forget(self):
+        self._lock = threading.Lock()
+        self._waiting = collections.deque()
+        self.threads = 0
+
+    def close(self, fd):
+        with self._lock:
+            self._waiting.append(fd)
+            if self.threads >= self.most:
+                return
+            self.threads += 1
+        threading.Thread(target=self._run, name="close", daemon=True).start()
+
+    def _run(self):
+        while True:
+            with self._lock:
+                if not self._waiting:
+                    self.threads -= 1
+                    return
+                fd = self._waiting.popleft()
+            try:
+                os.close(fd)
+            except OSError as exc:  # the descriptor is gone all the same
+                log.warning("closing a store's descriptor: %s", exc.strerror)
+
+
+close_aside = Closer().close
 
 
 def reopen(fd, flags):

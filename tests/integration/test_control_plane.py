@@ -13,7 +13,7 @@ import pytest
 
 import mpumap
 import stallfs
-from conftest import OVERWRITER, assert_clean, stalling_fs
+from conftest import OVERWRITER, assert_clean, held_in_fuse, stalling_fs
 from mpumap._core import lib
 from mpumap.testing import MiB, make_file
 
@@ -222,20 +222,6 @@ def test_a_store_that_hangs_on_writes_fails_their_flush_and_stalls_nobody_else(
     log = server.output()
     assert "w.bin: its store hung evictor 0" in log
     assert "w.bin): its store is read and written again" in log
-
-
-def held_in_fuse(pid):
-    """Threads of process pid waiting for a FUSE daemon's answer."""
-    tasks = f"/proc/{pid}/task"
-    waiting = []
-    for tid in os.listdir(tasks):
-        try:
-            with open(f"{tasks}/{tid}/wchan") as f:
-                if f.read() == "request_wait_answer":
-                    waiting.append(int(tid))
-        except OSError:
-            pass
-    return waiting
 
 
 def test_a_file_system_that_hangs_on_close_does_not_stop_the_server(start_server, readers,

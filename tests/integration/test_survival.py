@@ -10,7 +10,8 @@ import time
 import psutil
 import pytest
 
-from conftest import assert_clean
+import stallfs
+from conftest import assert_clean, held_in_fuse, stalling_fs
 from mpumap.testing import MiB, make_file
 
 pytestmark = pytest.mark.timeout(180)
@@ -127,6 +128,116 @@ def test_truncated_file_gives_sigbus_past_its_end(start_server, workdir):
         # What is still in the file reads right.
         head = touch(server, path, (0, 4 * MiB + 100))
         assert head.returncode == 0 and head.stdout == original[:4 * MiB + 100]
+    assert server.proc.poll() is None
+
+
+def test_a_read_error_is_not_taken_for_a_file_that_shrank(start_server, workdir):
+    import mpumap
+
+    """A store read that fails (a disk going bad) raises SIGBUS on that
+    page, and says so; the file did not shrink, so the pages the buffer
+    holds, its last one too, stay and read right."""
+    size = MiB + 100  # the last 64 KiB page holds 100 bytes of the file
+    server = start_server("--page-size", "64K", "--buffer-size", "16M", "--read-ahead", 0)
+    failing = os.path.join(workdir, "failing")
+    with stalling_fs(os.path.join(workdir, "fs"), "--fail-reads-when", failing,
+                     f"bad.bin:{size}:eio") as fs:
+        path = os.path.join(fs, "bad.bin")
+        tail = (MiB, size)
+        # Held here (never touched here: a SIGBUS would end the test) so
+        # that the region and its pages outlive each reader.
+        with mpumap.connect(server.socket) as client, client.map(path):
+            assert touch(server, path, tail).stdout == stallfs.pattern(MiB, 100)
+            open(failing, "w").close()
+            bad = touch(server, path, (0, 1))
+            assert bad.returncode == -signal.SIGBUS and bad.stdout == b""
+            again = touch(server, path, tail)
+            assert again.returncode == 0 and again.stdout == stallfs.pattern(MiB, 100)
+    log = server.output()
+    assert "reading page 0 of" in log and "EIO" in log, log
+    assert "shrank" not in log, log
+    assert server.proc.poll() is None
+
+
+def memfd_of_mapping(length):
+    """This process's one mapping of a region's memfd of that length, opened
+    through /proc/self/map_files (root only)."""
+    with open("/proc/self/maps") as f:
+        spans = [line.split()[0] for line in f if "memfd:" in line]
+    spans = [s for s in spans if int(s.split("-")[1], 16) - int(s.split("-")[0], 16) == length]
+    assert len(spans) == 1, spans
+    return os.open(f"/proc/self/map_files/{spans[0]}", os.O_RDWR)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="opening /proc/self/map_files takes root")
+def test_a_page_found_in_part_in_the_buffer_is_filled_whole(start_server, workdir):
+    """A system page already in the memfd inside a 64 KiB page being
+    filled (a dead filler's copy, or bytes a client of the same user put
+    there): the whole page is filled again from its start, not from where
+    the copy met it, which left holes that faulted for ever."""
+    import mpumap
+
+    path = make_file(os.path.join(workdir, "data.bin"), 4 * MiB, seed=54)
+    original = open(path, "rb").read()
+    page = 65536
+    server = start_server("--page-size", "64K", "--buffer-size", "16M", "--fill-by", "copy")
+    with mpumap.connect(server.socket) as client, client.map(path) as m:
+        memfd = memfd_of_mapping(len(m))
+        try:
+            os.pwrite(memfd, b"\xee" * 4096, 5 * page + 16384)
+        finally:
+            os.close(memfd)
+        m.prefetch()  # copied in through the fillers' mappings, in runs
+        deadline = time.monotonic() + 30
+        while server.stats()["regions"][0]["present"] < len(m) // page:
+            assert time.monotonic() < deadline, server.stats()["regions"]
+            time.sleep(0.05)
+        whole = subprocess.run([sys.executable, "-c", TOUCH, server.socket, path,
+                                f"{4 * page}:{8 * page}"], capture_output=True, timeout=30)
+        assert whole.returncode == 0 and whole.stdout == original[4 * page:8 * page]
+    assert "page 5 of" in server.output() and "unfilled: replaced" in server.output()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="opening /proc/self/map_files takes root")
+def test_a_page_a_dead_filler_copied_in_part_is_not_taken_for_written(start_server, workdir):
+    """A filler killed while filling a page of a region mapped for writing,
+    that page in the memfd in part: recovery leaves it to be filled again.
+    Taken for a whole page a client might have written (PRESENT and
+    DIRTY), its holes faulted for ever and would have gone to the file as
+    zeros."""
+    import mpumap
+
+    page, size = 65536, MiB
+    server = start_server("--page-size", "64K", "--buffer-size", "16M", "--read-ahead", 0,
+                          "--fillers", 1, "--worker-timeout", 60)
+    with stalling_fs(os.path.join(workdir, "fs"), f"w.bin:{size}:hold") as fs:
+        path = os.path.join(fs, "w.bin")
+        with mpumap.connect(server.socket) as client, client.map(path, mode="r+") as m:
+            filler = next(w["pid"] for w in server.stats()["workers"] if w["role"] == "filler")
+            # Page 3 asked for: the filler claims it and waits on the file.
+            reader = subprocess.Popen([sys.executable, "-c", TOUCH, server.socket, path,
+                                       f"{3 * page + 8192}:{3 * page + 8193}",
+                                       f"{3 * page}:{4 * page}"], stdout=subprocess.PIPE)
+            try:
+                deadline = time.monotonic() + 20
+                while not held_in_fuse(filler):
+                    assert time.monotonic() < deadline, "the filler never read the file"
+                    time.sleep(0.05)
+                # What its copy would have put in before it died: one system
+                # page of the four.
+                memfd = memfd_of_mapping(len(m))
+                try:
+                    os.pwrite(memfd, b"\xee" * 4096, 3 * page)
+                finally:
+                    os.close(memfd)
+                os.kill(filler, signal.SIGKILL)  # the file system answers EINTR
+                out, _ = reader.communicate(timeout=30)
+            finally:
+                reader.kill()
+                reader.wait()
+            assert reader.returncode == 0
+            assert out == stallfs.pattern(3 * page + 8192, 1) + stallfs.pattern(3 * page, page)
+            assert server.stats()["buffer"]["dirty"] == 0
     assert server.proc.poll() is None
 
 
