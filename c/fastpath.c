@@ -1682,8 +1682,15 @@ static void serve_one(struct mpu_filler *f, const struct mpu_fault *fault)
                 mpu_account(f->h, fault->client, fault->read_at, 0, MPU_ANSWER_WAKE);
             return;
         }
-        if (state == MPU_FREE && !stalled(f, r))
+        if (state == MPU_FREE && !stalled(f, r)) {
+            /* Asked once the page is ours.  A seal not seen yet came after
+             * the claim: the write-back that follows it finds this page
+             * FILLING and waits for it.  One seen may have that write-back
+             * past this page already: the page must not become dirty. */
+            if (writing && mpu_region_sealed(f->h, fault->region, fault->region_gen))
+                writing = 0, wp = 1;
             break;
+        }
         if (state == MPU_FREE) {
             mpu_page_filled(f->h, entry, 0, 0);  /* its store hung meanwhile */
             refuse(f, fault, uffd, len);

@@ -76,7 +76,9 @@ struct mpu_region_info {
                                (SIGBUS) and write-backs fail (EIO) until the
                                supervisor says otherwise, so that no other
                                worker is caught in that store */
-    uint32_t pad;
+    uint32_t sealed;        /* nobody maps it: its last write-back is under
+                               way, and no page of it may become dirty after
+                               that has looked at it (mpu_region_seal) */
 };
 
 /* What a process knows of a region to work on its pages: filled in by
@@ -338,6 +340,15 @@ int mpu_worker_in_store(struct mpu_header *h, uint32_t worker, uint32_t *slot, u
 int mpu_region_stall(struct mpu_header *h, uint32_t slot, uint32_t gen, int stalled);
 /* Whether region slot (generation gen) is stalled now. */
 int mpu_region_stalled(struct mpu_header *h, uint32_t slot, uint32_t gen);
+/* Seals region slot (generation gen), or no longer: sealed, no page of it
+ * is opened for writing (the fault is only woken: a client's thread that
+ * writes there as its mapping goes retries on what replaces it), and a
+ * page filled for a write is filled write-protected, CLEAN.  So a region
+ * sealed before its last write-back has every write in that write-back.
+ * 0, or -ENOENT when the slot holds another region now, or none. */
+int mpu_region_seal(struct mpu_header *h, uint32_t slot, uint32_t gen, int sealed);
+/* Whether region slot (generation gen) is sealed now. */
+int mpu_region_sealed(struct mpu_header *h, uint32_t slot, uint32_t gen);
 /* Writes the dirty pages of [first, first + count) of region `slot` to its
  * file and syncs it (what msync(MS_SYNC) does): the pages written, or
  * -errno (-EAGAIN: a writer's client is not known here yet). */
@@ -363,7 +374,7 @@ void mpu_writer_remove(struct mpu_header *h, uint32_t client, uint32_t client_ge
  * opened, *count how many.  Else the page is not there (MPU_FREE: the
  * caller wakes the client, which faults again as on a missing page), or
  * the state it kept through a wait of timeout_ms (-EBUSY: being written
- * back), or -ESTALE. */
+ * back), or -ESTALE (the region went, or is sealed: mpu_region_seal). */
 int mpu_page_open_write(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t page,
                         uint32_t owner, int timeout_ms, uint32_t ahead, uint32_t *descs,
                         uint32_t *count);

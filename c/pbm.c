@@ -25,6 +25,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <stddef.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -426,6 +427,7 @@ int mpu_region_open(struct mpu_header *h, uint32_t slot, uint32_t gen, uint64_t 
     r->write_errors = 0;
     r->write_error = 0;
     r->stalled = 0;
+    r->sealed = 0;
     unlock(h);
     return 0;
 }
@@ -449,7 +451,10 @@ int mpu_worker_in_store(struct mpu_header *h, uint32_t worker, uint32_t *slot, u
     return word != 0;
 }
 
-int mpu_region_stall(struct mpu_header *h, uint32_t slot, uint32_t gen, int stalled)
+/* Sets one of a live region's flags (stalled, sealed) under the lock:
+ * a page claimed or opened under it sees the flag as it was then. */
+static int set_region_flag(struct mpu_header *h, uint32_t slot, uint32_t gen, size_t offset,
+                           int on)
 {
     if (slot >= h->max_regions)
         return -ENOENT;
@@ -457,17 +462,37 @@ int mpu_region_stall(struct mpu_header *h, uint32_t slot, uint32_t gen, int stal
     lock(h);
     int found = r->gen == gen && !r->dead;
     if (found)
-        __atomic_store_n(&r->stalled, stalled ? 1u : 0u, __ATOMIC_RELEASE);
+        __atomic_store_n((uint32_t *)((char *)r + offset), on ? 1u : 0u, __ATOMIC_SEQ_CST);
     unlock(h);
     return found ? 0 : -ENOENT;
 }
 
-int mpu_region_stalled(struct mpu_header *h, uint32_t slot, uint32_t gen)
+static int region_flag(struct mpu_header *h, uint32_t slot, uint32_t gen, size_t offset)
 {
     if (slot >= h->max_regions)
         return 0;
     struct mpu_region_info *r = &mpu_regions(h)[slot];
-    return r->gen == gen && __atomic_load_n(&r->stalled, __ATOMIC_ACQUIRE);
+    return r->gen == gen && __atomic_load_n((uint32_t *)((char *)r + offset), __ATOMIC_SEQ_CST);
+}
+
+int mpu_region_stall(struct mpu_header *h, uint32_t slot, uint32_t gen, int stalled)
+{
+    return set_region_flag(h, slot, gen, offsetof(struct mpu_region_info, stalled), stalled);
+}
+
+int mpu_region_stalled(struct mpu_header *h, uint32_t slot, uint32_t gen)
+{
+    return region_flag(h, slot, gen, offsetof(struct mpu_region_info, stalled));
+}
+
+int mpu_region_seal(struct mpu_header *h, uint32_t slot, uint32_t gen, int sealed)
+{
+    return set_region_flag(h, slot, gen, offsetof(struct mpu_region_info, sealed), sealed);
+}
+
+int mpu_region_sealed(struct mpu_header *h, uint32_t slot, uint32_t gen)
+{
+    return region_flag(h, slot, gen, offsetof(struct mpu_region_info, sealed));
 }
 
 uint32_t mpu_region_write_errors(struct mpu_header *h, uint32_t slot, uint32_t gen, int *last)
@@ -1264,7 +1289,7 @@ int mpu_page_open_write(struct mpu_header *h, uint32_t region, uint32_t gen, uin
     struct mpu_desc *all = mpu_descs(h);
     for (;;) {
         lock(h);
-        if (!region_live(h, region, gen)) {
+        if (!region_live(h, region, gen) || mpu_regions(h)[region].sealed) {
             unlock(h);
             return -ESTALE;
         }

@@ -30,7 +30,7 @@ from mpumap.stores import files
 from mpumap.stores.files import DIRECT, MODE_CODES
 
 BUFFER_MAGIC = 0x4D50424D  # "MPBM"
-LAYOUT_VERSION = 5
+LAYOUT_VERSION = 6
 # Descriptors are numbered in 31 bits (and the limit is a u32).
 MAX_CAPACITY = (1 << 31) - 1
 
@@ -275,6 +275,13 @@ class PageBuffer:
         fail (EIO).  False if the slot holds another region."""
         return lib.mpu_region_stall(self.header, slot, gen, stalled) == 0
 
+    def seal_region(self, slot, gen, sealed=True):
+        """Nobody maps the region, and its last write-back is to follow
+        (sealed), or it is mapped again: no page of it becomes dirty
+        meanwhile (see mpu_region_seal).  False if the slot holds another
+        region."""
+        return lib.mpu_region_seal(self.header, slot, gen, sealed) == 0
+
     def write_errors(self, slot, gen):
         """(How many write-backs of a region had their dirty pages dropped
         by eviction, because the file would not take them (a full disk,
@@ -369,7 +376,7 @@ class RegionSlots:
     def _close_beside(c):
         for fd in (c.cache_fd, c.scan_fd, c.direct_fd):
             if fd >= 0:
-                os.close(fd)
+                files.close_aside(fd)  # (a close asks the file system)
 
     def write_directly(self, region):
         """An evictor's: write a direct store's region back with O_DIRECT,

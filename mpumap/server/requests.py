@@ -420,6 +420,8 @@ class RequestHandler:
                                 seen_errors=self.buffer.write_errors(region.slot,
                                                                      region.gen)[0])
         region.mappings += 1
+        if region.mappings == 1 and region.write_fd >= 0:
+            self.buffer.seal_region(region.slot, region.gen, False)  # mapped again
         self.clients.add_mapping(conn, mapping)
         reply = (protocol.MAPPED.pack(mapping.mid, region.rid, region.size, region.map_length),
                  [region.memfd])
@@ -599,6 +601,11 @@ class RequestHandler:
             elif not self.writeback.stopped:
                 self.unwritten[region.rid] = (time.monotonic() + RETRY_WRITE_BACK_SECONDS,
                                               region)
+        if not region.mappings:
+            # Released once written back: a page made dirty behind this
+            # write-back (a late write fault, a thread writing as its
+            # client's mapping goes) would be dropped with the region.
+            self.buffer.seal_region(region.slot, region.gen)
         self.writeback.flush(region, 0, region.npages, written)
 
     def retry_write_backs(self, now):

@@ -287,3 +287,37 @@ def test_an_index_that_shrinks_and_grows_stays_whole():
     finally:
         region.close()
         buf.close()
+
+
+def test_a_sealed_region_opens_no_page_for_writing():
+    """Sealed (nobody maps it; its last write-back is to follow), no page
+    of a region becomes dirty: a write fault is refused (-ESTALE, the
+    thread only woken).  Unsealed when mapped again; a new region in the
+    slot starts unsealed."""
+    from mpumap._core import ffi
+
+    buf = PageBuffer.create(8, 90, 70)
+    region = FakeRegion(0, 7, 4)
+    descs, count = ffi.new("uint32_t[4]"), ffi.new("uint32_t *")
+
+    def open_write(gen, page):
+        return lib.mpu_page_open_write(buf.header, 0, gen, page, 42, 10, 0, descs, count)
+
+    try:
+        buf.open_region(0, 7, 4)
+        fill(buf, region, 0)
+        fill(buf, region, 1)
+        assert not buf.seal_region(0, 8)  # another generation: not this region
+        assert buf.seal_region(0, 7) and lib.mpu_region_sealed(buf.header, 0, 7)
+        assert open_write(7, 0) == -errno.ESTALE
+        assert buf.seal_region(0, 7, False)
+        assert open_write(7, 1) == core.PRESENT and count[0] == 1
+        lib.mpu_page_opened(buf.header, descs, 1, 42)
+        assert buf.snapshot()["dirty"] == 1
+        buf.seal_region(0, 7)
+        buf.release_region(0, 7)
+        buf.open_region(0, 8, 4)
+        assert not lib.mpu_region_sealed(buf.header, 0, 8)
+    finally:
+        region.close()
+        buf.close()
