@@ -337,6 +337,11 @@ class Arbiter:
             self._wake_if(self.regions.worker_ended(pid, False, time.monotonic()))
             if freed:
                 log.info("took back %d pages that %s held", freed, worker)
+            if worker.role == "evictor":
+                # Write faults on the pages it was writing back wait for
+                # them, parked when their file is stalled: those pages are
+                # DIRTY again, to be opened.
+                self.handler.wake_all()
             self.restart(worker)
 
     def _reap_abandoned(self, pid):
