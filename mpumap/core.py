@@ -74,12 +74,13 @@ def leave_server(keep, parent_pid):
     pipe."""
     import signal
 
-    for name in os.listdir("/proc/self/fd"):
-        if int(name) not in keep:
-            try:
-                os.close(int(name))
-            except OSError:
-                pass
+    from mpumap.stores.files import close_any
+
+    # (A store's descriptor is closed aside: closing asks its file system,
+    # which may hang, and the child must start all the same.)
+    for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
+        if fd not in keep and os.path.lexists(f"/proc/self/fd/{fd}"):
+            close_any(fd)
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)

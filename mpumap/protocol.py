@@ -218,11 +218,12 @@ def send(sock, kind, payload=b"", fds=()):
 
 
 def close_all(fds):
+    """Close descriptors that came with a message (a client's may be of a
+    file whose file system hangs: those are closed aside)."""
+    from mpumap.stores.files import close_any
+
     for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+        close_any(fd)
 
 
 # ---- between the server and its workers ---------------------------------

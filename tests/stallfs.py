@@ -4,19 +4,25 @@ that hangs (a dead NFS server, a stuck FUSE daemon), for tests.
     python stallfs.py MOUNTPOINT [--hold-flush-of PIDFILE] [--fail-reads-when PATH]
                       NAME:SIZE[:stall|:stallwrite|:hold|:eio] ...
 
-serves each NAME, SIZE bytes of `pattern(offset)`.  Reads of a file marked
-`stall` are never answered; a file marked `stallwrite` reads, and may be
-opened for writing, but its writes are never answered; reads of a file
-marked `hold` are held until one of them is interrupted (the reader
-killed: EINTR), and answered from then on, and its writes are taken and
-forgotten (a mount that hangs a while, killably); others are read-only.  With --hold-flush-of, the FLUSH that a close() sends is never
-answered for the threads of the process whose pid PIDFILE holds (once it
-exists).  With --fail-reads-when, reads of the files marked `eio` fail
-with EIO once PATH exists (a disk that goes bad).  It speaks the kernel's FUSE
-protocol itself over /dev/fuse (root only: it mounts with mount(2)), so that
-a test needs no FUSE library; it answers what reading a file takes and
-ENOSYS to the rest.  It unmounts when stopped (SIGTERM), which fails the
-reads still waiting."""
+serves each NAME, SIZE bytes of `pattern(offset)`:
+
+- `stall`: reads are never answered, not even when the reader is killed
+  (a FUSE daemon that hangs);
+- `stallwrite`: reads are answered; the file may be opened for writing, but
+  its writes are never answered;
+- `hold`: reads wait until one of them is interrupted (its reader killed:
+  EINTR), and are answered from then on; writes are taken and forgotten (a
+  mount that hangs a while, killably);
+- `eio`: reads fail with EIO once the path --fail-reads-when names exists
+  (a disk that goes bad);
+- unmarked: read, and read-only.
+
+With --hold-flush-of, the FLUSH that a close() sends is never answered for
+the process whose pid PIDFILE holds (once it exists) and its descendants.  It
+speaks the kernel's FUSE protocol itself over /dev/fuse (root only: it
+mounts with mount(2)), so that a test needs no FUSE library; it answers
+what reading a file takes and ENOSYS to the rest.  It unmounts when stopped
+(SIGTERM), which fails the reads still waiting."""
 import contextlib
 import ctypes
 import errno
@@ -55,7 +61,7 @@ def pattern(offset, length):
 class StallFS:
     """Owns the /dev/fuse descriptor and the files (name -> (node, size,
     stalls)); the reads it leaves unanswered stay in `held` until the
-    connection goes."""
+    connection goes, or in `interruptible` until a signal ends one."""
 
     def __init__(self, mountpoint, files, hold_flush_of=None, fail_reads_when=None):
         self.mountpoint = mountpoint
@@ -63,7 +69,7 @@ class StallFS:
         self.fail_reads_when = fail_reads_when
         self.nodes = {}
         for node, (name, size, stalls) in enumerate(files, start=ROOT + 1):
-            self.nodes[node] = (name, size, stalls)  # "", "stall", "stallwrite", "eio"
+            self.nodes[node] = (name, size, stalls)  # "", "stall", "stallwrite", "hold", "eio"
         self.names = {name: node for node, (name, _, _) in self.nodes.items()}
         self.held = []
         self.interruptible = set()  # held reads that a signal ends
@@ -97,15 +103,24 @@ class StallFS:
                 raise
 
     def holds_flush(self, tid):
-        """Whether a FLUSH from thread `tid` is one never to answer."""
+        """Whether a FLUSH from thread `tid` is one never to answer: one of
+        the process PIDFILE names, or of a process it started."""
         try:
             with open(self.hold_flush_of) as f:
-                held = f.read().strip()
-            with open(f"/proc/{tid}/status") as f:
-                tgid = next(line.split()[1] for line in f if line.startswith("Tgid:"))
-        except (OSError, TypeError, StopIteration):
+                held = int(f.read())
+        except (OSError, TypeError, ValueError):
             return False
-        return tgid == held
+        pid = tid
+        while pid > 1:
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    fields = dict(line.split(":", 1) for line in f if ":" in line)
+            except OSError:
+                return False
+            if int(fields["Tgid"]) == held:
+                return True
+            pid = int(fields["PPid"])
+        return False
 
     def answer(self, opcode, unique, node, body, tid=0):
         if opcode == INIT:

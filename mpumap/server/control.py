@@ -12,6 +12,8 @@ import logging
 import os
 import socket
 
+from mpumap.stores.files import close_any
+
 log = logging.getLogger("mpumap.arbiter")
 
 
@@ -109,7 +111,4 @@ class Countdown:
 
 def _close(fds):
     for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+        close_any(fd)  # (a store's descriptor: aside)

@@ -840,14 +840,14 @@ def open_for_map(fd, store_io, page_size=None, writable=False):
         except OSError:
             name = "?"
     except BaseException:
-        os.close(fd)
+        close_aside(fd)
         raise
     write_fd = os.dup(fd) if writable else -1
     try:
         store_fd, mode = open_store(fd, store_io)
     except BaseException:
         if write_fd >= 0:
-            os.close(write_fd)
+            close_aside(write_fd)
         raise
     return OpenedFile(st.st_dev, st.st_ino, st.st_size, name, store_fd, mode, page_size,
                       write_fd)

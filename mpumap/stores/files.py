@@ -9,7 +9,6 @@ from the page cache instead.  A direct store copies the pages that are in
 the page cache already, for whatever reason, from there: that is 30 to 50
 times cheaper than the disk and adds nothing to memory.
 """
-import collections
 import logging
 import os
 import threading
@@ -24,53 +23,37 @@ MODES = (DIRECT, DROP, CACHED, CALL)  # in the order of the C core's MPU_STORE_*
 MODE_CODES = {mode: code for code, mode in enumerate(MODES)}
 
 
-CLOSING_THREADS = 8  # the most threads closes that never come back can hold
+def close_aside(fd):
+    """Close a descriptor of a file on a thread of its own.  Closing asks
+    the file system (FUSE sends FLUSH, NFS its server), and one that hangs
+    must cost a thread, not the caller's loop.  (A bounded pool would do
+    worse: once its threads all hang on one dead mount, no descriptor of any
+    file is closed again.)"""
+    threading.Thread(target=_close, args=(fd,), name="close", daemon=True).start()
 
 
-class Closer:
-    """Closes descriptors off the caller's thread: closing asks the file
-    system (FUSE sends FLUSH, NFS its server), and one that hangs must cost
-    a thread, not the server's main loop.
-
-    Owns the descriptors waiting to be closed and the count of its threads.
-    Invariants: at most `most` threads, each of which closes what waits
-    until nothing does, then ends; a descriptor waits only while that many
-    are busy (say, each in a close that hangs)."""
-
-    def __init__(self, most=CLOSING_THREADS):
-        self.most = most
-        self.forget()
-        # A child forked while a thread held the lock would wait on it for
-        # ever, and it has none of the threads.
-        os.register_at_fork(after_in_child=self.forget)
-
-    def forget(self):
-        self._lock = threading.Lock()
-        self._waiting = collections.deque()
-        self.threads = 0
-
-    def close(self, fd):
-        with self._lock:
-            self._waiting.append(fd)
-            if self.threads >= self.most:
-                return
-            self.threads += 1
-        threading.Thread(target=self._run, name="close", daemon=True).start()
-
-    def _run(self):
-        while True:
-            with self._lock:
-                if not self._waiting:
-                    self.threads -= 1
-                    return
-                fd = self._waiting.popleft()
-            try:
-                os.close(fd)
-            except OSError as exc:  # the descriptor is gone all the same
-                log.warning("closing a store's descriptor: %s", exc.strerror)
+def close_any(fd):
+    """Close a descriptor of any kind: at once where closing asks no file
+    system (a socket, a pipe, a memfd, a userfaultfd), else aside.  For
+    descriptors whose kind is not known: those a client sent."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")  # asks no file system
+    except OSError:
+        target = "/"
+    if target.startswith("/") and not target.startswith("/memfd:"):
+        close_aside(fd)
+        return
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
-close_aside = Closer().close
+def _close(fd):
+    try:
+        os.close(fd)
+    except OSError as exc:  # the descriptor is gone all the same
+        log.warning("closing a store's descriptor: %s", exc.strerror)
 
 
 def reopen(fd, flags):
@@ -105,7 +88,7 @@ def open_store(client_fd, mode):
         except OSError:
             mode = DROP
         else:
-            os.close(client_fd)
+            close_aside(client_fd)
             return fd, DIRECT
     if mode == DROP:
         try:
@@ -115,8 +98,8 @@ def open_store(client_fd, mode):
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         except OSError:
-            os.close(fd)
+            close_aside(fd)
             return client_fd, DROP
-        os.close(client_fd)
+        close_aside(client_fd)
         return fd, DROP
     return client_fd, mode

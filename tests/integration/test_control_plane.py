@@ -121,8 +121,13 @@ def test_a_store_that_hangs_fails_its_own_pages_and_stalls_nobody_else(start_ser
     other = make_file(os.path.join(workdir, "other.bin"), 8 * MiB, seed=82)
     server = start_server("--buffer-size", "64M", "--fillers", 3, "--worker-timeout", 2)
     fillers = {worker_pid(server, "filler", i) for i in range(3)}
-    with stalling_fs(os.path.join(workdir, "fs"), f"slow.bin:{size}:stall",
-                     f"fine.bin:{size}") as fs:
+    # A daemon that hangs answers no FLUSH either: not the server's, nor its
+    # workers'.  (The clients' closes are answered: they must end to be seen.)
+    held_for = os.path.join(workdir, "hold-flush-of")
+    with open(held_for, "w") as f:
+        f.write(str(server.proc.pid))
+    with stalling_fs(os.path.join(workdir, "fs"), "--hold-flush-of", held_for,
+                     f"slow.bin:{size}:stall", f"fine.bin:{size}") as fs:
         slow = os.path.join(fs, "slow.bin")
         # The file system serves mpumap: a file of it that answers reads right.
         assert_clean(readers.result(readers.start(server.socket, os.path.join(fs, "fine.bin"),

@@ -1,4 +1,4 @@
-"""Closer: descriptors closed aside, by a bounded number of threads."""
+"""close_aside: descriptors closed on threads of their own."""
 import os
 import threading
 import time
@@ -17,36 +17,27 @@ def wait_for(predicate, seconds=10):
         time.sleep(0.01)
 
 
-def test_closes_that_hang_hold_at_most_its_threads_and_the_rest_wait(monkeypatch):
+def test_closes_that_hang_keep_no_other_close_waiting(monkeypatch):
     release = threading.Event()
-    closed, hanging = [], set()
+    closed = []
 
     def close(fd):
-        if fd in hanging:
-            release.wait()
+        if fd < 200:
+            release.wait()  # a close that does not come back (yet)
         closed.append(fd)
 
-    monkeypatch.setattr(files.os, "close", close)
-    closer = files.Closer(most=3)
-    hanging.update(range(100, 103))
-    for fd in range(100, 103):  # three closes that never come back (yet)
-        closer.close(fd)
-    wait_for(lambda: closer.threads == 3)
-    for fd in range(200, 210):
-        closer.close(fd)
-    time.sleep(0.2)
-    assert closer.threads == 3 and closed == []  # they wait, no fourth thread
+    monkeypatch.setattr(files, "_close", close)
+    for fd in [*range(100, 120), *range(200, 210)]:
+        files.close_aside(fd)
+    wait_for(lambda: sorted(closed) == list(range(200, 210)))
     release.set()
-    wait_for(lambda: closer.threads == 0)
-    assert sorted(closed) == [*range(100, 103), *range(200, 210)]
+    wait_for(lambda: len(closed) == 30)
 
 
-def test_a_close_that_fails_is_said_and_the_next_is_closed(caplog):
-    closer = files.Closer(most=1)
+def test_a_close_that_fails_is_said(caplog):
     r, w = os.pipe()
-    closer.close(1 << 30)  # no such descriptor: EBADF
-    closer.close(w)
-    wait_for(lambda: closer.threads == 0)
+    files.close_aside(1 << 30)  # no such descriptor: EBADF
+    files.close_aside(w)
     assert os.read(r, 1) == b""  # the write end is closed
     os.close(r)
-    assert "Bad file descriptor" in caplog.text
+    wait_for(lambda: "Bad file descriptor" in caplog.text)
