@@ -296,6 +296,67 @@ def test_preload_munmap_that_cuts_into_a_served_range(start_server, programs, wo
     assert proc.returncode == 0 and err == "", (out, err)
 
 
+def test_a_write_served_late_while_a_munmap_cuts_its_mapping_reaches_the_file(
+        start_server, programs, workdir):
+    """A munmap that cuts into a mapping that writes hands the whole of it
+    back (its last write-back, then the region's release) and maps the file
+    over what is left, while another thread's write fault on that rest is
+    still to be served.  Served after the write-back passed its page but
+    before the release, the page was opened (dirty, writable), written, and
+    dropped with the region: munmap said nothing and the byte was lost.
+    The order is forced: the filler and the evictor are stopped, then the
+    evictor's write-back runs while the server's main loop is stopped, then
+    the filler."""
+    page = 65536
+    path = make_file(os.path.join(workdir, "cut.bin"), 2 * MiB, seed=85)
+    original = open(path, "rb").read()
+    offset = 16 * page + 100
+    server = start_server("--page-size", "64K", "--buffer-size", "8M", "--fillers", 1,
+                          "--evictors", 1, "--worker-timeout", 60)
+    workers = {w["role"]: w["pid"] for w in server.stats()["workers"]}
+    exe = programs.build(os.path.join(SOURCES, "cut_writer.c"), flags=[])
+    env = clean_env(**native.preload_env([path], server.socket))
+    proc = programs.start([exe, path, str(offset)], env, stdin=subprocess.PIPE)
+    assert proc.stdout.readline().split()[0] == "ready", proc.poll() is not None and \
+        proc.stderr.read()
+    stopped = []
+
+    def stop(pid):
+        os.kill(pid, signal.SIGSTOP)
+        stopped.append(pid)
+
+    def go_on(pid, settle=0.5):
+        os.kill(pid, signal.SIGCONT)
+        stopped.remove(pid)
+        time.sleep(settle)
+
+    try:
+        stop(workers["filler"])
+        stop(workers["evictor"])
+        proc.stdin.write("write\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "writing"
+        time.sleep(0.5)  # the write fault waits in the stopped filler's queue
+        proc.stdin.write("cut\n")
+        proc.stdin.flush()
+        # The mapping is handed back: its region's last write-back is asked
+        # of the stopped evictor.
+        assert wait_for(lambda: [r["mappings"] for r in server.stats()["regions"]] == [0])
+        stop(server.proc.pid)
+        go_on(workers["evictor"], settle=1.0)  # the write-back, answered to nobody yet
+        go_on(workers["filler"])  # the late write fault
+        go_on(server.proc.pid)  # the answer: the release
+        out, err = proc.communicate(timeout=30)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    assert proc.returncode == 0 and out.split() == ["done"], (out, err)
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[offset] == ord("W")
+    assert data[:offset] + data[offset + 1:] == original[:offset] + original[offset + 1:]
+
+
 def test_preload_serves_numpy_memmap(start_server, programs, workdir):
     pytest.importorskip("numpy")
     path = make_file(os.path.join(workdir, "array.bin"), 3 * MiB + 8, seed=77)
