@@ -11,7 +11,6 @@ token.
 import errno
 import itertools
 import logging
-import os
 
 from mpumap import protocol
 from mpumap.protocol import W
@@ -71,9 +70,7 @@ class WriteBack:
         flush = self.pending.pop(token, None) if kind == W.FLUSHED else None
         if flush is None:
             return
-        if result < 0:
-            log.error("writing back %s: %s", flush.region.name, os.strerror(-result))
-        flush.then(result)
+        flush.then(result)  # (a failure is the evictor's to log)
 
     def evictor_started(self, index):
         """An evictor (re)started, after what it must know of regions and

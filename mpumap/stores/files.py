@@ -29,7 +29,10 @@ def close_aside(fd):
     must cost a thread, not the caller's loop.  (A bounded pool would do
     worse: once its threads all hang on one dead mount, no descriptor of any
     file is closed again.)"""
-    threading.Thread(target=_close, args=(fd,), name="close", daemon=True).start()
+    try:
+        threading.Thread(target=_close, args=(fd,), name="close", daemon=True).start()
+    except RuntimeError as exc:  # no thread to be had: better a descriptor left open
+        log.error("cannot close a store's descriptor aside (%s): left open", exc)
 
 
 def close_any(fd):

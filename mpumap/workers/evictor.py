@@ -51,7 +51,7 @@ class Evictor(Worker):
         self.next_watch = time.monotonic() + WATCH_SECONDS
         # Asleep, it still wakes this often to beat its heartbeat.
         self.idle = min(IDLE_SECONDS, s.worker_timeout / 4)
-        self.quiet = Quiet(self.log, 60.0)  # eviction failures: a line a minute
+        self.quiet = Quiet(self.log, 60.0)  # failures: a line a minute of each
 
     def run(self):
         selector = selectors.DefaultSelector()
@@ -127,8 +127,9 @@ class Evictor(Worker):
             result = self.buffer.write_back(slot, self.region_slots, self.client_slots,
                                             first, count, self.pid, self.settings.page_size)
             self.beat()
-            if result < 0:
-                self.log.error("writing back %s: %s", region.name, os.strerror(-result))
+            if result < 0:  # (a release the file refuses is tried every few seconds)
+                self.quiet.say(("flush", slot, result), logging.ERROR, "writing back %s: %s",
+                               region.name, os.strerror(-result))
         self.sock.send(protocol.W_FLUSH.pack(W.FLUSHED, slot, gen, 0, first, count, token,
                                              result))
     def evict(self):
