@@ -1684,9 +1684,9 @@ static void serve_one(struct mpu_filler *f, const struct mpu_fault *fault)
         }
         if (state == MPU_FREE && !stalled(f, r)) {
             /* Asked once the page is ours.  A seal not seen yet came after
-             * the claim: the write-back that follows it finds this page
-             * FILLING and waits for it.  One seen may have that write-back
-             * past this page already: the page must not become dirty. */
+             * the claim: the write-back that follows it waits for this
+             * page's fill (wait_fills in pbm.c).  One seen may have that
+             * write-back past this page already: it must not become dirty. */
             if (writing && mpu_region_sealed(f->h, fault->region, fault->region_gen))
                 writing = 0, wp = 1;
             break;

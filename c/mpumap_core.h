@@ -302,7 +302,10 @@ int mpu_page_claim(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t
  * scan whose window found the buffer full: it will need those pages. */
 int mpu_pbm_wait_room(struct mpu_header *h, int timeout_ms, const int *evict_fds, int nevict);
 /* The end of a fill: PRESENT (at the FIFO's tail), or FREE with its buffer
- * page given back (also when its region was released meanwhile). */
+ * page given back (also when its region was released meanwhile).  flags,
+ * beside the page's own: MPU_FILL_DIRTY, filled for a write, writable in
+ * that client: DIRTY from the start. */
+#define MPU_FILL_DIRTY 0x100
 void mpu_page_filled(struct mpu_header *h, uint32_t desc, int present, uint32_t flags);
 /* A page's state: MPU_FREE when it has no descriptor. */
 int mpu_page_state(struct mpu_header *h, uint32_t region, uint32_t gen, uint64_t page);
@@ -351,7 +354,8 @@ int mpu_region_seal(struct mpu_header *h, uint32_t slot, uint32_t gen, int seale
 int mpu_region_sealed(struct mpu_header *h, uint32_t slot, uint32_t gen);
 /* Writes the dirty pages of [first, first + count) of region `slot` to its
  * file and syncs it (what msync(MS_SYNC) does): the pages written, or
- * -errno (-EAGAIN: a writer's client is not known here yet). */
+ * -errno (-EAGAIN: a writer's client is not known here yet).  Of a sealed
+ * region, the pages that fills under way make dirty too. */
 int64_t mpu_region_write_back(struct mpu_header *h, uint32_t slot,
                               const struct mpu_region_slot *r,
                               const struct mpu_client_slot *clients, uint32_t nclients,

@@ -16,9 +16,6 @@
 
 /* Page flags (struct mpu_desc). */
 #define MPU_READ_AHEAD 1u
-/* mpu_page_filled's flags, beside the page's: it was filled for a write,
- * writable in that client: DIRTY from the start. */
-#define MPU_FILL_DIRTY 0x100u
 
 #define MPU_FEATURE_POISON (1ull << 14)  /* UFFD_FEATURE_POISON */
 #define MPU_FEATURE_WP_SHMEM (1ull << 12)  /* UFFD_FEATURE_WP_HUGETLBFS_SHMEM */

@@ -1143,6 +1143,36 @@ int64_t mpu_pbm_evict(struct mpu_header *h, uint32_t max, uint32_t owner,
     return evicted ? (int64_t)evicted : err;
 }
 
+/* Waits until no page of region slot (generation gen) in [first, end) is
+ * being filled.  A page filled for a write is a hole of the memfd until
+ * its copy, which a write-back's walk over the memfd's data passes over.
+ * Whether it waited for any (what they made dirty is then to be written
+ * too). */
+static int wait_fills(struct mpu_header *h, uint32_t slot, uint32_t gen, uint64_t first,
+                      uint64_t end)
+{
+    struct mpu_desc *descs = mpu_descs(h);
+    uint32_t top = __atomic_load_n(&h->top, __ATOMIC_SEQ_CST);
+    int waited = 0;
+    for (uint32_t i = 1; i <= top; i++) {
+        struct mpu_desc *d = &descs[i - 1];
+        for (;;) {
+            lock(h);
+            uint32_t seen = d->state;
+            int filling = MPU_STATE(seen) == MPU_FILLING && d->region == slot && d->gen == gen
+                && d->page >= first && d->page < end;
+            unlock(h);
+            if (!filling || mpu_region_stalled(h, slot, gen))
+                break;  /* (a filler caught in a stalled store never ends its fill) */
+            sleep_on(h, &d->state, seen, 200);
+            if (beating >= 0)
+                mpu_beat(h, (uint32_t)beating);
+            waited = 1;
+        }
+    }
+    return waited;
+}
+
 int64_t mpu_region_write_back(struct mpu_header *h, uint32_t slot,
                               const struct mpu_region_slot *r,
                               const struct mpu_client_slot *clients, uint32_t nclients,
@@ -1157,76 +1187,82 @@ int64_t mpu_region_write_back(struct mpu_header *h, uint32_t slot,
     uint64_t end = first + count, written = 0;
     uint32_t run[EVICT_RUN];
     int err = 0;
-    /* Only where the memfd holds pages: a hole has nothing to write. */
-    for (uint64_t page = first; page < end && !err;) {
-        off_t data = lseek(r->memfd, (off_t)(page * page_size), SEEK_DATA);
-        if (data < 0)
-            break;  /* (ENXIO: no data past it) */
-        page = (uint64_t)data / page_size;
-        if (page >= end)
-            break;
-        uint32_t n = 0;
-        uint64_t run_first = page;
-        int waited = 0;
-        if (mpu_region_stalled(h, slot, r->gen))
-            return -EIO;  /* its store hangs: nothing written, no sync */
-        lock(h);
-        if (!region_live(h, slot, r->gen)) {
-            unlock(h);
-            return -ESTALE;
-        }
-        /* Clean pages before a run are passed over under one hold of the
-         * lock (SCAN_HOLD at most: others wait for it). */
-        for (uint32_t scanned = 0; page < end && n < EVICT_RUN && scanned < SCAN_HOLD;
-             page++, scanned++) {
-            uint32_t i = lookup(h, slot, r->gen, page);
-            struct mpu_desc *d = i == NONE ? NULL : &descs[i - 1];
-            uint32_t state = d ? MPU_STATE(d->state) : MPU_FREE;
-            uint32_t word = d ? d->dirty : MPU_CLEAN;
-            /* A page filled for a write is the writer's before it is
-             * PRESENT (and DIRTY); one being opened, or written back by an
-             * evictor, is DIRTY (then written by us) or in the file once
-             * that is over: either is waited for. */
-            uint32_t *busy = state == MPU_FILLING ? &d->state
-                : state == MPU_PRESENT && word != MPU_CLEAN && word != MPU_DIRTY ? &d->dirty
-                : NULL;
-            if (busy) {
-                if (n)
-                    break;
-                uint32_t seen = *busy;
-                unlock(h);
-                sleep_on(h, busy, seen, 200);
-                if (beating >= 0)
-                    mpu_beat(h, (uint32_t)beating);  /* (a worker caught in a store
-                                                        is the one that hangs) */
-                waited = 1;
+    for (;;) {
+        /* Only where the memfd holds pages: a hole has nothing to write. */
+        for (uint64_t page = first; page < end && !err;) {
+            off_t data = lseek(r->memfd, (off_t)(page * page_size), SEEK_DATA);
+            if (data < 0)
+                break;  /* (ENXIO: no data past it) */
+            page = (uint64_t)data / page_size;
+            if (page >= end)
                 break;
+            uint32_t n = 0;
+            uint64_t run_first = page;
+            int waited = 0;
+            if (mpu_region_stalled(h, slot, r->gen))
+                return -EIO;  /* its store hangs: nothing written, no sync */
+            lock(h);
+            if (!region_live(h, slot, r->gen)) {
+                unlock(h);
+                return -ESTALE;
             }
-            if (state != MPU_PRESENT || word == MPU_CLEAN) {
-                if (n)
+            /* Clean pages before a run are passed over under one hold of the
+             * lock (SCAN_HOLD at most: others wait for it). */
+            for (uint32_t scanned = 0; page < end && n < EVICT_RUN && scanned < SCAN_HOLD;
+                 page++, scanned++) {
+                uint32_t i = lookup(h, slot, r->gen, page);
+                struct mpu_desc *d = i == NONE ? NULL : &descs[i - 1];
+                uint32_t state = d ? MPU_STATE(d->state) : MPU_FREE;
+                uint32_t word = d ? d->dirty : MPU_CLEAN;
+                /* A page filled for a write is the writer's before it is
+                 * PRESENT (and DIRTY); one being opened, or written back by an
+                 * evictor, is DIRTY (then written by us) or in the file once
+                 * that is over: either is waited for. */
+                uint32_t *busy = state == MPU_FILLING ? &d->state
+                    : state == MPU_PRESENT && word != MPU_CLEAN && word != MPU_DIRTY ? &d->dirty
+                    : NULL;
+                if (busy) {
+                    if (n)
+                        break;
+                    uint32_t seen = *busy;
+                    unlock(h);
+                    sleep_on(h, busy, seen, 200);
+                    if (beating >= 0)
+                        mpu_beat(h, (uint32_t)beating);  /* (a worker caught in a store
+                                                            is the one that hangs) */
+                    waited = 1;
                     break;
-                run_first = page + 1;
-                continue;
+                }
+                if (state != MPU_PRESENT || word == MPU_CLEAN) {
+                    if (n)
+                        break;
+                    run_first = page + 1;
+                    continue;
+                }
+                take_writing(h, i, owner);
+                run[n++] = i;
             }
-            take_writing(h, i, owner);
-            run[n++] = i;
-        }
-        if (!waited)
+            if (!waited)
+                unlock(h);
+            if (waited || !n)
+                continue;  /* the same page again, or on from where the scan got */
+            err = write_pages(h, slot, r, clients, nclients, run_first, n, page_size);
+            lock(h);
+            for (uint32_t k = 0; k < n; k++)
+                end_writing(h, run[k], !err);
             unlock(h);
-        if (waited || !n)
-            continue;  /* the same page again, or on from where the scan got */
-        err = write_pages(h, slot, r, clients, nclients, run_first, n, page_size);
-        lock(h);
-        for (uint32_t k = 0; k < n; k++)
-            end_writing(h, run[k], !err);
-        unlock(h);
-        for (uint32_t k = 0; k < n; k++)
-            wake_dirty(h, &descs[run[k] - 1]);
-        if (!err)
-            written += n;
+            for (uint32_t k = 0; k < n; k++)
+                wake_dirty(h, &descs[run[k] - 1]);
+            if (!err)
+                written += n;
+        }
+        if (err)
+            return err;
+        /* The last write-back (the region sealed: nobody maps it) must have
+         * what fills for writes, claimed before the seal, make dirty too. */
+        if (!mpu_region_sealed(h, slot, r->gen) || !wait_fills(h, slot, r->gen, first, end))
+            break;
     }
-    if (err)
-        return err;
     if (mpu_region_stalled(h, slot, r->gen))
         return -EIO;
     mpu_set_in_store(h, beating, slot, r->gen);

@@ -321,3 +321,47 @@ def test_a_sealed_region_opens_no_page_for_writing():
     finally:
         region.close()
         buf.close()
+
+
+def test_the_last_write_back_of_a_sealed_region_waits_for_fills_under_way(tmp_path):
+    """A page filled for a write is a hole of the memfd until its copy, and
+    the write-back's walk goes over the memfd's data: of a sealed region
+    (its last write-back), the fills under way are waited for, and what
+    they made dirty is written too."""
+    import threading
+
+    from mpumap._core import ffi
+
+    buf = PageBuffer.create(8, 90, 70)
+    region = FakeRegion(0, 7, 4)
+    path = tmp_path / "file"
+    path.write_bytes(b"\0" * 4 * PAGE)
+    region.write_fd = os.open(path, os.O_RDWR)
+    slots = RegionSlots(64)
+    clients = ffi.new("struct mpu_client_slot[1]")
+    results, desc = [], None
+    writing = threading.Thread(target=lambda: results.append(
+        buf.write_back(0, slots, clients, 0, 4, 42, PAGE)))
+    try:
+        buf.open_region(0, 7, 4)
+        slots.set(region)
+        state, desc = buf.claim(0, 7, 2, 41, 100)  # a write fault's fill, under way
+        assert state == core.FREE
+        assert buf.seal_region(0, 7)
+        writing.start()
+        time.sleep(0.5)
+        assert writing.is_alive() and results == []  # it waits for that fill
+        os.pwrite(region.memfd, b"w" * PAGE, 2 * PAGE)
+        buf.filled(desc, True, lib.MPU_FILL_DIRTY)
+        desc = None
+        writing.join(10)
+        assert results == [1]
+        assert os.pread(region.write_fd, PAGE, 2 * PAGE) == b"w" * PAGE
+    finally:
+        if desc is not None:
+            buf.filled(desc, False)  # (a waiting write-back must end before the buffer goes)
+        if writing.ident is not None:
+            writing.join(10)
+        os.close(region.write_fd)
+        region.close()
+        buf.close()
