@@ -55,6 +55,7 @@ class Region:
         self.unit = 1  # the region's page, in server pages: a fault reads all of it
         self.key = None
         self.mappings = 0
+        self.write_backs = 0  # the server's: whole write-backs asked and not answered yet
         # The file opened for writing, by the first client that mapped it
         # so (-1: nobody did): evictors write dirty pages back through it.
         self.write_fd = -1

@@ -204,6 +204,10 @@ def _child(fn, write_end, parent, seconds):
         data = json.dumps(reply).encode()
         while data:
             data = data[os.write(write_end, data):]
+        # Closed here, not by the exit: a close of a store's descriptor that
+        # hangs on a thread (leave_server) keeps the exit from closing it,
+        # and the parent reads to its end.
+        os.close(write_end)
         status = 0
     finally:
         os._exit(status)  # nothing of the server's to clean up: it is the parent's

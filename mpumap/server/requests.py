@@ -586,6 +586,7 @@ class RequestHandler:
         stays, with whatever is still dirty); if the write-back failed,
         tried again later (retry_write_backs)."""
         def written(result):
+            region.write_backs -= 1
             released = self.regions.get(region.key) is not region
             if result == -errno.ESTALE and released:
                 # Another write-back of it ended first and released it,
@@ -594,7 +595,10 @@ class RequestHandler:
                 result = 0
             if then:
                 then(result)
-            if region.mappings or released:
+            # The last write-back to end decides: one that ends earlier may
+            # have passed pages that a mapping made since (mapped and gone
+            # again meanwhile) wrote, which a later one writes.
+            if region.mappings or released or region.write_backs:
                 return
             if result >= 0:
                 self.release(region)
@@ -606,6 +610,7 @@ class RequestHandler:
             # write-back (a late write fault, a thread writing as its
             # client's mapping goes) would be dropped with the region.
             self.buffer.seal_region(region.slot, region.gen)
+        region.write_backs += 1
         self.writeback.flush(region, 0, region.npages, written)
 
     def retry_write_backs(self, now):

@@ -128,7 +128,7 @@ class Evictor(Worker):
                                             first, count, self.pid, self.settings.page_size)
             self.beat()
             if result < 0:  # (a release the file refuses is tried every few seconds)
-                self.quiet.say(("flush", slot, result), logging.ERROR, "writing back %s: %s",
+                self.quiet.say(("flush", slot, gen, result), logging.ERROR, "writing back %s: %s",
                                region.name, os.strerror(-result))
         self.sock.send(protocol.W_FLUSH.pack(W.FLUSHED, slot, gen, 0, first, count, token,
                                              result))
