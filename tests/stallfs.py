@@ -2,7 +2,8 @@
 that hangs (a dead NFS server, a stuck FUSE daemon), for tests.
 
     python stallfs.py MOUNTPOINT [--hold-flush-of PIDFILE] [--fail-reads-when PATH]
-                      NAME:SIZE[:stall|:stallwrite|:hold|:eio] ...
+                      [--hold-writes-in DIR]
+                      NAME:SIZE[:stall|:stallwrite|:hold|:eio|:slowwrite] ...
 
 serves each NAME, SIZE bytes of `pattern(offset)`:
 
@@ -15,6 +16,9 @@ serves each NAME, SIZE bytes of `pattern(offset)`:
   mount that hangs a while, killably);
 - `eio`: reads fail with EIO once the path --fail-reads-when names exists
   (a disk that goes bad);
+- `slowwrite`: read and written (kept in memory), but its writes wait while
+  DIR/NAME exists, DIR the folder --hold-writes-in names (answered at the
+  next request after it is gone: list the mount point to send one);
 - unmarked: read, and read-only.
 
 With --hold-flush-of, the FLUSH that a close() sends is never answered for
@@ -63,10 +67,14 @@ class StallFS:
     stalls)); the reads it leaves unanswered stay in `held` until the
     connection goes, or in `interruptible` until a signal ends one."""
 
-    def __init__(self, mountpoint, files, hold_flush_of=None, fail_reads_when=None):
+    def __init__(self, mountpoint, files, hold_flush_of=None, fail_reads_when=None,
+                 hold_writes_in=None):
         self.mountpoint = mountpoint
         self.hold_flush_of = hold_flush_of
         self.fail_reads_when = fail_reads_when
+        self.hold_writes_in = hold_writes_in
+        self.content = {}  # node -> bytearray: what a `slowwrite` file holds
+        self.held_writes = []  # (unique, node, offset, data) of `slowwrite` files
         self.nodes = {}
         for node, (name, size, stalls) in enumerate(files, start=ROOT + 1):
             self.nodes[node] = (name, size, stalls)  # "", "stall", "stallwrite", "hold", "eio"
@@ -89,7 +97,7 @@ class StallFS:
             mode, size, nlink = stat.S_IFDIR | 0o755, 0, 2
         else:
             _, size, stalls = self.nodes[node]
-            writable = stalls in ("stallwrite", "hold")
+            writable = stalls in ("stallwrite", "hold", "slowwrite")
             mode, nlink = stat.S_IFREG | (0o644 if writable else 0o444), 1
         return ATTR.pack(node, size, (size + 511) // 512, 0, 0, 0, 0, 0, 0,
                          mode, nlink, 0, 0, 0, BLOCK, 0)
@@ -149,6 +157,8 @@ class StallFS:
             if stalls == "hold" and not self.interrupted:
                 self.interruptible.add(unique)
                 return None
+            if stalls == "slowwrite":
+                return 0, bytes(self.contents(node)[offset:offset + size])
             if stalls == "eio" and self.fail_reads_when and os.path.exists(self.fail_reads_when):
                 return errno.EIO, b""
             size = max(0, min(size, length - offset))
@@ -157,6 +167,11 @@ class StallFS:
             stalls = self.nodes.get(node, ("", 0, ""))[2]
             if stalls == "hold":
                 return 0, struct.pack("<II", struct.unpack_from("<QQI", body)[2], 0)
+            if stalls == "slowwrite":
+                _, offset, size = struct.unpack_from("<QQI", body)
+                self.held_writes.append((unique, node, offset, body[40:40 + size]))
+                self.write_what_may()
+                return None
             if stalls != "stallwrite":
                 return errno.EROFS, b""
             self.held.append(unique)
@@ -184,6 +199,7 @@ class StallFS:
                     return
                 raise
             _, opcode, unique, node, _, _, tid, _ = IN_HEADER.unpack_from(request)
+            self.write_what_may()
             if opcode == INTERRUPT:
                 (interrupted,) = struct.unpack_from("<Q", request, IN_HEADER.size)
                 if interrupted in self.interruptible:
@@ -198,6 +214,23 @@ class StallFS:
                 self.reply(unique, *answer)
             if opcode == DESTROY:
                 return
+
+    def contents(self, node):
+        if node not in self.content:
+            self.content[node] = bytearray(pattern(0, self.nodes[node][1]))
+        return self.content[node]
+
+    def write_what_may(self):
+        """Answers the held writes of each file whose hold is gone."""
+        held = []
+        for unique, node, offset, data in self.held_writes:
+            if self.hold_writes_in and os.path.exists(
+                    os.path.join(self.hold_writes_in, self.nodes[node][0])):
+                held.append((unique, node, offset, data))
+                continue
+            self.contents(node)[offset:offset + len(data)] = data
+            self.reply(unique, 0, struct.pack("<II", len(data), 0))
+        self.held_writes = held
 
     def unmount(self):
         ctypes.CDLL(None, use_errno=True).umount2(self.mountpoint.encode(), MNT_DETACH)
@@ -236,14 +269,15 @@ def mounted(mountpoint, *specs):
 
 def main(argv):
     mountpoint, specs = argv[0], argv[1:]
-    options = {"--hold-flush-of": None, "--fail-reads-when": None}
+    options = {"--hold-flush-of": None, "--fail-reads-when": None, "--hold-writes-in": None}
     while specs[:1] and specs[0] in options:
         options[specs[0]], specs = specs[1], specs[2:]
     files = []
     for spec in specs:
         name, size, *flags = spec.split(":")
         files.append((name, int(size), flags[0] if flags else ""))
-    fs = StallFS(mountpoint, files, options["--hold-flush-of"], options["--fail-reads-when"])
+    fs = StallFS(mountpoint, files, options["--hold-flush-of"], options["--fail-reads-when"],
+                 options["--hold-writes-in"])
 
     def stop(signum, frame):
         fs.unmount()

@@ -377,3 +377,86 @@ def test_writes_a_full_disk_will_not_take_are_dropped_and_said_so(start_server, 
         assert 1 * MiB // PAGE // 2 < written < len(pages), written
     finally:
         subprocess.run(["umount", "-l", small], capture_output=True)
+
+
+# Maps FILE "r+", writes BYTE over page PAGE, says "wrote", and once a line
+# comes on stdin unmaps: prints "closed" (or the errno close raised).
+WRITE_ONE_PAGE = """
+import sys, mpumap
+sock, path, page, byte = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].encode()
+with mpumap.connect(sock) as c:
+    m = c.map(path, mode="r+")
+    m[page * 4096:(page + 1) * 4096] = byte * 4096
+    print("wrote", flush=True)
+    sys.stdin.readline()
+    try:
+        m.close()
+        print("closed", flush=True)
+    except OSError as exc:
+        print(exc.errno, flush=True)
+"""
+
+
+def test_a_region_mapped_again_during_its_last_write_back_keeps_what_was_written(
+        start_server, workdir):
+    """The last mapping goes (write-back W1 of the whole region, to end in
+    its release), another maps it meanwhile, writes a page W1 has passed
+    already, and goes too (W2).  W1, ending first, released the region and
+    dropped that dirty page, and W2 found the region gone and said it was
+    written.  The last write-back to end decides now.  The order is held
+    in the file system: W1 waits in its write of a page after that one,
+    and a write-back of another file waits between W1 and W2 until the
+    server has heard W1's answer."""
+    from conftest import held_in_fuse, stalling_fs
+
+    server = start_server("--page-size", "4K", "--buffer-size", "8M", "--evictors", 1,
+                          "--worker-timeout", 60)
+    evictor = next(w["pid"] for w in server.stats()["workers"] if w["role"] == "evictor")
+    holds = os.path.join(workdir, "holds")
+    os.mkdir(holds)
+    for name in ("r.bin", "s.bin"):
+        open(os.path.join(holds, name), "w").close()
+    procs = []
+
+    def writer(name, page, byte):
+        proc = subprocess.Popen([sys.executable, "-c", WRITE_ONE_PAGE, server.socket,
+                                 os.path.join(fs, name), str(page), byte],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "wrote"
+        return proc
+
+    def unmap(proc):
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+
+    def let_write(name):
+        os.unlink(os.path.join(holds, name))
+        os.listdir(fs)  # a request: the held writes are answered
+
+    with stalling_fs(os.path.join(workdir, "fs"), "--hold-writes-in", holds,
+                     f"r.bin:{1 << 20}:slowwrite", f"s.bin:{1 << 20}:slowwrite") as fs:
+        try:
+            first, other, second = writer("r.bin", 200, "A"), writer("s.bin", 0, "C"), None
+            unmap(first)  # W1: page 200, held
+            deadline = time.monotonic() + 20
+            while not held_in_fuse(evictor):
+                assert time.monotonic() < deadline, "the write-back never reached the file"
+                time.sleep(0.05)
+            unmap(other)  # s.bin's write-back, behind W1
+            second = writer("r.bin", 10, "B")  # a page W1 has passed
+            unmap(second)  # W2, behind that
+            time.sleep(0.5)
+            let_write("r.bin")  # W1 ends; the evictor waits in s.bin's write
+            assert first.stdout.readline().strip() == "closed"  # W1's answer was heard
+            let_write("s.bin")
+            assert [p.communicate(timeout=30)[0].strip() for p in (other, second)] == \
+                ["closed", "closed"]
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.wait()
+        with open(os.path.join(fs, "r.bin"), "rb") as f:
+            data = f.read()
+    assert data[200 * 4096:201 * 4096] == b"A" * 4096
+    assert data[10 * 4096:11 * 4096] == b"B" * 4096
