@@ -47,6 +47,14 @@ void mpu_pbm_set_worker(int32_t worker)
     beating = worker;
 }
 
+/* A sign of life from this process, if it is a worker: one that waits on
+ * another (a lock, a page) is not the one found hung. */
+static void beat_ours(struct mpu_header *h)
+{
+    if (beating >= 0)
+        mpu_beat(h, (uint32_t)beating);
+}
+
 static uint32_t *buckets(struct mpu_header *h)
 {
     return (uint32_t *)((char *)h + h->buckets_at);
@@ -341,8 +349,7 @@ static void lock(struct mpu_header *h)
     while (err == EBUSY || err == ETIMEDOUT) {
         /* Held long: a worker stopped or dying with it.  Ours goes on
          * beating, so that only the one that holds it is found hung. */
-        if (beating >= 0)
-            mpu_beat(h, (uint32_t)beating);
+        beat_ours(h);
         struct timespec until;
         clock_gettime(CLOCK_REALTIME, &until);
         until.tv_nsec += LOCK_WAIT_NS;
@@ -918,8 +925,7 @@ static void lock_span(struct mpu_header *h, int memfd, uint64_t at, uint64_t len
                        .l_len = (off_t)len };
     while (fcntl(memfd, F_SETLK, &l) < 0 && how != F_UNLCK
            && (errno == EACCES || errno == EAGAIN || errno == EINTR)) {
-        if (beating >= 0)
-            mpu_beat(h, (uint32_t)beating);
+        beat_ours(h);
         usleep(1000);
     }
 }
@@ -982,8 +988,7 @@ static int write_pages(struct mpu_header *h, uint32_t slot, const struct mpu_reg
     if (err)
         return err;
     mpu_add64(&h->written, (int64_t)n);
-    if (beating >= 0)
-        mpu_beat(h, (uint32_t)beating);  /* a long write-back is no hang */
+    beat_ours(h);  /* a long write-back is no hang */
     return 0;
 }
 
@@ -1165,12 +1170,91 @@ static int wait_fills(struct mpu_header *h, uint32_t slot, uint32_t gen, uint64_
             if (!filling || mpu_region_stalled(h, slot, gen))
                 break;  /* (a filler caught in a stalled store never ends its fill) */
             sleep_on(h, &d->state, seen, 200);
-            if (beating >= 0)
-                mpu_beat(h, (uint32_t)beating);
+            beat_ours(h);
             waited = 1;
         }
     }
     return waited;
+}
+
+/* One walk of mpu_region_write_back over [first, end): the dirty pages the
+ * memfd holds there to the file, in runs; *written counts them.  0, or
+ * -errno. */
+static int write_dirty(struct mpu_header *h, uint32_t slot, const struct mpu_region_slot *r,
+                       const struct mpu_client_slot *clients, uint32_t nclients,
+                       uint64_t first, uint64_t end, uint32_t owner, uint64_t page_size,
+                       uint64_t *written)
+{
+    struct mpu_desc *descs = mpu_descs(h);
+    uint32_t run[EVICT_RUN];
+    /* Only where the memfd holds pages: a hole has nothing to write. */
+    for (uint64_t page = first; page < end;) {
+        off_t data = lseek(r->memfd, (off_t)(page * page_size), SEEK_DATA);
+        if (data < 0)
+            break;  /* (ENXIO: no data past it) */
+        page = (uint64_t)data / page_size;
+        if (page >= end)
+            break;
+        uint32_t n = 0;
+        uint64_t run_first = page;
+        int waited = 0;
+        if (mpu_region_stalled(h, slot, r->gen))
+            return -EIO;  /* its store hangs: nothing written, no sync */
+        lock(h);
+        if (!region_live(h, slot, r->gen)) {
+            unlock(h);
+            return -ESTALE;
+        }
+        /* Clean pages before a run are passed over under one hold of the
+         * lock (SCAN_HOLD at most: others wait for it). */
+        for (uint32_t scanned = 0; page < end && n < EVICT_RUN && scanned < SCAN_HOLD;
+             page++, scanned++) {
+            uint32_t i = lookup(h, slot, r->gen, page);
+            struct mpu_desc *d = i == NONE ? NULL : &descs[i - 1];
+            uint32_t state = d ? MPU_STATE(d->state) : MPU_FREE;
+            uint32_t word = d ? d->dirty : MPU_CLEAN;
+            /* A page filled for a write is the writer's before it is
+             * PRESENT (and DIRTY); one being opened, or written back by an
+             * evictor, is DIRTY (then written by us) or in the file once
+             * that is over: either is waited for. */
+            uint32_t *busy = state == MPU_FILLING ? &d->state
+                : state == MPU_PRESENT && word != MPU_CLEAN && word != MPU_DIRTY ? &d->dirty
+                : NULL;
+            if (busy) {
+                if (n)
+                    break;
+                uint32_t seen = *busy;
+                unlock(h);
+                sleep_on(h, busy, seen, 200);
+                beat_ours(h);  /* (a worker caught in a store is the one that hangs) */
+                waited = 1;
+                break;
+            }
+            if (state != MPU_PRESENT || word == MPU_CLEAN) {
+                if (n)
+                    break;
+                run_first = page + 1;
+                continue;
+            }
+            take_writing(h, i, owner);
+            run[n++] = i;
+        }
+        if (!waited)
+            unlock(h);
+        if (waited || !n)
+            continue;  /* the same page again, or on from where the scan got */
+        int err = write_pages(h, slot, r, clients, nclients, run_first, n, page_size);
+        lock(h);
+        for (uint32_t k = 0; k < n; k++)
+            end_writing(h, run[k], !err);
+        unlock(h);
+        for (uint32_t k = 0; k < n; k++)
+            wake_dirty(h, &descs[run[k] - 1]);
+        if (err)
+            return err;
+        *written += n;
+    }
+    return 0;
 }
 
 int64_t mpu_region_write_back(struct mpu_header *h, uint32_t slot,
@@ -1179,90 +1263,20 @@ int64_t mpu_region_write_back(struct mpu_header *h, uint32_t slot,
                               uint64_t first, uint64_t count, uint32_t owner,
                               uint64_t page_size)
 {
-    struct mpu_desc *descs = mpu_descs(h);
     if (first > r->npages)
         first = r->npages;
     if (count > r->npages - first)
         count = r->npages - first;
     uint64_t end = first + count, written = 0;
-    uint32_t run[EVICT_RUN];
-    int err = 0;
-    for (;;) {
-        /* Only where the memfd holds pages: a hole has nothing to write. */
-        for (uint64_t page = first; page < end && !err;) {
-            off_t data = lseek(r->memfd, (off_t)(page * page_size), SEEK_DATA);
-            if (data < 0)
-                break;  /* (ENXIO: no data past it) */
-            page = (uint64_t)data / page_size;
-            if (page >= end)
-                break;
-            uint32_t n = 0;
-            uint64_t run_first = page;
-            int waited = 0;
-            if (mpu_region_stalled(h, slot, r->gen))
-                return -EIO;  /* its store hangs: nothing written, no sync */
-            lock(h);
-            if (!region_live(h, slot, r->gen)) {
-                unlock(h);
-                return -ESTALE;
-            }
-            /* Clean pages before a run are passed over under one hold of the
-             * lock (SCAN_HOLD at most: others wait for it). */
-            for (uint32_t scanned = 0; page < end && n < EVICT_RUN && scanned < SCAN_HOLD;
-                 page++, scanned++) {
-                uint32_t i = lookup(h, slot, r->gen, page);
-                struct mpu_desc *d = i == NONE ? NULL : &descs[i - 1];
-                uint32_t state = d ? MPU_STATE(d->state) : MPU_FREE;
-                uint32_t word = d ? d->dirty : MPU_CLEAN;
-                /* A page filled for a write is the writer's before it is
-                 * PRESENT (and DIRTY); one being opened, or written back by an
-                 * evictor, is DIRTY (then written by us) or in the file once
-                 * that is over: either is waited for. */
-                uint32_t *busy = state == MPU_FILLING ? &d->state
-                    : state == MPU_PRESENT && word != MPU_CLEAN && word != MPU_DIRTY ? &d->dirty
-                    : NULL;
-                if (busy) {
-                    if (n)
-                        break;
-                    uint32_t seen = *busy;
-                    unlock(h);
-                    sleep_on(h, busy, seen, 200);
-                    if (beating >= 0)
-                        mpu_beat(h, (uint32_t)beating);  /* (a worker caught in a store
-                                                            is the one that hangs) */
-                    waited = 1;
-                    break;
-                }
-                if (state != MPU_PRESENT || word == MPU_CLEAN) {
-                    if (n)
-                        break;
-                    run_first = page + 1;
-                    continue;
-                }
-                take_writing(h, i, owner);
-                run[n++] = i;
-            }
-            if (!waited)
-                unlock(h);
-            if (waited || !n)
-                continue;  /* the same page again, or on from where the scan got */
-            err = write_pages(h, slot, r, clients, nclients, run_first, n, page_size);
-            lock(h);
-            for (uint32_t k = 0; k < n; k++)
-                end_writing(h, run[k], !err);
-            unlock(h);
-            for (uint32_t k = 0; k < n; k++)
-                wake_dirty(h, &descs[run[k] - 1]);
-            if (!err)
-                written += n;
-        }
+    int err;
+    /* The last write-back (the region sealed: nobody maps it) must have
+     * what fills for writes, claimed before the seal, make dirty too. */
+    do {
+        err = write_dirty(h, slot, r, clients, nclients, first, end, owner, page_size,
+                          &written);
         if (err)
             return err;
-        /* The last write-back (the region sealed: nobody maps it) must have
-         * what fills for writes, claimed before the seal, make dirty too. */
-        if (!mpu_region_sealed(h, slot, r->gen) || !wait_fills(h, slot, r->gen, first, end))
-            break;
-    }
+    } while (mpu_region_sealed(h, slot, r->gen) && wait_fills(h, slot, r->gen, first, end));
     if (mpu_region_stalled(h, slot, r->gen))
         return -EIO;
     mpu_set_in_store(h, beating, slot, r->gen);
