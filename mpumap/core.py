@@ -79,7 +79,7 @@ def leave_server(keep, parent_pid):
     # (A store's descriptor is closed aside: closing asks its file system,
     # which may hang, and the child must start all the same.)
     for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
-        if fd not in keep and os.path.lexists(f"/proc/self/fd/{fd}"):
+        if fd not in keep:
             close_any(fd)
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP):

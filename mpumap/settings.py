@@ -370,10 +370,9 @@ SPECS = (
          help="Seconds a filler or evictor may give no sign of life (a store read that "
               "hangs, a stopped process) before it is killed and replaced.  Workers show "
               "life around every read and write, so a slow one does not count.  A worker "
-              "caught in "
-              "a read or write of a file stalls that file: its pages the buffer does not "
-              "hold raise SIGBUS, and its write-backs fail (EIO), until the store is tried "
-              "again (see the README)."),
+              "caught in a read or write of a file stalls that file: its pages the buffer "
+              "does not hold raise SIGBUS, and its write-backs fail (EIO), until the store "
+              "is tried again (see the README)."),
     Spec("cpus", "--cpus", "UMAP_CPUS", parse_cpus, default=(), shown_default="any",
          metavar="LIST",
          summary="CPUs for the server's monitor and workers (see below)",

@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 
-from mpumap.stores.files import close_any
+from mpumap.protocol import close_all
 
 log = logging.getLogger("mpumap.arbiter")
 
@@ -61,7 +61,7 @@ class Channel:
             if not self._send(data, fds):
                 return
             self._backlog.popleft()
-            _close(fds)
+            close_all(fds)
             if sent:
                 sent()
         self._on_backlog(False)
@@ -87,7 +87,7 @@ class Channel:
         if backlog:
             self._on_backlog(False)
         for _, fds, sent in backlog:
-            _close(fds)
+            close_all(fds)
             if sent:
                 sent()
         self.sock.close()
@@ -107,8 +107,3 @@ class Countdown:
         self._left -= 1
         if self._left == 0:
             self._then()
-
-
-def _close(fds):
-    for fd in fds:
-        close_any(fd)  # (a store's descriptor: aside)

@@ -36,11 +36,14 @@ def close_aside(fd):
 
 
 def close_any(fd):
-    """Close a descriptor of any kind: at once where closing asks no file
-    system (a socket, a pipe, a memfd, a userfaultfd), else aside.  For
-    descriptors whose kind is not known: those a client sent."""
+    """Close a descriptor of any kind, if open: at once where closing asks no
+    file system (a socket, a pipe, a memfd, a userfaultfd), else aside.  For
+    descriptors whose kind is not known: those a client sent, those a child
+    inherits."""
     try:
         target = os.readlink(f"/proc/self/fd/{fd}")  # asks no file system
+    except FileNotFoundError:
+        return  # not open (say, the descriptor that listed /proc/self/fd)
     except OSError:
         target = "/"
     if target.startswith("/") and not target.startswith("/memfd:"):
