@@ -148,11 +148,23 @@ static void buffer_lock(int memfd, short how)
         ;
 }
 
-/* The server's process, as a pidfd: the peer of the connection, which is
- * alive while the connection is (-1 where the kernel has no pidfds, or
- * the server's pid is not in our namespace). */
-static int server_pidfd(int sock)
+/* The server's process, as a pidfd: the one the server sent (a dup of it),
+ * if it is one; else one opened for the peer of the connection, which
+ * is alive while the connection is.  -1 where neither can be had: no
+ * pidfds in the kernel, or a server that sent none and whose pid is not
+ * in our namespace (SO_PEERCRED says 0 there). */
+static int server_pidfd(int sock, int sent)
 {
+    if (sent >= 0) {
+        char link[64], target[32];
+        snprintf(link, sizeof link, "/proc/self/fd/%d", sent);
+        ssize_t n = readlink(link, target, sizeof target - 1);
+        if (n > 0) {
+            target[n] = '\0';
+            if (strcmp(target, "anon_inode:[pidfd]") == 0)
+                return fcntl(sent, F_DUPFD_CLOEXEC, 0);
+        }
+    }
     struct ucred peer;
     socklen_t len = sizeof peer;
     if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &peer, &len) < 0 || peer.pid <= 0)
@@ -292,7 +304,7 @@ static void *watch(void *arg)
     }
 }
 
-struct mpu_guard *mpu_guard_start(int server_sock, int uffd)
+struct mpu_guard *mpu_guard_start(int server_sock, int uffd, int server)
 {
     struct mpu_guard *g = calloc(1, sizeof *g);
     if (!g)
@@ -306,7 +318,7 @@ struct mpu_guard *mpu_guard_start(int server_sock, int uffd)
         errno = err;
         return NULL;
     }
-    g->server = server_pidfd(server_sock);
+    g->server = server_pidfd(server_sock, server);
     pthread_mutex_init(&g->lock, NULL);
 
     /* The thread takes no signals: they are the program's. */

@@ -41,8 +41,11 @@
 struct mpu_guard;
 
 /* Starts the guard's thread.  server_sock and uffd stay the caller's: the
- * guard neither closes nor reads them.  NULL with errno set on failure. */
-struct mpu_guard *mpu_guard_start(int server_sock, int uffd);
+ * guard neither closes nor reads them.  server: the pidfd WELCOME brought
+ * (the guard keeps a dup; -1: none, and the guard opens one for the
+ * socket's peer, where it can).  Without a pidfd, a lost connection is
+ * taken for a dead server.  NULL with errno set on failure. */
+struct mpu_guard *mpu_guard_start(int server_sock, int uffd, int server);
 
 /* Guards [addr, addr + len), a mapping of the file open on file_fd (dup'ed
  * and kept; the caller may close its own).  file_fd -1: there is no file

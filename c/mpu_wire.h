@@ -16,14 +16,14 @@
 
 /* ---- clients and the server ------------------------------------------------ */
 
-#define MPU_PROTOCOL_VERSION 1
+#define MPU_PROTOCOL_VERSION 2
 #define MPU_HEADER_SIZE 12          /* "MPUM", u16 version, u16 type, u32 length */
 #define MPU_MAX_PAYLOAD 163840      /* 160 KiB: one packet in the default buffers */
 #define MPU_MAX_FDS 4               /* descriptors one packet may carry */
 #define MPU_MAX_SESSION 64          /* bytes of a session tag */
 
 #define MPU_MSG_HELLO 1             /* u32 flags [+ session tag]; fds: userfaultfd */
-#define MPU_MSG_WELCOME 2           /* struct mpu_welcome */
+#define MPU_MSG_WELCOME 2           /* struct mpu_welcome; fds: a pidfd of the server */
 #define MPU_MSG_MAP 3               /* u32 flags; fds: the file */
 /* MAP's and MAP_URL's flags: bits 0-7, log2 of the region's page size
  * asked for (0: what the store proposes, else the server's page size);

@@ -506,7 +506,8 @@ static int connect_locked(const char *sock_path, char *why)
         memcpy(hello + 4, session, n);
         hello_len += n;
     }
-    if (call(MPU_MSG_HELLO, hello, hello_len, uffd, MPU_MSG_WELCOME, &w, sizeof w, NULL,
+    int server;
+    if (call(MPU_MSG_HELLO, hello, hello_len, uffd, MPU_MSG_WELCOME, &w, sizeof w, &server,
              why) < 0)
         goto fail;
     C.page_size = le64toh(w.page_size);
@@ -517,7 +518,10 @@ static int connect_locked(const char *sock_path, char *why)
     C.low_water = le32toh(w.low_water);
     C.adaptive = le32toh(w.adaptive);
     C.max_events = le32toh(w.max_fault_events);
-    C.guard = mpu_guard_start(sock, uffd);
+    C.guard = mpu_guard_start(sock, uffd, server);
+    err = errno;
+    close(server);  /* the guard keeps its own */
+    errno = err;
     if (!C.guard) {
         why_errno(why, "starting the fallback guard");
         goto fail;

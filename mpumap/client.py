@@ -254,12 +254,17 @@ class Client:
             # A launcher (mpumap-client run) tags its command's clients, so
             # that it can ask the server what they used.
             session = os.environ.get("MPUMAP_SESSION", "").encode()[:protocol.MAX_SESSION]
-            _, values, _ = self._call(Msg.HELLO, protocol.U32.pack(0) + session, [self._uffd],
-                                      expect=Msg.WELCOME)
+            (server,), values, _ = self._call(Msg.HELLO, protocol.U32.pack(0) + session,
+                                              [self._uffd], expect=Msg.WELCOME)
             # Should the server die, a C thread (it needs no GIL, which a
             # thread blocked on a fault may hold) maps the files themselves
             # over our mappings and wakes the threads that wait on them.
-            guard = lib.mpu_guard_start(self._sock.fileno(), self._uffd)
+            # The server's pidfd tells it a server that died from one that
+            # dropped us.
+            try:
+                guard = lib.mpu_guard_start(self._sock.fileno(), self._uffd, server)
+            finally:
+                os.close(server)
             if guard == ffi.NULL:
                 raise OSError(ffi.errno, f"starting the fallback guard: "
                               f"{os.strerror(ffi.errno)}")

@@ -105,7 +105,7 @@ class Advice(enum.IntEnum):
 # What each message must carry: (payload struct or None for free-form, fds)
 SHAPES = {
     Msg.HELLO: (None, 1),
-    Msg.WELCOME: (WELCOME, 0),
+    Msg.WELCOME: (WELCOME, 1),
     Msg.MAP: (U32, 1),
     Msg.MAPPED: (MAPPED, 1),
     Msg.REGISTER: (SPAN, 0),

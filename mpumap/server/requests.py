@@ -78,6 +78,15 @@ class RequestHandler:
         self.stores = Stores(settings.stores, StoreSettings(settings.store_timeout,
                                                             settings.store_requests))
         self._quiet = Quiet(log, QUIET_SECONDS)  # by (what, uid)
+        # Handed to every client with WELCOME: its guard polls it to tell a
+        # server that died from one that dropped it and serves on, which
+        # the server's pid cannot do from another pid namespace.
+        try:
+            self.pidfd = os.pidfd_open(os.getpid())
+        except OSError as exc:
+            raise OSError(exc.errno, "no pidfd of the server's own process (Linux 5.3 or later "
+                          "has them), which clients need to tell a server that died: "
+                          f"{exc.strerror}") from None
         self.handlers = {
             Msg.HELLO: self.on_hello,
             Msg.MAP: self.on_map,
@@ -301,7 +310,8 @@ class RequestHandler:
         # Every worker: fillers answer its faults, evictors protect the pages
         # it may write before they write them back.
         self.tell(client_message(conn), [uffd], None,
-                  lambda: self.finish(conn, lambda: self.reply(conn, Msg.WELCOME, welcome)))
+                  lambda: self.finish(conn, lambda: self.reply(conn, Msg.WELCOME, welcome,
+                                                               [self.pidfd])))
 
     def may_map(self, conn):
         """Refuse a map past what a client or user may hold."""
@@ -740,6 +750,7 @@ class RequestHandler:
         self.selector.unregister(self.offload)
         self.offload.close()
         self.stores.close()
+        os.close(self.pidfd)
 
 
 def failure(error):

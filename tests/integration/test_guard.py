@@ -35,7 +35,7 @@ addr = core.address_of(m)
 core.uffd_register(uffd, addr, length)     # nobody will serve these faults
 
 ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-guard = lib.mpu_guard_start(ours.fileno(), uffd)
+guard = lib.mpu_guard_start(ours.fileno(), uffd, -1)
 assert guard
 fd = os.open(path, os.O_RDONLY)
 assert lib.mpu_guard_add(guard, addr, length, fd) == 0
@@ -89,7 +89,7 @@ def test_guard_stops_quietly(workdir, capfd):
     uffd, _ = core.uffd_open()
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        guard = lib.mpu_guard_start(a.fileno(), uffd)
+        guard = lib.mpu_guard_start(a.fileno(), uffd, -1)
         assert guard
         fd = os.open(path, os.O_RDONLY)
         for i in range(20):   # more than the first allocation

@@ -258,6 +258,65 @@ def test_a_writer_the_server_drops_takes_nothing_from_the_others(start_server, w
     assert bad_pages(read_direct(path), 0, 256, "dropped") == []
 
 
+# The writer of the test below, in a pid namespace of its own: the server's
+# pid means nothing there, so only the server can say when it is gone.
+DROPPED_IN_A_NAMESPACE = """
+import json, socket, sys, time
+sys.path.insert(0, sys.argv[3])
+import mpumap
+from writer import PAGE, content
+with mpumap.connect(sys.argv[1]) as writer:
+    w = writer.map(sys.argv[2], mode="r+")
+    for p in range(256):
+        w[p * PAGE:(p + 1) * PAGE] = content(p, "nsdrop")
+    print("wrote", flush=True)
+    sys.stdin.readline()
+    writer._sock.shutdown(socket.SHUT_WR)
+    deadline = time.monotonic() + 10
+    while not writer.fell_back and time.monotonic() < deadline:
+        time.sleep(0.02)
+    bad = [p for p in range(256) if w[p * PAGE:(p + 1) * PAGE] != content(p, "nsdrop")]
+    print(json.dumps({"fell_back": writer.fell_back, "bad": bad}), flush=True)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a pid namespace needs root here")
+def test_a_writer_in_another_pid_namespace_the_server_drops_takes_nothing_from_the_others(
+        start_server, workdir):
+    """As above, with the writer in a pid namespace where the server's pid
+    is not seen (a client in a container): its guard must still tell a
+    server that dropped it from one that died, and leave the buffer's
+    pages to the others."""
+    path = make_file(os.path.join(workdir, "nsdropped.bin"), 4 * MiB, seed=68)
+    server = start_server("--page-size", "4K", "--buffer-size", "16M")
+    child = subprocess.Popen(
+        ["unshare", "--pid", "--fork", sys.executable, "-c", DROPPED_IN_A_NAMESPACE,
+         server.socket, path, HERE],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "wrote"
+        with mpumap.connect(server.socket) as other, other.map(path) as r:
+            assert r[0:PAGE] == content(0, "nsdrop")
+            child.stdin.write("drop\n")
+            child.stdin.flush()
+            result = json.loads(child.stdout.readline())
+            assert result == {"fell_back": True, "bad": []}
+            assert child.wait(timeout=30) == 0
+            check = ("import sys, mpumap\n"
+                     "m = mpumap.connect(sys.argv[1]).map(sys.argv[2])\n"
+                     "sys.stdout.buffer.write(m[:256 * 4096])\n")
+            third = subprocess.run([sys.executable, "-c", check, server.socket, path],
+                                   capture_output=True, timeout=30)
+            assert third.returncode == 0, third.stderr.decode()
+            assert bad_pages(third.stdout, 0, 256, "nsdrop") == []
+            assert bad_pages(r[0:256 * PAGE], 0, 256, "nsdrop") == []
+        wait_for(lambda: not server.stats()["regions"])
+        assert bad_pages(read_direct(path), 0, 256, "nsdrop") == []
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_an_evictor_killed_in_the_middle_of_a_write_back(start_server, workdir):
     """The flush it was writing goes to its successor; the pages it was
     writing are dirty again, and written again."""
