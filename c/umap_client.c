@@ -70,8 +70,7 @@ struct mapping {
     uint64_t id;
     uintptr_t addr;
     uint64_t length;
-    int fd;         /* the file: to turn the mapping into a plain one */
-    int served;     /* 0 once it is a plain mapping of the file */
+    int served;     /* 0 once it is a plain mapping of the file (a reconnection) */
     int writable;   /* PROT_WRITE: its writes are the server's to write back */
 };
 
@@ -713,22 +712,13 @@ unmap:
     return NULL;
 }
 
-static struct mapping *record(const char *name, int fd, void *p, uint64_t length,
+static struct mapping *record(const char *name, void *p, uint64_t length,
                               uint64_t id, int writable, char *why)
 {
     struct mapping *m = calloc(1, sizeof *m);
     if (!m || !(m->name = strdup(name ? name : ""))) {
         free(m);
         errno = ENOMEM;
-        why_errno(why, "keeping the mapping");
-        return NULL;
-    }
-    m->fd = fd < 0 ? -1 : fcntl(fd, F_DUPFD_CLOEXEC, 3);
-    if (m->fd < 0 && fd >= 0) {
-        int err = errno;
-        free(m->name);
-        free(m);
-        errno = err;
         why_errno(why, "keeping the mapping");
         return NULL;
     }
@@ -752,8 +742,6 @@ static void forget(struct mapping *m)
         }
     }
     __atomic_sub_fetch(&C.count, 1, __ATOMIC_SEQ_CST);
-    if (m->fd >= 0)
-        close(m->fd);
     free(m->name);
     free(m);
 }
@@ -805,7 +793,7 @@ static void *map_locked(int fd, const char *name, void *addr, int fixed, int wri
                             why);
     if (!p)
         return NULL;
-    if (!record(name, fd, p, length, id, writable, why)) {
+    if (!record(name, p, length, id, writable, why)) {
         int err = errno;
         mpu_guard_remove(C.guard, (uintptr_t)p);
         mpu_sys_munmap(p, length);
@@ -840,7 +828,6 @@ static void after_fork_child(void)
     while (C.maps) {
         struct mapping *m = C.maps;
         C.maps = m->next;
-        close(m->fd);
         free(m->name);
         free(m);
     }
@@ -892,32 +879,33 @@ size_t mpu_client_count(void)
     return __atomic_load_n(&C.count, __ATOMIC_SEQ_CST);
 }
 
-/* A mapping that munmap cuts into becomes a plain mapping of its file, in
- * place, before the cut: the rest of it stays readable (and writable).  One
- * that writes is write-protected first (its writers wait), and the server
- * writes its pages back before it answers UNMAP. */
-static void make_plain(struct mapping *m)
+/* Cuts [from, to), which the program unmapped, out of a served mapping
+ * whose rest it keeps.  The rest stays the server's, and so the whole
+ * range stays registered and mapped: pages that straddle the cut are
+ * filled by one copy into one of our mappings, and other clients' writes
+ * to those pages are in the buffer, not the file.  The part cut goes
+ * PROT_NONE (a SIGSEGV, as after munmap) over the server's pages it covers
+ * whole; a page split between two mappings of the range could never be
+ * filled.  Returns 1 when nothing of the mapping is left to the program
+ * (it is then to be unmapped whole), 0 when some is, -1 with errno set. */
+static int cut(struct mapping *m, uintptr_t from, uintptr_t to)
 {
-    if (!m->served)
-        return;
-    if (m->writable)
-        mpu_uffd_writeprotect(C.uffd, m->addr, m->length, 1);
-    mpu_guard_remove(C.guard, m->addr);
-    if (m->writable) {
-        release(m->id, 1);
-        m->served = 0;
+    int whole = mpu_guard_hide(C.guard, m->addr, from, to - from);
+    if (whole < 0) {
+        errno = -whole;
+        return -1;
     }
-    void *want = (void *)m->addr;
-    int prot = PROT_READ | (m->writable ? PROT_WRITE : 0);
-    if (mpu_sys_mmap(want, m->length, prot, MAP_SHARED | MAP_FIXED, m->fd, 0) != want)
-        mpu_sys_mmap(want, m->length, PROT_NONE,
-                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
-    madvise(want, m->length, MADV_DONTFORK);
-    /* a fault that was waiting there retries on the file */
-    mpu_uffd_wake(C.uffd, m->addr, m->length);
-    if (m->served)
-        release(m->id, 0);
-    m->served = 0;
+    uintptr_t page = (uintptr_t)C.page_size, mend = m->addr + m->length;
+    uintptr_t first = m->addr + (from - m->addr + page - 1) / page * page;
+    uintptr_t last = to == mend ? to : m->addr + (to - m->addr) / page * page;
+    if (!whole && first < last) {
+        /* (Should it fail, for want of a kernel mapping, those bytes can
+         * still be read: harmless.) */
+        mprotect((void *)first, last - first, PROT_NONE);
+        /* A thread that waits on a fault there retries, and gets its SIGSEGV. */
+        mpu_uffd_wake(C.uffd, first, last - first);
+    }
+    return whole;
 }
 
 int mpu_client_flush(void *addr, size_t len, int *handled)
@@ -968,7 +956,8 @@ int mpu_client_munmap(void *addr, size_t len, int *handled)
     uintptr_t end = start + ((len + (size_t)page - 1) & ~((size_t)page - 1));
 
     pthread_mutex_lock(&C.lock);
-    int inside = 0;
+    int inside = 0, r = 0, err = 0;
+    uintptr_t from = start, to = end;  /* what the kernel unmaps */
     for (struct mapping *m = C.maps, *next; m; m = next) {
         next = m->next;
         uintptr_t mend = m->addr + m->length;
@@ -979,24 +968,40 @@ int mpu_client_munmap(void *addr, size_t len, int *handled)
             if (m->served)
                 mpu_guard_remove(C.guard, m->addr);
             inside++;
+            continue;
+        }
+        if (!m->served) {
+            forget(m);  /* a plain mapping of the file since a reconnection */
+            continue;
+        }
+        uintptr_t a = start > m->addr ? start : m->addr, b = end < mend ? end : mend;
+        int whole = cut(m, a, b);
+        if (whole < 0) {
+            r = -1;     /* (ENOMEM) and this mapping stays as it was */
+            err = errno;
+        }
+        if (whole > 0) {
+            /* A write-back that failed is said on stderr: munmap itself
+             * never fails for it (the range is gone). */
+            unmap_locked(m);
+        } else if (a == start) {
+            from = b;   /* the part cut stays ours, hidden */
         } else {
-            /* what is left of it is the program's, like any mapping */
-            make_plain(m);
-            forget(m);
+            to = a;
         }
     }
     if (!*handled) {
         pthread_mutex_unlock(&C.lock);
         return 0;
     }
-    int r = mpu_sys_munmap(addr, len);
-    int err = errno;
+    if (from < to && mpu_sys_munmap((void *)from, to - from) < 0 && !r) {
+        r = -1;
+        err = errno;
+    }
     if (inside) {
         for (struct mapping *m = C.maps, *next; m; m = next) {
             next = m->next;
             if (m->addr >= start && m->addr + m->length <= end) {
-                /* A write-back that failed is said on stderr: munmap
-                 * itself never fails for it (the range is gone). */
                 if (m->served)
                     release(m->id, m->writable);
                 forget(m);

@@ -16,6 +16,7 @@ import pytest
 from conftest import (NOBODY, clean_env, config, page_cache_bytes, pages_served, stalling_fs,
                       uncached_file)
 from mpumap.testing import MiB, make_file
+import mpumap
 from mpumap import native
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -289,70 +290,103 @@ def test_preload_munmap_that_cuts_into_a_served_range(start_server, programs, wo
     proc = programs.start([exe, "--wait", "--cut", path], env, stdin=subprocess.PIPE)
     first = fields(proc.stdout.readline())
     assert proc.stdout.readline().strip() == "mapped"
-    # what is left reads the file through the kernel, and the server let go
-    assert first["wrong"] == "0" and first["backing"] == path, first
-    assert wait_for(lambda: server.stats()["regions"] == [])
+    # what is left is still served; unmapping it lets the region go
+    assert first["wrong"] == "0" and first["backing"].startswith("/memfd:mpumap:"), first
+    assert [r["mappings"] for r in server.stats()["regions"]] == [1]
     out, err = proc.communicate("go\n", timeout=60)
     assert proc.returncode == 0 and err == "", (out, err)
+    assert wait_for(lambda: server.stats()["regions"] == [])
 
 
-def test_a_write_served_late_while_a_munmap_cuts_its_mapping_reaches_the_file(
+class CutMapper:
+    """native/cut_mapper.c, a program whose mapping the preload library
+    serves, told what to do one line at a time."""
+
+    def __init__(self, programs, server, path):
+        exe = programs.build(os.path.join(SOURCES, "cut_mapper.c"), flags=[])
+        env = clean_env(**native.preload_env([path], server.socket))
+        self.proc = programs.start([exe, path], env, stdin=subprocess.PIPE)
+        assert self.proc.stdout.readline().strip() == "ready", self.failure()
+
+    def failure(self):
+        return self.proc.poll() is not None and self.proc.stderr.read()
+
+    def __call__(self, line):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline().strip()
+        assert answer, self.failure()
+        return answer
+
+    def end(self):
+        out, err = self.proc.communicate(timeout=30)
+        assert self.proc.returncode == 0 and err == "", (out, err)
+
+
+def test_a_munmap_that_cuts_a_mapping_that_writes_leaves_the_rest_served(
         start_server, programs, workdir):
-    """A munmap that cuts into a mapping that writes hands the whole of it
-    back (its last write-back, then the region's release) and maps the file
-    over what is left, while another thread's write fault on that rest is
-    still to be served.  Served after the write-back passed its page but
-    before the release, the page was opened (dirty, writable), written, and
-    dropped with the region: munmap said nothing and the byte was lost.
-    The order is forced: the filler and the evictor are stopped, then the
-    evictor's write-back runs while the server's main loop is stopped, then
-    the filler."""
+    """The rest of the mapping stays the server's, through the same buffer
+    as another client's mapping of the file: each sees what the other
+    writes on the same page at once, and both writes reach the file (had
+    the rest become a mapping of the file, the buffer's copy of the page,
+    written back later, would have put the old byte back over the
+    program's).  The part cut faults with SIGSEGV, as after munmap (where
+    it covers whole pages of the server), and cutting the rest releases the
+    mapping."""
     page = 65536
     path = make_file(os.path.join(workdir, "cut.bin"), 2 * MiB, seed=85)
     original = open(path, "rb").read()
+    mine, theirs = page + 100, page + 200
+    server = start_server("--page-size", "64K", "--buffer-size", "8M")
+    with mpumap.connect(server.socket) as client, client.map(path, mode="r+") as other:
+        assert other[mine] == original[mine]  # the page is in the buffer
+        program = CutMapper(programs, server, path)
+        assert program(f"cut 0 {page}") == "ok"
+        assert program("read 0") == "segv"
+        assert program(f"read {page}") == str(original[page])
+        assert program(f"write {mine} Y") == "ok"
+        other[theirs] = ord("X")
+        assert other[mine] == ord("Y")
+        assert program(f"read {theirs}") == str(ord("X"))
+        assert program("sync") == "ok"
+        assert [r["mappings"] for r in server.stats()["regions"]] == [2]
+        assert program(f"cut {page} {2 * MiB - page}") == "ok"
+        assert [r["mappings"] for r in server.stats()["regions"]] == [1]
+        program.end()
+    assert wait_for(lambda: not server.stats()["regions"])
+    data = open(path, "rb").read()
+    assert (data[mine], data[theirs]) == (ord("Y"), ord("X"))
+    assert [i for i in range(len(data)) if data[i] != original[i]] == [mine, theirs]
+
+
+def test_a_write_fault_pending_while_a_munmap_cuts_its_mapping_reaches_the_file(
+        start_server, programs, workdir):
+    """Another thread's write fault on the rest of the mapping, waiting in
+    a stopped filler's queue while the cut is made, is served once the
+    filler goes on, and its byte reaches the file."""
+    page = 65536
+    path = make_file(os.path.join(workdir, "cutw.bin"), 2 * MiB, seed=86)
+    original = open(path, "rb").read()
     offset = 16 * page + 100
     server = start_server("--page-size", "64K", "--buffer-size", "8M", "--fillers", 1,
-                          "--evictors", 1, "--worker-timeout", 60)
-    workers = {w["role"]: w["pid"] for w in server.stats()["workers"]}
-    exe = programs.build(os.path.join(SOURCES, "cut_writer.c"), flags=[])
-    env = clean_env(**native.preload_env([path], server.socket))
-    proc = programs.start([exe, path, str(offset)], env, stdin=subprocess.PIPE)
-    assert proc.stdout.readline().split()[0] == "ready", proc.poll() is not None and \
-        proc.stderr.read()
-    stopped = []
-
-    def stop(pid):
-        os.kill(pid, signal.SIGSTOP)
-        stopped.append(pid)
-
-    def go_on(pid, settle=0.5):
-        os.kill(pid, signal.SIGCONT)
-        stopped.remove(pid)
-        time.sleep(settle)
-
+                          "--worker-timeout", 60)
+    filler = next(w["pid"] for w in server.stats()["workers"] if w["role"] == "filler")
+    program = CutMapper(programs, server, path)
+    assert program(f"read {offset}") == str(original[offset])
+    os.kill(filler, signal.SIGSTOP)
     try:
-        stop(workers["filler"])
-        stop(workers["evictor"])
-        proc.stdin.write("write\n")
-        proc.stdin.flush()
-        assert proc.stdout.readline().strip() == "writing"
+        assert program(f"twrite {offset} W") == "writing"
         time.sleep(0.5)  # the write fault waits in the stopped filler's queue
-        proc.stdin.write("cut\n")
-        proc.stdin.flush()
-        # The mapping is handed back: its region's last write-back is asked
-        # of the stopped evictor.
-        assert wait_for(lambda: [r["mappings"] for r in server.stats()["regions"]] == [0])
-        stop(server.proc.pid)
-        go_on(workers["evictor"], settle=1.0)  # the write-back, answered to nobody yet
-        go_on(workers["filler"])  # the late write fault
-        go_on(server.proc.pid)  # the answer: the release
-        out, err = proc.communicate(timeout=30)
+        assert program("cut 0 4096") == "ok"
+        assert [r["mappings"] for r in server.stats()["regions"]] == [1]
     finally:
-        for pid in stopped:
-            os.kill(pid, signal.SIGCONT)
-    assert proc.returncode == 0 and out.split() == ["done"], (out, err)
-    with open(path, "rb") as f:
-        data = f.read()
+        os.kill(filler, signal.SIGCONT)
+    assert program("join") == "ok"
+    assert program("sync") == "ok"
+    assert program(f"cut 4096 {2 * MiB - 4096}") == "ok"
+    program.end()
+    assert wait_for(lambda: not server.stats()["regions"])
+    data = open(path, "rb").read()
     assert data[offset] == ord("W")
     assert data[:offset] + data[offset + 1:] == original[:offset] + original[offset + 1:]
 

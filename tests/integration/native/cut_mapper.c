@@ -1,0 +1,99 @@
+/*
+ * cut_mapper FILE: maps FILE read-write with the plain C library call
+ * (served by the preload library), says "ready", then does what each line
+ * of stdin says and answers one line:
+ *
+ *     cut OFFSET LENGTH     munmap that part of the mapping: "ok", or the error
+ *     write OFFSET CHAR     store CHAR there: "ok"
+ *     twrite OFFSET CHAR    the same, on a new thread: "writing"
+ *     join                  wait for that thread: "ok"
+ *     read OFFSET           the byte there, or "segv"
+ *     sync                  msync of what is left after the first cut: "ok"
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+
+static char *map;
+static volatile char *there;
+static volatile char what;
+static sigjmp_buf probing;
+
+static void *write_there(void *unused)
+{
+    (void)unused;
+    *there = what;
+    return NULL;
+}
+
+static void on_segv(int sig)
+{
+    (void)sig;
+    siglongjmp(probing, 1);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc != 2)
+        return 2;
+    int fd = open(argv[1], O_RDWR);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) < 0)
+        return 2;
+    size_t size = (size_t)st.st_size, kept = 0;
+    map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (map == MAP_FAILED) {
+        perror("mmap");
+        return 1;
+    }
+    signal(SIGSEGV, on_segv);
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    printf("ready\n");
+    pthread_t writer;
+    char line[128], c;
+    unsigned long offset, length;
+    while (fgets(line, sizeof line, stdin)) {
+        if (sscanf(line, "cut %lu %lu", &offset, &length) == 2) {
+            if (!kept)
+                kept = offset + length;
+            if (munmap(map + offset, length) < 0)
+                printf("%s\n", strerror(errno));
+            else
+                printf("ok\n");
+        } else if (sscanf(line, "write %lu %c", &offset, &c) == 2) {
+            map[offset] = c;
+            printf("ok\n");
+        } else if (sscanf(line, "twrite %lu %c", &offset, &c) == 2) {
+            there = map + offset;
+            what = c;
+            if (pthread_create(&writer, NULL, write_there, NULL) != 0)
+                return 1;
+            printf("writing\n");
+        } else if (strncmp(line, "join", 4) == 0) {
+            pthread_join(writer, NULL);
+            printf("ok\n");
+        } else if (sscanf(line, "read %lu", &offset) == 1) {
+            if (sigsetjmp(probing, 1))
+                printf("segv\n");
+            else
+                printf("%d\n", ((volatile unsigned char *)map)[offset]);
+        } else if (strncmp(line, "sync", 4) == 0) {
+            if (msync(map + kept, size - kept, MS_SYNC) < 0)
+                printf("%s\n", strerror(errno));
+            else
+                printf("ok\n");
+        } else {
+            return 2;
+        }
+    }
+    return 0;
+}
