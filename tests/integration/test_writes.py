@@ -47,6 +47,17 @@ def bad_pages(data, first, count, stamp):
             if data[p * PAGE:(p + 1) * PAGE] != content(p, stamp)]
 
 
+def read_in_another_process(server, path, pages):
+    """The first pages of the file, as a new client of the server reads them."""
+    script = ("import sys, mpumap\n"
+              "m = mpumap.connect(sys.argv[1]).map(sys.argv[2])\n"
+              "sys.stdout.buffer.write(m[:int(sys.argv[3]) * 4096])\n")
+    child = subprocess.run([sys.executable, "-c", script, server.socket, path, str(pages)],
+                           capture_output=True, timeout=30)
+    assert child.returncode == 0, child.stderr.decode()
+    return child.stdout
+
+
 def wait_for(what, timeout=30, step=0.02):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -245,13 +256,7 @@ def test_a_writer_the_server_drops_takes_nothing_from_the_others(start_server, w
         assert bad_pages(w[0:256 * PAGE], 0, 256, "dropped") == []
         # Pages the other client never touched, read by a third process:
         # a page punched out under its descriptor would fault forever.
-        check = ("import sys, mpumap\n"
-                 "m = mpumap.connect(sys.argv[1]).map(sys.argv[2])\n"
-                 "sys.stdout.buffer.write(m[:256 * 4096])\n")
-        child = subprocess.run([sys.executable, "-c", check, server.socket, path],
-                               capture_output=True, timeout=60)
-        assert child.returncode == 0, child.stderr.decode()
-        assert bad_pages(child.stdout, 0, 256, "dropped") == []
+        assert bad_pages(read_in_another_process(server, path, 256), 0, 256, "dropped") == []
         assert bad_pages(r[0:256 * PAGE], 0, 256, "dropped") == []
         r.close()
     wait_for(lambda: not server.stats()["regions"])
@@ -302,13 +307,8 @@ def test_a_writer_in_another_pid_namespace_the_server_drops_takes_nothing_from_t
             result = json.loads(child.stdout.readline())
             assert result == {"fell_back": True, "bad": []}
             assert child.wait(timeout=30) == 0
-            check = ("import sys, mpumap\n"
-                     "m = mpumap.connect(sys.argv[1]).map(sys.argv[2])\n"
-                     "sys.stdout.buffer.write(m[:256 * 4096])\n")
-            third = subprocess.run([sys.executable, "-c", check, server.socket, path],
-                                   capture_output=True, timeout=30)
-            assert third.returncode == 0, third.stderr.decode()
-            assert bad_pages(third.stdout, 0, 256, "nsdrop") == []
+            assert bad_pages(read_in_another_process(server, path, 256), 0, 256,
+                             "nsdrop") == []
             assert bad_pages(r[0:256 * PAGE], 0, 256, "nsdrop") == []
         wait_for(lambda: not server.stats()["regions"])
         assert bad_pages(read_direct(path), 0, 256, "nsdrop") == []
