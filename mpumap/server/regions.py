@@ -24,8 +24,11 @@ class Stalls:
     (SIGKILL could not end it, so its read or write came back: the store
     answers), else `first` seconds after, doubled for each time the store
     hung before (up to STALL_RETRY_MOST), since a killed worker says
-    nothing of the store.  Workers caught in it at once are one hang.
-    Pure bookkeeping: RegionTable applies it.
+    nothing of the store.  Workers caught in it at once are one hang.  A
+    store tried again that hangs no worker for STALL_RETRY_MOST is
+    forgiven: its hangs are forgotten (a mount that failed once last week
+    waits `first` again, not an hour).  Pure bookkeeping: RegionTable
+    applies it.
     """
 
     def __init__(self, first=STALL_RETRY_FIRST):
@@ -33,6 +36,7 @@ class Stalls:
         self._caught = {}  # store -> set of pids
         self._retry_at = {}  # store -> monotonic seconds
         self._hangs = collections.Counter()  # store -> times it hung
+        self._tried = {}  # store -> when it was tried again, until forgiven
 
     def stalled(self, store):
         return store in self._caught or store in self._retry_at
@@ -42,6 +46,7 @@ class Stalls:
             self._hangs[store] += 1
         self._caught.setdefault(store, set()).add(pid)
         self._retry_at.pop(store, None)
+        self._tried.pop(store, None)
 
     def ended(self, pid, by_itself, now):
         """The stores tried again now that worker `pid` ended."""
@@ -66,6 +71,11 @@ class Stalls:
         again = {store for store, when in self._retry_at.items() if now >= when}
         for store in again:
             del self._retry_at[store]
+            self._tried[store] = now
+        for store, when in list(self._tried.items()):
+            if now - when >= STALL_RETRY_MOST:
+                del self._tried[store]
+                del self._hangs[store]
         return again
 
 

@@ -59,3 +59,20 @@ def test_a_hang_while_waiting_to_try_again_stalls_until_that_worker_ends():
     stalls.caught("nfs", 2)
     assert stalls.due(10**6) == set() and stalls.stalled("nfs")
     assert stalls.ended(2, True, 0) == {"nfs"}
+
+
+def test_a_store_that_serves_for_an_hour_after_its_retry_is_forgiven():
+    stalls = Stalls(first=10)
+    for pid, at in ((1, 0), (2, 100)):
+        stalls.caught("nfs", pid)
+        stalls.ended(pid, False, at)
+        assert stalls.due(at + 10 * pid) == {"nfs"}  # 10 s, then 20 s
+    # Hanging again within the hour: the wait doubles on.
+    stalls.caught("nfs", 3)
+    stalls.ended(3, False, 200)
+    assert stalls.due(239) == set() and stalls.due(240) == {"nfs"}
+    # An hour without a hang since it was tried again: the next wait is the first.
+    assert stalls.due(240 + STALL_RETRY_MOST) == set()
+    stalls.caught("nfs", 4)
+    stalls.ended(4, False, 5000)
+    assert stalls.due(5010) == {"nfs"}
