@@ -1438,6 +1438,28 @@ static int wake(struct mpu_filler *f, int uffd, uint32_t region, uint64_t page,
     return err == 0;
 }
 
+/* UFFDIO_COPY fills within one of the client's mappings (VMAs): a client
+ * that split its mapping inside a page (mlock, mprotect or madvise of a
+ * part of it) gets ENOENT for the whole page, as one that unmapped it, and
+ * its fault would wait for ever.  The page goes into the memfd through our
+ * own way in instead, and the client, woken, maps it from there itself.
+ * One that lands write-protected is protected first, while it is still a
+ * hole (a marker then stands for it), one system page at a time: the
+ * ioctl stops at the first mapping of the range that is not registered.
+ * Where the client did unmap, the page is simply in the buffer.  0, or
+ * ENOENT when the page could not be put in. */
+static int copy_beside(struct mpu_filler *f, struct mpu_region_slot *r, uint32_t region,
+                       int uffd, uint64_t page, uint64_t address, uint64_t len,
+                       uint64_t from, int wp)
+{
+    for (uint64_t at = 0; wp && at < len; at += f->system_page)
+        mpu_uffd_writeprotect(uffd, address + at, f->system_page, 1);
+    if (put_in(f, r, region, page * f->page_size, f->chunk + from, len) != (ssize_t)len)
+        return ENOENT;
+    mpu_uffd_wake(uffd, address, len);
+    return 0;
+}
+
 /* Copies len bytes from the chunk at `from` to the client; 0 or errno.
  * wp: the page lands write-protected (a mapping that may write, reading). */
 static int copy(struct mpu_filler *f, struct mpu_region_slot *r, uint32_t region,
@@ -1453,6 +1475,8 @@ static int copy(struct mpu_filler *f, struct mpu_region_slot *r, uint32_t region
         mpu_punch(r->memfd, page * f->page_size, f->page_size);
         err = -mpu_uffd_copy(uffd, address, f->chunk + from, len, wp, NULL);
     }
+    if (err == ENOENT && len > f->system_page)
+        err = copy_beside(f, r, region, uffd, page, address, len, from, wp);
     mpu_add64(&f->h->copy_ns, (int64_t)(mpu_now_ns() - started));
     if (err) {
         mpu_add64(&f->h->fill_errors, 1);

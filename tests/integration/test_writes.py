@@ -317,6 +317,54 @@ def test_a_writer_in_another_pid_namespace_the_server_drops_takes_nothing_from_t
         child.wait()
 
 
+SPLITTER = """
+import ctypes, sys
+import mpumap
+libc = ctypes.CDLL(None, use_errno=True)
+MADV_HUGEPAGE, P, SYSTEM = 14, 65536, 4096
+socket_path, path = sys.argv[1:3]
+want = bytearray(open(path, "rb").read())
+
+def split(m, page, how):
+    at = ctypes.c_void_p(m.address + page * P + SYSTEM)
+    r = libc.mlock(at, SYSTEM) if how == "mlock" else libc.madvise(at, SYSTEM, MADV_HUGEPAGE)
+    assert r == 0, ctypes.get_errno()
+
+with mpumap.connect(socket_path) as client:
+    with client.map(path) as m:
+        split(m, 1, "mlock")   # mlock faults the page in itself
+        split(m, 3, "madvise")
+        assert m[P:2 * P] == want[P:2 * P] and m[3 * P:4 * P] == want[3 * P:4 * P]
+    with client.map(path, mode="r+") as m:
+        for page in (5, 6):
+            split(m, page, "madvise")
+        assert m[5 * P:6 * P] == want[5 * P:6 * P]  # lands write-protected
+        for at in (5 * P + 10, 5 * P + SYSTEM + 10, 5 * P + 2 * SYSTEM + 10,  # each piece
+                   6 * P + 2 * SYSTEM + 10, 6 * P + 10):  # a write on a missing page
+            m[at] = 0x41
+            want[at] = 0x41
+        assert m[:] == want
+print("ok")
+"""
+
+
+def test_a_client_that_splits_its_mapping_inside_a_page_is_served(start_server, workdir):
+    """mlock, mprotect or madvise of a part of a mapping split it in two
+    inside a page, and one UFFDIO_COPY cannot fill a page across mappings:
+    its fault waited for ever.  Reads are served, and writes to every
+    piece of such a page reach the file."""
+    path = make_file(os.path.join(workdir, "split.bin"), 1 * MiB, seed=69)
+    want = bytearray(open(path, "rb").read())
+    for at in (5 * 65536 + 10, 5 * 65536 + 4096 + 10, 5 * 65536 + 8192 + 10,
+               6 * 65536 + 8192 + 10, 6 * 65536 + 10):
+        want[at] = 0x41
+    server = start_server("--page-size", "64K", "--buffer-size", "8M", "--read-ahead", "0")
+    child = subprocess.run([sys.executable, "-c", SPLITTER, server.socket, path],
+                           capture_output=True, text=True, timeout=60)
+    assert child.returncode == 0 and child.stdout == "ok\n", child.stderr
+    assert read_direct(path) == want
+
+
 def test_an_evictor_killed_in_the_middle_of_a_write_back(start_server, workdir):
     """The flush it was writing goes to its successor; the pages it was
     writing are dirty again, and written again."""
