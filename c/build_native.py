@@ -21,6 +21,7 @@ CLIENT_SOURCES = ["c/umap_client.c", "c/guard.c", "c/mpumap_core.c"]
 DEPENDS = [HEADER, "c/umap_client_internal.h", "c/guard.h", "c/mpu_sys.h",
            "c/mpu_wire.h", "c/mpumap_core.h", "c/mpumap_core_internal.h"]
 CFLAGS = ["-O2", "-Wall", "-std=gnu11", "-fvisibility=hidden", "-pthread"]
+LDFLAGS = ["-pthread", "-Wl,-z,defs"]  # a symbol missing is an error here, not at run time
 
 
 class NativeLibrary(Extension):
@@ -32,13 +33,13 @@ def extensions():
                   extra_compile_args=CFLAGS)
     return [
         NativeLibrary("mpumap.libmpumapclient", sources=CLIENT_SOURCES,
-                      extra_link_args=["-pthread", "-Wl,-soname,libmpumapclient.so"],
+                      extra_link_args=LDFLAGS + ["-Wl,-soname,libmpumapclient.so"],
                       **common),
         # The client compiled in and hidden (MPU_API empty): the library
         # exports mmap, mmap64 and munmap only, and needs nothing at run time.
         NativeLibrary("mpumap.libmpumappreload", sources=["c/preload.c"] + CLIENT_SOURCES,
                       define_macros=[("MPU_API", "")], libraries=["dl"],
-                      extra_link_args=["-pthread", "-Wl,-soname,libmpumappreload.so"],
+                      extra_link_args=LDFLAGS + ["-Wl,-soname,libmpumappreload.so"],
                       **common),
     ]
 

@@ -20,17 +20,11 @@
 #include "mpu_sys.h"
 #include "mpumap_core_internal.h"
 
-struct span {
-    uint64_t start, end;
-};
-
 struct range {
     uint64_t addr;
     uint64_t len;
     int fd;
     int memfd;              /* a range that may write: its buffer (-1: read-only) */
-    struct span *hidden;    /* parts the program unmapped: sorted, apart */
-    size_t nhidden;
 };
 
 /* How long the guard of a range that may write waits, its own writers
@@ -137,9 +131,6 @@ static int replace(struct mpu_guard *g, const struct range *r)
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE,
                      -1, 0);
     }
-    for (size_t i = 0; i < r->nhidden; i++)
-        mprotect((void *)(uintptr_t)r->hidden[i].start,
-                 r->hidden[i].end - r->hidden[i].start, PROT_NONE);
     madvise(want, r->len, MADV_DONTFORK);
     /* The new mapping is not registered: woken, every thread that waits on
      * a fault in the range retries it and finds the file. */
@@ -397,73 +388,29 @@ int mpu_guard_add_writable(struct mpu_guard *g, uint64_t addr, uint64_t len, int
     return err;
 }
 
-static struct range *find(struct mpu_guard *g, uint64_t addr)
-{
-    for (size_t i = 0; i < g->count; i++)
-        if (g->ranges[i].addr == addr)
-            return &g->ranges[i];
-    return NULL;
-}
-
-static void drop(struct range *r)
-{
-    if (r->fd >= 0)
-        close(r->fd);
-    if (r->memfd >= 0)
-        close(r->memfd);
-    free(r->hidden);
-}
-
 int mpu_guard_remove(struct mpu_guard *g, uint64_t addr)
 {
     if (!g)
         return -EINVAL;
+    int fd = -1, mfd = -1, found = 0;
     pthread_mutex_lock(&g->lock);
-    struct range *r = find(g, addr), gone;
-    if (r) {
-        gone = *r;
-        *r = g->ranges[--g->count];
-    }
-    pthread_mutex_unlock(&g->lock);
-    if (!r)
-        return -ENOENT;
-    drop(&gone);
-    return 0;
-}
-
-int mpu_guard_hide(struct mpu_guard *g, uint64_t addr, uint64_t start, uint64_t len)
-{
-    if (!g || len == 0)
-        return -EINVAL;
-    int err = 0, whole = 0;
-    uint64_t end = start + len;
-    pthread_mutex_lock(&g->lock);
-    struct range *r = find(g, addr);
-    struct span *spans = r ? realloc(r->hidden, (r->nhidden + 1) * sizeof *spans) : NULL;
-    if (!r) {
-        err = -ENOENT;
-    } else if (!spans) {
-        err = -ENOMEM;
-    } else {
-        /* The new span swallows those it overlaps or touches. */
-        size_t n = 0, i = 0;
-        for (; i < r->nhidden && spans[i].end < start; i++)
-            spans[n++] = spans[i];
-        struct span merged = { start, end };
-        for (; i < r->nhidden && spans[i].start <= end; i++) {
-            merged.start = spans[i].start < merged.start ? spans[i].start : merged.start;
-            merged.end = spans[i].end > merged.end ? spans[i].end : merged.end;
+    for (size_t i = 0; i < g->count; i++) {
+        if (g->ranges[i].addr == addr) {
+            fd = g->ranges[i].fd;
+            mfd = g->ranges[i].memfd;
+            g->ranges[i] = g->ranges[--g->count];
+            found = 1;
+            break;
         }
-        size_t after = r->nhidden - i;
-        memmove(&spans[n + 1], &spans[i], after * sizeof *spans);
-        spans[n] = merged;
-        r->hidden = spans;
-        r->nhidden = n + 1 + after;
-        whole = r->nhidden == 1 && spans[0].start <= r->addr
-                && spans[0].end >= r->addr + r->len;
     }
     pthread_mutex_unlock(&g->lock);
-    return err ? err : whole;
+    if (!found)
+        return -ENOENT;
+    if (fd >= 0)
+        close(fd);
+    if (mfd >= 0)
+        close(mfd);
+    return 0;
 }
 
 int mpu_guard_fell_back(struct mpu_guard *g)
@@ -478,8 +425,12 @@ int mpu_guard_fell_back(struct mpu_guard *g)
 
 static void release(struct mpu_guard *g)
 {
-    for (size_t i = 0; i < g->count; i++)
-        drop(&g->ranges[i]);
+    for (size_t i = 0; i < g->count; i++) {
+        if (g->ranges[i].fd >= 0)
+            close(g->ranges[i].fd);
+        if (g->ranges[i].memfd >= 0)
+            close(g->ranges[i].memfd);
+    }
     free(g->ranges);
     close(g->stopfd);
     if (g->server >= 0)

@@ -63,13 +63,6 @@ int mpu_guard_add_writable(struct mpu_guard *g, uint64_t addr, uint64_t len, int
  * -ENOENT when there is none.  Call it before munmap. */
 int mpu_guard_remove(struct mpu_guard *g, uint64_t addr);
 
-/* Hides [start, start + len), part of the range that starts at addr, which
- * the program unmapped while the rest of the range stays: once the guard
- * falls back, that part is PROT_NONE, not the file.  1 when nothing of the
- * range is left unhidden, 0 when some is; -ENOENT when there is no such
- * range, -ENOMEM. */
-int mpu_guard_hide(struct mpu_guard *g, uint64_t addr, uint64_t start, uint64_t len);
-
 /* 1 once the server was lost and the ranges were replaced, else 0 (waits
  * while a fallback is under way). */
 int mpu_guard_fell_back(struct mpu_guard *g);

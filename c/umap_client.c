@@ -64,6 +64,10 @@ static const char *msg_name(int kind)
     return known ? names[kind] : "?";
 }
 
+struct span {
+    uintptr_t start, end;
+};
+
 struct mapping {
     struct mapping *next;
     char *name;
@@ -72,6 +76,9 @@ struct mapping {
     uint64_t length;
     int served;     /* 0 once it is a plain mapping of the file (a reconnection) */
     int writable;   /* PROT_WRITE: its writes are the server's to write back */
+    struct span *cut;       /* parts the program unmapped, still mapped: sorted, apart */
+    size_t ncut;
+    unsigned long inode;    /* of the memfd, once cut (0: unknown) */
 };
 
 static struct {
@@ -742,18 +749,70 @@ static void forget(struct mapping *m)
         }
     }
     __atomic_sub_fetch(&C.count, 1, __ATOMIC_SEQ_CST);
+    free(m->cut);
     free(m->name);
     free(m);
 }
 
+/* The inode of the file mapped at addr, from /proc/self/maps (0: none
+ * found). */
+static unsigned long inode_at(uintptr_t addr)
+{
+    FILE *maps = fopen("/proc/self/maps", "re");
+    if (!maps)
+        return 0;
+    char line[512];
+    unsigned long start, end, inode = 0;
+    while (fgets(line, sizeof line, maps))
+        if (sscanf(line, "%lx-%lx %*s %*s %*s %lu", &start, &end, &inode) == 3
+            && start <= addr && addr < end)
+            break;
+        else
+            inode = 0;
+    fclose(maps);
+    return inode;
+}
+
+/* munmap of [start, end), but only where it still maps inode: where a
+ * program unmapped part of a mapping, it may have put a mapping of its own
+ * since (MAP_FIXED).  Without an inode, all of it. */
+static int unmap_ours(uintptr_t start, uintptr_t end, unsigned long inode)
+{
+    FILE *maps = inode ? fopen("/proc/self/maps", "re") : NULL;
+    if (!maps)
+        return mpu_sys_munmap((void *)start, end - start);
+    struct span ours[64];
+    int n = 0, more = 1;
+    char line[512];
+    unsigned long from, to, node;
+    while (more && n < 64 && fgets(line, sizeof line, maps)) {
+        if (sscanf(line, "%lx-%lx %*s %*s %*s %lu", &from, &to, &node) != 3 || to <= start)
+            continue;
+        more = from < end;
+        if (more && node == inode)
+            ours[n++] = (struct span){ from > start ? from : start, to < end ? to : end };
+    }
+    fclose(maps);
+    /* (munmap after the walk: the file changes under it) */
+    int r = 0;
+    for (int i = 0; i < n; i++)
+        if (mpu_sys_munmap((void *)ours[i].start, ours[i].end - ours[i].start) < 0)
+            r = -1;
+    return r;
+}
+
 /* Unmaps a served range: the guard forgets it, then munmap, then UNMAP
- * (never the other way round). */
+ * (never the other way round).  A thread that waited on a fault there is
+ * woken, and retries (it faults, as after the kernel's munmap). */
 static int unmap_locked(struct mapping *m)
 {
     if (m->served)
         mpu_guard_remove(C.guard, m->addr);
-    int r = mpu_sys_munmap((void *)m->addr, m->length);
+    int r = m->ncut ? unmap_ours(m->addr, m->addr + m->length, m->inode)
+                    : mpu_sys_munmap((void *)m->addr, m->length);
     int err = errno;
+    if (m->served)
+        mpu_uffd_wake(C.uffd, m->addr, m->length);
     if (m->served && release(m->id, m->writable) < 0 && r == 0) {
         r = -1;
         err = errno;
@@ -880,32 +939,36 @@ size_t mpu_client_count(void)
 }
 
 /* Cuts [from, to), which the program unmapped, out of a served mapping
- * whose rest it keeps.  The rest stays the server's, and so the whole
- * range stays registered and mapped: pages that straddle the cut are
- * filled by one copy into one of our mappings, and other clients' writes
- * to those pages are in the buffer, not the file.  The part cut goes
- * PROT_NONE (a SIGSEGV, as after munmap) over the server's pages it covers
- * whole; a page split between two mappings of the range could never be
- * filled.  Returns 1 when nothing of the mapping is left to the program
- * (it is then to be unmapped whole), 0 when some is, -1 with errno set. */
+ * whose rest it keeps.  The rest stays the server's, through the buffer
+ * every other client of the file uses.  The part cut stays mapped, and
+ * served, until nothing of the mapping is left to the program: unmapped
+ * (or made PROT_NONE), it would split the mapping in two, and a page that
+ * straddles the split, or a write-protect of pages on both sides of it
+ * (before Linux 6.4), fails as if the client had gone.  Returns 1 when the
+ * mapping is cut whole (it is then to be unmapped), 0 when some is left,
+ * -1 with errno set. */
 static int cut(struct mapping *m, uintptr_t from, uintptr_t to)
 {
-    int whole = mpu_guard_hide(C.guard, m->addr, from, to - from);
-    if (whole < 0) {
-        errno = -whole;
+    struct span *spans = realloc(m->cut, (m->ncut + 1) * sizeof *spans);
+    if (!spans)
         return -1;
+    if (!m->ncut)
+        m->inode = inode_at(m->addr);
+    /* The new span swallows those it overlaps or touches. */
+    size_t n = 0, i = 0;
+    for (; i < m->ncut && spans[i].end < from; i++)
+        spans[n++] = spans[i];
+    struct span merged = { from, to };
+    for (; i < m->ncut && spans[i].start <= to; i++) {
+        merged.start = spans[i].start < merged.start ? spans[i].start : merged.start;
+        merged.end = spans[i].end > merged.end ? spans[i].end : merged.end;
     }
-    uintptr_t page = (uintptr_t)C.page_size, mend = m->addr + m->length;
-    uintptr_t first = m->addr + (from - m->addr + page - 1) / page * page;
-    uintptr_t last = to == mend ? to : m->addr + (to - m->addr) / page * page;
-    if (!whole && first < last) {
-        /* (Should it fail, for want of a kernel mapping, those bytes can
-         * still be read: harmless.) */
-        mprotect((void *)first, last - first, PROT_NONE);
-        /* A thread that waits on a fault there retries, and gets its SIGSEGV. */
-        mpu_uffd_wake(C.uffd, first, last - first);
-    }
-    return whole;
+    size_t after = m->ncut - i;
+    memmove(&spans[n + 1], &spans[i], after * sizeof *spans);
+    spans[n] = merged;
+    m->cut = spans;
+    m->ncut = n + 1 + after;
+    return m->ncut == 1 && spans[0].start <= m->addr && spans[0].end >= m->addr + m->length;
 }
 
 int mpu_client_flush(void *addr, size_t len, int *handled)
@@ -974,20 +1037,22 @@ int mpu_client_munmap(void *addr, size_t len, int *handled)
             forget(m);  /* a plain mapping of the file since a reconnection */
             continue;
         }
+        /* The part of it in the range is its own, cut or unmapped with it:
+         * not for the kernel's munmap below, which must not unmap what
+         * another thread may map there once unmap_locked let it go. */
         uintptr_t a = start > m->addr ? start : m->addr, b = end < mend ? end : mend;
+        if (a == start)
+            from = b;
+        else
+            to = a;
         int whole = cut(m, a, b);
         if (whole < 0) {
-            r = -1;     /* (ENOMEM) and this mapping stays as it was */
+            r = -1;     /* (ENOMEM) and it stays as it was */
             err = errno;
-        }
-        if (whole > 0) {
+        } else if (whole) {
             /* A write-back that failed is said on stderr: munmap itself
              * never fails for it (the range is gone). */
             unmap_locked(m);
-        } else if (a == start) {
-            from = b;   /* the part cut stays ours, hidden */
-        } else {
-            to = a;
         }
     }
     if (!*handled) {
@@ -1002,8 +1067,10 @@ int mpu_client_munmap(void *addr, size_t len, int *handled)
         for (struct mapping *m = C.maps, *next; m; m = next) {
             next = m->next;
             if (m->addr >= start && m->addr + m->length <= end) {
-                if (m->served)
+                if (m->served) {
+                    mpu_uffd_wake(C.uffd, m->addr, m->length);
                     release(m->id, m->writable);
+                }
                 forget(m);
             }
         }

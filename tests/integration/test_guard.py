@@ -5,7 +5,6 @@ the guard must map the file over the range and wake the faulting thread,
 even one that holds the GIL."""
 import errno
 import os
-import socket
 import subprocess
 import sys
 
@@ -43,8 +42,6 @@ assert lib.mpu_guard_add(guard, addr, length, fd) == 0
 os.close(fd)                                # the guard keeps its own copy
 assert lib.mpu_guard_remove(guard, addr + page) == -errno.ENOENT
 assert lib.mpu_guard_fell_back(guard) == 0
-# The program unmapped the second page, and keeps the rest.
-assert lib.mpu_guard_hide(guard, addr, addr + page, page) == 0
 
 # The peer goes away in a moment, from another process: this one is about
 # to block on a fault while holding the GIL.
@@ -52,20 +49,18 @@ peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"],
                         pass_fds=[theirs.fileno()])
 theirs.close()
 started = time.monotonic()
-data = m[:page]                             # faults: blocked until the guard falls back
+data = m[:]                                 # faults: blocked until the guard falls back
 elapsed = time.monotonic() - started
 peer.wait()
 
-want = open(path, "rb").read()
-assert data == want[:page] and m[2 * page:] == want[2 * page:], "wrong bytes"
+assert data == open(path, "rb").read(), "wrong bytes"
 assert lib.mpu_guard_fell_back(guard) == 1
 fd = os.open(path, os.O_RDONLY)
 assert lib.mpu_guard_add(guard, addr, length, fd) == -errno.ENOTCONN
 os.close(fd)
 with open("/proc/self/maps") as f:
-    lines = {int(l.split("-")[0], 16): l.split() for l in f}
-assert lines[addr][-1] == path and lines[addr + 2 * page][-1] == path, lines[addr]
-assert lines[addr + page][1].startswith("---"), lines[addr + page]  # hidden still
+    line = next(l for l in f if int(l.split("-")[0], 16) == addr)
+assert line.rstrip().endswith(path), line
 assert lib.mpu_guard_remove(guard, addr) == 0
 m.close()
 lib.mpu_guard_stop(guard)
@@ -86,28 +81,9 @@ def test_guard_maps_the_file_and_wakes_a_thread_that_holds_the_gil(workdir):
     assert lost == ["mpumap: lost the server; 1 mapping(s) now use their file directly"]
 
 
-def test_guard_tells_when_all_of_a_range_is_hidden():
-    uffd, _ = core.uffd_open()
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    guard = lib.mpu_guard_start(a.fileno(), uffd, -1)
-    try:
-        assert guard
-        base, page = 0x30000000, 4096
-        assert lib.mpu_guard_add(guard, base, 8 * page, -1) == 0
-        assert lib.mpu_guard_hide(guard, base + page, base, page) == -errno.ENOENT
-        assert lib.mpu_guard_hide(guard, base, base, 0) == -errno.EINVAL
-        for first, count in [(2, 1), (5, 1), (0, 2), (2, 1), (3, 2), (7, 1)]:
-            assert lib.mpu_guard_hide(guard, base, base + first * page, count * page) == 0
-        assert lib.mpu_guard_hide(guard, base, base + 6 * page, page) == 1
-        assert lib.mpu_guard_remove(guard, base) == 0
-    finally:
-        lib.mpu_guard_stop(guard)
-        a.close()
-        b.close()
-        os.close(uffd)
-
-
 def test_guard_stops_quietly(workdir, capfd):
+    import socket
+
     path = make_file(os.path.join(workdir, "g.bin"), 4096)
     fds_before = len(os.listdir("/proc/self/fd"))
     uffd, _ = core.uffd_open()

@@ -330,28 +330,32 @@ def test_a_munmap_that_cuts_a_mapping_that_writes_leaves_the_rest_served(
     writes on the same page at once, and both writes reach the file (had
     the rest become a mapping of the file, the buffer's copy of the page,
     written back later, would have put the old byte back over the
-    program's).  The part cut faults with SIGSEGV, as after munmap (where
-    it covers whole pages of the server), and cutting the rest releases the
-    mapping."""
+    program's).  The parts cut stay mapped until nothing is left, then the
+    mapping is released and unmapped, but not where the program put a
+    mapping of its own."""
     page = 65536
     path = make_file(os.path.join(workdir, "cut.bin"), 2 * MiB, seed=85)
     original = open(path, "rb").read()
-    mine, theirs = page + 100, page + 200
+    mine, theirs = 3 * page + 100, 3 * page + 200
     server = start_server("--page-size", "64K", "--buffer-size", "8M")
     with mpumap.connect(server.socket) as client, client.map(path, mode="r+") as other:
         assert other[mine] == original[mine]  # the page is in the buffer
         program = CutMapper(programs, server, path)
-        assert program(f"cut 0 {page}") == "ok"
-        assert program("read 0") == "segv"
-        assert program(f"read {page}") == str(original[page])
+        # Cuts that overlap and touch: [0, 64K), [128K, 192K), then [32K, 160K).
+        for span in (f"0 {page}", f"{2 * page} {page}", f"{page // 2} {2 * page}"):
+            assert program(f"cut {span}") == "ok"
+        assert program(f"fixed 0 {page}") == "ok"  # the program's own, where it cut
+        assert program(f"read {2 * page}") == str(original[2 * page])
         assert program(f"write {mine} Y") == "ok"
         other[theirs] = ord("X")
         assert other[mine] == ord("Y")
         assert program(f"read {theirs}") == str(ord("X"))
         assert program("sync") == "ok"
         assert [r["mappings"] for r in server.stats()["regions"]] == [2]
-        assert program(f"cut {page} {2 * MiB - page}") == "ok"
+        assert program(f"cut {3 * page} {2 * MiB - 3 * page}") == "ok"
         assert [r["mappings"] for r in server.stats()["regions"]] == [1]
+        assert program("read 0") == str(ord("F"))
+        assert program(f"read {page}") == "segv" and program(f"read {mine}") == "segv"
         program.end()
     assert wait_for(lambda: not server.stats()["regions"])
     data = open(path, "rb").read()

@@ -4,6 +4,7 @@
  * of stdin says and answers one line:
  *
  *     cut OFFSET LENGTH     munmap that part of the mapping: "ok", or the error
+ *     fixed OFFSET LENGTH   an anonymous mapping there (MAP_FIXED), holding 'F': "ok"
  *     write OFFSET CHAR     store CHAR there: "ok"
  *     twrite OFFSET CHAR    the same, on a new thread: "writing"
  *     join                  wait for that thread: "ok"
@@ -69,6 +70,15 @@ int main(int argc, char **argv)
                 printf("%s\n", strerror(errno));
             else
                 printf("ok\n");
+        } else if (sscanf(line, "fixed %lu %lu", &offset, &length) == 2) {
+            char *p = mmap(map + offset, length, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+            if (p == MAP_FAILED) {
+                printf("%s\n", strerror(errno));
+            } else {
+                memset(p, 'F', length);
+                printf("ok\n");
+            }
         } else if (sscanf(line, "write %lu %c", &offset, &c) == 2) {
             map[offset] = c;
             printf("ok\n");
