@@ -1444,16 +1444,15 @@ static int wake(struct mpu_filler *f, int uffd, uint32_t region, uint64_t page,
  * its fault would wait for ever.  The page goes into the memfd through our
  * own way in instead, and the client, woken, maps it from there itself.
  * One that lands write-protected is protected first, while it is still a
- * hole (a marker then stands for it), one system page at a time: the
- * ioctl stops at the first mapping of the range that is not registered.
- * Where the client did unmap, the page is simply in the buffer.  0, or
- * ENOENT when the page could not be put in. */
+ * hole (a marker then stands for it).  Where the client did unmap, the
+ * page is simply in the buffer.  0, or ENOENT when the page could not be
+ * put in. */
 static int copy_beside(struct mpu_filler *f, struct mpu_region_slot *r, uint32_t region,
                        int uffd, uint64_t page, uint64_t address, uint64_t len,
                        uint64_t from, int wp)
 {
-    for (uint64_t at = 0; wp && at < len; at += f->system_page)
-        mpu_uffd_writeprotect(uffd, address + at, f->system_page, 1);
+    if (wp)
+        mpu_uffd_writeprotect(uffd, address, len, 1);
     if (put_in(f, r, region, page * f->page_size, f->chunk + from, len) != (ssize_t)len)
         return ENOENT;
     mpu_uffd_wake(uffd, address, len);

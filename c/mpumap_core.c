@@ -106,7 +106,7 @@ int mpu_uffd_register(int fd, uint64_t start, uint64_t len, int writable)
     return 0;
 }
 
-int mpu_uffd_writeprotect(int fd, uint64_t start, uint64_t len, int protect)
+static int writeprotect_once(int fd, uint64_t start, uint64_t len, int protect)
 {
     struct uffdio_writeprotect wp = {
         .range = { .start = start, .len = len },
@@ -120,6 +120,41 @@ int mpu_uffd_writeprotect(int fd, uint64_t start, uint64_t len, int protect)
         sched_yield();
     }
     return -EAGAIN;
+}
+
+/* Halves of a range that failed with ENOENT, down to system pages: *any
+ * is set when one of them took.  The first other error, else 0. */
+static int writeprotect_halves(int fd, uint64_t start, uint64_t len, int protect,
+                               uint64_t page, int *any)
+{
+    int err = writeprotect_once(fd, start, len, protect);
+    if (err == 0)
+        *any = 1;
+    if (err != -ENOENT)
+        return err;
+    if (len <= page)
+        return 0;
+    uint64_t half = len / page / 2 * page;
+    int first = writeprotect_halves(fd, start, half, protect, page, any);
+    int second = writeprotect_halves(fd, start + half, len - half, protect, page, any);
+    return first ? first : second;
+}
+
+/* A range that crosses from one of the client's mappings into a hole, or
+ * into a mapping not registered (one the program put over part of ours),
+ * or before Linux 6.4 into another mapping at all (mlock or madvise of
+ * part of one splits it), fails with ENOENT: as a whole, or after the
+ * mappings before the gap.  Its halves are then tried, down to system
+ * pages, so that every page still ours is protected; -ENOENT only when
+ * none is (the client unmapped it, or is gone). */
+int mpu_uffd_writeprotect(int fd, uint64_t start, uint64_t len, int protect)
+{
+    int err = writeprotect_once(fd, start, len, protect);
+    if (err != -ENOENT)
+        return err;
+    int any = 0;
+    err = writeprotect_halves(fd, start, len, protect, (uint64_t)sysconf(_SC_PAGESIZE), &any);
+    return err ? err : any ? 0 : -ENOENT;
 }
 
 /* EAGAIN means the client's mappings are changing under us: try again.  A

@@ -245,7 +245,9 @@ int mpu_uffd_is_uffd(int fd);
 /* writable: registered for write-protect faults too, every page
  * write-protected until the server lets a client write it. */
 int mpu_uffd_register(int fd, uint64_t start, uint64_t len, int writable);
-/* protect 0 also wakes the threads waiting on the range. */
+/* protect 0 also wakes the threads waiting on the range.  Every page of
+ * the range still registered is done, whatever lies between: -ENOENT only
+ * when none is. */
 int mpu_uffd_writeprotect(int fd, uint64_t start, uint64_t len, int protect);
 int mpu_uffd_wake(int fd, uint64_t start, uint64_t len);
 

@@ -9,7 +9,7 @@
  *     twrite OFFSET CHAR    the same, on a new thread: "writing"
  *     join                  wait for that thread: "ok"
  *     read OFFSET           the byte there, or "segv"
- *     sync                  msync of what is left after the first cut: "ok"
+ *     sync OFFSET LENGTH    msync of that part: "ok", or the error
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -50,7 +50,7 @@ int main(int argc, char **argv)
     struct stat st;
     if (fd < 0 || fstat(fd, &st) < 0)
         return 2;
-    size_t size = (size_t)st.st_size, kept = 0;
+    size_t size = (size_t)st.st_size;
     map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (map == MAP_FAILED) {
         perror("mmap");
@@ -64,8 +64,6 @@ int main(int argc, char **argv)
     unsigned long offset, length;
     while (fgets(line, sizeof line, stdin)) {
         if (sscanf(line, "cut %lu %lu", &offset, &length) == 2) {
-            if (!kept)
-                kept = offset + length;
             if (munmap(map + offset, length) < 0)
                 printf("%s\n", strerror(errno));
             else
@@ -96,8 +94,8 @@ int main(int argc, char **argv)
                 printf("segv\n");
             else
                 printf("%d\n", ((volatile unsigned char *)map)[offset]);
-        } else if (strncmp(line, "sync", 4) == 0) {
-            if (msync(map + kept, size - kept, MS_SYNC) < 0)
+        } else if (sscanf(line, "sync %lu %lu", &offset, &length) == 2) {
+            if (msync(map + offset, length, MS_SYNC) < 0)
                 printf("%s\n", strerror(errno));
             else
                 printf("ok\n");
