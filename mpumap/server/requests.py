@@ -68,6 +68,15 @@ class RequestHandler:
         self.workers = workers  # () -> the live workers
         self.started = started
         self.writeback = writeback  # flushes asked of the evictors
+        # Handed to every client with WELCOME: its guard polls it to tell a
+        # server that died from one that dropped it and serves on, which
+        # the server's pid cannot do from another pid namespace.
+        try:
+            self.pidfd = os.pidfd_open(os.getpid())
+        except OSError as exc:
+            raise OSError(exc.errno, "no pidfd of the server's own process (Linux 5.3 or later "
+                          "has them), which clients need to tell a server that died: "
+                          f"{exc.strerror}") from None
         self.ids = itertools.count(1)  # connections, mappings and regions: unique ids
         self.offload = Offload()
         self.selector.register(self.offload, selectors.EVENT_READ,
@@ -78,15 +87,6 @@ class RequestHandler:
         self.stores = Stores(settings.stores, StoreSettings(settings.store_timeout,
                                                             settings.store_requests))
         self._quiet = Quiet(log, QUIET_SECONDS)  # by (what, uid)
-        # Handed to every client with WELCOME: its guard polls it to tell a
-        # server that died from one that dropped it and serves on, which
-        # the server's pid cannot do from another pid namespace.
-        try:
-            self.pidfd = os.pidfd_open(os.getpid())
-        except OSError as exc:
-            raise OSError(exc.errno, "no pidfd of the server's own process (Linux 5.3 or later "
-                          "has them), which clients need to tell a server that died: "
-                          f"{exc.strerror}") from None
         self.handlers = {
             Msg.HELLO: self.on_hello,
             Msg.MAP: self.on_map,

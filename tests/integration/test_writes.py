@@ -53,7 +53,7 @@ def read_in_another_process(server, path, pages):
               "m = mpumap.connect(sys.argv[1]).map(sys.argv[2])\n"
               "sys.stdout.buffer.write(m[:int(sys.argv[3]) * 4096])\n")
     child = subprocess.run([sys.executable, "-c", script, server.socket, path, str(pages)],
-                           capture_output=True, timeout=30)
+                           capture_output=True, timeout=60)
     assert child.returncode == 0, child.stderr.decode()
     return child.stdout
 
@@ -295,7 +295,7 @@ def test_a_writer_in_another_pid_namespace_the_server_drops_takes_nothing_from_t
     path = make_file(os.path.join(workdir, "nsdropped.bin"), 4 * MiB, seed=68)
     server = start_server("--page-size", "4K", "--buffer-size", "16M")
     child = subprocess.Popen(
-        ["unshare", "--pid", "--fork", sys.executable, "-c", DROPPED_IN_A_NAMESPACE,
+        ["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-c", DROPPED_IN_A_NAMESPACE,
          server.socket, path, HERE],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
