@@ -13,11 +13,10 @@
  * $MPUMAP_SOCKET (connected on the first such call).  munmap() of such a
  * range releases it (what was written is in the file when it returns);
  * msync() of it writes back what was written; a munmap that cuts into one
- * leaves the rest of it served, and the part cut mapped until the rest is
- * unmapped too (but not over what the program mapped there since).
- * Every other call goes to the C library untouched.  When the server
- * cannot serve (none there, or it refuses), the call goes to the C library
- * too, with one warning on stderr per process.
+ * leaves the rest of it as a plain mapping of the file.  Every other call
+ * goes to the C library untouched.  When the server cannot serve (none
+ * there, or it refuses), the call goes to the C library too, with one
+ * warning on stderr per process.
  *
  * The client code is compiled into this library, hidden: it exports mmap,
  * mmap64, munmap and msync only.  The client maps its own memory with raw

@@ -64,21 +64,15 @@ static const char *msg_name(int kind)
     return known ? names[kind] : "?";
 }
 
-struct span {
-    uintptr_t start, end;
-};
-
 struct mapping {
     struct mapping *next;
     char *name;
     uint64_t id;
     uintptr_t addr;
     uint64_t length;
-    int served;     /* 0 once it is a plain mapping of the file (a reconnection) */
+    int fd;         /* the file: to turn the mapping into a plain one */
+    int served;     /* 0 once it is a plain mapping of the file */
     int writable;   /* PROT_WRITE: its writes are the server's to write back */
-    struct span *cut;       /* parts the program unmapped, still mapped: sorted, apart */
-    size_t ncut;
-    unsigned long inode;    /* of the memfd, once cut (0: unknown) */
 };
 
 static struct {
@@ -719,13 +713,22 @@ unmap:
     return NULL;
 }
 
-static struct mapping *record(const char *name, void *p, uint64_t length,
+static struct mapping *record(const char *name, int fd, void *p, uint64_t length,
                               uint64_t id, int writable, char *why)
 {
     struct mapping *m = calloc(1, sizeof *m);
     if (!m || !(m->name = strdup(name ? name : ""))) {
         free(m);
         errno = ENOMEM;
+        why_errno(why, "keeping the mapping");
+        return NULL;
+    }
+    m->fd = fd < 0 ? -1 : fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    if (m->fd < 0 && fd >= 0) {
+        int err = errno;
+        free(m->name);
+        free(m);
+        errno = err;
         why_errno(why, "keeping the mapping");
         return NULL;
     }
@@ -749,56 +752,10 @@ static void forget(struct mapping *m)
         }
     }
     __atomic_sub_fetch(&C.count, 1, __ATOMIC_SEQ_CST);
-    free(m->cut);
+    if (m->fd >= 0)
+        close(m->fd);
     free(m->name);
     free(m);
-}
-
-/* The inode of the file mapped at addr, from /proc/self/maps (0: none
- * found). */
-static unsigned long inode_at(uintptr_t addr)
-{
-    FILE *maps = fopen("/proc/self/maps", "re");
-    if (!maps)
-        return 0;
-    char line[512];
-    unsigned long start, end, inode = 0;
-    while (fgets(line, sizeof line, maps))
-        if (sscanf(line, "%lx-%lx %*s %*s %*s %lu", &start, &end, &inode) == 3
-            && start <= addr && addr < end)
-            break;
-        else
-            inode = 0;
-    fclose(maps);
-    return inode;
-}
-
-/* munmap of [start, end), but only where it still maps inode: where a
- * program unmapped part of a mapping, it may have put a mapping of its own
- * since (MAP_FIXED).  Without an inode, all of it. */
-static int unmap_ours(uintptr_t start, uintptr_t end, unsigned long inode)
-{
-    FILE *maps = inode ? fopen("/proc/self/maps", "re") : NULL;
-    if (!maps)
-        return mpu_sys_munmap((void *)start, end - start);
-    struct span ours[64];
-    int n = 0, more = 1;
-    char line[512];
-    unsigned long from, to, node;
-    while (more && n < 64 && fgets(line, sizeof line, maps)) {
-        if (sscanf(line, "%lx-%lx %*s %*s %*s %lu", &from, &to, &node) != 3 || to <= start)
-            continue;
-        more = from < end;
-        if (more && node == inode)
-            ours[n++] = (struct span){ from > start ? from : start, to < end ? to : end };
-    }
-    fclose(maps);
-    /* (munmap after the walk: the file changes under it) */
-    int r = 0;
-    for (int i = 0; i < n; i++)
-        if (mpu_sys_munmap((void *)ours[i].start, ours[i].end - ours[i].start) < 0)
-            r = -1;
-    return r;
 }
 
 /* Unmaps a served range: the guard forgets it, then munmap, then UNMAP
@@ -808,8 +765,7 @@ static int unmap_locked(struct mapping *m)
 {
     if (m->served)
         mpu_guard_remove(C.guard, m->addr);
-    int r = m->ncut ? unmap_ours(m->addr, m->addr + m->length, m->inode)
-                    : mpu_sys_munmap((void *)m->addr, m->length);
+    int r = mpu_sys_munmap((void *)m->addr, m->length);
     int err = errno;
     if (m->served)
         mpu_uffd_wake(C.uffd, m->addr, m->length);
@@ -852,7 +808,7 @@ static void *map_locked(int fd, const char *name, void *addr, int fixed, int wri
                             why);
     if (!p)
         return NULL;
-    if (!record(name, p, length, id, writable, why)) {
+    if (!record(name, fd, p, length, id, writable, why)) {
         int err = errno;
         mpu_guard_remove(C.guard, (uintptr_t)p);
         mpu_sys_munmap(p, length);
@@ -887,6 +843,7 @@ static void after_fork_child(void)
     while (C.maps) {
         struct mapping *m = C.maps;
         C.maps = m->next;
+        close(m->fd);
         free(m->name);
         free(m);
     }
@@ -938,37 +895,32 @@ size_t mpu_client_count(void)
     return __atomic_load_n(&C.count, __ATOMIC_SEQ_CST);
 }
 
-/* Cuts [from, to), which the program unmapped, out of a served mapping
- * whose rest it keeps.  The rest stays the server's, through the buffer
- * every other client of the file uses.  The part cut stays mapped, and
- * served, until nothing of the mapping is left to the program: unmapped
- * (or made PROT_NONE), it would split the mapping in two, and a page that
- * straddles the split, or a write-protect of pages on both sides of it
- * (before Linux 6.4), fails as if the client had gone.  Returns 1 when the
- * mapping is cut whole (it is then to be unmapped), 0 when some is left,
- * -1 with errno set. */
-static int cut(struct mapping *m, uintptr_t from, uintptr_t to)
+/* A mapping that munmap cuts into becomes a plain mapping of its file, in
+ * place, before the cut: the rest of it stays readable (and writable).  One
+ * that writes is write-protected first (its writers wait), and the server
+ * writes its pages back before it answers UNMAP. */
+static void make_plain(struct mapping *m)
 {
-    struct span *spans = realloc(m->cut, (m->ncut + 1) * sizeof *spans);
-    if (!spans)
-        return -1;
-    if (!m->ncut)
-        m->inode = inode_at(m->addr);
-    /* The new span swallows those it overlaps or touches. */
-    size_t n = 0, i = 0;
-    for (; i < m->ncut && spans[i].end < from; i++)
-        spans[n++] = spans[i];
-    struct span merged = { from, to };
-    for (; i < m->ncut && spans[i].start <= to; i++) {
-        merged.start = spans[i].start < merged.start ? spans[i].start : merged.start;
-        merged.end = spans[i].end > merged.end ? spans[i].end : merged.end;
+    if (!m->served)
+        return;
+    if (m->writable)
+        mpu_uffd_writeprotect(C.uffd, m->addr, m->length, 1);
+    mpu_guard_remove(C.guard, m->addr);
+    if (m->writable) {
+        release(m->id, 1);
+        m->served = 0;
     }
-    size_t after = m->ncut - i;
-    memmove(&spans[n + 1], &spans[i], after * sizeof *spans);
-    spans[n] = merged;
-    m->cut = spans;
-    m->ncut = n + 1 + after;
-    return m->ncut == 1 && spans[0].start <= m->addr && spans[0].end >= m->addr + m->length;
+    void *want = (void *)m->addr;
+    int prot = PROT_READ | (m->writable ? PROT_WRITE : 0);
+    if (mpu_sys_mmap(want, m->length, prot, MAP_SHARED | MAP_FIXED, m->fd, 0) != want)
+        mpu_sys_mmap(want, m->length, PROT_NONE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+    madvise(want, m->length, MADV_DONTFORK);
+    /* a fault that was waiting there retries on the file */
+    mpu_uffd_wake(C.uffd, m->addr, m->length);
+    if (m->served)
+        release(m->id, 0);
+    m->served = 0;
 }
 
 int mpu_client_flush(void *addr, size_t len, int *handled)
@@ -1019,8 +971,7 @@ int mpu_client_munmap(void *addr, size_t len, int *handled)
     uintptr_t end = start + ((len + (size_t)page - 1) & ~((size_t)page - 1));
 
     pthread_mutex_lock(&C.lock);
-    int inside = 0, r = 0, err = 0;
-    uintptr_t from = start, to = end;  /* what the kernel unmaps */
+    int inside = 0;
     for (struct mapping *m = C.maps, *next; m; m = next) {
         next = m->next;
         uintptr_t mend = m->addr + m->length;
@@ -1031,42 +982,24 @@ int mpu_client_munmap(void *addr, size_t len, int *handled)
             if (m->served)
                 mpu_guard_remove(C.guard, m->addr);
             inside++;
-            continue;
-        }
-        if (!m->served) {
-            forget(m);  /* a plain mapping of the file since a reconnection */
-            continue;
-        }
-        /* The part of it in the range is its own, cut or unmapped with it:
-         * not for the kernel's munmap below, which must not unmap what
-         * another thread may map there once unmap_locked let it go. */
-        uintptr_t a = start > m->addr ? start : m->addr, b = end < mend ? end : mend;
-        if (a == start)
-            from = b;
-        else
-            to = a;
-        int whole = cut(m, a, b);
-        if (whole < 0) {
-            r = -1;     /* (ENOMEM) and it stays as it was */
-            err = errno;
-        } else if (whole) {
-            /* A write-back that failed is said on stderr: munmap itself
-             * never fails for it (the range is gone). */
-            unmap_locked(m);
+        } else {
+            /* what is left of it is the program's, like any mapping */
+            make_plain(m);
+            forget(m);
         }
     }
     if (!*handled) {
         pthread_mutex_unlock(&C.lock);
         return 0;
     }
-    if (from < to && mpu_sys_munmap((void *)from, to - from) < 0 && !r) {
-        r = -1;
-        err = errno;
-    }
+    int r = mpu_sys_munmap(addr, len);
+    int err = errno;
     if (inside) {
         for (struct mapping *m = C.maps, *next; m; m = next) {
             next = m->next;
             if (m->addr >= start && m->addr + m->length <= end) {
+                /* A write-back that failed is said on stderr: munmap
+                 * itself never fails for it (the range is gone). */
                 if (m->served) {
                     mpu_uffd_wake(C.uffd, m->addr, m->length);
                     release(m->id, m->writable);

@@ -35,10 +35,9 @@ int mpu_client_flush(void *addr, size_t len, int *handled);
 size_t mpu_client_count(void);
 
 /* munmap(addr, len) for a program whose mmap() was served by the client:
- * mappings inside the range are released from the server; of one that the
- * range cuts into, the rest stays served, and the part cut stays mapped
- * until the rest goes too.  *handled is 0 (and nothing was done) when the
- * range touches no mapping of the client. */
+ * mappings inside the range are released from the server, one that the range
+ * cuts into becomes a plain mapping of its file first.  *handled is 0 (and
+ * nothing was done) when the range touches no mapping of the client. */
 int mpu_client_munmap(void *addr, size_t len, int *handled);
 
 #endif
