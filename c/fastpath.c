@@ -1445,16 +1445,17 @@ static int wake(struct mpu_filler *f, int uffd, uint32_t region, uint64_t page,
  * own way in instead, and the client, woken, maps it from there itself.
  * One that lands write-protected is protected first, while it is still a
  * hole (a marker then stands for it).  Where the client did unmap, the
- * page is simply in the buffer.  0, or ENOENT when the page could not be
- * put in. */
+ * page is simply in the buffer.  0, or the errno of a put_in that fell
+ * short (never one gone() knows: the client, woken, faults again). */
 static int copy_beside(struct mpu_filler *f, struct mpu_region_slot *r, uint32_t region,
                        int uffd, uint64_t page, uint64_t address, uint64_t len,
                        uint64_t from, int wp)
 {
     if (wp)
         mpu_uffd_writeprotect(uffd, address, len, 1);
-    if (put_in(f, r, region, page * f->page_size, f->chunk + from, len) != (ssize_t)len)
-        return ENOENT;
+    ssize_t n = put_in(f, r, region, page * f->page_size, f->chunk + from, len);
+    if (n != (ssize_t)len)
+        return n < 0 && !gone(errno) ? errno : EIO;
     mpu_uffd_wake(uffd, address, len);
     return 0;
 }

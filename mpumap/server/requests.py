@@ -536,6 +536,12 @@ class RequestHandler:
             self.forget(conn, mapping)
             self.reply(conn, Msg.UNMAPPED, protocol.U64.pack(mid))
             return
+        # The range is gone before UNMAP (or, in a mapping the C client turns
+        # into one of the file, write-protected whole by the client): no
+        # evictor need protect it, and where it is gone each would try it
+        # page by page (mpu_uffd_writeprotect), four times the write-back.
+        if mapping.address is not None:
+            self.buffer.remove_writer(conn.slot, conn.gen, mapping.address)
         # What it wrote is in the file when the client hears UNMAPPED, as
         # after munmap a read of the file sees what was written.
         self.pause(conn)
