@@ -321,13 +321,13 @@ SPLITTER = """
 import ctypes, sys
 import mpumap
 libc = ctypes.CDLL(None, use_errno=True)
-MADV_HUGEPAGE, P, SYSTEM = 14, 65536, 4096
+MADV_DONTDUMP, P, SYSTEM = 16, 65536, 4096
 socket_path, path = sys.argv[1:3]
 want = bytearray(open(path, "rb").read())
 
 def split(m, page, how):
     at = ctypes.c_void_p(m.address + page * P + SYSTEM)
-    r = libc.mlock(at, SYSTEM) if how == "mlock" else libc.madvise(at, SYSTEM, MADV_HUGEPAGE)
+    r = libc.mlock(at, SYSTEM) if how == "mlock" else libc.madvise(at, SYSTEM, MADV_DONTDUMP)
     assert r == 0, ctypes.get_errno()
 
 with mpumap.connect(socket_path) as client:
@@ -349,9 +349,9 @@ print("ok")
 
 
 def test_a_client_that_splits_its_mapping_inside_a_page_is_served(start_server, workdir):
-    """mlock, mprotect or madvise of a part of a mapping split it in two
-    inside a page, and one UFFDIO_COPY cannot fill a page across mappings:
-    its fault waited for ever.  Reads are served, and writes to every
+    """mlock or madvise of a part of a mapping split it in two inside a
+    page, and one UFFDIO_COPY cannot fill a page across mappings: its fault
+    waited for ever.  Reads are served, and writes to every
     piece of such a page reach the file."""
     path = make_file(os.path.join(workdir, "split.bin"), 1 * MiB, seed=69)
     want = bytearray(open(path, "rb").read())
