@@ -536,11 +536,15 @@ class RequestHandler:
             self.forget(conn, mapping)
             self.reply(conn, Msg.UNMAPPED, protocol.U64.pack(mid))
             return
-        # The range is gone before UNMAP (or, in a mapping the C client turns
-        # into one of the file, write-protected whole by the client): no
-        # evictor need protect it, and where it is gone each would try it
-        # page by page (mpu_uffd_writeprotect), four times the write-back.
-        if mapping.address is not None:
+        # A range the client unmapped before UNMAP needs no protecting while
+        # its pages are written back, and would cost the evictor a
+        # write-protect a page (mpu_uffd_writeprotect tries a range that is
+        # gone page by page): four times the write-back.  One it keeps (the
+        # C client's munmap that cuts into a mapping maps the file over the
+        # rest only after UNMAPPED) stays protected: its writes go on.
+        region = mapping.region
+        if mapping.address is not None and not maps_any_of(
+                conn.pid, mapping.address, region.map_length, os.fstat(region.memfd).st_ino):
             self.buffer.remove_writer(conn.slot, conn.gen, mapping.address)
         # What it wrote is in the file when the client hears UNMAPPED, as
         # after munmap a read of the file sees what was written.
@@ -886,19 +890,37 @@ def supplementary_groups(pid):
     return set()
 
 
+def mappings_of(pid):
+    """(start, end, offset, inode) of each mapping of the process, from
+    /proc; OSError where it tells us nothing (another user's process, no
+    access, gone)."""
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            yield start, end, int(fields[2], 16), int(fields[4])
+
+
 def maps_memfd(pid, address, length, inode):
     """Does the process map [address, address+length) from that memfd inode?
 
-    When /proc tells us nothing (another user's process, no access) the
-    registration itself is the only check left."""
+    When /proc tells us nothing the registration itself is the only check
+    left."""
     try:
-        with open(f"/proc/{pid}/maps") as f:
-            for line in f:
-                fields = line.split(maxsplit=5)
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                if start <= address < end:
-                    return (start == address and end >= address + length
-                            and int(fields[4]) == inode and int(fields[2], 16) == 0)
+        for start, end, offset, node in mappings_of(pid):
+            if start <= address < end:
+                return start == address and end >= address + length and node == inode \
+                    and offset == 0
     except OSError:
         return True
     return False
+
+
+def maps_any_of(pid, address, length, inode):
+    """Does any of [address, address+length) still map that memfd inode in
+    the process?  True when /proc tells us nothing."""
+    try:
+        return any(start < address + length and end > address and node == inode
+                   for start, end, _, node in mappings_of(pid))
+    except OSError:
+        return True
