@@ -256,8 +256,15 @@ def test_each_process_and_log_line_names_its_role(start_server, workdir):
     server = start_server("--buffer-size", 64, "--fillers", 2, "--log-level", "debug")
     with mpumap.connect(server.socket) as client, client.map(path) as m:
         assert m[:4096] == open(path, "rb").read(4096)
+    # A worker names itself once it runs: under load, the last one forked
+    # may not have run yet.
+    expected = ["mpumap-evictor0", "mpumap-filler0", "mpumap-filler1"]
+    deadline = time.monotonic() + 10
+    while sorted(w.name() for w in server.workers()) != expected \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
     names = sorted(w.name() for w in server.workers())
-    assert names == ["mpumap-evictor0", "mpumap-filler0", "mpumap-filler1"]
+    assert names == expected
     try:
         import setproctitle  # noqa: F401
     except ImportError:
