@@ -13,8 +13,9 @@
  * $MPUMAP_SOCKET (connected on the first such call).  munmap() of such a
  * range releases it (what was written is in the file when it returns);
  * msync() of it writes back what was written; a munmap that cuts into one
- * leaves the rest of it as a plain mapping of the file.  Every other call
- * goes to the C library untouched.  When the server cannot serve (none
+ * leaves the rest of it as a plain mapping of the file, and an mmap with
+ * MAP_FIXED over one is that munmap first.  Every other call goes to the C
+ * library untouched.  When the server cannot serve (none
  * there, or it refuses), the call goes to the C library too, with one
  * warning on stderr per process.
  *
@@ -190,8 +191,25 @@ static void *serve(void *addr, size_t len, int fd, int writable)
     return p;
 }
 
+/* MAP_FIXED over a served range is the kernel's munmap of it, then the
+ * mapping: ours first, so that the range is handed back as munmap hands it
+ * back (written back, the rest of a mapping cut into made the file's).
+ * Left to the kernel alone, the new mapping would sit inside one the
+ * server still serves: a lost server's guard would map the file over it. */
+static void unmap_before_fixed(void *addr, size_t len, int flags)
+{
+    if (!(flags & MAP_FIXED) || busy || mpu_client_count() == 0)
+        return;
+    int saved = errno, handled;
+    busy++;
+    mpu_client_munmap(addr, len, &handled);
+    busy--;
+    errno = saved;
+}
+
 static void *hook_mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 {
+    unmap_before_fixed(addr, len, flags);
     int type = flags & MAP_TYPE;
     int shared = type == MAP_SHARED || type == MAP_SHARED_VALIDATE;
     int writable = prot == (PROT_READ | PROT_WRITE) && shared;

@@ -387,10 +387,11 @@ def test_a_write_served_late_while_a_munmap_cuts_its_mapping_reaches_the_file(
 
 def test_a_write_back_across_a_mapping_the_program_put_in_its_range_protects_both_sides(
         start_server, programs, workdir):
-    """A program puts a mapping of its own (MAP_FIXED) over part of its
-    served one; a write-back of the dirty pages on both sides of it then
-    write-protects across a gap.  One ioctl stops at the gap, and the pages
-    after it stayed writable: a write there went unseen, and was lost."""
+    """A program puts a mapping of its own over part of its served one by
+    the system call (the C library's mmap would hand the range back first);
+    a write-back of the dirty pages on both sides of it then write-protects
+    across a gap.  One ioctl stops at the gap, and the pages after it stayed
+    writable: a write there went unseen, and was lost."""
     page = 65536
     path = make_file(os.path.join(workdir, "gap.bin"), 2 * MiB, seed=87)
     want = bytearray(open(path, "rb").read())
@@ -399,13 +400,36 @@ def test_a_write_back_across_a_mapping_the_program_put_in_its_range_protects_bot
     for k in range(6):
         assert program(f"write {k * page + 10} A") == "ok"
         want[k * page + 10] = ord("A")
-    assert program(f"fixed {2 * page} {2 * page}") == "ok"
+    assert program(f"rawfixed {2 * page} {2 * page}") == "ok"
     assert program(f"sync 0 {2 * MiB}") == "ok"
     assert program(f"write {4 * page + 20} B") == "ok"
     want[4 * page + 20] = ord("B")
     assert program(f"cut 0 {2 * MiB}") == "ok"
     program.end()
     assert wait_for(lambda: not server.stats()["regions"])
+    assert open(path, "rb").read() == want
+
+
+def test_an_mmap_with_map_fixed_over_a_served_mapping_is_a_munmap_first(
+        start_server, programs, workdir):
+    """As the kernel's MAP_FIXED: what it covers is unmapped (written back),
+    the rest of the mapping becomes the file's, and the new mapping is the
+    program's; nothing of it stays served."""
+    page = 65536
+    path = make_file(os.path.join(workdir, "fixed.bin"), 2 * MiB, seed=88)
+    want = bytearray(open(path, "rb").read())
+    server = start_server("--page-size", "64K", "--buffer-size", "8M")
+    program = CutMapper(programs, server, path)
+    assert program(f"write {5 * page} A") == "ok"  # a write the munmap writes back
+    want[5 * page] = ord("A")
+    assert program(f"fixed {2 * page} {2 * page}") == "ok"
+    assert wait_for(lambda: server.stats()["regions"] == [])
+    assert program(f"read {2 * page}") == str(ord("F"))
+    assert program(f"read {5 * page}") == str(ord("A"))  # through the file now
+    assert program(f"write {6 * page} B") == "ok"
+    want[6 * page] = ord("B")
+    assert program(f"sync {4 * page} {2 * MiB - 4 * page}") == "ok"
+    program.end()
     assert open(path, "rb").read() == want
 
 

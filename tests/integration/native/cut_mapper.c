@@ -5,6 +5,8 @@
  *
  *     cut OFFSET LENGTH     munmap that part of the mapping: "ok", or the error
  *     fixed OFFSET LENGTH   an anonymous mapping there (MAP_FIXED), holding 'F': "ok"
+ *     rawfixed OFFSET LENGTH  the same by the system call, as a program that
+ *                           does not map through the C library would
  *     write OFFSET CHAR     store CHAR there: "ok"
  *     twrite OFFSET CHAR    the same, on a new thread: "writing"
  *     join                  wait for that thread: "ok"
@@ -23,6 +25,7 @@
 #include <unistd.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 
 static char *map;
 static volatile char *there;
@@ -68,9 +71,12 @@ int main(int argc, char **argv)
                 printf("%s\n", strerror(errno));
             else
                 printf("ok\n");
-        } else if (sscanf(line, "fixed %lu %lu", &offset, &length) == 2) {
-            char *p = mmap(map + offset, length, PROT_READ | PROT_WRITE,
-                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+        } else if (sscanf(line, "fixed %lu %lu", &offset, &length) == 2
+                   || sscanf(line, "rawfixed %lu %lu", &offset, &length) == 2) {
+            int prot = PROT_READ | PROT_WRITE, how = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED;
+            char *p = line[0] == 'r'
+                ? (char *)syscall(SYS_mmap, map + offset, length, prot, how, -1, 0)
+                : mmap(map + offset, length, prot, how, -1, 0);
             if (p == MAP_FAILED) {
                 printf("%s\n", strerror(errno));
             } else {
