@@ -247,7 +247,8 @@ int mpu_uffd_is_uffd(int fd);
 int mpu_uffd_register(int fd, uint64_t start, uint64_t len, int writable);
 /* protect 0 also wakes the threads waiting on the range.  Every page of
  * the range still registered is done, whatever lies between: -ENOENT only
- * when none is. */
+ * when none is, another -errno when a part failed otherwise (-EAGAIN: the
+ * client's mappings kept changing). */
 int mpu_uffd_writeprotect(int fd, uint64_t start, uint64_t len, int protect);
 int mpu_uffd_wake(int fd, uint64_t start, uint64_t len);
 
