@@ -155,16 +155,8 @@ static void buffer_lock(int memfd, short how)
  * in our namespace (SO_PEERCRED says 0 there). */
 static int server_pidfd(int sock, int sent)
 {
-    if (sent >= 0) {
-        char link[64], target[32];
-        snprintf(link, sizeof link, "/proc/self/fd/%d", sent);
-        ssize_t n = readlink(link, target, sizeof target - 1);
-        if (n > 0) {
-            target[n] = '\0';
-            if (strcmp(target, "anon_inode:[pidfd]") == 0)
-                return fcntl(sent, F_DUPFD_CLOEXEC, 0);
-        }
-    }
+    if (sent >= 0 && mpu_fd_is(sent, "anon_inode:[pidfd]") == 1)
+        return fcntl(sent, F_DUPFD_CLOEXEC, 0);
     struct ucred peer;
     socklen_t len = sizeof peer;
     if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &peer, &len) < 0 || peer.pid <= 0)

@@ -79,7 +79,7 @@ int mpu_uffd_api(int fd, uint64_t features, uint64_t *features_out)
     return -EINVAL;
 }
 
-int mpu_uffd_is_uffd(int fd)
+int mpu_fd_is(int fd, const char *kind)
 {
     char path[64], target[64];
     snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
@@ -87,7 +87,12 @@ int mpu_uffd_is_uffd(int fd)
     if (n < 0)
         return neg_errno();
     target[n] = '\0';
-    return strcmp(target, "anon_inode:[userfaultfd]") == 0;
+    return strcmp(target, kind) == 0;
+}
+
+int mpu_uffd_is_uffd(int fd)
+{
+    return mpu_fd_is(fd, "anon_inode:[userfaultfd]");
 }
 
 int mpu_uffd_register(int fd, uint64_t start, uint64_t len, int writable)

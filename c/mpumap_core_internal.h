@@ -31,6 +31,9 @@
 /* wp: the page lands write-protected (a region mapped for writing, read).
  * *copied (unless NULL): the bytes copied, all of len on success, those
  * before the failure else. */
+/* 1 when fd is of that kind (readlink of /proc/self/fd/N: e.g.
+ * "anon_inode:[pidfd]"), 0 when not, -errno when that cannot be read. */
+int mpu_fd_is(int fd, const char *kind);
 int mpu_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, int wp,
                   uint64_t *copied);
 int mpu_uffd_poison(int fd, uint64_t start, uint64_t len, int wake);
