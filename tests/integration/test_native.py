@@ -16,7 +16,6 @@ import pytest
 from conftest import (NOBODY, clean_env, config, page_cache_bytes, pages_served, stalling_fs,
                       uncached_file)
 from mpumap.testing import MiB, make_file
-import mpumap
 from mpumap import native
 
 HERE = os.path.dirname(os.path.abspath(__file__))
