@@ -17,13 +17,15 @@ HEADERS = ["mpu_wire.h", "mpumap_core.h", "guard.h", "fastpath.h"]
 
 _DEFINE = re.compile(r"#\s*define\s+(\w+)(\([^)]*\))?\s*(.*)")
 _NUMBER = re.compile(r"(0x[0-9a-fA-F]+|\d+)[uUlL]*")
+_STRING = re.compile(r'"[^"\\]*"')
 
 
 def declarations(text):
     """A header as cffi's cdef reads it: comments and include guards,
     includes and function-like macros go; a #define of a plain number stays
-    (cffi checks it against the compiler), any other #define is left to the
-    compiler to fill in (`...`)."""
+    (cffi checks it against the compiler), one of a string becomes a
+    constant char pointer (lib.NAME, a cdata for ffi.string), any other
+    #define is left to the compiler to fill in (`...`)."""
     text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
     lines = []
     for line in text.splitlines():
@@ -35,6 +37,9 @@ def declarations(text):
         if not define or define.group(2) or not define.group(3):
             continue  # #include, #ifndef, #endif, a guard, a macro with arguments
         name, value = define.group(1), define.group(3).strip()
+        if _STRING.fullmatch(value):
+            lines.append(f"static char *const {name};")
+            continue
         number = _NUMBER.fullmatch(value)
         lines.append(f"#define {name} {number.group(1) if number else '...'}")
     return "\n".join(lines)

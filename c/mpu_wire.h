@@ -22,6 +22,11 @@
 #define MPU_MAX_FDS 4               /* descriptors one packet may carry */
 #define MPU_MAX_SESSION 64          /* bytes of a session tag */
 
+/* What both clients (mpumap/client.py, c/umap_client.c) do unless told. */
+#define MPU_DEFAULT_SOCKET "/tmp/mpumap.sock"  /* else $MPUMAP_SOCKET */
+#define MPU_REQUEST_SECONDS 10      /* a request's wait for its answer; $MPUMAP_TIMEOUT */
+#define MPU_FLUSH_SECONDS 600       /* ... one that writes back: gigabytes may be dirty */
+
 #define MPU_MSG_HELLO 1             /* u32 flags [+ session tag]; fds: userfaultfd */
 #define MPU_MSG_WELCOME 2           /* struct mpu_welcome; fds: a pidfd of the server */
 #define MPU_MSG_MAP 3               /* u32 flags; fds: the file */

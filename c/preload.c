@@ -39,6 +39,7 @@
 #include <sys/syscall.h>
 
 #include "mpu_sys.h"
+#include "mpu_wire.h"
 #include "umap_client_internal.h"
 
 #define EXPORT __attribute__((visibility("default")))
@@ -145,7 +146,7 @@ static int connect_once(void)
         if (connection < 0) {
             const char *path = getenv("MPUMAP_SOCKET");
             warn_once("no mpumap server at %s (%s): mapping files with the kernel's "
-                      "mmap", path && *path ? path : "/tmp/mpumap.sock", strerror(errno));
+                      "mmap", path && *path ? path : MPU_DEFAULT_SOCKET, strerror(errno));
         }
     }
     int ok = connection > 0;

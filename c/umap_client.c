@@ -42,12 +42,11 @@
 #define MPU_API __attribute__((visibility("default")))
 #endif
 
-#define DEFAULT_SOCKET "/tmp/mpumap.sock"
 #define HEADER_SIZE MPU_HEADER_SIZE
 #define MAX_REPLY 8192          /* every reply this client asks for fits */
 #define WHY 512
-#define DEFAULT_TIMEOUT 10.0    /* seconds a request may wait; $MPUMAP_TIMEOUT */
-#define FLUSH_TIMEOUT 600.0     /* ... one that writes back: gigabytes may be dirty */
+#define DEFAULT_TIMEOUT ((double)MPU_REQUEST_SECONDS)
+#define FLUSH_TIMEOUT ((double)MPU_FLUSH_SECONDS)
 
 static const char *msg_name(int kind)
 {
@@ -450,7 +449,7 @@ static int connect_locked(const char *sock_path, char *why)
     if (!sock_path || !*sock_path)
         sock_path = getenv("MPUMAP_SOCKET");
     if (!sock_path || !*sock_path)
-        sock_path = DEFAULT_SOCKET;
+        sock_path = MPU_DEFAULT_SOCKET;
     if (strlen(sock_path) >= sizeof C.path) {
         errno = ENAMETOOLONG;
         snprintf(why, WHY, "socket path too long: %s", sock_path);

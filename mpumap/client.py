@@ -37,9 +37,8 @@ PAGE = mmap.PAGESIZE
 ServerSettings = collections.namedtuple("ServerSettings", protocol.WELCOME.fields)
 
 
-DEFAULT_TIMEOUT = 10.0
-# A flush waits for the disk: gigabytes may be dirty.
-FLUSH_SECONDS = 600.0
+DEFAULT_TIMEOUT = float(lib.MPU_REQUEST_SECONDS)
+FLUSH_SECONDS = float(lib.MPU_FLUSH_SECONDS)  # a flush waits for the disk
 
 
 def request_timeout(explicit=None):

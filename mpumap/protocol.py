@@ -18,7 +18,7 @@ import struct
 
 from mpumap._core import ffi, lib
 
-DEFAULT_SOCKET = "/tmp/mpumap.sock"
+DEFAULT_SOCKET = ffi.string(lib.MPU_DEFAULT_SOCKET).decode()
 MAGIC = b"MPUM"
 VERSION = lib.MPU_PROTOCOL_VERSION
 HEADER = struct.Struct("<4sHHI")  # magic, version, type, payload length
