@@ -23,6 +23,7 @@ from mpumap.protocol import DEFAULT_SOCKET, socket_path  # noqa: F401  (mpumap-s
 SYSTEM_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 DEFAULT_READ_AHEAD_BYTES = 1 << 20
 MAX_WORKERS = lib.MPU_MAX_WORKERS
+MAX_WRITERS = lib.MPU_MAX_WRITERS
 MAX_READ_AHEAD = 1024
 MAX_SPIN_US = 10_000
 STORE_MODES = ("direct", "drop", "cached")
@@ -362,6 +363,12 @@ SPECS = (
          summary="mappings all of one user's clients may hold",
          help="Mappings all of one user's clients may hold at once; root and the server's "
               "own user are exempt."),
+    Spec("max_user_writers", "--max-user-writers", "UMAP_MAX_USER_WRITERS",
+         _count("--max-user-writers", 1, MAX_WRITERS), default=MAX_WRITERS // 4, metavar="N",
+         summary=f"mappings that write all of one user's clients may hold, of the server's "
+                 f"{MAX_WRITERS}",
+         help=f"Mappings that write all of one user's clients may hold at once, of the "
+              f"{MAX_WRITERS} the server tracks; root and the server's own user are exempt."),
     Spec("worker_timeout", "--worker-timeout", "UMAP_WORKER_TIMEOUT",
          lambda text: parse_seconds(text, "--worker-timeout"), default=30.0, shown_default="30",
          metavar="SECONDS",

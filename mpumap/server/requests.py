@@ -483,11 +483,20 @@ class RequestHandler:
         if mapping.address is not None:
             raise RequestError(errno.EBUSY, f"mapping {mid} is registered already")
         region = mapping.region
-        if length != region.map_length or address % SYSTEM_PAGE_SIZE:
+        if length != region.map_length or address % SYSTEM_PAGE_SIZE or not address:
             raise RequestError(errno.EINVAL, f"mapping {mid} must be {region.map_length} "
                                "bytes at a page-aligned address")
+        for other in conn.mappings.values():
+            # Two registrations over one range would share writer entries:
+            # one's going would take the other's write-protection with it.
+            if (other.address is not None and other.address < address + length
+                    and address < other.address + other.region.map_length):
+                raise RequestError(errno.EBUSY, f"{address:#x} is in mapping {other.mid}'s "
+                                   "range already")
         inode = os.fstat(region.memfd).st_ino
         if mapping.writable:
+            self.quota(conn, self.writers_of(conn.uid), self.settings.max_user_writers,
+                       "mappings that write", "--max-user-writers")
             # In the table before the client can write: whoever writes a page
             # back from now on protects it in this mapping first.
             try:
@@ -524,6 +533,11 @@ class RequestHandler:
         self.pause(conn)
         self.offload.submit(conn.uid, register, registered, OFFLOAD_SECONDS,
                             discard=lambda: os.close(uffd))
+
+    def writers_of(self, uid):
+        """The registered mappings that write the clients of a user have."""
+        return sum(1 for c in self.clients.clients() if c.uid == uid
+                   for m in c.mappings.values() if m.writable and m.address is not None)
 
     def on_unmap(self, conn, values, payload, fds):
         (mid,) = values

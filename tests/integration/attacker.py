@@ -142,6 +142,27 @@ def regions(sock_path, folder, count):
     hold()
 
 
+def writers(sock_path, folder, count):
+    """Mappings that write, of one page each: an entry each in the table of
+    writers the server keeps for every user."""
+    path = os.path.join(folder, "page.bin")
+    with open(path, "wb") as f:
+        f.write(os.urandom(4096))
+    clients, maps, refusals = [], [], {}
+    for i in range(count):
+        if not clients or len(maps) % 500 == 499:
+            clients.append(mpumap.connect(sock_path))
+        try:
+            maps.append(clients[-1].map(path, "r+"))
+        except OSError as exc:
+            key = errno.errorcode.get(exc.errno, str(exc))
+            refusals[key] = refusals.get(key, 0) + 1
+        if i == 50:
+            report(holding="writers")
+    report(done="writers", mapped=len(maps), refusals=refusals)
+    hold()
+
+
 def shrink(sock_path, folder, count):
     """A terabyte file, mapped, shrunk to 4 KiB; then children touch pages
     past its new end, again and again."""
@@ -177,9 +198,11 @@ def shrink(sock_path, folder, count):
 def main():
     mode, sock_path, folder = sys.argv[1:4]
     count = int(sys.argv[4]) if len(sys.argv) > 4 else 0
-    become_nobody(max(1024, count + 256))
+    # A mapping that writes holds a few descriptors of the client's.
+    per_count = 5 if mode == "writers" else 1
+    become_nobody(max(1024, per_count * count + 256))
     {"lease": lease, "flood": flood, "hellos": hellos, "regions": regions,
-     "shrink": shrink}[mode](sock_path, folder, count)
+     "shrink": shrink, "writers": writers}[mode](sock_path, folder, count)
 
 
 if __name__ == "__main__":

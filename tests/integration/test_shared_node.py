@@ -122,6 +122,19 @@ def test_regions_are_shared_out_per_user(start_server, readers, attack, workdir)
     assert set(done["refusals"]) == {"EDQUOT"}, done
 
 
+def test_mappings_that_write_are_shared_out_per_user(start_server, readers, attack, workdir):
+    done, server, stats = under_attack(start_server, readers, attack, workdir, "writers", 1500)
+    assert done["mapped"] == 256, done  # --max-user-writers
+    assert set(done["refusals"]) == {"EDQUOT"}, done
+    # Root still maps a file for writing, and writes it.
+    path = make_file(os.path.join(workdir, "root-writes.bin"), MiB, seed=103)
+    with mpumap.connect(server.socket) as client, client.map(path, "r+") as m:
+        m[:5] = b"root!"
+        m.flush()
+    with open(path, "rb") as f:
+        assert f.read(5) == b"root!"
+
+
 def test_a_shrunk_terabyte_costs_what_the_buffer_holds(start_server, readers, attack, workdir):
     done, server, stats = under_attack(start_server, readers, attack, workdir, "shrink", 6)
     assert done["children"] >= 10 and done["bus_errors"] == done["children"], done

@@ -567,3 +567,36 @@ def test_a_region_mapped_again_during_its_last_write_back_keeps_what_was_written
             data = f.read()
     assert data[200 * 4096:201 * 4096] == b"A" * 4096
     assert data[10 * 4096:11 * 4096] == b"B" * 4096
+
+
+def test_a_register_refused_takes_nothing_from_the_clients_mapping_that_writes(
+        start_server, workdir):
+    from mpumap import protocol
+    from mpumap._core import lib
+    from mpumap.protocol import Msg
+
+    path = make_file(os.path.join(workdir, "w.bin"), 1 << 20, seed=61)
+    server = start_server("--page-size", "64K", "--buffer-size", 64)
+    with mpumap.connect(server.socket) as client, client.map(path, "r+") as m:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            rfds, (mid, _, _, length), _ = client._call(
+                Msg.MAP, protocol.U32.pack(lib.MPU_MAP_WRITE), [fd], expect=Msg.MAPPED)
+        finally:
+            os.close(fd)
+        protocol.close_all(rfds)
+        # Address 0 once named every entry of the client in the table of
+        # writers: refused, it took the first mapping's out with it.  And
+        # a second registration over the first's range would share its.
+        for address, code in ((0, errno.EINVAL), (m.address, errno.EBUSY)):
+            with pytest.raises(OSError) as refused:
+                client._call(Msg.REGISTER, protocol.SPAN.pack(mid, address, length),
+                             expect=Msg.REGISTERED)
+            assert refused.value.errno == code
+        # Still protected once written back: the second write is seen too.
+        m[:5] = b"first"
+        m.flush()
+        m[:5] = b"again"
+        m.flush()
+    with open(path, "rb") as f:
+        assert f.read(5) == b"again"
