@@ -17,7 +17,7 @@ from mpumap.server.clients import ClientMapping, Connection
 from mpumap.server.offload import Offload, in_child
 from mpumap.server.stats import LISTED, server_stats
 from mpumap.settings import SYSTEM_PAGE_SIZE
-from mpumap.stores import ObjectInfo, StoreSettings, Stores, allowed, check_url
+from mpumap.stores import ObjectInfo, StoreSettings, Stores, allowed, check_url, shown
 from mpumap.stores.files import CALL, close_aside, open_store
 from mpumap.workers.fillers import STORE_WINDOW_BYTES, prefetch_run
 
@@ -360,7 +360,7 @@ class RequestHandler:
             raise RequestError(errno.EINVAL, "a URL must be UTF-8") from None
         check_url(url)
         if not allowed(url, self.settings.allow_remote):
-            raise RequestError(errno.EACCES, f"{url} is not among the URLs this server "
+            raise RequestError(errno.EACCES, f"{shown(url)} is not among the URLs this server "
                                "may map (its --allow-remote)")
         store = self.stores.for_url(url)
         self.may_map(conn)

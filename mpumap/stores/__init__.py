@@ -133,6 +133,13 @@ def check_url(url):
         raise OSError(errno.EINVAL, "a URL must not have a #fragment")
 
 
+def shown(url):
+    """A URL as messages and logs may show it: without its query string,
+    where a signed URL carries its credentials."""
+    head, sep, _ = url.partition("?")
+    return head + ("?..." if sep else "")
+
+
 def allowed(url, patterns):
     """Whether the server's --allow-remote patterns (shell-style: ``*``
     matches any text, '/' too) let a client map this URL."""

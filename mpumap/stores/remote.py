@@ -12,7 +12,7 @@ import os
 import threading
 import urllib.parse
 
-from mpumap.stores import ObjectInfo, StaleObject, Store
+from mpumap.stores import ObjectInfo, StaleObject, Store, shown
 
 CONNECT_SECONDS = 5
 
@@ -113,6 +113,10 @@ class S3Store(_ObstoreBacked):
     def locate(self, url):
         parts = urllib.parse.urlsplit(url)
         key = parts.path.lstrip("/")
+        if "?" in url:
+            # The key is the path alone: a query would let a URL that an
+            # --allow-remote pattern matches name another key.
+            raise OSError(errno.EINVAL, f"{shown(url)}: a query string is not served")
         if not parts.netloc or not key:
             raise OSError(errno.EINVAL, f"{url}: an S3 URL is s3://bucket/key")
         return parts.netloc, key
@@ -141,8 +145,8 @@ class HTTPStore(_ObstoreBacked):
 
     def locate(self, url):
         parts = urllib.parse.urlsplit(url)
-        if parts.query:
-            raise OSError(errno.EINVAL, f"{url}: a query string is not served")
+        if "?" in url:
+            raise OSError(errno.EINVAL, f"{shown(url)}: a query string is not served")
         path = parts.path.lstrip("/")
         if not path:
             raise OSError(errno.EINVAL, f"{url}: names no object")
