@@ -1510,6 +1510,15 @@ static int drop_past_end(struct mpu_filler *f, struct mpu_region_slot *r, uint64
 /* The file shrank (or cannot be read): as with a mapped file, the client
  * gets the bytes still there, zeros to the end of that system page, and
  * SIGBUS past them; pages the buffer holds past the end are dropped. */
+/* UFFDIO_POISON's answer on a kernel that has none (before 6.6): an
+ * unknown ioctl is EINVAL there, which gone() takes for a client that
+ * went; POISON itself never says EINVAL of a client that went (ENOENT,
+ * ESRCH). */
+static int no_poison(int err)
+{
+    return err == EINVAL || err == ENOTTY;
+}
+
 static void past_the_end(struct mpu_filler *f, struct mpu_region_slot *r, uint32_t region,
                          int uffd, uint64_t page, uint64_t address, uint64_t len,
                          uint64_t got, int wp)
@@ -1521,7 +1530,7 @@ static void past_the_end(struct mpu_filler *f, struct mpu_region_slot *r, uint32
         /* Poisoned before the copy wakes the client: woken first, it could
          * fault past the end again before the poison is there. */
         int err = -mpu_uffd_poison(uffd, address + kept, len - kept, kept == 0);
-        if (err && err != EEXIST && !gone(err)) {
+        if (err && err != EEXIST && (no_poison(err) || !gone(err))) {
             /* No UFFDIO_POISON (an old kernel, or a client that did not ask
              * for it): zeros, as a hole would read. */
             event(f, MPU_EV_NO_POISON, region, page, err, 0);
