@@ -25,6 +25,7 @@ log = logging.getLogger("mpumap.requests")
 
 HANDSHAKE_SECONDS = 5.0  # to say HELLO (or ask STATS) after connecting
 OFFLOAD_SECONDS = 8.0  # for a store to open, a range to register (below the clients' 10)
+MAX_IDENTITY = 1024  # bytes of an object's version (ETag): real ones are tens
 RETRY_WRITE_BACK_SECONDS = 5.0  # between write-backs of a region nobody maps that failed
 QUIET_SECONDS = 60.0  # one log line per kind of refusal and user this often
 # A region's page is at most half a filler's longest read (claim_behind
@@ -839,8 +840,13 @@ class OpenedObject:
     def __init__(self, url, info, window, page_size):
         if info.size <= 0:
             raise RequestError(errno.EINVAL, f"cannot map an empty object: {url}")
+        identity = str(info.identity)
+        if len(identity.encode("utf-8", "surrogatepass")) > MAX_IDENTITY:
+            # It goes to every worker with the region, in one message.
+            raise RequestError(errno.EINVAL, f"{url}: the store's version of it (ETag) is "
+                               f"longer than {MAX_IDENTITY} bytes")
         self.url = self.name = url
-        self.size, self.identity = info.size, str(info.identity)
+        self.size, self.identity = info.size, identity
         self.window, self.page_size = window, page_size
 
     def key(self, uid):

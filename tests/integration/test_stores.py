@@ -86,3 +86,39 @@ def test_an_installed_package_registers_its_store_by_entry_point(start_server, w
     with mpumap.connect(server.socket) as client, client.map(url) as m:
         assert m[:] == synthetic.data(url, 0, 3 * MiB)
         assert [r["store"] for r in client.stats()["stores"]] == ["gen"]
+
+
+BIG_TAG_STORE = '''
+from mpumap.stores import ObjectInfo, Store
+
+
+class BigTagStore(Store):
+    """Objects of a page of zeros whose version is 200 kB long."""
+
+    schemes = ("bigtag",)
+
+    def stat(self, url):
+        return ObjectInfo(4096, "v" * 200_000)
+
+    def read(self, url, identity, offset, length):
+        return bytes(length)
+'''
+
+
+def test_an_object_whose_version_is_too_long_to_tell_the_workers_is_refused(
+        start_server, workdir):
+    with open(os.path.join(workdir, "bigtag.py"), "w") as f:
+        f.write(BIG_TAG_STORE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([workdir, os.path.abspath(EXAMPLES)])}
+    server = start_server("--store", "bigtag=bigtag:BigTagStore", "--store",
+                          "synth=synthetic:SyntheticStore", "--allow-remote", "bigtag://*",
+                          "--allow-remote", "synth://*", env=env)
+    with mpumap.connect(server.socket) as client:
+        with pytest.raises(OSError) as refused:
+            client.map("bigtag://o")
+        assert refused.value.errno == errno.EINVAL and "longer than" in str(refused.value)
+        # Every worker still there, and serving.
+        url = "synth://after?size=1M&seed=3"
+        with client.map(url) as m:
+            assert m[:] == synthetic.data(url, 0, MiB)
+    assert server.proc.poll() is None
