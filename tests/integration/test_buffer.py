@@ -359,6 +359,21 @@ def test_two_thousand_regions(start_server, readers, workdir):
     assert server.stats()["regions"] == []
 
 
+def test_a_file_the_kernel_makes_for_its_reader_is_refused(start_server, workdir):
+    # The server would read it as itself: root's view, not the client's.
+    path = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if not os.path.isfile(path) or not os.path.getsize(path):
+        pytest.skip(f"no {path} here")
+    server = start_server("--buffer-size", 64)
+    with mpumap.connect(server.socket) as client:
+        with pytest.raises(OSError, match="files of sysfs are not served") as info:
+            client.map(path)
+        assert info.value.errno == errno.EINVAL
+        mine = make_file(os.path.join(workdir, "mine.bin"), 5000, seed=5)
+        with client.map(mine) as m:
+            assert m[:] == open(mine, "rb").read()
+
+
 def test_past_the_limits_a_clean_refusal(start_server, workdir):
     paths = [make_file(os.path.join(workdir, f"f{i}.bin"), 5000, seed=i) for i in range(12)]
     server = start_server("--buffer-size", 64, "--max-regions", 10,
