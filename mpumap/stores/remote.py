@@ -99,9 +99,15 @@ class _ObstoreBacked(_ClientPerKey):
         try:
             got = obstore.get(self._client(key), path,
                               options={"range": (offset, offset + length), "if_match": identity})
-            return got.bytes()
+            named = (got.meta.get("e_tag"), got.meta.get("version"))
+            data = got.bytes()
         except Exception as exc:
             raise _obstore_error(exc, url) from None
+        # If-Match is the server's to honour; one that does not (a proxy, a
+        # cache, a gateway) answers from whatever version it has.
+        if any(named) and identity not in named:
+            raise StaleObject(url)
+        return data
 
 
 class S3Store(_ObstoreBacked):

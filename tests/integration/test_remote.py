@@ -2,11 +2,13 @@
 shared buffer.  A real S3 service (SeaweedFS) on loopback ports, a real
 server, real clients and real page faults."""
 import errno
+import http.server
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -245,3 +247,48 @@ def test_fillers_started_again_read_objects(start_server, workdir, s3):
     proc = subprocess.run([sys.executable, "-c", read, server.socket, url, path],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+class _IgnoresIfMatch(http.server.BaseHTTPRequestHandler):
+    """An HTTP server (a cache, a gateway) that answers from the version it
+    has, v2, whatever version a request pins."""
+
+    body = bytes(range(256)) * 16
+
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.send_header("ETag", '"v1"')
+        self.end_headers()
+
+    def do_GET(self):
+        first, last = (int(x) for x in self.headers["Range"].split("=")[1].split("-"))
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {first}-{last}/{len(self.body)}")
+        self.send_header("Content-Length", str(last - first + 1))
+        self.send_header("ETag", '"v2"')
+        self.end_headers()
+        self.wfile.write(self.body[first:last + 1])
+
+
+def test_bytes_of_another_version_than_the_one_pinned_are_stale():
+    from mpumap.stores import StoreSettings
+    from mpumap.stores.remote import HTTPStore
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _IgnoresIfMatch)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    store = HTTPStore(StoreSettings(timeout=5))
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/data.bin"
+        info = store.stat(url)
+        assert info.identity == '"v1"'
+        with pytest.raises(OSError) as stale:
+            store.read(url, info.identity, 0, 1024)
+        assert stale.value.errno == errno.ESTALE
+    finally:
+        store.close()
+        server.shutdown()
+        server.server_close()
