@@ -116,6 +116,9 @@ class StoreReader:
                 if part.future.done():
                     try:
                         part.data = part.future.result()
+                        if len(part.data) > part.length:
+                            raise OSError(errno.EIO, f"the store answered {len(part.data)} "
+                                          f"bytes for {part.length}")
                     except Exception as exc:
                         error = as_oserror(exc)
                     else:

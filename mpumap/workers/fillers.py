@@ -179,8 +179,11 @@ class Filler(Worker):
             self.store_reader = StoreReader(self.buffer.header, self.beat, s.store_timeout,
                                             s.store_retries, s.store_requests)
         try:
-            return self.store_reader.read(store, row, region.url, region.identity, offset,
-                                          asked, ffi.buffer(buf, asked))
+            got = self.store_reader.read(store, row, region.url, region.identity, offset,
+                                         asked, ffi.buffer(buf, asked))
+            if got < asked:  # within the object: the answer fell short, not the object
+                raise OSError(errno.EIO, f"the store answered {got} bytes for {asked}")
+            return got
         except OSError as exc:
             self.quiet.say(("store", slot), logging.ERROR, "reading %s at %d: %s", region.url,
                            offset, exc.strerror or exc)

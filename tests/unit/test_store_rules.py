@@ -115,6 +115,25 @@ def test_the_end_of_an_object_is_a_short_read():
     r.close()
 
 
+class Talkative(Flaky):
+    """Answers its first try of each offset with more bytes than asked."""
+
+    def read(self, url, identity, offset, length):
+        with self.lock:
+            n = self.tries[offset] = self.tries.get(offset, 0) + 1
+        data = super().read(url, identity, offset, length)
+        return data + b"\xff" * 100 if n == 1 else data
+
+
+def test_an_answer_longer_than_asked_is_tried_again():
+    r, header, _ = reader(retries=2)
+    buf = bytearray(4096)
+    assert r.read(Talkative(), 0, "x://y", "v1", 0, 4096, buf) == 4096
+    assert bytes(buf) == bytes(i % 251 for i in range(4096))
+    assert header.stores[0].retries == 1
+    r.close()
+
+
 def test_failures_are_retried_with_backoff_then_given_up():
     r, header, beats = reader(retries=2)
     buf = bytearray(4096)
