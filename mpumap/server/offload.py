@@ -71,18 +71,27 @@ class Offload:
     def _start(self):
         """Start the waiting jobs there is room for, oldest first."""
         skipped = collections.deque()
-        while self._waiting and len(self._running) < self.total:
-            job = self._waiting.popleft()
-            if self._users[job.uid] >= self.per_user:
-                skipped.append(job)
-                continue
-            job.state = "running"
-            self._running.add(job)
-            self._users[job.uid] += 1
-            threading.Thread(target=self._run, args=(job,), name="mpumap-offload",
-                             daemon=True).start()
-        skipped.extend(self._waiting)
-        self._waiting = skipped
+        try:
+            while self._waiting and len(self._running) < self.total:
+                job = self._waiting.popleft()
+                if self._users[job.uid] >= self.per_user:
+                    skipped.append(job)
+                    continue
+                try:
+                    threading.Thread(target=self._run, args=(job,), name="mpumap-offload",
+                                     daemon=True).start()
+                except RuntimeError:
+                    # No thread to be had (the process's limit): the job
+                    # waits for one to end, or for its deadline.
+                    self._waiting.appendleft(job)
+                    break
+                # (Its end is handed over by `finished`, on this thread too.)
+                job.state = "running"
+                self._running.add(job)
+                self._users[job.uid] += 1
+        finally:
+            skipped.extend(self._waiting)
+            self._waiting = skipped
 
     def _run(self, job):
         try:

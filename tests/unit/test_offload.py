@@ -43,3 +43,34 @@ def test_a_child_that_does_not_answer_is_killed():
     with pytest.raises(TimeoutError):
         in_child(lambda: time.sleep(60), 0.5)
     assert time.monotonic() - started < 5
+
+
+def test_a_job_that_finds_no_thread_waits_for_one_and_is_not_lost(monkeypatch):
+    import select
+    import threading
+
+    from mpumap.server.offload import Offload
+
+    offload = Offload(total=4, per_user=4)
+    answers = []
+    start = threading.Thread.start
+
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+
+    try:
+        monkeypatch.setattr(threading.Thread, "start", no_thread)
+        for n in range(3):
+            offload.submit(1000, lambda n=n: n, lambda result, error: answers.append(result),
+                           30)
+        assert answers == [] and offload.next_deadline() is not None
+        monkeypatch.setattr(threading.Thread, "start", start)
+        offload.submit(1000, lambda: 3, lambda result, error: answers.append(result), 30)
+        deadline = time.monotonic() + 10
+        while len(answers) < 4 and time.monotonic() < deadline:
+            select.select([offload], [], [], 0.5)
+            offload.finished()
+        assert sorted(answers) == [0, 1, 2, 3]
+        assert offload.next_deadline() is None
+    finally:
+        offload.close()
