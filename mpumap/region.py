@@ -19,6 +19,17 @@ def round_up(n, multiple):
     return -(-n // multiple) * multiple
 
 
+MEMFD_NAME_BYTES = 249  # the kernel's most, "memfd:" and the NUL aside
+
+
+def memfd_name(name):
+    """The memfd's name for a region of `name` (as /proc/PID/maps and
+    `ls -l /proc/PID/fd` show it): the base name, cut to what the kernel
+    takes, whole characters only."""
+    data = f"mpumap:{os.path.basename(name)}".encode("utf-8", "surrogateescape")
+    return data[:MEMFD_NAME_BYTES].decode("utf-8", "ignore")
+
+
 class Region:
     """One store object (a file, by device, inode and user; an object, by
     URL, identity and user) with its buffer.
@@ -67,7 +78,7 @@ class Region:
         for an object): a fresh memfd sized to whole umap pages."""
         memfd = None
         try:
-            memfd = os.memfd_create(f"mpumap:{os.path.basename(name)}"[:200], os.MFD_CLOEXEC)
+            memfd = os.memfd_create(memfd_name(name), os.MFD_CLOEXEC)
             npages = -(-size // page_size)
             os.ftruncate(memfd, npages * page_size)
         except BaseException:
