@@ -122,24 +122,34 @@ def hellos(sock_path, folder, count):
     hold()
 
 
-def regions(sock_path, folder, count):
-    """Maps of one-byte files: a region each."""
+def map_many(sock_path, mode, count, path_of, how="r", per_client=500):
+    """Maps of path_of(i) for i in range(count), a new client every
+    per_client of them (within --max-client-mappings); reports that the
+    attack holds after 50, then what was mapped and refused, and holds."""
     clients, maps, refusals = [], [], {}
     for i in range(count):
-        path = os.path.join(folder, f"tiny{i}")
-        with open(path, "wb") as f:
-            f.write(b"x")
-        if not clients or len(maps) % 1000 == 999:
+        if not clients or len(maps) % per_client == per_client - 1:
             clients.append(mpumap.connect(sock_path))
         try:
-            maps.append(clients[-1].map(path))
+            maps.append(clients[-1].map(path_of(i), how))
         except OSError as exc:
             key = errno.errorcode.get(exc.errno, str(exc))
             refusals[key] = refusals.get(key, 0) + 1
         if i == 50:
-            report(holding="regions")
-    report(done="regions", mapped=len(maps), refusals=refusals)
+            report(holding=mode)
+    report(done=mode, mapped=len(maps), refusals=refusals)
     hold()
+
+
+def regions(sock_path, folder, count):
+    """Maps of one-byte files: a region each."""
+    def tiny(i):
+        path = os.path.join(folder, f"tiny{i}")
+        with open(path, "wb") as f:
+            f.write(b"x")
+        return path
+
+    map_many(sock_path, "regions", count, tiny)
 
 
 def writers(sock_path, folder, count):
@@ -148,19 +158,7 @@ def writers(sock_path, folder, count):
     path = os.path.join(folder, "page.bin")
     with open(path, "wb") as f:
         f.write(os.urandom(4096))
-    clients, maps, refusals = [], [], {}
-    for i in range(count):
-        if not clients or len(maps) % 500 == 499:
-            clients.append(mpumap.connect(sock_path))
-        try:
-            maps.append(clients[-1].map(path, "r+"))
-        except OSError as exc:
-            key = errno.errorcode.get(exc.errno, str(exc))
-            refusals[key] = refusals.get(key, 0) + 1
-        if i == 50:
-            report(holding="writers")
-    report(done="writers", mapped=len(maps), refusals=refusals)
-    hold()
+    map_many(sock_path, "writers", count, lambda i: path, "r+")
 
 
 def shrink(sock_path, folder, count):
