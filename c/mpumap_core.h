@@ -365,12 +365,14 @@ int64_t mpu_region_write_back(struct mpu_header *h, uint32_t slot,
                               uint64_t first, uint64_t count, uint32_t owner,
                               uint64_t page_size);
 
-/* The writers' table: 0 or -ENOSPC.  Removing takes every entry of that
- * client at that address (address 0: all of the client's). */
+/* The writers' table: adding gives 0 or -ENOSPC.  Removing takes one
+ * mapping's entry (that client's, of that region at that address: a
+ * client may register two mappings over one range, each with its own), or
+ * with address 0 every entry of the client; it returns the entries taken. */
 int mpu_writer_add(struct mpu_header *h, uint32_t region, uint32_t gen, uint32_t client,
                    uint32_t client_gen, uint64_t address, uint64_t length);
-void mpu_writer_remove(struct mpu_header *h, uint32_t client, uint32_t client_gen,
-                       uint64_t address);
+int mpu_writer_remove(struct mpu_header *h, uint32_t client, uint32_t client_gen,
+                      uint32_t region, uint32_t gen, uint64_t address);
 
 /* A write to a write-protected page (a WP fault): the page becomes OPENING,
  * held by owner, and MPU_PRESENT is returned; the caller lifts the

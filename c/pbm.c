@@ -1303,17 +1303,24 @@ int mpu_writer_add(struct mpu_header *h, uint32_t region, uint32_t gen, uint32_t
     return err;
 }
 
-void mpu_writer_remove(struct mpu_header *h, uint32_t client, uint32_t client_gen,
-                       uint64_t address)
+int mpu_writer_remove(struct mpu_header *h, uint32_t client, uint32_t client_gen,
+                      uint32_t region, uint32_t gen, uint64_t address)
 {
+    int removed = 0;
     lock(h);
     for (uint32_t k = 0; k < MPU_MAX_WRITERS; k++) {
         struct mpu_writer *w = &h->writers[k];
-        if (w->gen && w->client == client && w->client_gen == client_gen
-            && (!address || w->address == address))
-            w->gen = 0;
+        if (!w->gen || w->client != client || w->client_gen != client_gen)
+            continue;
+        if (address && (w->address != address || w->region != region || w->gen != gen))
+            continue;
+        w->gen = 0;
+        removed++;
+        if (address)
+            break;  /* one mapping's: another of the same range keeps its own */
     }
     unlock(h);
+    return removed;
 }
 
 /* ---- writing -------------------------------------------------------------------- */

@@ -301,8 +301,11 @@ class PageBuffer:
         core.check(lib.mpu_writer_add(self.header, slot, gen, client, client_gen, address,
                                       length), "adding a writable mapping")
 
-    def remove_writer(self, client, client_gen, address=0):
-        lib.mpu_writer_remove(self.header, client, client_gen, address)
+    def remove_writer(self, client, client_gen, slot=0, gen=0, address=0):
+        """Take one mapping's entry out of the writers' table (the client's,
+        of region slot/gen at address), or with address 0 all the client's;
+        returns the entries taken."""
+        return lib.mpu_writer_remove(self.header, client, client_gen, slot, gen, address)
 
     def recover(self, owner, slots, page_size):
         """Free the pages a dead worker held FILLING or LEAVING."""

@@ -5,6 +5,7 @@ import fcntl
 import itertools
 import logging
 import os
+import select
 import selectors
 import stat
 import time
@@ -84,6 +85,7 @@ class RequestHandler:
         self.selector.register(self.offload, selectors.EVENT_READ,
                                lambda mask: self.offload.finished())
         self.announcing = {}  # rid -> replies that wait until its workers know it
+        self.writers_per_user = collections.Counter()  # uid -> entries in the writers table
         self.maps_under_way = collections.Counter()  # uid -> maps whose file is opening
         self.unwritten = {}  # rid -> (when to try again, region): write-backs that failed
         self.stores = Stores(settings.stores, StoreSettings(settings.store_timeout,
@@ -164,6 +166,11 @@ class RequestHandler:
             return
         except OSError:
             data, fds = b"", []
+        if not data and not conn.refusal and not hung_up(conn.sock):
+            # A packet of no bytes reads as the end of the stream does.
+            protocol.close_all(fds)
+            self.refuse(conn, errno.EPROTO, "an empty message")
+            return
         if not data or conn.refusal:
             protocol.close_all(fds)
             if data:
@@ -220,7 +227,7 @@ class RequestHandler:
         if conn.is_client:
             # Out of the monitor's tables first: then its uffd may be closed.
             self.monitor.forget(conn.slot)
-            self.buffer.remove_writer(conn.slot, conn.gen)
+            self.remove_writer(conn)
             self.tell(protocol.W_CLIENT.pack(W.DROP_CLIENT, conn.slot, conn.gen, 0), ())
         self.clients.remove(conn)
         conn.sock = None
@@ -488,22 +495,14 @@ class RequestHandler:
         if length != region.map_length or address % SYSTEM_PAGE_SIZE or not address:
             raise RequestError(errno.EINVAL, f"mapping {mid} must be {region.map_length} "
                                "bytes at a page-aligned address")
-        for other in conn.mappings.values():
-            # Two registrations over one range would share writer entries:
-            # one's going would take the other's write-protection with it.
-            if (other.address is not None and other.address < address + length
-                    and address < other.address + other.region.map_length):
-                raise RequestError(errno.EBUSY, f"{address:#x} is in mapping {other.mid}'s "
-                                   "range already")
         inode = os.fstat(region.memfd).st_ino
         if mapping.writable:
-            self.quota(conn, self.writers_of(conn.uid), self.settings.max_user_writers,
+            self.quota(conn, self.writers_per_user[conn.uid], self.settings.max_user_writers,
                        "mappings that write", "--max-user-writers")
             # In the table before the client can write: whoever writes a page
             # back from now on protects it in this mapping first.
             try:
-                self.buffer.add_writer(region.slot, region.gen, conn.slot, conn.gen, address,
-                                       length)
+                self.add_writer(conn, region, address, length)
             except OSError:
                 raise RequestError(errno.ENOSPC, "the server has the most mappings that "
                                    f"write it may ({lib.MPU_MAX_WRITERS})") from None
@@ -525,7 +524,7 @@ class RequestHandler:
             self.resume(conn)
             if error is not None:
                 if writable:
-                    self.buffer.remove_writer(conn.slot, conn.gen, address)
+                    self.remove_writer(conn, region, address)
                 self.refuse(conn, *failure(error))
                 return
             mapping.address = address
@@ -536,10 +535,20 @@ class RequestHandler:
         self.offload.submit(conn.uid, register, registered, OFFLOAD_SECONDS,
                             discard=lambda: os.close(uffd))
 
-    def writers_of(self, uid):
-        """The registered mappings that write the clients of a user have."""
-        return sum(1 for c in self.clients.clients() if c.uid == uid
-                   for m in c.mappings.values() if m.writable and m.address is not None)
+    def add_writer(self, conn, region, address, length):
+        """A mapping that writes goes in the buffer's table of writers,
+        counted for its user (--max-user-writers)."""
+        self.buffer.add_writer(region.slot, region.gen, conn.slot, conn.gen, address, length)
+        self.writers_per_user[conn.uid] += 1
+
+    def remove_writer(self, conn, region=None, address=0):
+        """One mapping's entry out of the table (none if it went already),
+        or with no address all the client's."""
+        taken = self.buffer.remove_writer(conn.slot, conn.gen, region.slot if region else 0,
+                                          region.gen if region else 0, address)
+        self.writers_per_user[conn.uid] -= taken
+        if self.writers_per_user[conn.uid] <= 0:
+            del self.writers_per_user[conn.uid]
 
     def on_unmap(self, conn, values, payload, fds):
         (mid,) = values
@@ -561,7 +570,7 @@ class RequestHandler:
         region = mapping.region
         if mapping.address is not None and not maps_any_of(
                 conn.pid, mapping.address, region.map_length, os.fstat(region.memfd).st_ino):
-            self.buffer.remove_writer(conn.slot, conn.gen, mapping.address)
+            self.remove_writer(conn, mapping.region, mapping.address)
         # What it wrote is in the file when the client hears UNMAPPED, as
         # after munmap a read of the file sees what was written.
         self.pause(conn)
@@ -611,7 +620,7 @@ class RequestHandler:
             # written back, they are protected in its range too, so that
             # nothing it writes meanwhile goes unseen.
             if mapping.writable and mapping.address is not None and conn.sock is not None:
-                self.buffer.remove_writer(conn.slot, conn.gen, mapping.address)
+                self.remove_writer(conn, mapping.region, mapping.address)
             if then:
                 then(result)
         self.write_back_and_release(region, written)
@@ -913,6 +922,14 @@ def supplementary_groups(pid):
     except OSError:
         pass
     return set()
+
+
+def hung_up(sock):
+    """Whether the peer closed its end (after an empty read)."""
+    poll = select.poll()
+    poll.register(sock, select.POLLRDHUP)
+    return any(events & (select.POLLHUP | select.POLLRDHUP | select.POLLERR)
+               for _, events in poll.poll(0))
 
 
 def mappings_of(pid):

@@ -126,3 +126,19 @@ def test_one_users_session_tags_do_not_push_out_anothers():
         assert table.session_report("junk-0")["clients"] == 0  # its own oldest went
     finally:
         buffer.close()
+
+
+def test_an_empty_packet_is_refused_and_the_connection_goes_on(handler):
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    theirs.setblocking(False)
+    handler.accept(theirs)
+    (conn,) = list(handler.clients)
+    ours.send(b"")
+    handler.readable(conn)
+    data, fds = protocol.receive(ours)
+    kind, payload, _ = protocol.unpack(data, len(fds))
+    assert kind == Msg.ERROR and protocol.parse_error(payload)[0] == errno.EPROTO
+    assert len(handler.clients) == 1
+    ours.close()
+    handler.readable(conn)  # now the end of the stream: dropped
+    assert len(handler.clients) == 0
