@@ -17,6 +17,7 @@
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
+#include <sys/vfs.h>
 
 #include "mpumap_core_internal.h"
 
@@ -88,6 +89,30 @@ int mpu_fd_is(int fd, const char *kind)
         return neg_errno();
     target[n] = '\0';
     return strcmp(target, kind) == 0;
+}
+
+/* linux/magic.h's numbers, written out: older headers lack some. */
+static const struct { unsigned long magic; const char *name; } pseudo_fs[] = {
+    { 0x9fa0, "proc" },            { 0x62656572, "sysfs" },
+    { 0x64626720, "debugfs" },     { 0x74726163, "tracefs" },
+    { 0x73636673, "securityfs" },  { 0x62656570, "configfs" },
+    { 0xde5e81e4, "efivarfs" },    { 0xcafe4a11, "bpf" },
+    { 0x27e0eb, "cgroup" },        { 0x63677270, "cgroup2" },
+    { 0x6165676c, "pstore" },      { 0xf97cff8c, "selinuxfs" },
+    { 0x65735543, "fusectl" },     { 0x42494e4d, "binfmt_misc" },
+    { 0x6e667364, "nfsd" },        { 0x67596969, "rpc_pipefs" },
+    { 0x7655821, "resctrl" },
+};
+
+const char *mpu_pseudo_fs_of(int fd)
+{
+    struct statfs st;
+    if (fstatfs(fd, &st) < 0)
+        return NULL;
+    for (size_t k = 0; k < sizeof pseudo_fs / sizeof pseudo_fs[0]; k++)
+        if ((unsigned long)st.f_type == pseudo_fs[k].magic)
+            return pseudo_fs[k].name;
+    return NULL;
 }
 
 int mpu_uffd_is_uffd(int fd)

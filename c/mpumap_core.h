@@ -242,6 +242,11 @@ struct mpu_header {
 int mpu_uffd_open(int flags, int *how);
 int mpu_uffd_api(int fd, uint64_t features, uint64_t *features_out);
 int mpu_uffd_is_uffd(int fd);
+/* The name of the file system the file open on fd is on, if it is one
+ * whose files read what the kernel makes for whoever reads them (proc,
+ * sysfs, debugfs and the like: fstatfs's magic, which any mount namespace
+ * sees alike); NULL for any other, or where fstatfs fails. */
+const char *mpu_pseudo_fs_of(int fd);
 /* writable: registered for write-protect faults too, every page
  * write-protected until the server lets a client write it. */
 int mpu_uffd_register(int fd, uint64_t start, uint64_t len, int writable);

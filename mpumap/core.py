@@ -52,6 +52,14 @@ def is_uffd(fd):
     return bool(check(lib.mpu_uffd_is_uffd(fd), "is_uffd"))
 
 
+def pseudo_fs_of(fd):
+    """The name of the file system of the file open on fd if it is one
+    whose files the kernel makes for their reader (proc, sysfs, ...), else
+    None."""
+    name = lib.mpu_pseudo_fs_of(fd)
+    return ffi.string(name).decode() if name != ffi.NULL else None
+
+
 def uffd_register(fd, start, length, writable=False):
     """Register a client's range for missing-page faults, and for a range
     that may write, write-protect faults too (every page protected until

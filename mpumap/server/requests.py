@@ -19,8 +19,7 @@ from mpumap.server.offload import Offload, in_child
 from mpumap.server.stats import LISTED, server_stats
 from mpumap.settings import SYSTEM_PAGE_SIZE
 from mpumap.stores import ObjectInfo, StoreSettings, Stores, allowed, check_url, shown
-from mpumap.stores.files import (CALL, PSEUDO_FILE_SYSTEMS, close_aside, file_system_of,
-                                 open_store)
+from mpumap.stores.files import CALL, close_aside, open_store
 from mpumap.workers.fillers import STORE_WINDOW_BYTES, prefetch_run
 
 log = logging.getLogger("mpumap.requests")
@@ -880,8 +879,8 @@ def open_for_map(fd, store_io, page_size=None, writable=False):
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise RequestError(errno.EINVAL, "only regular files can be mapped")
-        file_system = file_system_of(fd)
-        if file_system in PSEUDO_FILE_SYSTEMS:
+        file_system = core.pseudo_fs_of(fd)
+        if file_system:  # the server would read them as itself
             raise RequestError(errno.EINVAL, f"files of {file_system} are not served: what "
                                "they read depends on who reads them")
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)

@@ -62,30 +62,6 @@ def _close(fd):
         log.warning("closing a store's descriptor: %s", exc.strerror)
 
 
-# File systems whose files read what the kernel makes for whoever reads
-# them: a server reads them as itself (root, often), so it does not serve
-# them to a client that could read only its own view.
-PSEUDO_FILE_SYSTEMS = frozenset({
-    "proc", "sysfs", "debugfs", "tracefs", "securityfs", "configfs", "efivarfs", "bpf",
-    "cgroup", "cgroup2", "pstore", "selinuxfs", "fusectl", "binfmt_misc"})
-
-
-def file_system_of(fd):
-    """The type of the file system the file open on fd is on, as
-    /proc/self/mountinfo names it; None where /proc does not say."""
-    try:
-        with open(f"/proc/self/fdinfo/{fd}") as f:
-            mount = next(line.split()[1] for line in f if line.startswith("mnt_id:"))
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if fields[0] == mount:
-                    return fields[fields.index("-") + 1]
-    except (OSError, StopIteration, ValueError, IndexError):
-        pass
-    return None
-
-
 def reopen(fd, flags):
     """The file open on fd, opened again through /proc/self/fd with flags:
     the same inode, a description of our own.

@@ -6,6 +6,9 @@ import errno
 import mmap
 import os
 import random
+import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -372,6 +375,17 @@ def test_a_file_the_kernel_makes_for_its_reader_is_refused(start_server, workdir
         mine = make_file(os.path.join(workdir, "mine.bin"), 5000, seed=5)
         with client.map(mine) as m:
             assert m[:] == open(mine, "rb").read()
+    # From a mount namespace of its own (a container), where the file's
+    # mount has another id, just the same.
+    if shutil.which("unshare") and os.geteuid() == 0:
+        program = ("import errno, sys, mpumap\n"
+                   "try:\n"
+                   "    mpumap.connect(sys.argv[1]).map(sys.argv[2])\n"
+                   "except OSError as exc:\n"
+                   "    print(exc.errno == errno.EINVAL, exc)\n")
+        out = subprocess.run(["unshare", "--mount", sys.executable, "-c", program,
+                              server.socket, path], capture_output=True, text=True, timeout=30)
+        assert out.stdout.startswith("True") and "sysfs" in out.stdout, out
 
 
 def test_past_the_limits_a_clean_refusal(start_server, workdir):
