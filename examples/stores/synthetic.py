@@ -58,6 +58,7 @@ class SyntheticStore(Store):
     identity is the recipe (size and seed), and no read is ever stale."""
 
     schemes = ("synth",)
+    queries = True  # the recipe: ?size=...&seed=...
 
     def stat(self, url):
         name, size, seed = parse(url)

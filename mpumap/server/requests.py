@@ -848,11 +848,11 @@ class OpenedObject:
 
     def __init__(self, url, info, window, page_size):
         if info.size <= 0:
-            raise RequestError(errno.EINVAL, f"cannot map an empty object: {url}")
+            raise RequestError(errno.EINVAL, f"cannot map an empty object: {shown(url)}")
         identity = str(info.identity)
         if len(identity.encode("utf-8", "surrogatepass")) > MAX_IDENTITY:
             # It goes to every worker with the region, in one message.
-            raise RequestError(errno.EINVAL, f"{url}: the store's version of it (ETag) is "
+            raise RequestError(errno.EINVAL, f"{shown(url)}: the store's version of it (ETag) is "
                                f"longer than {MAX_IDENTITY} bytes")
         self.url = self.name = url
         self.size, self.identity = info.size, identity

@@ -43,7 +43,7 @@ class StaleObject(OSError):
     """The object is no longer the version the region was pinned to."""
 
     def __init__(self, url):
-        super().__init__(errno.ESTALE, f"{url} was replaced since it was mapped")
+        super().__init__(errno.ESTALE, f"{shown(url)} was replaced since it was mapped")
 
 
 # Failures that trying again cannot mend: they are not retried.
@@ -91,6 +91,10 @@ class Store:
     # The page size this store's regions get unless the mapper asks for
     # another (None: the server's): what one fault reads.
     page_size = None
+    # Whether a ?query is part of what names an object.  Where it is not (a
+    # store that reads the path), a URL with one is refused: a pattern of
+    # --allow-remote could match the query and let the path name anything.
+    queries = False
 
     def __init__(self, settings=StoreSettings()):
         self.settings = settings
@@ -195,7 +199,8 @@ class Stores:
 
     def for_url(self, url):
         """The Store for a URL's scheme; OSError(EPROTONOSUPPORT) when no
-        store serves it, or its module cannot be loaded."""
+        store serves it, or its module cannot be loaded, and OSError(EINVAL)
+        for a URL with a query its store does not take."""
         scheme = scheme_of(url)
         target = self.targets.get(scheme)
         if target is None:
@@ -213,6 +218,9 @@ class Stores:
                 raise OSError(errno.EPROTONOSUPPORT, f"the store for {scheme}:// URLs: "
                               f"{target}: {exc}") from None
             store = self._made[target] = cls(self.settings)
+        if "?" in url and not store.queries:
+            raise OSError(errno.EINVAL, f"{shown(url)}: a query string is not served (the "
+                          f"{scheme}:// store reads the path)")
         return store
 
     @staticmethod

@@ -25,16 +25,17 @@ def _obstore_error(exc, url):
         return StaleObject(url)
     # (obstore raises Python's FileNotFoundError for a missing object.)
     if isinstance(exc, (E.NotFoundError, FileNotFoundError)):
-        return FileNotFoundError(errno.ENOENT, f"{url}: no such object")
+        return FileNotFoundError(errno.ENOENT, f"{shown(url)}: no such object")
     if isinstance(exc, (E.PermissionDeniedError, E.UnauthenticatedError, PermissionError)):
-        return PermissionError(errno.EACCES, f"{url}: the store refused the server's access")
+        return PermissionError(errno.EACCES,
+                               f"{shown(url)}: the store refused the server's access")
     if isinstance(exc, (E.InvalidPathError, E.NotSupportedError)):
-        return OSError(errno.EINVAL, f"{url}: {_first_line(exc)}")
+        return OSError(errno.EINVAL, f"{shown(url)}: {_first_line(exc)}")
     if isinstance(exc, TimeoutError):
-        return OSError(errno.ETIMEDOUT, f"{url}: {_first_line(exc)}")
+        return OSError(errno.ETIMEDOUT, f"{shown(url)}: {_first_line(exc)}")
     if isinstance(exc, OSError) and exc.errno:
         return exc
-    return OSError(errno.EIO, f"{url}: {_first_line(exc)}")
+    return OSError(errno.EIO, f"{shown(url)}: {_first_line(exc)}")
 
 
 def _first_line(exc):
@@ -88,7 +89,7 @@ class _ObstoreBacked(_ClientPerKey):
             raise _obstore_error(exc, url) from None
         identity = meta.get("e_tag") or meta.get("version")
         if not identity:
-            raise OSError(errno.ENOTSUP, f"{url}: the store gives no ETag or version, so a "
+            raise OSError(errno.ENOTSUP, f"{shown(url)}: the store gives no ETag or version, so a "
                           "replaced object could not be told apart")
         return ObjectInfo(int(meta["size"]), identity)
 
@@ -119,12 +120,8 @@ class S3Store(_ObstoreBacked):
     def locate(self, url):
         parts = urllib.parse.urlsplit(url)
         key = parts.path.lstrip("/")
-        if "?" in url:
-            # The key is the path alone: a query would let a URL that an
-            # --allow-remote pattern matches name another key.
-            raise OSError(errno.EINVAL, f"{shown(url)}: a query string is not served")
         if not parts.netloc or not key:
-            raise OSError(errno.EINVAL, f"{url}: an S3 URL is s3://bucket/key")
+            raise OSError(errno.EINVAL, f"{shown(url)}: an S3 URL is s3://bucket/key")
         return parts.netloc, key
 
     def make_client(self, bucket):
@@ -151,11 +148,9 @@ class HTTPStore(_ObstoreBacked):
 
     def locate(self, url):
         parts = urllib.parse.urlsplit(url)
-        if "?" in url:
-            raise OSError(errno.EINVAL, f"{shown(url)}: a query string is not served")
         path = parts.path.lstrip("/")
         if not path:
-            raise OSError(errno.EINVAL, f"{url}: names no object")
+            raise OSError(errno.EINVAL, f"{shown(url)}: names no object")
         return f"{parts.scheme}://{parts.netloc}", urllib.parse.unquote(path)
 
     def make_client(self, base):
@@ -190,7 +185,8 @@ class FsspecStore(_ClientPerKey):
                                                 "LastModified", "last_modified")
                          if info.get(k)), None)
         if identity is None or info.get("type", "file") != "file":
-            raise OSError(errno.EINVAL, f"{url}: not a file with an ETag, checksum or mtime")
+            raise OSError(errno.EINVAL,
+                          f"{shown(url)}: not a file with an ETag, checksum or mtime")
         return ObjectInfo(int(info["size"]), identity)
 
     def read(self, url, identity, offset, length):
@@ -206,7 +202,7 @@ def _fsspec_error(exc, url):
     if isinstance(exc, OSError) and exc.errno:
         return exc
     if isinstance(exc, FileNotFoundError):
-        return FileNotFoundError(errno.ENOENT, f"{url}: no such object")
+        return FileNotFoundError(errno.ENOENT, f"{shown(url)}: no such object")
     if isinstance(exc, PermissionError):
-        return PermissionError(errno.EACCES, f"{url}: access refused")
-    return OSError(errno.EIO, f"{url}: {_first_line(exc)}")
+        return PermissionError(errno.EACCES, f"{shown(url)}: access refused")
+    return OSError(errno.EIO, f"{shown(url)}: {_first_line(exc)}")

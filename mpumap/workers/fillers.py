@@ -24,7 +24,7 @@ from mpumap import core
 from mpumap._core import ffi, lib
 from mpumap.logs import Quiet
 from mpumap.pbm import RegionSlots
-from mpumap.stores import Store, StoreSettings, Stores, scheme_of
+from mpumap.stores import Store, StoreSettings, Stores, scheme_of, shown
 from mpumap.stores.files import CALL
 from mpumap.stores.reading import StoreReader
 from mpumap.workers.base import Worker, check_receive
@@ -185,8 +185,8 @@ class Filler(Worker):
                 raise OSError(errno.EIO, f"the store answered {got} bytes for {asked}")
             return got
         except OSError as exc:
-            self.quiet.say(("store", slot), logging.ERROR, "reading %s at %d: %s", region.url,
-                           offset, exc.strerror or exc)
+            self.quiet.say(("store", slot), logging.ERROR, "reading %s at %d: %s",
+                           shown(region.url), offset, exc.strerror or exc)
             return -(exc.errno or errno.EIO)
 
     def _read_store_failed(self, exc_type, exc, tb):
