@@ -1662,7 +1662,7 @@ static void refuse(struct mpu_filler *f, const struct mpu_fault *fault, int uffd
     int err = -mpu_uffd_poison(uffd, fault->address, len, 1);
     if (err == EEXIST)  /* the page came in meanwhile */
         wake(f, uffd, fault->region, fault->page, fault->address, len);
-    else if (err && !gone(err))
+    else if (err && (no_poison(err) || !gone(err)))
         event(f, MPU_EV_NO_POISON, fault->region, fault->page, err, 0);
 }
 

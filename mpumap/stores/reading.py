@@ -61,11 +61,13 @@ class StoreReader:
             max_workers=requests, thread_name_prefix="store")
         self.requests = requests
 
-    def read(self, store, row, url, identity, offset, length, into):
+    def read(self, store, row, url, identity, offset, length, into, whole=False):
         """Reads [offset, offset + length) of the object into `into` (a
         writable buffer of `length` bytes); returns the bytes read, fewer
-        only where the object ends.  Raises OSError once a part failed for
-        good.  `row` is the store's row of counters."""
+        only where the object ends (`whole`: the object holds them all, and
+        a part that comes back short is a failure, tried again).  Raises
+        OSError once a part failed for good.  `row` is the store's row of
+        counters."""
         count = max(1, min(self.requests, -(-length // PART_BYTES)))
         size = -(-length // count)
         parts = [_Part(start, min(size, offset + length - start))
@@ -73,7 +75,7 @@ class StoreReader:
         for part in parts:
             self._try(store, url, identity, part)
         try:
-            self._wait(store, row, url, identity, parts)
+            self._wait(store, row, url, identity, parts, whole)
         except BaseException:
             for part in parts:
                 if part.future is not None:
@@ -95,7 +97,7 @@ class StoreReader:
         part.started = time.monotonic()
         part.future = self.pool.submit(store.read, url, identity, part.offset, part.length)
 
-    def _wait(self, store, row, url, identity, parts):
+    def _wait(self, store, row, url, identity, parts, whole):
         waiting = list(parts)
         while waiting:
             running = [p.future for p in waiting if p.future is not None]
@@ -116,7 +118,8 @@ class StoreReader:
                 if part.future.done():
                     try:
                         part.data = part.future.result()
-                        if len(part.data) > part.length:
+                        if len(part.data) > part.length or (
+                                whole and len(part.data) < part.length):
                             raise OSError(errno.EIO, f"the store answered {len(part.data)} "
                                           f"bytes for {part.length}")
                     except Exception as exc:

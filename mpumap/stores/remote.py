@@ -106,9 +106,17 @@ class _ObstoreBacked(_ClientPerKey):
             raise _obstore_error(exc, url) from None
         # If-Match is the server's to honour; one that does not (a proxy, a
         # cache, a gateway) answers from whatever version it has.
-        if any(named) and identity not in named:
+        if any(named) and _tag(identity) not in map(_tag, named):
             raise StaleObject(url)
         return data
+
+
+def _tag(text):
+    """An ETag as compared: a cache may weaken one (W/) it passes on."""
+    if text is None:
+        return None
+    text = text[2:] if text.startswith("W/") else text
+    return text.strip('"')
 
 
 class S3Store(_ObstoreBacked):

@@ -179,11 +179,8 @@ class Filler(Worker):
             self.store_reader = StoreReader(self.buffer.header, self.beat, s.store_timeout,
                                             s.store_retries, s.store_requests)
         try:
-            got = self.store_reader.read(store, row, region.url, region.identity, offset,
-                                         asked, ffi.buffer(buf, asked))
-            if got < asked:  # within the object: the answer fell short, not the object
-                raise OSError(errno.EIO, f"the store answered {got} bytes for {asked}")
-            return got
+            return self.store_reader.read(store, row, region.url, region.identity, offset,
+                                          asked, ffi.buffer(buf, asked), whole=True)
         except OSError as exc:
             self.quiet.say(("store", slot), logging.ERROR, "reading %s at %d: %s",
                            shown(region.url), offset, exc.strerror or exc)
