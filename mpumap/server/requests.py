@@ -507,6 +507,15 @@ class RequestHandler:
                                    f"write it may ({lib.MPU_MAX_WRITERS})") from None
         uffd = os.dup(conn.uffd)  # the job's own: the connection may go meanwhile
         writable = mapping.writable
+        # Mappings of the client's whose range this one's overlaps: unmapped,
+        # their UNMAP still on its way (a threaded client's munmap and mmap
+        # race; the kernel gives an address again), or still there in part.
+        overlapping = [(other, other.address, other.region.map_length,
+                        os.fstat(other.region.memfd).st_ino)
+                       for other in conn.mappings.values()
+                       if other is not mapping and other.address is not None
+                       and other.address < address + length
+                       and address < other.address + other.region.map_length]
 
         def register():
             try:
@@ -516,8 +525,10 @@ class RequestHandler:
                 core.uffd_register(uffd, address, length, writable)
             finally:
                 os.close(uffd)
+            return [other for other, start, size, node in overlapping
+                    if not maps_any_of(conn.pid, start, size, node)]
 
-        def registered(_, error):
+        def registered(gone, error):
             if conn.sock is None or mid not in conn.mappings:
                 return
             self.resume(conn)
@@ -526,6 +537,13 @@ class RequestHandler:
                     self.remove_writer(conn, region, address)
                 self.refuse(conn, *failure(error))
                 return
+            for other in gone:
+                # Served no more: its faults would go to its region, its
+                # protection to this one's pages.
+                if other.address is not None and conn.mappings.get(other.mid) is other:
+                    if other.writable:
+                        self.remove_writer(conn, other.region, other.address)
+                    other.address = None
             mapping.address = address
             self.monitor.set_ranges(conn.slot, conn.ranges())
             self.reply(conn, Msg.REGISTERED, protocol.U64.pack(mid))
@@ -854,7 +872,7 @@ class OpenedObject:
             # It goes to every worker with the region, in one message.
             raise RequestError(errno.EINVAL, f"{shown(url)}: the store's version of it (ETag) is "
                                f"longer than {MAX_IDENTITY} bytes")
-        self.url = self.name = url
+        self.url, self.name = url, shown(url)
         self.size, self.identity = info.size, identity
         self.window, self.page_size = window, page_size
 

@@ -128,7 +128,7 @@ class Filler(Worker):
             try:
                 store = self.stores.for_url(region.url)
             except OSError as exc:
-                self.log.error("%s: %s", region.url, exc.strerror)
+                self.log.error("%s: %s", shown(region.url), exc.strerror)
                 self.objects[region.slot] = exc  # each read fails with it
             else:
                 self.objects[region.slot] = (store, self.stores.index(scheme_of(region.url)))

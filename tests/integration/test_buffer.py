@@ -362,6 +362,44 @@ def test_two_thousand_regions(start_server, readers, workdir):
     assert server.stats()["regions"] == []
 
 
+def test_a_mapping_registered_where_one_unmapped_was_reads_its_own_file(start_server, workdir):
+    # A threaded client: one thread's munmap, before its UNMAP reaches the
+    # server; another thread's mmap gets the address again, and registers.
+    from mpumap import protocol
+    from mpumap.protocol import Msg
+
+    first = make_file(os.path.join(workdir, "first.bin"), 2 << 20, seed=71)
+    second = make_file(os.path.join(workdir, "second.bin"), 1 << 20, seed=72)
+    server = start_server("--page-size", "64K", "--buffer-size", 64)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    with mpumap.connect(server.socket) as client:
+        old = client.map(first)
+        address = old.address
+        mmap.mmap.close(old)
+        fd = os.open(second, os.O_RDONLY)
+        try:
+            (memfd,), (mid, _, size, length), _ = client._call(
+                Msg.MAP, protocol.U32.pack(0), [fd], expect=Msg.MAPPED)
+        finally:
+            os.close(fd)
+        try:
+            assert libc.mmap(address, length, mmap.PROT_READ,
+                             mmap.MAP_SHARED | 0x10, memfd, 0) == address  # MAP_FIXED
+        finally:
+            os.close(memfd)
+        try:
+            client._call(Msg.REGISTER, protocol.SPAN.pack(mid, address, length),
+                         expect=Msg.REGISTERED)
+            assert ctypes.string_at(address, size) == open(second, "rb").read()
+        finally:
+            libc.munmap(ctypes.c_void_p(address), ctypes.c_size_t(length))
+            client._call(Msg.UNMAP, protocol.U64.pack(mid), expect=Msg.UNMAPPED)
+        old.close()
+
+
 def test_a_file_the_kernel_makes_for_its_reader_is_refused(start_server, workdir):
     # The server would read it as itself: root's view, not the client's.
     path = "/sys/kernel/mm/transparent_hugepage/enabled"
