@@ -163,8 +163,9 @@ class RequestHandler:
             return
         except BlockingIOError:
             return
-        except OSError:
-            data, fds = b"", []
+        except OSError:  # reset, or worse: the conversation is over either way
+            self.drop(conn)
+            return
         if not data and not conn.refusal and not hung_up(conn.sock):
             # A packet of no bytes reads as the end of the stream does.
             protocol.close_all(fds)

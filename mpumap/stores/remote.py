@@ -101,18 +101,22 @@ class _ObstoreBacked(_ClientPerKey):
             got = obstore.get(self._client(key), path,
                               options={"range": (offset, offset + length), "if_match": identity})
             named = (got.meta.get("e_tag"), got.meta.get("version"))
+            encoded = "Content-Encoding" in (got.attributes or {})
             data = got.bytes()
         except Exception as exc:
             raise _obstore_error(exc, url) from None
         # If-Match is the server's to honour; one that does not (a proxy, a
-        # cache, a gateway) answers from whatever version it has.
-        if any(named) and _tag(identity) not in map(_tag, named):
+        # cache, a gateway) answers from whatever version it has.  A cache
+        # may weaken the tag it passes on (W/): the same bytes, unless it
+        # encoded them.
+        if any(named) and identity not in named and (
+                encoded or _tag(identity) not in map(_tag, named)):
             raise StaleObject(url)
         return data
 
 
 def _tag(text):
-    """An ETag as compared: a cache may weaken one (W/) it passes on."""
+    """An ETag's value, weak (W/) or strong."""
     if text is None:
         return None
     text = text[2:] if text.startswith("W/") else text

@@ -255,6 +255,7 @@ class _IgnoresIfMatch(http.server.BaseHTTPRequestHandler):
 
     body = bytes(range(256)) * 16
     answer = '"v2"'
+    encoding = None
 
     def log_message(self, *args):
         pass
@@ -271,6 +272,8 @@ class _IgnoresIfMatch(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Range", f"bytes {first}-{last}/{len(self.body)}")
         self.send_header("Content-Length", str(last - first + 1))
         self.send_header("ETag", self.answer)
+        if self.encoding:
+            self.send_header("Content-Encoding", self.encoding)
         self.end_headers()
         self.wfile.write(self.body[first:last + 1])
 
@@ -293,8 +296,13 @@ def test_bytes_of_another_version_than_the_one_pinned_are_stale():
         # the same version.
         _IgnoresIfMatch.answer = 'W/"v1"'
         assert bytes(store.read(url, info.identity, 0, 1024)) == _IgnoresIfMatch.body[:1024]
+        # ... unless it changed the bytes on the way.
+        _IgnoresIfMatch.encoding = "gzip"
+        with pytest.raises(OSError) as stale:
+            store.read(url, info.identity, 0, 1024)
+        assert stale.value.errno == errno.ESTALE
     finally:
-        _IgnoresIfMatch.answer = '"v2"'
+        _IgnoresIfMatch.answer, _IgnoresIfMatch.encoding = '"v2"', None
         store.close()
         server.shutdown()
         server.server_close()
