@@ -177,8 +177,10 @@ class HTTPStore(_ObstoreBacked):
 class FsspecStore(_ClientPerKey):
     """Any other protocol fsspec knows (and the server allows): its
     filesystem's info() gives the identity (ETag, checksum or mtime), which
-    is checked again before every read, since fsspec has no conditional
-    read: a replacement between that check and the read is not seen."""
+    is checked again after every read, since fsspec has no conditional
+    read: bytes read before a replacement are that version's, and one
+    during or before the read shows in the check (but for a replacement
+    undone in between, or an info() its filesystem cached)."""
 
     def make_client(self, protocol):
         import fsspec
@@ -202,12 +204,13 @@ class FsspecStore(_ClientPerKey):
         return ObjectInfo(int(info["size"]), identity)
 
     def read(self, url, identity, offset, length):
-        if self.stat(url).identity != identity:
-            raise StaleObject(url)
         try:
-            return self._fs(url).cat_file(url, start=offset, end=offset + length)
+            data = self._fs(url).cat_file(url, start=offset, end=offset + length)
         except Exception as exc:
             raise _fsspec_error(exc, url) from None
+        if self.stat(url).identity != identity:
+            raise StaleObject(url)
+        return data
 
 
 def _fsspec_error(exc, url):

@@ -2,6 +2,7 @@
 a store (parts, timeouts, retries).  Pure logic: the stores here are small
 fakes; test_remote and test_stores run real ones."""
 import errno
+import os
 import threading
 import time
 
@@ -192,3 +193,21 @@ def test_a_try_that_takes_too_long_is_tried_again_and_its_bytes_are_dropped():
     assert bytes(buf) == bytes(i % 251 for i in range(4096))
     assert header.stores[0].retries == 1
     r.close()
+
+
+def test_an_fsspec_object_replaced_is_stale_not_another_versions_bytes(tmp_path):
+    pytest.importorskip("fsspec")
+    from mpumap.stores import StoreSettings
+    from mpumap.stores.remote import FsspecStore
+
+    path = tmp_path / "object.bin"
+    path.write_bytes(b"a" * 8192)
+    url = f"file://{path}"
+    store = FsspecStore(StoreSettings())
+    info = store.stat(url)
+    assert info.size == 8192 and bytes(store.read(url, info.identity, 4096, 10)) == b"a" * 10
+    path.write_bytes(b"b" * 8192)
+    os.utime(path, (1, 1))  # another mtime for sure: the identity of a file
+    with pytest.raises(OSError) as stale:
+        store.read(url, info.identity, 0, 10)
+    assert stale.value.errno == errno.ESTALE
