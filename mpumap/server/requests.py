@@ -585,17 +585,31 @@ class RequestHandler:
         # gone page by page): four times the write-back.  One it keeps (the
         # C client's munmap that cuts into a mapping maps the file over the
         # rest only after UNMAPPED) stays protected: its writes go on.
-        region = mapping.region
-        if mapping.address is not None and not maps_any_of(
-                conn.pid, mapping.address, region.map_length, os.fstat(region.memfd).st_ino):
-            self.remove_writer(conn, mapping.region, mapping.address)
-        # What it wrote is in the file when the client hears UNMAPPED, as
-        # after munmap a read of the file sees what was written.
+        # /proc/PID/maps is read off the main loop (the client's mmap lock).
+        region, address = mapping.region, mapping.address
         self.pause(conn)
-        self.forget(conn, mapping, self.answer_when_written(
-            conn, mapping, Msg.UNMAPPED, lambda result: protocol.U64.pack(mid),
-            f"unmapped, but writing back {mapping.region.name} failed (the server tries "
-            "again)"))
+
+        def write_back():
+            # What it wrote is in the file when the client hears UNMAPPED,
+            # as after munmap a read of the file sees what was written.
+            self.forget(conn, mapping, self.answer_when_written(
+                conn, mapping, Msg.UNMAPPED, lambda result: protocol.U64.pack(mid),
+                f"unmapped, but writing back {region.name} failed (the server tries again)"))
+
+        if address is None:
+            write_back()
+            return
+        inode = os.fstat(region.memfd).st_ino
+
+        def checked(mapped, error):
+            # (Not known in time: kept, as when /proc says nothing.)
+            if error is None and not mapped and conn.sock is not None:
+                self.remove_writer(conn, region, address)
+            write_back()
+
+        self.offload.submit(conn.uid,
+                            lambda: maps_any_of(conn.pid, address, region.map_length, inode),
+                            checked, OFFLOAD_SECONDS)
 
     def answer_when_written(self, conn, mapping, kind, body, failed):
         """What a paused connection hears once a write-back it waits on is
