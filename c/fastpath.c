@@ -1507,9 +1507,6 @@ static int drop_past_end(struct mpu_filler *f, struct mpu_region_slot *r, uint64
     return 1;
 }
 
-/* The file shrank (or cannot be read): as with a mapped file, the client
- * gets the bytes still there, zeros to the end of that system page, and
- * SIGBUS past them; pages the buffer holds past the end are dropped. */
 /* UFFDIO_POISON's answer on a kernel that has none (before 6.6): an
  * unknown ioctl is EINVAL there, which gone() takes for a client that
  * went; POISON itself never says EINVAL of a client that went (ENOENT,
@@ -1519,6 +1516,9 @@ static int no_poison(int err)
     return err == EINVAL || err == ENOTTY;
 }
 
+/* The file shrank (or cannot be read): as with a mapped file, the client
+ * gets the bytes still there, zeros to the end of that system page, and
+ * SIGBUS past them; pages the buffer holds past the end are dropped. */
 static void past_the_end(struct mpu_filler *f, struct mpu_region_slot *r, uint32_t region,
                          int uffd, uint64_t page, uint64_t address, uint64_t len,
                          uint64_t got, int wp)
