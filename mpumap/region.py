@@ -6,6 +6,7 @@ and tells every worker about it with ``message()``; a worker builds its own
 from that message (``Region.attach``).  Each process then holds its own
 descriptors of the same three things, and closes them when the region goes.
 """
+import functools
 import json
 import os
 
@@ -134,6 +135,11 @@ class Region:
     @property
     def uid(self):
         return self.key[2]
+
+    @functools.cached_property
+    def memfd_inode(self):
+        """The memfd's inode: how /proc/PID/maps names a client's mapping of it."""
+        return os.fstat(self.memfd).st_ino
 
     def buffer_bytes(self):
         """What the region's buffer holds in memory now."""

@@ -495,7 +495,7 @@ class RequestHandler:
         if length != region.map_length or address % SYSTEM_PAGE_SIZE or not address:
             raise RequestError(errno.EINVAL, f"mapping {mid} must be {region.map_length} "
                                "bytes at a page-aligned address")
-        inode = os.fstat(region.memfd).st_ino
+        inode = region.memfd_inode
         if mapping.writable:
             self.quota(conn, self.writers_per_user[conn.uid], self.settings.max_user_writers,
                        "mappings that write", "--max-user-writers")
@@ -512,7 +512,7 @@ class RequestHandler:
         # their UNMAP still on its way (a threaded client's munmap and mmap
         # race; the kernel gives an address again), or still there in part.
         overlapping = [(other, other.address, other.region.map_length,
-                        os.fstat(other.region.memfd).st_ino)
+                        other.region.memfd_inode)
                        for other in conn.mappings.values()
                        if other is not mapping and other.address is not None
                        and other.address < address + length
@@ -599,7 +599,7 @@ class RequestHandler:
         if address is None:
             write_back()
             return
-        inode = os.fstat(region.memfd).st_ino
+        inode = region.memfd_inode
 
         def checked(mapped, error):
             # (Not known in time: kept, as when /proc says nothing.)
