@@ -291,6 +291,8 @@ class Client:
                 raise ServerUnavailable(errno.ENOTCONN, f"{self._unfit}: this connection "
                                         "takes no more requests; connect again")
             try:
+                # (A request that writes back waits longer than others.)
+                self._sock.settimeout(timeout or self.timeout)
                 data, rfds = _exchange(self._sock, self.socket_path,
                                        timeout or self.timeout, kind, payload, fds)
             except TimeoutError as exc:

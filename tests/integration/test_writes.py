@@ -604,3 +604,33 @@ def test_a_register_refused_takes_nothing_from_the_clients_mapping_that_writes(
         m.flush()
     with open(path, "rb") as f:
         assert f.read(5) == b"again"
+
+
+def test_a_flush_waits_for_the_file_past_the_clients_request_timeout(start_server, workdir):
+    from conftest import stalling_fs
+
+    holds = os.path.join(workdir, "holds")
+    os.mkdir(holds)
+    open(os.path.join(holds, "r.bin"), "w").close()  # its writes wait while this is there
+    server = start_server("--page-size", "64K", "--buffer-size", 64)
+    with stalling_fs(os.path.join(workdir, "fs"), "--hold-writes-in", holds,
+                     f"r.bin:{1 << 20}:slowwrite") as fs:
+        path = os.path.join(fs, "r.bin")
+
+        def let_write():
+            os.unlink(os.path.join(holds, "r.bin"))
+            os.listdir(fs)  # a request: the held writes are answered
+
+        timer = threading.Timer(3.0, let_write)
+        with mpumap.connect(server.socket, timeout=1) as client, client.map(path, "r+") as m:
+            m[:5] = b"later"
+            timer.start()
+            try:
+                started = time.monotonic()
+                m.flush()  # a flush waits for the disk, not the 1 s of a request
+                assert time.monotonic() - started >= 2.0
+            finally:
+                timer.cancel()
+                timer.join()
+        with open(path, "rb") as f:
+            assert f.read(5) == b"later"
