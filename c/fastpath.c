@@ -215,6 +215,8 @@ struct outbox {
     int armed;              /* in the epoll set for EPOLLOUT */
     char *buf;
     size_t head, len, cap;  /* sent up to head, queued up to len */
+    int worker;             /* its heartbeat slot; -1: none */
+    uint64_t sent;          /* faults posted to it (its `taken` once taken up) */
 };
 
 #define OUTBOX_MAX (16u << 20)
@@ -444,6 +446,44 @@ static uint64_t read_around_of(struct mpu_monitor *m, struct range *r, uint64_t 
     return first + 1;
 }
 
+/* Whether a filler would take a fault up now: every fault sent to it is
+ * taken up, none in this batch, and it is in no store (reading a page, a
+ * window, or writing one back).  One that answers a fault it has read
+ * (UFFDIO_COPY, then WAKE) is free: its client may fault again before
+ * that call returns. */
+static int filler_free(struct mpu_monitor *m, uint32_t to, const uint32_t *counts)
+{
+    const struct outbox *o = &m->out[to];
+    if (o->fd < 0 || o->worker < 0 || counts[to])
+        return 0;
+    uint64_t taken = mpu_load64(&m->h->taken[o->worker]);
+    return (int64_t)(o->sent - taken) <= 0
+           && !__atomic_load_n(&m->h->in_store[o->worker], __ATOMIC_ACQUIRE);
+}
+
+/* The filler for a fault: its page's (mpu_filler_for), unless that one is
+ * busy and another is free.  A filler reads one page at a time: two
+ * clients' faults on pages of one filler waited for each other's disk
+ * reads while the other filler sat idle (half the time with two fillers:
+ * a quarter of each fault's time, from a cold disk), and one filler caught
+ * in a store that hangs held every fault on half the pages of every file.
+ * Another filler may take a fault on a page in hand elsewhere: the page's
+ * state word orders them (it waits for PRESENT, then wakes).
+ * Write-protect faults keep their page's filler: they read nothing. */
+static uint32_t route(struct mpu_monitor *m, uint32_t region, uint64_t page, uint32_t pf,
+                      const uint32_t *counts)
+{
+    uint32_t home = mpu_filler_for(region, page, (uint32_t)m->nfillers);
+    if (pf & MPU_PF_WP)
+        return home;
+    for (uint32_t k = 0; k < (uint32_t)m->nfillers; k++) {
+        uint32_t to = (home + k) % (uint32_t)m->nfillers;
+        if (filler_free(m, to, counts))
+            return to;
+    }
+    return home;
+}
+
 /* Reads what the client's userfaultfd has, finds each fault's region and
  * page, and sends each filler its faults in one packet.  A fault outside
  * every range is woken (the thread retries, and never hangs on us).
@@ -482,7 +522,7 @@ static int drain(struct mpu_monitor *m, uint32_t slot, struct monitored *c)
                 continue;
             }
             uint64_t index = (addrs[i] - r->r.start) / m->page_size;
-            uint32_t to = mpu_filler_for(r->r.region, index, (uint32_t)m->nfillers);
+            uint32_t to = route(m, r->r.region, index, pf, counts);
             struct mpu_fault *fault = (struct mpu_fault *)(m->scratch + to * PACKET_SIZE
                                                            + sizeof(struct mpu_w_faults))
                                       + counts[to]++;
@@ -564,9 +604,11 @@ static int drain(struct mpu_monitor *m, uint32_t slot, struct monitored *c)
                                                                        + sizeof(struct mpu_w_faults));
                 for (uint32_t k = 0; k < counts[to]; k++)
                     mpu_uffd_wake(c->uffd, f[k].address, m->page_size);
-            } else if (m->out[to].head < m->out[to].len) {
-                mpu_add64(&h->queued_faults, counts[to]);  /* they wait in its queue */
+                continue;
             }
+            m->out[to].sent += counts[to];
+            if (m->out[to].head < m->out[to].len)
+                mpu_add64(&h->queued_faults, counts[to]);  /* they wait in its queue */
         }
         /* After the faults: a filler serves what a client waits for first. */
         for (int k = 0; k < naheads; k++) {
@@ -683,7 +725,7 @@ struct mpu_monitor *mpu_monitor_start(struct mpu_header *h, uint64_t page_size,
     m->stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     pthread_mutex_init(&m->lock, NULL);
     for (int i = 0; i < nfillers && m->out; i++)
-        m->out[i].fd = -1;
+        m->out[i].fd = m->out[i].worker = -1;
     for (int i = 0; i < MPU_CLIENT_SLOTS; i++)
         m->clients[i].uffd = -1;
     struct epoll_event stop = { .events = EPOLLIN, .data.u64 = STOP_KEY };
@@ -780,12 +822,16 @@ int mpu_monitor_remove_client(struct mpu_monitor *m, uint32_t slot)
     return 0;
 }
 
-void mpu_monitor_set_filler(struct mpu_monitor *m, int index, int fd)
+void mpu_monitor_set_filler(struct mpu_monitor *m, int index, int fd, int worker)
 {
     pthread_mutex_lock(&m->lock);
     if (index >= 0 && index < m->nfillers) {
+        struct outbox *o = &m->out[index];
         outbox_clear(m, index);
-        m->out[index].fd = fd;
+        o->fd = fd;
+        o->worker = fd >= 0 && worker >= 0 && worker < MPU_WORKER_SLOTS ? worker : -1;
+        /* What a filler that died had in hand is not its successor's. */
+        o->sent = o->worker >= 0 ? mpu_load64(&m->h->taken[o->worker]) : 0;
     }
     pthread_mutex_unlock(&m->lock);
 }
@@ -1786,6 +1832,8 @@ static void serve_packet(struct mpu_filler *f, const char *packet, size_t n)
         count = head.count;
     const struct mpu_fault *faults = (const struct mpu_fault *)(packet + sizeof head);
     for (uint32_t i = 0; i < count; i++) {
+        if (f->worker < MPU_WORKER_SLOTS)
+            mpu_add64(&f->h->taken[f->worker], 1);
         serve_one(f, &faults[i]);
         beat(f);
     }

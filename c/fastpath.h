@@ -60,9 +60,10 @@ int mpu_monitor_add_client(struct mpu_monitor *m, uint32_t slot, uint32_t gen, i
 int mpu_monitor_set_ranges(struct mpu_monitor *m, uint32_t slot,
                            const struct mpu_client_range *ranges, int n);
 int mpu_monitor_remove_client(struct mpu_monitor *m, uint32_t slot);
-/* Sets filler `index`'s socket (-1: none); what waited for the old one is
- * dropped: the server wakes every waiting client once the new one runs. */
-void mpu_monitor_set_filler(struct mpu_monitor *m, int index, int fd);
+/* Sets filler `index`'s socket (-1: none) and heartbeat slot; what waited
+ * for the old one is dropped: the server wakes every waiting client once
+ * the new one runs. */
+void mpu_monitor_set_filler(struct mpu_monitor *m, int index, int fd, int worker);
 /* Stops the thread and frees the monitor: 0, or -errno when the thread
  * could not be told to stop (the monitor is then left as it is). */
 int mpu_monitor_stop(struct mpu_monitor *m);

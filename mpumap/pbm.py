@@ -30,7 +30,7 @@ from mpumap.stores import files
 from mpumap.stores.files import DIRECT, MODE_CODES
 
 BUFFER_MAGIC = 0x4D50424D  # "MPBM"
-LAYOUT_VERSION = 6
+LAYOUT_VERSION = 7
 # Descriptors are numbered in 31 bits (and the limit is a u32).
 MAX_CAPACITY = (1 << 31) - 1
 

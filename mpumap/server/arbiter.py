@@ -263,7 +263,7 @@ class Arbiter:
         if worker.role == "evictor":
             self.writeback.evictor_started(worker.index)
             return
-        self.monitor.set_filler(worker.index, worker.channel.fileno())
+        self.monitor.set_filler(worker.index, worker.channel.fileno(), worker.heartbeat_slot)
         if worker.restarted:
             # Faults its predecessor was to answer, or that had nowhere to
             # go meanwhile: woken, the threads fault again, and it serves them.

@@ -2,7 +2,7 @@
 
 It sleeps in epoll on every client's userfaultfd, turns each fault address
 (a CVA) into (region, umap page), and hands it to the filler that owns that
-page, so that every fault on one page is served by one filler, in order.
+page, or to a free one while that one is busy (c/fastpath.c: route).
 The reading and dispatching (c/fastpath.c) meet no Python and no GIL; this
 class keeps the thread's tables: which clients, which ranges, which fillers'
 sockets.
@@ -14,11 +14,6 @@ from mpumap import core
 from mpumap._core import ffi, lib
 
 log = logging.getLogger("mpumap.monitor")
-
-
-def filler_for(region_slot, index, nfillers):
-    """The filler that serves every fault on this page."""
-    return lib.mpu_filler_for(region_slot, index, nfillers)
 
 
 class FaultMonitor:
@@ -57,9 +52,10 @@ class FaultMonitor:
         """Stop watching a client; its userfaultfd may be closed then."""
         lib.mpu_monitor_remove_client(self.c, slot)
 
-    def set_filler(self, index, fd):
-        """Where filler `index` takes its faults (-1: nowhere, for now)."""
-        lib.mpu_monitor_set_filler(self.c, index, fd)
+    def set_filler(self, index, fd, heartbeat_slot=-1):
+        """Where filler `index` takes its faults (-1: nowhere, for now), and
+        its heartbeat slot, where it says how busy it is."""
+        lib.mpu_monitor_set_filler(self.c, index, fd, heartbeat_slot)
 
     def stop(self):
         if self.c is None:

@@ -1,9 +1,9 @@
 """Filler processes: read a page from the store, UFFDIO_COPY it into the
 client that faulted, UFFDIO_WAKE every other client that waits on it.
 
-All faults on one page come to the same filler, in the order the monitor saw
-them, so a filler never races itself on a fault; the page-state word guards
-against the evictors and against read-ahead by other fillers.  Read-ahead and
+Faults on one page come to the same filler, in the order the monitor saw
+them, unless that filler is busy (then to a free one); the page-state word
+orders fillers on one page, and guards against the evictors.  Read-ahead and
 prefetch fill pages no client waits for: those go straight into the region's
 memfd, where every client finds them without a fault, copied with UFFDIO_COPY
 through a mapping of the filler's own (`--fill-by copy`) or written.

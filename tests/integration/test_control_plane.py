@@ -94,6 +94,45 @@ def test_a_stopped_filler_stalls_nobody_else_and_is_replaced(start_server, reade
     assert not alive
 
 
+def test_a_filler_busy_with_one_read_leaves_the_next_faults_to_an_idle_one(start_server,
+                                                                          readers, workdir):
+    """A fault goes to a filler with nothing in hand, not to one whose read
+    has not come back: while a filler waits for a read that never ends
+    (and the server has not given it up: --worker-timeout), a reader of
+    another file gets every page from the other filler, those of its pages
+    that hash to the caught filler too."""
+    other = make_file(os.path.join(workdir, "other.bin"), 4 * MiB, seed=84)
+    server = start_server("--buffer-size", "64M", "--fillers", 2, "--read-ahead", 0,
+                          "--worker-timeout", 90)
+    go = os.path.join(workdir, "go")
+    with stalling_fs(os.path.join(workdir, "fs"), f"slow.bin:{MiB}:stall") as fs:
+        # Mapped first: a filler caught in a read takes no news of regions.
+        reader = readers.start(server.socket, other, order="random", go=go)
+        readers.wait_ready(reader)
+        caught = subprocess.Popen([sys.executable, "-c", TOUCH_PAGE, server.socket,
+                                   os.path.join(fs, "slow.bin"), "0"],
+                                  stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 20
+            while not server.stats()["buffer"]["faults"]:
+                assert time.monotonic() < deadline, "the fault never came"
+                assert caught.poll() is None
+                time.sleep(0.05)
+            time.sleep(0.5)  # a filler took it up, and waits in the read
+            started = time.monotonic()
+            open(go, "w").close()
+            assert_clean(readers.result(reader, timeout=60))
+            took = time.monotonic() - started
+            # Half its pages hash to the caught filler: sent there, the first
+            # would wait for the caught filler's successor (90 s).
+            assert took < 30, f"the reader took {took:.1f} s"
+            assert caught.poll() is None  # still caught: it proved the point
+        finally:
+            for proc in (caught, reader):
+                proc.kill()
+                proc.communicate()
+
+
 TOUCH_PAGE = """
 import sys, mpumap
 with mpumap.connect(sys.argv[1]) as client:

@@ -53,7 +53,7 @@ class Monitor:
     def __init__(self):
         self.fillers = {}
 
-    def set_filler(self, index, fd):
+    def set_filler(self, index, fd, heartbeat_slot=-1):
         self.fillers[index] = fd
 
 
