@@ -43,12 +43,15 @@ every written byte checked.
     python scripts/bench.py --parts writes --size 1G
 """
 import argparse
+import contextlib
 import itertools
 import json
 import mmap
 import os
+import queue
 import random
-import select
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -111,6 +114,58 @@ def build_c_client(folder):
     return build_c_program(os.path.join(HERE, "bench_client.c"), folder)
 
 
+def mp_umap_parts(build):
+    """MP-UMap's server and client library in its build tree (LLNL's umap,
+    branch mpumap, built with cmake): their paths, or SystemExit."""
+    server = os.path.join(build, "tests", "umap-service", "umap-server")
+    libdir = os.path.join(build, "src", "umap")
+    for needed in (server, os.path.join(libdir, "libmpumapclient.so")):
+        if not os.path.isfile(needed):
+            raise SystemExit(f"--mp-umap {build}: no {needed} (build LLNL umap's mpumap branch "
+                             f"there with cmake)")
+    return server, libdir
+
+
+def build_mp_umap_client(folder, libdir):
+    """bench_client.c linked against MP-UMap's client library: the same API
+    (our header declares it), the same program."""
+    from mpumap import native
+
+    binary = os.path.join(folder, "bench_client_mp_umap")
+    subprocess.run(["cc", "-O2", "-o", binary, os.path.join(HERE, "bench_client.c"),
+                    *native.cflags(), f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-lmpumapclient",
+                    "-lstdc++", "-lpthread"], check=True)
+    return binary
+
+
+@contextlib.contextmanager
+def running_mp_umap(server, page_size, buffer, fillers):
+    """MP-UMap's server on a fresh socket, configured as ours is (its
+    variables: page size, buffer in pages, fillers, one evictor); yields the
+    socket's path.  Killed at the end: it may have died already (it does
+    when a client leaves while another is connected)."""
+    folder = tempfile.mkdtemp(prefix="mp-umap-", dir="/tmp")
+    sock = os.path.join(folder, "server.sock")
+    env = {**os.environ, "UMAP_PAGESIZE": str(page_size), "UMAP_BUFSIZE": str(buffer // page_size),
+           "UMAP_PAGE_FILLERS": str(fillers), "UMAP_PAGE_EVICTORS": "1"}
+    proc = subprocess.Popen([server, sock], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"MP-UMap's server did not start ({proc.poll()})")
+            time.sleep(0.05)
+        yield sock
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def kernel_faults(pid):
     """Minor plus major page faults of a process so far."""
     with open(f"/proc/{pid}/stat") as f:
@@ -129,6 +184,38 @@ def client_faults(sock, pids):
     return [by_pid.get(pid, 0) for pid in pids]
 
 
+def said(lines, deadline):
+    """A client's next word, from the queue its stdout's lines go to:
+    "ready", or a JSON line (what a client library prints besides is
+    skipped); None once it ended, TimeoutError past the deadline."""
+    while True:
+        try:
+            line = lines.get(timeout=max(0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise TimeoutError from None
+        if line is None:
+            return None
+        line = line.strip()
+        if line == "ready":
+            return line
+        if line.startswith("{"):
+            return json.loads(line)
+
+
+def lines_of(stream):
+    """A queue of the stream's lines (None at its end), filled by a thread:
+    select() on a pipe does not see what its reader has buffered already."""
+    lines = queue.Queue()
+
+    def read():
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
 def run_clients(language, kind, sock, path, order, clients, folder, c_binary,
                 server=None, pin=None, cgroup=None, timeout=1800):
     """Run the clients (in a memory cgroup, if given); returns their
@@ -138,7 +225,8 @@ def run_clients(language, kind, sock, path, order, clients, folder, c_binary,
     deadline = time.monotonic() + timeout
     go = os.path.join(folder, f"go-{kind}-{time.monotonic_ns()}")
     env = {**os.environ, "MPUMAP_SOCKET": sock or ""}
-    commands = [([c_binary, kind, path, order, str(i), go] if language == "c" else
+    through = "mpumap" if kind == "mp-umap" else kind  # its client library, MP-UMap's
+    commands = [([c_binary, through, path, order, str(i), go] if language == "c" else
                  [sys.executable, __file__, "--_client", kind, sock or "-", path, order,
                   str(i), go]) for i in range(clients)]
     if pin:
@@ -146,25 +234,34 @@ def run_clients(language, kind, sock, path, order, clients, folder, c_binary,
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env,
                               preexec_fn=cgroup.join if cgroup else None)
              for cmd in commands]
-    pids = [p.pid for p in procs]
+
+    lines = {proc: lines_of(proc.stdout) for proc in procs}
+
+    def next_word(proc, when):
+        try:
+            word = said(lines[proc], deadline)
+        except TimeoutError:
+            for p in procs:
+                p.kill()
+                p.communicate()
+            raise subprocess.TimeoutExpired(commands[0], timeout) from None
+        if word is None:
+            for p in procs:
+                p.kill()
+                p.communicate()
+            raise SystemExit(f"a {language} {kind} client failed {when} ({proc.wait()})")
+        return word
+
     for proc in procs:
-        if proc.stdout.readline().strip() != "ready":
+        if next_word(proc, "to start") != "ready":
             raise SystemExit(f"a {language} {kind} client failed to start")
+    pids = [p.pid for p in procs]
+    # The server's count for mpumap; the kernel's (all page faults) for the others.
     faults0 = client_faults(sock, pids) if kind == "mpumap" else list(map(kernel_faults, pids))
     read0 = bytes_read(sock) if kind == "mpumap" else 0
     cpu0 = server_cpu(server) if server else 0
     open(go, "w").close()
-    results = []
-    for proc in procs:
-        if not select.select([proc.stdout], [], [], max(0, deadline - time.monotonic()))[0]:
-            for p in procs:
-                p.kill()
-                p.communicate()
-            raise subprocess.TimeoutExpired(commands[0], timeout)
-        line = proc.stdout.readline()
-        if not line:
-            raise SystemExit(f"a {language} {kind} client failed while touching its pages")
-        results.append(json.loads(line))
+    results = [next_word(proc, "while touching its pages") for proc in procs]
     cpu = server_cpu(server) - cpu0 if server else 0
     faults1 = client_faults(sock, pids) if kind == "mpumap" else list(map(kernel_faults, pids))
     read = bytes_read(sock) - read0 if kind == "mpumap" else None
@@ -173,13 +270,15 @@ def run_clients(language, kind, sock, path, order, clients, folder, c_binary,
         result["read"] = read
     open(go + "-check", "w").close()
     for proc, result in zip(procs, results):
-        out, _ = proc.communicate(timeout=max(1, deadline - time.monotonic()))
-        if proc.returncode:
+        result.update(next_word(proc, "while checking"))
+    open(go + "-done", "w").close()
+    for proc, result in zip(procs, results):
+        proc.communicate(timeout=max(1, deadline - time.monotonic()))
+        if proc.returncode or not result["ok"]:
             raise SystemExit(f"a {language} {kind} client found wrong bytes or failed "
                              f"({proc.returncode})")
-        result.update(json.loads(out.strip().splitlines()[-1]))
-    os.unlink(go)
-    os.unlink(go + "-check")
+    for name in (go, go + "-check", go + "-done"):
+        os.unlink(name)
     return results, cpu
 
 
@@ -276,7 +375,7 @@ def set_page_cache(path, cache):
 
 
 def measure(path, size, case, server_args, folder, c_binary, pin=None, kernel_budget=True,
-            floor_binary=None):
+            floor_binary=None, mp_umap=None):
     page_size, buffer, clients, order, cache, read_ahead, store_io, language = case
     row = {"client": language, "order": order, "cache": cache, "clients": clients,
            "page_size": page_size, "buffer": buffer, "size": size,
@@ -291,6 +390,13 @@ def measure(path, size, case, server_args, folder, c_binary, pin=None, kernel_bu
         results, cpu = run_clients(language, "mpumap", sock, path, order, clients, folder,
                                    c_binary, server=proc, pin=pin)
         row["mpumap"] = summary(results, touched, clients, cpu)
+    if mp_umap and language == "c":
+        server, binary, fillers = mp_umap
+        with running_mp_umap(server, page_size, buffer, fillers) as sock:
+            set_page_cache(path, cache)
+            results, _ = run_clients(language, "mp-umap", sock, path, order, clients, folder,
+                                     binary, pin=pin)
+            row["mp_umap"] = summary(results, touched, clients)
     set_page_cache(path, cache)
     results, _ = run_clients(language, "mmap", None, path, order, clients, folder, c_binary,
                              pin=pin)
@@ -345,7 +451,11 @@ def median_row(rows):
     rows = sorted(rows, key=lambda r: r["mpumap"]["gbps"])
     row = dict(rows[len(rows) // 2])
     row["runs"] = [{"mpumap_gbps": r["mpumap"]["gbps"], "mmap_gbps": r["mmap"]["gbps"],
+                    "mp_umap_gbps": r.get("mp_umap", {}).get("gbps"),
                     "us_per_fault": r["mpumap"]["us_per_fault"]} for r in rows]
+    shown = [r["mp_umap"]["gbps"] for r in rows if r.get("mp_umap")]
+    if shown:  # its own median, beside ours
+        row["mp_umap"] = dict(row.get("mp_umap") or {}, gbps=sorted(shown)[len(shown) // 2])
     return row
 
 
@@ -364,12 +474,13 @@ def gbps_text(value):
 def print_table(rows):
     head = (f"{'client':7}{'order':7}{'cache':6}{'io':7}{'ra':>5}{'cl':>3}{'page':>6}"
             f"{'buffer':>8}  {'mpumap':>8}{'mmap':>8}{'ratio':>7}{'k-budget':>9}{'x':>7}"
+            f"{'MP-UMap':>8}"
             f"{'read':>7}{'disk1':>7}{'disk2':>7}{'fill':>7}  {'mpumap f/s':>11}{'mmap f/s':>10}{'us/fault':>9}"
             f"{'srv us/f':>9}  ok")
     print("GB/s; k-budget: the kernel's mmap in a memory cgroup of the buffer's size, x: "
           "mpumap over it; read: what mpumap read from the file; disk1, disk2: O_DIRECT reads of "
           "one page in the same order, 1 and 2 at a time; fill: the random faults' work "
-          "without mpumap (bench_floor), a thread a client")
+          "without mpumap (bench_floor), a thread a client; MP-UMap: LLNL's, with --mp-umap")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -384,6 +495,7 @@ def print_table(rows):
               f"{r['read_ahead']:>5}{r['clients']:>3}{r['page_size'] >> 10:>5}K"
               f"{r['buffer'] >> 20:>7}M  {u['gbps']:>8.3f}{k['gbps']:>8.3f}{r['ratio']:>7.2f}"
               f"{budget_text(b):>9}{times:>7}"
+              f"{gbps_text(r.get('mp_umap', {}).get('gbps')):>8}"
               f"{gbps_text(u.get('read_gbps')):>7}{gbps_text(r['disk'][1]):>7}{gbps_text(r['disk'][2]):>7}"
               f"{gbps_text(r.get('fill')):>7}"
               f"  {u['faults_per_s']:>11.0f}{k['faults_per_s']:>10.0f}{u['us_per_fault']:>9.1f}"
@@ -530,6 +642,11 @@ def main():
                    help="run the server (--cpus) and the clients (taskset) on these CPUs")
     p.add_argument("--parts", default="reads",
                    help="reads (the matrix above), writes (the write rows), or both (reads)")
+    p.add_argument("--mp-umap", metavar="BUILD",
+                   help="also run the C client rows through LLNL's MP-UMap (umap's mpumap "
+                        "branch, built with cmake in BUILD): its server with the same page "
+                        "size, buffer and fillers, the same client program linked against "
+                        "its client library")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     p.add_argument("--_client", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -567,6 +684,10 @@ def main():
             path = args.file or make_file(os.path.join(folder, "bench.bin"), size, seed=7)
             c_binary = build_c_client(folder) if "c" in split(args.client) else None
             floor_binary = build_c_program(os.path.join(HERE, "bench_floor.c"), folder)
+            mp_umap = None
+            if args.mp_umap:
+                server, libdir = mp_umap_parts(args.mp_umap)
+                mp_umap = (server, build_mp_umap_client(folder, libdir), args.fillers)
             print(f"file {path}: {size >> 20} MiB; one byte touched per {TOUCH} B page; "
                   f"{args.runs} run(s) a row", flush=True)
             for case in itertools.product(
@@ -582,7 +703,8 @@ def main():
                 runs, thrashed = [], None
                 for _ in range(args.runs):
                     run = measure(path, size, case, server_args, folder, c_binary, args.pin,
-                                  args.kernel_budget and thrashed is None, floor_binary)
+                                  args.kernel_budget and thrashed is None, floor_binary,
+                                  mp_umap)
                     budget = run["kernel_budget"]
                     if budget is not None and budget["gbps"] is None:
                         thrashed = budget

@@ -6,8 +6,10 @@
  *     bench_client mpumap|mmap FILE seq|random SEED GOFILE
  *
  * Prints "ready" once mapped, waits for GOFILE, touches, prints
- * {"seconds": S}, waits for GOFILE-check, checks, prints {"ok": true|false}.
- * scripts/bench.py builds and drives it.
+ * {"seconds": S}, waits for GOFILE-check, checks, prints {"ok": true|false},
+ * and disconnects once GOFILE-done exists.  It connects to $MPUMAP_SOCKET
+ * (else the library's default).  scripts/bench.py builds and drives it, also
+ * against MP-UMap's client library (--mp-umap).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -54,7 +56,9 @@ int main(int argc, char **argv)
     size_t size = (size_t)st.st_size, pages = (size + TOUCH - 1) / TOUCH;
     const volatile unsigned char *data;
     if (through_mpumap) {
-        init_umap_client(NULL);
+        /* (MP-UMap's library takes no NULL.) */
+        const char *sock = getenv("MPUMAP_SOCKET");
+        init_umap_client(sock && *sock ? sock : NULL);
         data = client_umap(path, PROT_READ, MAP_SHARED, NULL);
         if (!data)
             return 1;   /* the library said why on stderr */
@@ -94,7 +98,13 @@ int main(int argc, char **argv)
         ok = touched[i] == data[order[i] * TOUCH];
     printf("{\"ok\": %s}\n", ok ? "true" : "false");
     fflush(stdout);
-    if (through_mpumap)
+    if (through_mpumap) {
+        /* Connected until every client is done: MP-UMap's server dies when
+         * a client leaves while another is connected. */
+        char done[strlen(go) + 8];
+        snprintf(done, sizeof done, "%s-done", go);
+        wait_for(done);
         close_umap_client();
+    }
     return ok ? 0 : 1;
 }
