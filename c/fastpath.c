@@ -447,18 +447,18 @@ static uint64_t read_around_of(struct mpu_monitor *m, struct range *r, uint64_t 
 }
 
 /* Whether a filler would take a fault up now: every fault sent to it is
- * taken up, none in this batch, and it is in no store (reading a page, a
- * window, or writing one back).  One that answers a fault it has read
- * (UFFDIO_COPY, then WAKE) is free: its client may fault again before
- * that call returns. */
+ * taken up, none in this batch, and it reads the store for none.  One that
+ * answers a fault it has read (UFFDIO_COPY, then WAKE) is free: its client
+ * may fault again before that call returns.  So is one that reads a
+ * window (read-ahead, prefetch): it serves faults between its runs, and a
+ * fault sent elsewhere would often wait for a page of that window. */
 static int filler_free(struct mpu_monitor *m, uint32_t to, const uint32_t *counts)
 {
     const struct outbox *o = &m->out[to];
     if (o->fd < 0 || o->worker < 0 || counts[to])
         return 0;
     uint64_t taken = mpu_load64(&m->h->taken[o->worker]);
-    return (int64_t)(o->sent - taken) <= 0
-           && !__atomic_load_n(&m->h->in_store[o->worker], __ATOMIC_ACQUIRE);
+    return (int64_t)(o->sent - taken) <= 0 && !mpu_load64(&m->h->fault_reading[o->worker]);
 }
 
 /* The filler for a fault: its page's (mpu_filler_for), unless that one is
@@ -886,6 +886,13 @@ static void reading(struct mpu_filler *f, const struct mpu_region_slot *r)
     mpu_set_in_store(f->h, (int32_t)f->worker, r ? slot_of(f, r) : 0, r ? r->gen : 0);
 }
 
+/* Says whether the filler reads the store for a fault now (route). */
+static void fault_reading(struct mpu_filler *f, int on)
+{
+    if (f->serving && f->worker < MPU_WORKER_SLOTS)
+        __atomic_store_n(&f->h->fault_reading[f->worker], (uint64_t)on, __ATOMIC_RELEASE);
+}
+
 /* Whether the region's store hung a worker (mpu_region_stall). */
 static int stalled(const struct mpu_filler *f, const struct mpu_region_slot *r)
 {
@@ -1165,9 +1172,14 @@ static int64_t read_run(struct mpu_filler *f, struct mpu_region_slot *r,
     uint64_t offset = first * f->page_size;
     uint64_t started = mpu_now_ns();
     beat(f);
-    if (r->store_mode == MPU_STORE_CALL)
-        return call_store(f, r, offset, want, started);  /* (it has deadlines) */
+    if (r->store_mode == MPU_STORE_CALL) {
+        fault_reading(f, 1);
+        int64_t got = call_store(f, r, offset, want, started);  /* (it has deadlines) */
+        fault_reading(f, 0);
+        return got;
+    }
     reading(f, r);
+    fault_reading(f, 1);
     int fd = r->store_fd, direct = r->store_mode == MPU_STORE_DIRECT, drop = 0;
     if (scan && direct && (fd = scan_reader(r)) >= 0)
         direct = 0, drop = 1;
@@ -1186,6 +1198,7 @@ static int64_t read_run(struct mpu_filler *f, struct mpu_region_slot *r,
                 continue;
             int err = errno;
             reading(f, NULL);
+            fault_reading(f, 0);
             beat(f);
             return -err;
         }
@@ -1196,6 +1209,7 @@ static int64_t read_run(struct mpu_filler *f, struct mpu_region_slot *r,
             break;  /* a short O_DIRECT read ends at the end of the file */
     }
     reading(f, NULL);
+    fault_reading(f, 0);
     beat(f);
     if (got < want)
         memset(f->chunk + got, 0, want - got);
@@ -1831,12 +1845,14 @@ static void serve_packet(struct mpu_filler *f, const char *packet, size_t n)
     if (head.count < count)
         count = head.count;
     const struct mpu_fault *faults = (const struct mpu_fault *)(packet + sizeof head);
+    f->serving = 1;
     for (uint32_t i = 0; i < count; i++) {
         if (f->worker < MPU_WORKER_SLOTS)
             mpu_add64(&f->h->taken[f->worker], 1);
         serve_one(f, &faults[i]);
         beat(f);
     }
+    f->serving = 0;
 }
 
 struct recvmsg_args {

@@ -125,6 +125,8 @@ struct mpu_filler {
     uint32_t worker;           /* heartbeat slot */
     uint32_t index;            /* among the fillers */
     uint32_t nfillers;
+    uint32_t serving;          /* a fault, not a window or prefetch (route) */
+    uint32_t pad;
     uint64_t system_page;
     uint64_t page_size;
     uint64_t read_ahead;

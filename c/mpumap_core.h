@@ -219,10 +219,11 @@ struct mpu_header {
      * mpu_worker_in_store): told of a worker that hangs, the supervisor
      * knows whose store hung it. */
     uint64_t in_store[MPU_WORKER_SLOTS];
-    /* Faults each filler has taken up: set beside what the monitor sent
-     * it, and in_store, they tell the monitor which fillers are free (see
-     * route in c/fastpath.c). */
+    /* Faults each filler has taken up, and whether it reads the store for
+     * one now: set beside what the monitor sent it, they tell the monitor
+     * which fillers are free (see route in c/fastpath.c). */
     uint64_t taken[MPU_WORKER_SLOTS];
+    uint64_t fault_reading[MPU_WORKER_SLOTS];
     struct mpu_client_stats clients[MPU_CLIENT_SLOTS];
     struct mpu_writer writers[MPU_MAX_WRITERS];  /* under the lock below */
     /* The page directory, which follows in the segment (c/pbm.c): guarded
