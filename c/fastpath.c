@@ -830,8 +830,11 @@ void mpu_monitor_set_filler(struct mpu_monitor *m, int index, int fd, int worker
         outbox_clear(m, index);
         o->fd = fd;
         o->worker = fd >= 0 && worker >= 0 && worker < MPU_WORKER_SLOTS ? worker : -1;
-        /* What a filler that died had in hand is not its successor's. */
+        /* What a filler that died had in hand, or was reading, is not its
+         * successor's. */
         o->sent = o->worker >= 0 ? mpu_load64(&m->h->taken[o->worker]) : 0;
+        if (o->worker >= 0)
+            __atomic_store_n(&m->h->fault_reading[o->worker], 0, __ATOMIC_RELEASE);
     }
     pthread_mutex_unlock(&m->lock);
 }
