@@ -882,18 +882,20 @@ static uint32_t slot_of(const struct mpu_filler *f, const struct mpu_region_slot
     return (uint32_t)(r - f->regions);
 }
 
-/* What this filler reads from now on (NULL: nothing), for the supervisor
- * that finds it hung to know whose store hangs (mpu_set_in_store). */
-static void reading(struct mpu_filler *f, const struct mpu_region_slot *r)
-{
-    mpu_set_in_store(f->h, (int32_t)f->worker, r ? slot_of(f, r) : 0, r ? r->gen : 0);
-}
-
 /* Says whether the filler reads the store for a fault now (route). */
 static void fault_reading(struct mpu_filler *f, int on)
 {
     if (f->serving && f->worker < MPU_WORKER_SLOTS)
         __atomic_store_n(&f->h->fault_reading[f->worker], (uint64_t)on, __ATOMIC_RELEASE);
+}
+
+/* What this filler reads from now on (NULL: nothing), for the supervisor
+ * that finds it hung to know whose store hangs (mpu_set_in_store), and for
+ * the monitor (fault_reading). */
+static void reading(struct mpu_filler *f, const struct mpu_region_slot *r)
+{
+    mpu_set_in_store(f->h, (int32_t)f->worker, r ? slot_of(f, r) : 0, r ? r->gen : 0);
+    fault_reading(f, r != NULL);
 }
 
 /* Whether the region's store hung a worker (mpu_region_stall). */
@@ -1182,7 +1184,6 @@ static int64_t read_run(struct mpu_filler *f, struct mpu_region_slot *r,
         return got;
     }
     reading(f, r);
-    fault_reading(f, 1);
     int fd = r->store_fd, direct = r->store_mode == MPU_STORE_DIRECT, drop = 0;
     if (scan && direct && (fd = scan_reader(r)) >= 0)
         direct = 0, drop = 1;
@@ -1201,7 +1202,6 @@ static int64_t read_run(struct mpu_filler *f, struct mpu_region_slot *r,
                 continue;
             int err = errno;
             reading(f, NULL);
-            fault_reading(f, 0);
             beat(f);
             return -err;
         }
@@ -1212,7 +1212,6 @@ static int64_t read_run(struct mpu_filler *f, struct mpu_region_slot *r,
             break;  /* a short O_DIRECT read ends at the end of the file */
     }
     reading(f, NULL);
-    fault_reading(f, 0);
     beat(f);
     if (got < want)
         memset(f->chunk + got, 0, want - got);

@@ -87,17 +87,18 @@ def running_server(*args, log=None):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def build_c_program(source, folder):
-    """Compile a C client program against libmpumapclient into folder; the
-    path of the binary."""
+def build_c_program(source, folder, name=None, libs=None):
+    """Compile a C client program with our client header into folder,
+    linked against libmpumapclient (or `libs`); the path of the binary
+    (named after the source, or `name`)."""
     from mpumap import native
 
-    binary = os.path.join(folder, os.path.splitext(os.path.basename(source))[0])
+    binary = os.path.join(folder, name or os.path.splitext(os.path.basename(source))[0])
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise SystemExit("no C compiler: run scripts/setup-system.sh")
-    subprocess.run([cc, "-O2", "-o", binary, source, *native.cflags(), *native.libs()],
-                   check=True)
+    subprocess.run([cc, "-O2", "-o", binary, source, *native.cflags(),
+                    *(native.libs() if libs is None else libs)], check=True)
     return binary
 
 

@@ -129,13 +129,10 @@ def mp_umap_parts(build):
 def build_mp_umap_client(folder, libdir):
     """bench_client.c linked against MP-UMap's client library: the same API
     (our header declares it), the same program."""
-    from mpumap import native
-
-    binary = os.path.join(folder, "bench_client_mp_umap")
-    subprocess.run(["cc", "-O2", "-o", binary, os.path.join(HERE, "bench_client.c"),
-                    *native.cflags(), f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-lmpumapclient",
-                    "-lstdc++", "-lpthread"], check=True)
-    return binary
+    return build_c_program(os.path.join(HERE, "bench_client.c"), folder,
+                           name="bench_client_mp_umap",
+                           libs=[f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-lmpumapclient",
+                                 "-lstdc++", "-lpthread"])
 
 
 @contextlib.contextmanager
@@ -235,21 +232,23 @@ def run_clients(language, kind, sock, path, order, clients, folder, c_binary,
                               preexec_fn=cgroup.join if cgroup else None)
              for cmd in commands]
 
+    # Their lines are read by threads (lines_of): only wait() here.
     lines = {proc: lines_of(proc.stdout) for proc in procs}
+
+    def kill_all():
+        for p in procs:
+            p.kill()
+            p.wait()
 
     def next_word(proc, when):
         try:
             word = said(lines[proc], deadline)
         except TimeoutError:
-            for p in procs:
-                p.kill()
-                p.communicate()
+            kill_all()
             raise subprocess.TimeoutExpired(commands[0], timeout) from None
         if word is None:
-            for p in procs:
-                p.kill()
-                p.communicate()
-            raise SystemExit(f"a {language} {kind} client failed {when} ({proc.wait()})")
+            kill_all()
+            raise SystemExit(f"a {language} {kind} client failed {when} ({proc.returncode})")
         return word
 
     for proc in procs:
@@ -273,7 +272,7 @@ def run_clients(language, kind, sock, path, order, clients, folder, c_binary,
         result.update(next_word(proc, "while checking"))
     open(go + "-done", "w").close()
     for proc, result in zip(procs, results):
-        proc.communicate(timeout=max(1, deadline - time.monotonic()))
+        proc.wait(timeout=max(1, deadline - time.monotonic()))
         if proc.returncode or not result["ok"]:
             raise SystemExit(f"a {language} {kind} client found wrong bytes or failed "
                              f"({proc.returncode})")
