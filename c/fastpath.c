@@ -1590,8 +1590,12 @@ static void past_the_end(struct mpu_filler *f, struct mpu_region_slot *r, uint32
         kept = len;
     if (kept < len) {
         /* Poisoned before the copy wakes the client: woken first, it could
-         * fault past the end again before the poison is there. */
-        int err = -mpu_uffd_poison(uffd, address + kept, len - kept, kept == 0);
+         * fault past the end again before the poison is there.  The poison
+         * wakes whoever faulted past the end (the copy wakes only those
+         * within what it copies): a fault there, with the page's first
+         * bytes in the buffer already, was not woken, and waited for
+         * ever. */
+        int err = -mpu_uffd_poison(uffd, address + kept, len - kept, 1);
         if (err && err != EEXIST && (no_poison(err) || !gone(err))) {
             /* No UFFDIO_POISON (an old kernel, or a client that did not ask
              * for it): zeros, as a hole would read. */

@@ -131,6 +131,31 @@ def test_truncated_file_gives_sigbus_past_its_end(start_server, workdir):
     assert server.proc.poll() is None
 
 
+@pytest.mark.parametrize("page", ["4K", "64K"])
+def test_a_scan_reads_ahead_past_where_the_file_now_ends(start_server, workdir, page):
+    """The file shrinks after its region was made, before a scan reaches
+    its end: the scan's read-ahead windows copy from the page cache until
+    the file ends (and then fail, where the file is no more), and the
+    scan reads the file's bytes up to its new end, zeros in the rest of
+    that system page, and SIGBUS past it."""
+    import mpumap
+
+    path = make_file(os.path.join(workdir, "shrinking.bin"), 16 * MiB, seed=54)
+    original = open(path, "rb").read()
+    end = 6 * MiB + 100
+    server = start_server("--page-size", page, "--buffer-size", "64M", "--fillers", 2)
+    with mpumap.connect(server.socket) as client, client.map(path) as m:
+        assert m[:1] == original[:1]  # the region: 16 MiB
+        os.truncate(path, end)
+        scan = touch(server, path, (0, end), (end, 6 * MiB + 4096))
+        assert scan.returncode == 0, scan.stderr
+        assert scan.stdout == original[:end] + bytes(4096 - 100)
+        assert server.stats()["buffer"]["readahead_fills"] > 0
+        past = touch(server, path, (6 * MiB + 8192, 6 * MiB + 8193))
+        assert past.returncode == -signal.SIGBUS and past.stdout == b""
+    assert server.proc.poll() is None
+
+
 def test_a_read_error_is_not_taken_for_a_file_that_shrank(start_server, workdir):
     import mpumap
 
