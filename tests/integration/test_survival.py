@@ -134,10 +134,11 @@ def test_truncated_file_gives_sigbus_past_its_end(start_server, workdir):
 @pytest.mark.parametrize("page", ["4K", "64K"])
 def test_a_scan_reads_ahead_past_where_the_file_now_ends(start_server, workdir, page):
     """The file shrinks after its region was made, before a scan reaches
-    its end: the scan's read-ahead windows copy from the page cache until
-    the file ends (and then fail, where the file is no more), and the
-    scan reads the file's bytes up to its new end, zeros in the rest of
-    that system page, and SIGBUS past it."""
+    its end: the scan reads the file's bytes up to its new end (its
+    read-ahead windows get what the file still holds), zeros in the rest
+    of that system page, and SIGBUS past it, in that process and in the
+    next (whose fault lands past the end of a page whose first bytes the
+    buffer holds)."""
     import mpumap
 
     path = make_file(os.path.join(workdir, "shrinking.bin"), 16 * MiB, seed=54)
