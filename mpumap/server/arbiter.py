@@ -19,7 +19,7 @@ import time
 
 from mpumap.pbm import PageBuffer
 from mpumap.server.clients import ClientTable
-from mpumap.server.control import Channel, Countdown
+from mpumap.server.control import Channel, Countdown, duplicates
 from mpumap.server.listener import Listener
 from mpumap.server.monitor import FaultMonitor
 from mpumap.server.regions import RegionTable
@@ -253,7 +253,7 @@ class Arbiter:
         messages = self.handler.state_messages(role)
         done = Countdown(len(messages), lambda: self._ready(worker))
         for data, fds in messages:
-            worker.channel.post(data, fds, done.done)
+            worker.channel.post(data, duplicates(fds, 1)[0], done.done)
         log.debug("started %s", worker)
         return worker
 
@@ -271,11 +271,13 @@ class Arbiter:
 
     def tell(self, data, fds=(), role=None, then=None):
         """Post a message to every live worker (of a role); `then` runs once
-        every one of them has it in its socket."""
+        every one of them has it in its socket.  All or none: an OSError
+        (no descriptor left to send `fds` with) comes before any has it."""
         targets = [w for w in self.by_slot.values() if role is None or w.role == role]
+        copies = duplicates(fds, len(targets))
         done = Countdown(len(targets), then or (lambda: None))
-        for worker in targets:
-            worker.channel.post(data, fds, done.done)
+        for worker, mine in zip(targets, copies):
+            worker.channel.post(data, mine, done.done)
 
     def post_to_evictor(self, index, data):
         """A message for evictor `index` alone; False when none runs now

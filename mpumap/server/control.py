@@ -21,8 +21,9 @@ class Channel:
     """The arbiter's end of one worker's socketpair.
 
     Owns the socket (non-blocking), and the messages that wait for room in
-    it, each with duplicates of the descriptors it carries (the originals
-    may be closed before it leaves: a region released meanwhile).
+    it, each with the descriptors it carries: duplicates, handed over by
+    whoever posted it (the originals may be closed before it leaves: a
+    region released meanwhile), and closed once it left.
 
     Invariants: messages leave in the order they were posted; one waits
     only behind others; every message's `sent` callback is called exactly
@@ -45,12 +46,16 @@ class Channel:
         return len(self._backlog)
 
     def post(self, data, fds=(), sent=None):
-        """Send a message, or queue it behind those waiting already."""
+        """Send a message, or queue it behind those waiting already.  Its
+        descriptors are the channel's from now on (see `duplicates`): a
+        post cannot fail half-way for want of a descriptor."""
+        fds = list(fds)
         if not self._backlog and self._send(data, fds):
+            close_all(fds)
             if sent:
                 sent()
             return
-        self._backlog.append((data, [os.dup(fd) for fd in fds], sent))
+        self._backlog.append((data, fds, sent))
         if len(self._backlog) == 1:
             self._on_backlog(True)
 
@@ -91,6 +96,24 @@ class Channel:
             if sent:
                 sent()
         self.sock.close()
+
+
+def duplicates(fds, count):
+    """`count` lists of duplicates of `fds`, for a message to as many
+    channels: all made before any is used, so that a broadcast that finds
+    no descriptor left (EMFILE) fails before a worker has it, and not after
+    some have it and others never will."""
+    made = []
+    try:
+        for _ in range(count):
+            made.append([])
+            for fd in fds:
+                made[-1].append(os.dup(fd))
+    except BaseException:
+        for copies in made:
+            close_all(copies)
+        raise
+    return made
 
 
 class Countdown:

@@ -318,9 +318,13 @@ class RequestHandler:
         self.pause(conn)
         # Every worker: fillers answer its faults, evictors protect the pages
         # it may write before they write them back.
-        self.tell(client_message(conn), [uffd], None,
-                  lambda: self.finish(conn, lambda: self.reply(conn, Msg.WELCOME, welcome,
-                                                               [self.pidfd])))
+        try:
+            self.tell(client_message(conn), [uffd], None,
+                      lambda: self.finish(conn, lambda: self.reply(conn, Msg.WELCOME, welcome,
+                                                                   [self.pidfd])))
+        except OSError:
+            self.resume(conn)  # no worker knows it: refused (readable), not left waiting
+            raise
 
     def may_map(self, conn):
         """Refuse a map past what a client or user may hold."""
@@ -432,7 +436,16 @@ class RequestHandler:
             if region.write_fd < 0:
                 # The first writer's descriptor: evictors write back through it.
                 self.regions.set_write_fd(region, write_fd)
-                self.tell(*region.write_fd_message(), "evictor")
+                try:
+                    self.tell(*region.write_fd_message(), "evictor")
+                except OSError as exc:
+                    # No evictor has it: nobody may write the region yet.
+                    self.regions.set_write_fd(region, -1)  # (closed)
+                    if not region.mappings:
+                        self.release(region)
+                    self.refuse(conn, exc.errno or errno.EIO,
+                                f"telling the evictors of it: {exc.strerror or exc}")
+                    return
             else:
                 close_aside(write_fd)
         mapping = ClientMapping(next(self.ids), region, writable=write_fd >= 0,
@@ -481,7 +494,13 @@ class RequestHandler:
                 then()
 
         data, fds = region.message()
-        self.tell(data, fds, None, announced)
+        try:
+            self.tell(data, fds, None, announced)
+        except OSError:
+            # No worker has it (tell: all or none): as if it was never made.
+            del self.announcing[region.rid]
+            self.regions.release(region)
+            raise
         return region
 
     def on_register(self, conn, values, payload, fds):

@@ -361,3 +361,40 @@ def test_out_of_descriptors_accept_backs_off_and_logs_once(start_server):
     log = server.output()
     assert len([line for line in log.splitlines() if "accept:" in line]) == 1, log
     assert "accepting again" in log
+
+
+def test_out_of_descriptors_a_map_is_refused_and_nothing_is_left_half_done(start_server,
+                                                                           workdir):
+    """A server that runs out of descriptors while it makes regions refuses
+    the map that found none (its workers hear of a region all at once or
+    not at all), serves what it mapped before, and maps that file once
+    there is room again."""
+    import errno
+
+    server = start_server("--page-size", "4K", "--buffer-size", "16M")
+    paths = [make_file(os.path.join(workdir, f"f{i}.bin"), 64 << 10, seed=100 + i)
+             for i in range(60)]
+    ps = psutil.Process(server.proc.pid)
+    soft, hard = ps.rlimit(psutil.RLIMIT_NOFILE)
+    ps.rlimit(psutil.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{ps.pid}/fd")) + 24, hard))
+    with mpumap.connect(server.socket) as client:
+        mapped, refused = [], None
+        for path in paths:
+            try:
+                mapped.append((path, client.map(path)))
+            except OSError as exc:
+                refused = path, exc
+                break
+        assert refused, "60 regions in 24 descriptors"
+        path, exc = refused
+        assert exc.errno == errno.EMFILE, exc
+        with pytest.raises(OSError):  # refused again, not left waiting
+            client.map(path)
+        for p, m in mapped:
+            assert m[:] == open(p, "rb").read()
+        for _, m in mapped[:4]:
+            m.close()
+        with client.map(path) as again:  # their regions' descriptors, closed
+            assert again[:] == open(path, "rb").read()
+    ps.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
+    assert server.proc.poll() is None
