@@ -18,6 +18,7 @@ import socket
 import time
 
 from mpumap.pbm import PageBuffer
+from mpumap.protocol import close_all
 from mpumap.server.clients import ClientTable
 from mpumap.server.control import Channel, Countdown, duplicates
 from mpumap.server.listener import Listener
@@ -215,8 +216,12 @@ class Arbiter:
     def spawn(self, role, index, restarted=False):
         """Start a worker for a slot; OSError (no memory or descriptors for
         it) leaves nothing behind."""
-        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        state = []  # (data, its descriptors' duplicates), made while a failure costs nothing
+        parent_sock = child_sock = None
         try:
+            for data, fds in self.handler.state_messages(role):
+                state.append((data, duplicates(fds, 1)[0]))
+            parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             for sock in (parent_sock, child_sock):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WORKER_SOCKET_BUFFER)
             worker = ROLES[role](index, self.settings, self.buffer, self.evict_fds, self.pid)
@@ -234,8 +239,11 @@ class Arbiter:
                 parent_sock.detach()
                 worker.init_process(child_sock)  # never returns
         except BaseException as exc:
-            parent_sock.close()
-            child_sock.close()
+            for sock in (parent_sock, child_sock):
+                if sock is not None:
+                    sock.close()
+            for _, fds in state:
+                close_all(fds)
             if isinstance(exc, OSError):
                 raise SpawnFailed(exc.errno, exc.strerror) from exc
             raise
@@ -250,10 +258,9 @@ class Arbiter:
                                lambda mask: self.on_worker(worker, mask))
         # What exists goes to it first; then (for a filler) the monitor may
         # send it faults, which can only name what it has heard of.
-        messages = self.handler.state_messages(role)
-        done = Countdown(len(messages), lambda: self._ready(worker))
-        for data, fds in messages:
-            worker.channel.post(data, duplicates(fds, 1)[0], done.done)
+        done = Countdown(len(state), lambda: self._ready(worker))
+        for data, fds in state:
+            worker.channel.post(data, fds, done.done)
         log.debug("started %s", worker)
         return worker
 

@@ -309,8 +309,6 @@ class RequestHandler:
         except BaseException:
             self.clients.unmake_client(conn)
             raise
-        self.clients.welcomed(conn)
-        log.debug("%s connected", conn)
         s = self.settings
         welcome = protocol.WELCOME.pack(
             SYSTEM_PAGE_SIZE, s.page_size, self.buffer.limit, s.fillers, s.evictors,
@@ -323,8 +321,14 @@ class RequestHandler:
                       lambda: self.finish(conn, lambda: self.reply(conn, Msg.WELCOME, welcome,
                                                                    [self.pidfd])))
         except OSError:
-            self.resume(conn)  # no worker knows it: refused (readable), not left waiting
+            # No worker knows it (tell: all or none): nobody's client, and
+            # refused (readable), not left waiting.
+            self.monitor.forget(conn.slot)
+            self.clients.unmake_client(conn)
+            self.resume(conn)
             raise
+        self.clients.welcomed(conn)
+        log.debug("%s connected", conn)
 
     def may_map(self, conn):
         """Refuse a map past what a client or user may hold."""

@@ -398,3 +398,64 @@ def test_out_of_descriptors_a_map_is_refused_and_nothing_is_left_half_done(start
             assert again[:] == open(path, "rb").read()
     ps.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
     assert server.proc.poll() is None
+
+
+def test_a_filler_that_died_out_of_descriptors_starts_again_once_there_are_some(start_server,
+                                                                               workdir):
+    """Its successor needs a socket pair and a copy of each region's
+    descriptors: while there are none, the server serves on and tries again
+    every second; once there are, the successor hears of every region and
+    serves the faults."""
+    server = start_server("--page-size", "4K", "--buffer-size", "16M", "--fillers", 2,
+                          "--read-ahead", 0)
+    paths = [make_file(os.path.join(workdir, f"r{i}.bin"), MiB, seed=200 + i)
+             for i in range(3)]
+    ps = psutil.Process(server.proc.pid)
+    soft, hard = ps.rlimit(psutil.RLIMIT_NOFILE)
+    with mpumap.connect(server.socket) as client:
+        maps = [client.map(p) for p in paths]
+        assert maps[0][:4096] == open(paths[0], "rb").read(4096)
+        (filler,) = [w for w in server.workers() if "filler 0" in " ".join(w.cmdline())]
+        ps.rlimit(psutil.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{ps.pid}/fd")) + 1, hard))
+        try:
+            filler.send_signal(signal.SIGKILL)
+            deadline = time.monotonic() + 20
+            while server.output().count("cannot start filler 0 again") < 2:
+                assert time.monotonic() < deadline and server.proc.poll() is None, \
+                    server.output()
+                time.sleep(0.1)
+        finally:
+            ps.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
+        deadline = time.monotonic() + 20
+        while server.stats()["buffer"]["restarts"] < 1:
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.1)
+        for path, m in zip(paths, maps):
+            assert m[:] == open(path, "rb").read()
+    assert server.proc.poll() is None
+
+
+def test_a_hello_that_finds_no_descriptors_is_refused_and_nobody_s_client(start_server,
+                                                                        workdir):
+    """The workers hear of a client with a copy of its userfaultfd each:
+    with none to be had, HELLO is refused (EMFILE), and the connection
+    holds no client slot; once there is room, clients connect and read."""
+    import errno
+
+    path = make_file(os.path.join(workdir, "data.bin"), MiB, seed=210)
+    server = start_server("--page-size", "4K", "--buffer-size", "16M")
+    ps = psutil.Process(server.proc.pid)
+    soft, hard = ps.rlimit(psutil.RLIMIT_NOFILE)
+    # Room for the connection and the userfaultfd it sends, not for copies.
+    ps.rlimit(psutil.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{ps.pid}/fd")) + 2, hard))
+    try:
+        with pytest.raises(OSError) as refused:
+            mpumap.connect(server.socket, timeout=10)
+        assert refused.value.errno == errno.EMFILE, refused.value
+    finally:
+        ps.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
+    assert mpumap.server_stats(server.socket)["clients"] == []
+    with mpumap.connect(server.socket) as client, client.map(path) as m:
+        assert m[:] == open(path, "rb").read()
+        assert len(mpumap.server_stats(server.socket)["clients"]) == 1
+    assert server.proc.poll() is None

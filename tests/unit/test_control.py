@@ -83,7 +83,7 @@ from mpumap.server.control import duplicates
 r, w = os.pipe()
 before = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (max(before) + 4, hard))  # room for 3, not 6
+resource.setrlimit(resource.RLIMIT_NOFILE, (max(before) + 4, hard))  # room for 4, not 6
 try:
     duplicates([r, w], 3)
 except OSError as exc:
@@ -103,5 +103,57 @@ def test_duplicates_are_all_made_or_none():
         for fd in c:
             os.close(fd)
     done = subprocess.run([sys.executable, "-c", DUPLICATES_WITHOUT_ROOM], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
+
+
+TELL_WITHOUT_ROOM = """
+import errno, os, resource, socket, types
+from mpumap.server.arbiter import Arbiter
+from mpumap.server.control import Channel
+
+def worker(backed_up):
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    channel = Channel(ours, lambda waiting: None)
+    while backed_up and not channel.waiting:
+        channel.post(b"x" * 1024)
+    theirs.setblocking(False)
+    return types.SimpleNamespace(role="filler", channel=channel), theirs
+
+# One worker's socket has room, two are full: those keep what waits.
+workers = [worker(False), worker(True), worker(True)]
+arbiter = types.SimpleNamespace(by_slot={i: w for i, (w, _) in enumerate(workers)})
+waiting = [w.channel.waiting for w, _ in workers]
+r, w = os.pipe()
+before = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (max(before) + 3, hard))  # room for 3, not 6
+told = []
+try:
+    Arbiter.tell(arbiter, b"region", [r, w], None, lambda: told.append(1))
+except OSError as exc:
+    assert exc.errno == errno.EMFILE, exc
+else:
+    raise SystemExit("told 3 workers of 2 descriptors in room for 3")
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+assert not told
+assert sorted(int(fd) for fd in os.listdir("/proc/self/fd")) == before
+assert [w.channel.waiting for w, _ in workers] == waiting
+for i, (_, theirs) in enumerate(workers):
+    try:
+        while True:
+            data, fds, _, _ = socket.recv_fds(theirs, 2048, 4)
+            assert data != b"region", f"worker {i} was told"
+    except BlockingIOError:
+        pass
+print("ok")
+"""
+
+
+def test_a_broadcast_without_descriptors_for_all_tells_none():
+    """Before: the worker with room had the message, a full one's copy
+    failed (EMFILE) and the last never heard of it."""
+    done = subprocess.run([sys.executable, "-c", TELL_WITHOUT_ROOM], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
