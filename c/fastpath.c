@@ -1581,6 +1581,24 @@ static int no_poison(int err)
 /* The file shrank (or cannot be read): as with a mapped file, the client
  * gets the bytes still there, zeros to the end of that system page, and
  * SIGBUS past them; pages the buffer holds past the end are dropped. */
+/* UFFDIO_POISON of [start, start + len), waking whoever faulted there.  A
+ * client that split its mapping inside the page (see copy_beside) gets
+ * ENOENT for the whole range, as one that unmapped it, and its fault would
+ * wait for ever: each system page, within one piece, is poisoned on its
+ * own then (a piece the client did unmap is skipped).  0 or an errno. */
+static int poison(struct mpu_filler *f, int uffd, uint64_t start, uint64_t len)
+{
+    int err = -mpu_uffd_poison(uffd, start, len, 1);
+    if (err != ENOENT || len <= f->system_page)
+        return err;
+    for (uint64_t at = 0; at < len; at += f->system_page) {
+        err = -mpu_uffd_poison(uffd, start + at, f->system_page, 1);
+        if (err && err != EEXIST && !gone(err))
+            return err;
+    }
+    return 0;
+}
+
 static void past_the_end(struct mpu_filler *f, struct mpu_region_slot *r, uint32_t region,
                          int uffd, uint64_t page, uint64_t address, uint64_t len,
                          uint64_t got, int wp)
@@ -1595,7 +1613,7 @@ static void past_the_end(struct mpu_filler *f, struct mpu_region_slot *r, uint32
          * within what it copies): a fault there, with the page's first
          * bytes in the buffer already, was not woken, and waited for
          * ever. */
-        int err = -mpu_uffd_poison(uffd, address + kept, len - kept, 1);
+        int err = poison(f, uffd, address + kept, len - kept);
         if (err && err != EEXIST && (no_poison(err) || !gone(err))) {
             /* No UFFDIO_POISON (an old kernel, or a client that did not ask
              * for it): zeros, as a hole would read. */

@@ -157,6 +157,44 @@ def test_a_scan_reads_ahead_past_where_the_file_now_ends(start_server, workdir, 
     assert server.proc.poll() is None
 
 
+SPLIT_AND_TOUCH = """
+import ctypes, sys, mpumap
+libc = ctypes.CDLL(None, use_errno=True)
+MADV_DONTDUMP = 16
+socket_path, path, split_at, at = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+with mpumap.connect(socket_path) as c:
+    m = c.map(path)
+    assert libc.madvise(ctypes.c_void_p(m.address + split_at), 4096, MADV_DONTDUMP) == 0
+    sys.stdout.buffer.write(m[at:at + 1])
+"""
+
+
+def test_past_the_end_of_a_shrunk_file_in_a_page_its_client_split(start_server, workdir):
+    """A client that split its mapping inside the page the file now ends
+    in (madvise of a part of it): one poison cannot cover the pieces
+    (ENOENT, as for a client that unmapped), and its fault past the end
+    waited for ever.  It gets SIGBUS; before the end, the file's byte."""
+    import mpumap
+
+    path = make_file(os.path.join(workdir, "split.bin"), 16 * MiB, seed=56)
+    original = open(path, "rb").read()
+    end = 6 * MiB + 100
+    server = start_server("--page-size", "64K", "--buffer-size", "16M", "--read-ahead", 0)
+    with mpumap.connect(server.socket) as client, client.map(path) as m:
+        assert m[:1] == original[:1]  # the region: 16 MiB
+        os.truncate(path, end)
+        for at, want in ((6 * MiB + 12288, None), (6 * MiB + 50, original[6 * MiB + 50])):
+            touched = subprocess.run([sys.executable, "-c", SPLIT_AND_TOUCH, server.socket,
+                                      path, str(6 * MiB + 8192), str(at)],
+                                     capture_output=True, timeout=60)
+            if want is None:
+                assert touched.returncode == -signal.SIGBUS, touched.stderr
+            else:
+                assert touched.returncode == 0, touched.stderr
+                assert touched.stdout == bytes([want])
+    assert server.proc.poll() is None
+
+
 def test_a_read_error_is_not_taken_for_a_file_that_shrank(start_server, workdir):
     import mpumap
 
