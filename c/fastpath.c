@@ -1578,9 +1578,6 @@ static int no_poison(int err)
     return err == EINVAL || err == ENOTTY;
 }
 
-/* The file shrank (or cannot be read): as with a mapped file, the client
- * gets the bytes still there, zeros to the end of that system page, and
- * SIGBUS past them; pages the buffer holds past the end are dropped. */
 /* UFFDIO_POISON of [start, start + len), waking whoever faulted there.  A
  * client that split its mapping inside the page (see copy_beside) gets
  * ENOENT for the whole range, as one that unmapped it, and its fault would
@@ -1599,6 +1596,9 @@ static int poison(struct mpu_filler *f, int uffd, uint64_t start, uint64_t len)
     return 0;
 }
 
+/* The file shrank (or cannot be read): as with a mapped file, the client
+ * gets the bytes still there, zeros to the end of that system page, and
+ * SIGBUS past them; pages the buffer holds past the end are dropped. */
 static void past_the_end(struct mpu_filler *f, struct mpu_region_slot *r, uint32_t region,
                          int uffd, uint64_t page, uint64_t address, uint64_t len,
                          uint64_t got, int wp)
