@@ -3,6 +3,8 @@ root-run server that root's own clients use; root still connects and maps
 within 3 s, reads with a p99 under 50 ms and right bytes, and the server's
 log stays small.  Also: users kept apart in the status, one server per
 socket, memory pressure in a real cgroup, signals."""
+import contextlib
+import errno
 import json
 import os
 import select
@@ -363,21 +365,29 @@ def test_out_of_descriptors_accept_backs_off_and_logs_once(start_server):
     assert "accepting again" in log
 
 
+@contextlib.contextmanager
+def descriptors_to_spare(server, spare):
+    """The server's soft RLIMIT_NOFILE lowered to what it holds open plus
+    `spare`, for the block; then as it was."""
+    ps = psutil.Process(server.proc.pid)
+    soft, hard = ps.rlimit(psutil.RLIMIT_NOFILE)
+    ps.rlimit(psutil.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{ps.pid}/fd")) + spare, hard))
+    try:
+        yield
+    finally:
+        ps.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_out_of_descriptors_a_map_is_refused_and_nothing_is_left_half_done(start_server,
                                                                            workdir):
     """A server that runs out of descriptors while it makes regions refuses
     the map that found none (its workers hear of a region all at once or
     not at all), serves what it mapped before, and maps that file once
     there is room again."""
-    import errno
-
     server = start_server("--page-size", "4K", "--buffer-size", "16M")
     paths = [make_file(os.path.join(workdir, f"f{i}.bin"), 64 << 10, seed=100 + i)
              for i in range(60)]
-    ps = psutil.Process(server.proc.pid)
-    soft, hard = ps.rlimit(psutil.RLIMIT_NOFILE)
-    ps.rlimit(psutil.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{ps.pid}/fd")) + 24, hard))
-    with mpumap.connect(server.socket) as client:
+    with descriptors_to_spare(server, 24), mpumap.connect(server.socket) as client:
         mapped, refused = [], None
         for path in paths:
             try:
@@ -396,7 +406,6 @@ def test_out_of_descriptors_a_map_is_refused_and_nothing_is_left_half_done(start
             m.close()
         with client.map(path) as again:  # their regions' descriptors, closed
             assert again[:] == open(path, "rb").read()
-    ps.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
     assert server.proc.poll() is None
 
 
@@ -410,22 +419,17 @@ def test_a_filler_that_died_out_of_descriptors_starts_again_once_there_are_some(
                           "--read-ahead", 0)
     paths = [make_file(os.path.join(workdir, f"r{i}.bin"), MiB, seed=200 + i)
              for i in range(3)]
-    ps = psutil.Process(server.proc.pid)
-    soft, hard = ps.rlimit(psutil.RLIMIT_NOFILE)
     with mpumap.connect(server.socket) as client:
         maps = [client.map(p) for p in paths]
         assert maps[0][:4096] == open(paths[0], "rb").read(4096)
         (filler,) = [w for w in server.workers() if "filler 0" in " ".join(w.cmdline())]
-        ps.rlimit(psutil.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{ps.pid}/fd")) + 1, hard))
-        try:
+        with descriptors_to_spare(server, 1):
             filler.send_signal(signal.SIGKILL)
             deadline = time.monotonic() + 20
             while server.output().count("cannot start filler 0 again") < 2:
                 assert time.monotonic() < deadline and server.proc.poll() is None, \
                     server.output()
                 time.sleep(0.1)
-        finally:
-            ps.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
         deadline = time.monotonic() + 20
         while server.stats()["buffer"]["restarts"] < 1:
             assert time.monotonic() < deadline, server.output()
@@ -440,20 +444,12 @@ def test_a_hello_that_finds_no_descriptors_is_refused_and_nobody_s_client(start_
     """The workers hear of a client with a copy of its userfaultfd each:
     with none to be had, HELLO is refused (EMFILE), and the connection
     holds no client slot; once there is room, clients connect and read."""
-    import errno
-
     path = make_file(os.path.join(workdir, "data.bin"), MiB, seed=210)
     server = start_server("--page-size", "4K", "--buffer-size", "16M")
-    ps = psutil.Process(server.proc.pid)
-    soft, hard = ps.rlimit(psutil.RLIMIT_NOFILE)
     # Room for the connection and the userfaultfd it sends, not for copies.
-    ps.rlimit(psutil.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{ps.pid}/fd")) + 2, hard))
-    try:
-        with pytest.raises(OSError) as refused:
-            mpumap.connect(server.socket, timeout=10)
-        assert refused.value.errno == errno.EMFILE, refused.value
-    finally:
-        ps.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
+    with descriptors_to_spare(server, 2), pytest.raises(OSError) as refused:
+        mpumap.connect(server.socket, timeout=10)
+    assert refused.value.errno == errno.EMFILE, refused.value
     assert mpumap.server_stats(server.socket)["clients"] == []
     with mpumap.connect(server.socket) as client, client.map(path) as m:
         assert m[:] == open(path, "rb").read()
